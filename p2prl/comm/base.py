@@ -1,0 +1,87 @@
+"""The Communicator interface: the only way the rest of p2prl talks to other peers.
+
+Subclasses provide four primitives; everything else (means, agreement, timing) is built on them here,
+so a world of one (`LocalComm`) and a process group (`ProcessGroupComm`) behave the same upstream.
+"""
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+
+
+class Communicator(ABC):
+    """Collectives among the peers of one run.
+
+    Every method is a collective: all peers must call it, in the same order, or they hang.
+    `seconds` accumulates wall time spent inside collectives (for `comm_frac`); `phase` names
+    what the peer is doing (sampling, update, checkpoint) so a timeout can say where it happened.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.calls = 0
+        self.bytes = 0
+        self.phase = "startup"
+
+    # -- primitives ------------------------------------------------------------------------------
+    @abstractmethod
+    def _all_reduce_sum(self, tensor: torch.Tensor) -> None: ...
+
+    @abstractmethod
+    def _broadcast(self, tensor: torch.Tensor, src: int) -> None: ...
+
+    @abstractmethod
+    def _all_gather_object(self, obj: Any) -> list: ...
+
+    def close(self) -> None:
+        """Release the transport (a no-op for a world of one)."""
+
+    # -- the interface ---------------------------------------------------------------------------
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum `tensor` over all peers, in place; returns it."""
+        start = time.perf_counter()
+        self._all_reduce_sum(tensor)
+        self._account(start, tensor)
+        return tensor
+
+    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Average `tensor` over all peers, in place; returns it (bit-identical on every peer)."""
+        self.all_reduce_sum(tensor)
+        if self.world_size > 1:
+            tensor.div_(self.world_size)
+        return tensor
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Overwrite `tensor` on every peer with `src`'s copy, in place; returns it."""
+        start = time.perf_counter()
+        self._broadcast(tensor, src)
+        self._account(start, tensor)
+        return tensor
+
+    def all_gather_object(self, obj: Any) -> list:
+        """Every peer's `obj`, indexed by rank (small picklable objects only: config, paths)."""
+        start = time.perf_counter()
+        out = self._all_gather_object(obj)
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+        return out
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        return self.all_gather_object(obj)[src]
+
+    def agree(self, flag: bool) -> bool:
+        """True on every peer if `flag` is true on any peer (for stop/skip decisions)."""
+        t = torch.tensor([1.0 if flag else 0.0], dtype=torch.float64)
+        return bool(self.all_reduce_sum(t).item() > 0)
+
+    def _account(self, start: float, tensor: torch.Tensor) -> None:
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+        self.bytes += tensor.numel() * tensor.element_size()

@@ -1,0 +1,132 @@
+"""Peer start-up and tear-down from torchrun's environment; the process-group Communicator.
+
+torchrun sets RANK (global identity), LOCAL_RANK (which GPU on this node) and WORLD_SIZE. Without
+them, `open_comm` returns a world of one, and the rest of p2prl runs the same code path.
+"""
+from __future__ import annotations
+
+import atexit
+import hashlib
+import logging
+import os
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from p2prl.comm.base import Communicator
+from p2prl.comm.local import LocalComm
+from p2prl.config import CommConfig, ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class PeerFailure(RuntimeError):
+    """A collective failed: a peer died, froze past comm.timeout_s, or the network broke."""
+
+
+class ProcessGroupComm(Communicator):
+    """Collectives over the default torch.distributed process group (gloo on CPU, NCCL on GPU)."""
+
+    def __init__(self, backend: str, device: torch.device) -> None:
+        super().__init__()
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.backend = backend
+        self.device = device
+
+    def _run(self, fn, tensor: torch.Tensor) -> None:
+        # NCCL reduces device tensors only; small CPU-side statistics make the round trip.
+        on_device = tensor if tensor.device == self.device else tensor.to(self.device)
+        try:
+            fn(on_device)
+        except RuntimeError as e:  # gloo raises on timeout or a dead peer
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise PeerFailure(f"rank {self.rank}: collective failed during {self.phase} "
+                              f"(a peer died or froze past comm.timeout_s): {first}") from e
+        if on_device is not tensor:
+            tensor.copy_(on_device)
+
+    def _all_reduce_sum(self, tensor: torch.Tensor) -> None:
+        self._run(lambda t: dist.all_reduce(t, op=dist.ReduceOp.SUM), tensor)
+
+    def _broadcast(self, tensor: torch.Tensor, src: int) -> None:
+        self._run(lambda t: dist.broadcast(t, src=src), tensor)
+
+    def _all_gather_object(self, obj: Any) -> list:
+        out: list = [None] * self.world_size
+        try:
+            dist.all_gather_object(out, obj)
+        except RuntimeError as e:
+            raise PeerFailure(f"rank {self.rank}: collective failed during {self.phase}: {e}") from e
+        return out
+
+
+def torchrun_world() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's environment; (0, 0, 1) without torchrun."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
+            int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def resolve_backend(backend: str) -> str:
+    """`auto` means NCCL when CUDA is available, else gloo; `nccl` without CUDA is a config error."""
+    if backend == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ConfigError("comm.backend", backend, "nccl needs CUDA GPUs; allowed here: auto, gloo")
+    return backend
+
+
+def open_comm(cfg: CommConfig) -> Communicator:
+    """Join the peers started by torchrun (once per process), or return a world of one."""
+    rank, local_rank, world_size = torchrun_world()
+    backend = resolve_backend(cfg.backend)
+    device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
+    if world_size == 1:
+        return LocalComm(device)
+    if backend == "nccl":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        # The timeout bounds both connection set-up and every collective, so a dead or frozen peer
+        # ends the job instead of hanging it. Created once per process: Hydra multirun jobs reuse it.
+        dist.init_process_group(backend, timeout=timedelta(seconds=cfg.timeout_s))
+        atexit.register(_destroy)
+    log.debug("rank %d/%d joined with %s", rank, world_size, backend)
+    return ProcessGroupComm(backend, device)
+
+
+def _destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def agree_on_config(comm: Communicator, flat: dict[str, Any]) -> None:
+    """Fail on every peer, naming the keys, if the peers did not compose the same config."""
+    everyone = comm.all_gather_object(flat)
+    diffs: set[str] = set()
+    for other in everyone:
+        keys = set(other) | set(everyone[0])
+        diffs |= {k for k in keys if other.get(k) != everyone[0].get(k)}
+    if diffs:
+        shown = ", ".join(sorted(diffs)[:8])
+        raise ConfigError("config", "differs between peers",
+                          f"every peer must compose the same config; differing keys: {shown}")
+
+
+def parameter_digest(tensors: list[torch.Tensor]) -> int:
+    """A 63-bit digest of the exact bits of `tensors` (order matters)."""
+    h = hashlib.blake2b(digest_size=8)
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return int.from_bytes(h.digest(), "little") >> 1
+
+
+def check_identical(comm: Communicator, tensors: list[torch.Tensor], what: str = "parameters") -> None:
+    """Stop with a clear error if any peer's `tensors` differ bit-wise from rank 0's."""
+    digests = torch.zeros(comm.world_size, dtype=torch.int64)
+    digests[comm.rank] = parameter_digest(tensors)
+    comm.all_reduce_sum(digests)
+    bad = [r for r in range(comm.world_size) if digests[r] != digests[0]]
+    if bad:
+        raise PeerFailure(f"{what} diverged between peers: rank(s) {bad} differ from rank 0")

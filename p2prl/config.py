@@ -1,0 +1,217 @@
+"""Typed run configuration, built once from the composed Hydra config and validated there.
+
+Nothing below the runner sees a DictConfig: the entry point turns the composed config into these
+dataclasses, and every user-caused mistake surfaces here as a one-line `ConfigError` that names the
+key, the value and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A user-caused configuration error; `str()` is the one line shown to the user."""
+
+    def __init__(self, key: str, value: Any, allowed: str):
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"{key}={_show(value)}: {allowed}")
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def _positive(key: str, value: Any, integer: bool = False) -> None:
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(key, value, f"must be a positive {'integer' if integer else 'number'}")
+
+
+def _nonneg(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ConfigError(key, value, "must be a number >= 0")
+
+
+def _unit(key: str, value: Any, low_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (0 < value <= 1 if low_open else 0 <= value <= 1)
+    if not ok:
+        raise ConfigError(key, value, f"must be in {'(0, 1]' if low_open else '[0, 1]'}")
+
+
+def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(key, value, f"allowed: {', '.join(allowed)}")
+
+
+def _bool(key: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(key, value, "must be true or false")
+
+
+def _optional(check, key: str, value: Any) -> None:
+    if value is not None:
+        check(key, value)
+
+
+@dataclass
+class PPOConfig:
+    """PPO, and A2C as its one-epoch, one-minibatch, no-clip setting (see conf/algo/)."""
+
+    name: str = "ppo"
+    lr: float = 2.5e-4
+    anneal_lr: bool = True
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    num_envs: int = 4
+    num_steps: int = 128
+    num_minibatches: int = 4
+    update_epochs: int = 4
+    clip_coef: Optional[float] = 0.2
+    anneal_clip: bool = False
+    clip_vloss: bool = True
+    vf_coef: float = 0.5
+    ent_coef: float = 0.0
+    max_grad_norm: Optional[float] = 0.5
+    target_kl: Optional[float] = None
+    norm_adv: bool = True
+    norm_obs: bool = False
+    norm_reward: bool = False
+    hidden_sizes: list = field(default_factory=lambda: [64, 64])
+    activation: str = "tanh"
+    optimizer: str = "adam"
+    eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        p = "algo."
+        _positive(p + "lr", self.lr)
+        _unit(p + "gamma", self.gamma, low_open=True)
+        _unit(p + "gae_lambda", self.gae_lambda)
+        for k in ("num_envs", "num_steps", "num_minibatches", "update_epochs"):
+            _positive(p + k, getattr(self, k), integer=True)
+        batch = self.num_envs * self.num_steps
+        if batch % self.num_minibatches:
+            raise ConfigError(p + "num_minibatches", self.num_minibatches,
+                              f"must divide the per-peer batch algo.num_envs*algo.num_steps={batch}")
+        _optional(_positive, p + "clip_coef", self.clip_coef)
+        _optional(_positive, p + "max_grad_norm", self.max_grad_norm)
+        _optional(_positive, p + "target_kl", self.target_kl)
+        _nonneg(p + "vf_coef", self.vf_coef)
+        _nonneg(p + "ent_coef", self.ent_coef)
+        _positive(p + "eps", self.eps)
+        for k in ("anneal_lr", "anneal_clip", "clip_vloss", "norm_adv", "norm_obs", "norm_reward"):
+            _bool(p + k, getattr(self, k))
+        _check_net(p, self.hidden_sizes, self.activation)
+        _choice(p + "optimizer", self.optimizer, ("adam", "rmsprop"))
+
+
+def _check_net(prefix: str, hidden_sizes: Any, activation: str) -> None:
+    if not isinstance(hidden_sizes, (list, tuple)) or not all(
+            isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden_sizes):
+        raise ConfigError(prefix + "hidden_sizes", hidden_sizes, "must be a list of positive integers")
+    _choice(prefix + "activation", activation, ("tanh", "relu"))
+
+
+# The algorithm sections, by `algo.name`. Later algorithms register themselves here.
+ALGO_CONFIGS: dict[str, type] = {"ppo": PPOConfig, "a2c": PPOConfig}
+
+
+@dataclass
+class EnvConfig:
+    name: str = "cartpole"
+    id: str = "CartPole-v1"
+    kwargs: dict = field(default_factory=dict)
+    max_episode_steps: Optional[int] = None
+    target_return: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.id, str) or not self.id:
+            raise ConfigError("env.id", self.id, "must be a gymnasium env id such as CartPole-v1")
+        _optional(lambda k, v: _positive(k, v, integer=True), "env.max_episode_steps", self.max_episode_steps)
+
+
+@dataclass
+class TrainConfig:
+    total_steps: int = 100_000
+    target_return: Optional[float] = None
+    return_window: int = 20
+    log_every_steps: int = 2048
+    torch_threads: int = 1
+
+    def __post_init__(self) -> None:
+        for k in ("total_steps", "return_window", "log_every_steps", "torch_threads"):
+            _positive("train." + k, getattr(self, k), integer=True)
+        if self.target_return is not None and (isinstance(self.target_return, bool) or not isinstance(
+                self.target_return, (int, float)) or not math.isfinite(self.target_return)):
+            raise ConfigError("train.target_return", self.target_return, "must be a number or null")
+
+
+@dataclass
+class CommConfig:
+    strategy: str = "allreduce"
+    backend: str = "auto"
+    timeout_s: float = 60.0
+    check_every: int = 50
+
+    def __post_init__(self) -> None:
+        _choice("comm.strategy", self.strategy, ("allreduce",))
+        _choice("comm.backend", self.backend, ("auto", "gloo", "nccl"))
+        _positive("comm.timeout_s", self.timeout_s)
+        _positive("comm.check_every", self.check_every, integer=True)
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: Optional[int] = None
+    keep: int = 2
+
+    def __post_init__(self) -> None:
+        _optional(lambda k, v: _positive(k, v, integer=True), "checkpoint.every_steps", self.every_steps)
+        _positive("checkpoint.keep", self.keep, integer=True)
+
+
+@dataclass
+class RunConfig:
+    seed: int
+    algo: Any
+    env: EnvConfig
+    train: TrainConfig
+    comm: CommConfig
+    checkpoint: CheckpointConfig
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _section(cls: type, key: str, values: Any) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(key, values, "must be a config section")
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in values:
+        if k not in names:
+            raise ConfigError(f"{key}.{k}", values[k], f"unknown key; allowed: {', '.join(sorted(names))}")
+    return cls(**values)
+
+
+def build_config(raw: dict) -> RunConfig:
+    """Build and validate the run configuration from the resolved Hydra config (hydra.* removed)."""
+    seed = raw.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError("seed", seed, "must be an integer >= 0")
+    algo = raw.get("algo") or {}
+    name = algo.get("name") if isinstance(algo, dict) else None
+    _choice("algo.name", name, tuple(sorted(ALGO_CONFIGS)))
+    return RunConfig(
+        seed=seed,
+        algo=_section(ALGO_CONFIGS[name], "algo", algo),
+        env=_section(EnvConfig, "env", raw.get("env", {})),
+        train=_section(TrainConfig, "train", raw.get("train", {})),
+        comm=_section(CommConfig, "comm", raw.get("comm", {})),
+        checkpoint=_section(CheckpointConfig, "checkpoint", raw.get("checkpoint", {})),
+    )

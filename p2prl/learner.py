@@ -1,0 +1,51 @@
+"""zero_grad -> backward -> sync -> clip -> step, with the sync owned by the comm strategy."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from p2prl.comm import Communicator, GradientAllReduce
+
+
+class Learner:
+    """Applies the peers' averaged gradient to a model, identically on every peer.
+
+    `backward` leaves the averaged gradient in place and returns the averaged extras, so the caller
+    can take collective decisions (KL early stop) before `apply`. A non-finite averaged gradient is
+    the same on every peer (one NaN anywhere poisons the sum), so every peer skips that update alike.
+    """
+
+    def __init__(self, params: Sequence[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                 comm: Communicator, max_grad_norm: Optional[float], n_extras: int = 0) -> None:
+        self.optimizer = optimizer
+        self.max_grad_norm = max_grad_norm
+        self.bucket = GradientAllReduce(comm, params, n_extras)
+        self.updates = 0
+        self.skipped = 0
+
+    def broadcast_parameters(self) -> None:
+        self.bucket.broadcast_parameters()
+
+    def backward(self, loss: torch.Tensor, extras: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        """Backward `loss`, then average gradients and `extras` (scalars) over the peers."""
+        self.bucket.zero_grad()
+        loss.backward()
+        for i, x in enumerate(extras):
+            self.bucket.extras[i] = x.detach()
+        return self.bucket.sync()
+
+    def apply(self) -> bool:
+        """Clip and step with the averaged gradient; False (and nothing changed) if it is non-finite."""
+        if not bool(torch.isfinite(self.bucket.flat).all()):
+            self.skipped += 1
+            return False
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.bucket.params, self.max_grad_norm)
+        self.optimizer.step()
+        self.updates += 1
+        return True
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr

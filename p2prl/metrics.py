@@ -1,0 +1,168 @@
+"""Episode accounting, the global return window, and the run's outputs (rank 0 writes)."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, NamedTuple, Optional
+
+import numpy as np
+import torch
+
+from p2prl.comm import Communicator
+
+log = logging.getLogger(__name__)
+
+
+class Episode(NamedTuple):
+    """A finished training episode: `t` is the vector step (within its iteration) that ended it."""
+
+    t: int
+    env: int
+    ret: float
+    length: int
+
+
+class EpisodeCounter:
+    """Per-env return/length accumulators for one peer's vector env."""
+
+    def __init__(self, num_envs: int) -> None:
+        self.returns = np.zeros(num_envs, dtype=np.float64)
+        self.lengths = np.zeros(num_envs, dtype=np.int64)
+        self.finished: list[Episode] = []
+
+    def step(self, t: int, rewards: np.ndarray, dones: np.ndarray, valid: np.ndarray) -> None:
+        """Account one vector step; `valid` is False on reset steps, which belong to no episode."""
+        self.returns += rewards
+        self.lengths += valid
+        if dones.any():
+            for i in np.flatnonzero(dones):
+                self.finished.append(Episode(t, int(i), float(self.returns[i]), int(self.lengths[i])))
+                self.returns[i] = 0.0
+                self.lengths[i] = 0
+
+    def take(self) -> list[Episode]:
+        out, self.finished = self.finished, []
+        return out
+
+    def state_dict(self) -> dict:
+        return {"returns": torch.from_numpy(self.returns.copy()), "lengths": torch.from_numpy(self.lengths.copy())}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.returns = state["returns"].numpy().copy()
+        self.lengths = state["lengths"].numpy().copy()
+
+
+class ReturnWindow:
+    """The `size` most recently finished episodes over all peers, identical on every peer.
+
+    Episodes are ordered by the global step at which they finished, ties by rank then env index.
+    `sync` is one small collective per iteration; since every peer merges the same gathered rows,
+    decisions derived from `mean` (target reached) need no further agreement.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.items: list[tuple[int, int, int, float]] = []  # (global step, rank, env, return)
+        self.episodes = 0
+
+    def sync(self, comm: Communicator, start_step: int, num_envs: int, episodes: list[Episode]) -> None:
+        recent = episodes[-self.size:]
+        table = torch.zeros(comm.world_size, 1 + 3 * self.size, dtype=torch.float64)
+        row = table[comm.rank]
+        row[0] = len(episodes)
+        for j, e in enumerate(recent):
+            row[1 + 3 * j: 4 + 3 * j] = torch.tensor(
+                [start_step + (e.t + 1) * num_envs * comm.world_size, e.env, e.ret], dtype=torch.float64)
+        comm.all_reduce_sum(table)
+        for rank in range(comm.world_size):
+            n = int(table[rank, 0])
+            self.episodes += n
+            for j in range(min(n, self.size)):
+                step, env, ret = table[rank, 1 + 3 * j: 4 + 3 * j].tolist()
+                self.items.append((int(step), rank, int(env), ret))
+        self.items.sort()
+        del self.items[:-self.size]
+
+    @property
+    def mean(self) -> Optional[float]:
+        if not self.items:
+            return None
+        return sum(x[3] for x in self.items) / len(self.items)
+
+    def state_dict(self) -> dict:
+        return {"items": torch.tensor([list(x) for x in self.items], dtype=torch.float64).reshape(-1, 4),
+                "episodes": self.episodes}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.items = [(int(s), int(r), int(e), float(v)) for s, r, e, v in state["items"].tolist()]
+        self.episodes = int(state["episodes"])
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        v = v.item()
+    if isinstance(v, (np.floating, np.integer)):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+class MetricsWriter:
+    """metrics.jsonl (+ TensorBoard under tb/ when available) and a console progress line; rank 0 only."""
+
+    def __init__(self, run_dir: Path, total_steps: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self.file = None
+        self.tb = None
+        self.bar = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(run_dir / "tb"))
+        except ImportError:  # tensorboard is a dependency, but a missing one must not stop training
+            log.warning("tensorboard is not installed: no tb/ events")
+        if sys.stderr.isatty() and not os.environ.get("P2PRL_NO_PROGRESS"):
+            from tqdm import tqdm
+            self.bar = tqdm(total=total_steps, unit="step", unit_scale=True, dynamic_ncols=True)
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        row = {k: _clean(v) for k, v in row.items()}
+        self.file.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(k, v, row["step"])
+        ret = row.get("episode_return_mean")
+        shown = "n/a" if ret is None else f"{ret:.1f}"
+        if self.bar is not None:
+            self.bar.n = min(row["step"], self.bar.total)
+            self.bar.set_postfix_str(f"return {shown}, {row['sps']:.0f} steps/s", refresh=True)
+        else:
+            log.info("step %d  return %s  %.0f steps/s", row["step"], shown, row["sps"])
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.file is not None:
+            self.file.close()
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({k: _clean(v) for k, v in obj.items()}, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
