@@ -1,7 +1,7 @@
 """zero_grad -> backward -> sync -> clip -> step, with the sync owned by the comm strategy."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -16,11 +16,13 @@ class Learner:
     the same on every peer (one NaN anywhere poisons the sum), so every peer skips that update alike.
     """
 
-    def __init__(self, params: Sequence[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+    def __init__(self, params: Sequence[torch.nn.Parameter],
+                 make_optimizer: Callable[[list], torch.optim.Optimizer],
                  comm: Communicator, max_grad_norm: Optional[float], n_extras: int = 0) -> None:
-        self.optimizer = optimizer
         self.max_grad_norm = max_grad_norm
         self.bucket = GradientAllReduce(comm, params, n_extras)
+        # The optimizer sees one flat parameter (the model's parameters are views of it).
+        self.optimizer = make_optimizer([self.bucket.flat_param])
         self.updates = 0
         self.skipped = 0
 
@@ -41,7 +43,10 @@ class Learner:
             self.skipped += 1
             return False
         if self.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.bucket.params, self.max_grad_norm)
+            grads = self.bucket.grads
+            norm = float(grads.norm())
+            if norm > self.max_grad_norm:
+                grads.mul_(self.max_grad_norm / (norm + 1e-6))
         self.optimizer.step()
         self.updates += 1
         return True

@@ -18,7 +18,10 @@ class Moments(NamedTuple):
 
 def moments_of(x: torch.Tensor) -> Moments:
     """Moments of x: (B, *shape), in float64."""
-    x = x.reshape(x.shape[0], -1).to(torch.float64)
+    d = 1
+    for s in x.shape[1:]:
+        d *= s
+    x = x.reshape(x.shape[0], d).to(torch.float64)
     mean = x.mean(0) if x.shape[0] else torch.zeros(x.shape[1], dtype=torch.float64)
     return Moments(torch.tensor(float(x.shape[0]), dtype=torch.float64), mean, ((x - mean) ** 2).sum(0))
 

@@ -111,4 +111,6 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
         write_json_atomic(run_dir / "summary.json", summary)
         log.info("done: step %d, return %s, reached=%s, %.1f s", step, window.mean, summary["reached"],
                  summary["wall_s"])
+    comm.phase = "shutdown"
+    comm.agree(False)  # leave together: no peer tears down while another still writes
     return summary

@@ -23,18 +23,20 @@ from p2prl.normalize import Moments, RunningNormalizer, global_moments, moments_
 EXTRAS = ("approx_kl", "loss_policy", "loss_value", "entropy", "clip_frac")
 
 
+def make_optimizer(cfg: PPOConfig, params: list) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, eps=cfg.eps)
+    return torch.optim.RMSprop(params, lr=cfg.lr, alpha=0.99, eps=cfg.eps)
+
+
 class PPO:
     def __init__(self, cfg: PPOConfig, envs: gym.vector.VectorEnv, first_obs: np.ndarray,
                  comm: Communicator) -> None:
         self.cfg, self.envs, self.comm = cfg, envs, comm
         obs_space, act_space = envs.single_observation_space, envs.single_action_space
         self.model = ActorCritic(obs_space, act_space, cfg.hidden_sizes, cfg.activation).to(comm.device)
-        params = list(self.model.parameters())
-        if cfg.optimizer == "adam":
-            opt = torch.optim.Adam(params, lr=cfg.lr, eps=cfg.eps)
-        else:
-            opt = torch.optim.RMSprop(params, lr=cfg.lr, alpha=0.99, eps=cfg.eps)
-        self.learner = Learner(params, opt, comm, cfg.max_grad_norm, n_extras=len(EXTRAS))
+        self.learner = Learner(list(self.model.parameters()), lambda p: make_optimizer(cfg, p), comm,
+                               cfg.max_grad_norm, n_extras=len(EXTRAS))
         self.discrete = isinstance(act_space, gym.spaces.Discrete)
         if not self.discrete:
             self.act_low, self.act_high = act_space.low, act_space.high
