@@ -118,8 +118,85 @@ def _check_net(prefix: str, hidden_sizes: Any, activation: str) -> None:
     _choice(prefix + "activation", activation, ("tanh", "relu"))
 
 
-# The algorithm sections, by `algo.name`. Later algorithms register themselves here.
-ALGO_CONFIGS: dict[str, type] = {"ppo": PPOConfig, "a2c": PPOConfig}
+@dataclass
+class DQNConfig:
+    """DQN / double DQN: every peer has its own replay buffer and epsilon; gradients are averaged."""
+
+    name: str = "dqn"
+    lr: float = 2.5e-4
+    gamma: float = 0.99
+    num_envs: int = 1
+    buffer_size: int = 50_000
+    batch_size: int = 64
+    learning_starts: int = 1_000
+    train_freq: int = 1
+    gradient_steps: int = 1
+    target_update_interval: int = 500
+    tau: float = 1.0
+    double_dqn: bool = True
+    n_step: int = 1
+    eps_start: float = 1.0
+    eps_end: float = 0.05
+    exploration_fraction: float = 0.1
+    apex_alpha: Optional[float] = None
+    max_grad_norm: Optional[float] = 10.0
+    hidden_sizes: list = field(default_factory=lambda: [64, 64])
+    activation: str = "relu"
+    iteration_steps: int = 64
+
+    def __post_init__(self) -> None:
+        p = "algo."
+        _positive(p + "lr", self.lr)
+        _unit(p + "gamma", self.gamma, low_open=True)
+        for k in ("num_envs", "buffer_size", "batch_size", "train_freq", "gradient_steps",
+                  "target_update_interval", "n_step", "iteration_steps"):
+            _positive(p + k, getattr(self, k), integer=True)
+        if isinstance(self.learning_starts, bool) or not isinstance(self.learning_starts, int) or self.learning_starts < 0:
+            raise ConfigError(p + "learning_starts", self.learning_starts, "must be an integer >= 0")
+        _unit(p + "tau", self.tau, low_open=True)
+        for k in ("eps_start", "eps_end"):
+            _unit(p + k, getattr(self, k))
+        _unit(p + "exploration_fraction", self.exploration_fraction)
+        _optional(_nonneg, p + "apex_alpha", self.apex_alpha)
+        _optional(_positive, p + "max_grad_norm", self.max_grad_norm)
+        _bool(p + "double_dqn", self.double_dqn)
+        _check_net(p, self.hidden_sizes, self.activation)
+        if self.batch_size > self.buffer_size:
+            raise ConfigError(p + "batch_size", self.batch_size, f"must be <= algo.buffer_size={self.buffer_size}")
+
+
+@dataclass
+class QLearningConfig:
+    """Exact tabular Q-learning: peers sum TD errors and visit counts per (s, a) every sync."""
+
+    name: str = "qlearning"
+    alpha: float = 0.5
+    alpha_end: float = 0.05
+    gamma: float = 0.99
+    num_envs: int = 1
+    sync: str = "sum"
+    sync_every: int = 32
+    eps_start: float = 1.0
+    eps_end: float = 0.05
+    exploration_fraction: float = 0.5
+    apex_alpha: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        p = "algo."
+        _unit(p + "alpha", self.alpha, low_open=True)
+        _unit(p + "alpha_end", self.alpha_end, low_open=True)
+        _unit(p + "gamma", self.gamma, low_open=True)
+        _positive(p + "num_envs", self.num_envs, integer=True)
+        _choice(p + "sync", self.sync, ("sum", "average"))
+        _positive(p + "sync_every", self.sync_every, integer=True)
+        for k in ("eps_start", "eps_end", "exploration_fraction"):
+            _unit(p + k, getattr(self, k))
+        _optional(_nonneg, p + "apex_alpha", self.apex_alpha)
+
+
+# The algorithm sections, by `algo.name`.
+ALGO_CONFIGS: dict[str, type] = {"ppo": PPOConfig, "a2c": PPOConfig, "dqn": DQNConfig,
+                                 "qlearning": QLearningConfig}
 
 
 @dataclass

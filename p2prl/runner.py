@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from p2prl import checkpoint
+from p2prl.algos import Algorithm
 from p2prl.comm import Communicator, agree_on_config, check_identical, open_comm
 from p2prl.config import RunConfig
 from p2prl.envs import check_spaces, make_vec_env
@@ -30,7 +31,7 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def build_algorithm(cfg: RunConfig, comm: Communicator):
+def build_algorithm(cfg: RunConfig, comm: Communicator) -> Algorithm:
     """Per-peer envs (seeded seed + rank * num_envs + i) and the algorithm with a shared model."""
     num_envs = cfg.algo.num_envs
     envs, obs = make_vec_env(cfg.env, num_envs, cfg.seed + comm.rank * num_envs)
@@ -39,9 +40,14 @@ def build_algorithm(cfg: RunConfig, comm: Communicator):
     if cfg.algo.name in ("ppo", "a2c"):
         from p2prl.algos.ppo import PPO
         algo = PPO(cfg.algo, envs, obs, comm)
+    elif cfg.algo.name == "dqn":
+        from p2prl.algos.dqn import DQN
+        algo = DQN(cfg.algo, envs, obs, comm, seed=cfg.seed + comm.rank)
+    elif cfg.algo.name == "qlearning":
+        from p2prl.algos.qlearning import QLearning
+        algo = QLearning(cfg.algo, envs, obs, comm, seed=cfg.seed + comm.rank)
     else:  # pragma: no cover - build_config only admits registered names
         raise AssertionError(f"no algorithm {cfg.algo.name}")
-    algo.learner.broadcast_parameters()
     # Per-peer exploration randomness: different actions and minibatches on every peer.
     torch.manual_seed(cfg.seed + comm.rank)
     np.random.seed(cfg.seed + comm.rank)
@@ -58,7 +64,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
     run_dir = Path(comm.broadcast_object(str(run_dir)))  # rank 0 chooses the run dir
     is_main = comm.rank == 0
     algo = build_algorithm(cfg, comm)
-    params = list(algo.model.parameters())
+    shared = algo.shared_tensors()
     window = ReturnWindow(cfg.train.return_window)
     writer = MetricsWriter(run_dir, cfg.train.total_steps, enabled=is_main)
     target = cfg.train.target_return
@@ -71,13 +77,13 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
             result = algo.iteration(progress=step / cfg.train.total_steps)
             start_step, iteration = step, iteration + 1
             step += result.steps * comm.world_size
-            window.sync(comm, start_step, cfg.algo.num_envs, result.episodes)
+            window.sync(comm, start_step, algo.num_envs, result.episodes)
             mean = window.mean
             # Every peer holds the same window, so this decision is already collective.
             reached = target is not None and mean is not None and mean >= target
             if iteration % cfg.comm.check_every == 0:
                 comm.phase = "check"
-                check_identical(comm, params)
+                check_identical(comm, shared)
             done = reached or step >= cfg.train.total_steps
             if step >= next_log or done:
                 next_log = (step // cfg.train.log_every_steps + 1) * cfg.train.log_every_steps
@@ -92,7 +98,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
         loop_s = time.perf_counter() - t_loop
         comm_s = comm.seconds
         comm.phase = "check"
-        check_identical(comm, params)
+        check_identical(comm, shared)
         comm.phase = "checkpoint"
         if is_main:
             checkpoint.save_atomic({"step": step, **algo.state_dict()}, checkpoint.shared_path(run_dir, step))

@@ -52,10 +52,12 @@ class PPO:
         # False on the step after an episode ended: the env resets then and ignores the action.
         self.next_valid = np.ones(cfg.num_envs, dtype=bool)
         self.episodes = EpisodeCounter(cfg.num_envs)
+        self.num_envs = cfg.num_envs
         self.steps_per_iteration = cfg.num_envs * cfg.num_steps
+        self.learner.broadcast_parameters()
 
-    def modules(self) -> dict:
-        return {"model": self.model, "optimizer": self.learner.optimizer}
+    def shared_tensors(self) -> list[torch.Tensor]:
+        return list(self.model.parameters())
 
     # -- sampling --------------------------------------------------------------------------------
     def _policy_input(self, raw: torch.Tensor) -> torch.Tensor:
