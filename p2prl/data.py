@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 
@@ -35,3 +36,59 @@ def allocate_rollout(T: int, N: int, obs_shape: tuple, act_shape: tuple, act_dty
         values=torch.zeros((T, N), **f), rewards=torch.zeros((T, N), **f),
         terminated=torch.zeros((T, N), dtype=torch.bool), dones=torch.zeros((T, N), dtype=torch.bool),
         valid=torch.zeros((T, N), dtype=torch.bool))
+
+
+class ReplayBatch(NamedTuple):
+    """A minibatch of transitions. obs, next_obs: (B, *obs_shape); actions: (B,) int64; rewards: (B,)
+    (n-step discounted sums); discounts: (B,) = gamma**k for the k rewards summed; terminated: (B,)."""
+
+    obs: torch.Tensor
+    actions: torch.Tensor
+    rewards: torch.Tensor
+    next_obs: torch.Tensor
+    discounts: torch.Tensor
+    terminated: torch.Tensor
+
+
+class ReplayBuffer:
+    """One peer's own ring buffer of transitions (numpy storage, uniform sampling with its own RNG)."""
+
+    def __init__(self, capacity: int, obs_shape: tuple, rng: np.random.Generator) -> None:
+        self.capacity, self.rng = capacity, rng
+        self.obs = np.zeros((capacity, *obs_shape), dtype=np.float32)
+        self.next_obs = np.zeros((capacity, *obs_shape), dtype=np.float32)
+        self.actions = np.zeros(capacity, dtype=np.int64)
+        self.rewards = np.zeros(capacity, dtype=np.float32)
+        self.discounts = np.zeros(capacity, dtype=np.float32)
+        self.terminated = np.zeros(capacity, dtype=np.float32)
+        self.pos = 0
+        self.size = 0
+
+    def add(self, obs: np.ndarray, actions: np.ndarray, rewards: np.ndarray, next_obs: np.ndarray,
+            discounts: np.ndarray, terminated: np.ndarray) -> None:
+        """Append B transitions (arrays with a leading B dimension)."""
+        n = len(actions)
+        idx = (self.pos + np.arange(n)) % self.capacity
+        self.obs[idx], self.actions[idx], self.rewards[idx] = obs, actions, rewards
+        self.next_obs[idx], self.discounts[idx], self.terminated[idx] = next_obs, discounts, terminated
+        self.pos = (self.pos + n) % self.capacity
+        self.size = min(self.size + n, self.capacity)
+
+    def sample(self, batch_size: int) -> ReplayBatch:
+        assert self.size > 0, "sampling from an empty replay buffer"
+        idx = self.rng.integers(0, self.size, size=batch_size)
+        return ReplayBatch(*(torch.from_numpy(a[idx]) for a in (
+            self.obs, self.actions, self.rewards, self.next_obs, self.discounts, self.terminated)))
+
+    def state_dict(self) -> dict:
+        n = self.size
+        return {"obs": torch.from_numpy(self.obs[:n].copy()), "next_obs": torch.from_numpy(self.next_obs[:n].copy()),
+                "actions": torch.from_numpy(self.actions[:n].copy()), "rewards": torch.from_numpy(self.rewards[:n].copy()),
+                "discounts": torch.from_numpy(self.discounts[:n].copy()),
+                "terminated": torch.from_numpy(self.terminated[:n].copy()), "pos": self.pos, "size": n}
+
+    def load_state_dict(self, s: dict) -> None:
+        n = min(int(s["size"]), self.capacity)
+        for k in ("obs", "next_obs", "actions", "rewards", "discounts", "terminated"):
+            getattr(self, k)[:n] = s[k][:n].numpy()
+        self.size, self.pos = n, int(s["pos"]) % self.capacity

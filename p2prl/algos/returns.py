@@ -39,3 +39,16 @@ def td_targets(rewards: torch.Tensor, next_values: torch.Tensor, terminated: tor
     Truncated transitions are NOT terminal: they bootstrap from V(final obs) like any other step.
     """
     return rewards + gamma * (1.0 - terminated.to(rewards.dtype)) * next_values
+
+
+def nstep_return(rewards: list[float], gamma: float) -> tuple[float, float]:
+    """(sum_k gamma^k r_k, gamma^len(rewards)): an n-step reward sum and the discount of its bootstrap.
+
+    An episode end inside the window shortens it: the caller passes only the rewards up to the end,
+    bootstraps from the final observation (if truncated) with the returned discount, or not at all.
+    """
+    total, discount = 0.0, 1.0
+    for r in rewards:
+        total += discount * r
+        discount *= gamma
+    return total, discount
