@@ -1,0 +1,98 @@
+"""DQN: n-step windows across episode ends, per-peer replay, target sync on the same update."""
+import numpy as np
+import pytest
+import torch
+
+from peers import run_peers
+from p2prl.algos.dqn import peer_epsilon
+from p2prl.algos.returns import nstep_return
+from p2prl.comm import LocalComm, open_comm
+from p2prl.comm.peers import parameter_digest
+from p2prl.config import CheckpointConfig, CommConfig, DQNConfig, EnvConfig, RunConfig, TrainConfig
+from p2prl.runner import build_algorithm
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def dqn_config(**kw) -> RunConfig:
+    a = dict(num_envs=1, learning_starts=32, train_freq=8, gradient_steps=4, target_update_interval=3,
+             batch_size=16, buffer_size=1000, hidden_sizes=[16, 16])
+    a.update(kw)
+    return RunConfig(seed=5, algo=DQNConfig(**a), env=EnvConfig(), train=TrainConfig(total_steps=2000),
+                     comm=CommConfig(timeout_s=30), checkpoint=CheckpointConfig())
+
+
+def test_nstep_return_hand_computed():
+    assert nstep_return([1.0, 2.0, 3.0], 0.5) == (1 + 0.5 * 2 + 0.25 * 3, 0.125)
+    assert nstep_return([4.0], 0.9) == (4.0, 0.9)
+
+
+@pytest.mark.parametrize("terminated", [False, True])
+def test_nstep_windows_flush_at_episode_end(terminated):
+    algo = build_algorithm(dqn_config(n_step=3, gamma=0.5), LocalComm())
+    o = lambda t: np.full((1, 4), float(t), dtype=np.float32)
+    f = np.array([False])
+    # Steps 0..3 with rewards 1..4; step 3 ends the episode; step 4 is the autoreset step (invalid).
+    for t in range(5):
+        end = np.array([t == 3])
+        algo.obs = o(t)
+        algo._store(np.array([t % 2]), np.array([t + 1.0], dtype=np.float32), o(t + 1),
+                    end & terminated, end & (not terminated), np.array([t != 4]))
+    b = algo.buffer
+    assert b.size == 4
+    expected = [  # (first obs, reward sum, discount, bootstrap obs, terminated)
+        (0, 1 + 0.5 * 2 + 0.25 * 3, 0.125, 3, 0.0),
+        (1, 2 + 0.5 * 3 + 0.25 * 4, 0.125, 4, float(terminated)),
+        (2, 3 + 0.5 * 4, 0.25, 4, float(terminated)),
+        (3, 4.0, 0.5, 4, float(terminated)),
+    ]
+    for i, (first, ret, disc, boot, term) in enumerate(expected):
+        assert b.obs[i, 0] == first and b.next_obs[i, 0] == boot
+        assert b.rewards[i] == pytest.approx(ret) and b.discounts[i] == pytest.approx(disc)
+        assert b.terminated[i] == term and b.actions[i] == first % 2
+
+
+def test_one_step_transitions_skip_the_reset_step():
+    algo = build_algorithm(dqn_config(num_envs=2, buffer_size=5000), LocalComm())
+    algo.collect(600)  # many CartPole episodes end in 600 steps under a random-ish policy
+    b = algo.buffer
+    ended = algo.episodes.take()
+    resets = sum(1 for e in ended if e.t < 599)  # each end is followed by one dropped reset step
+    assert resets > 5
+    assert b.size == 2 * 600 - resets
+    assert int(b.terminated[:b.size].sum()) == sum(1 for e in ended if e.length < 500)
+    # Every stored transition follows CartPole dynamics: a reset would jump the state.
+    jump = np.abs(b.next_obs[:b.size] - b.obs[:b.size]).max(1)
+    assert jump.max() < 1.0, "a stored transition crosses a reset"
+
+
+def test_ape_x_epsilons():
+    assert peer_epsilon(0.4, 0, 1, 7.0) == 0.4
+    assert peer_epsilon(0.4, 0, 4, 7.0) == 0.4
+    assert peer_epsilon(0.4, 3, 4, 7.0) == pytest.approx(0.4 ** 8)
+    assert peer_epsilon(0.4, 3, 4, None) == 0.4
+
+
+def _dqn_peer(rank: int):
+    cfg = dqn_config(num_envs=2)
+    comm = open_comm(cfg.comm)
+    algo = build_algorithm(cfg, comm)
+    trace = []
+    for i in range(12):
+        algo.iteration(progress=i / 12)
+        trace.append((algo.learner.updates, parameter_digest(list(algo.q.parameters())),
+                      parameter_digest(list(algo.target.parameters()))))
+    b = algo.buffer
+    return trace, torch.from_numpy(b.obs[:b.size].copy())
+
+
+def test_two_peers_identical_networks_own_buffers_target_synced_together():
+    (ta, buf_a), (tb, buf_b) = run_peers(_dqn_peer, 2)
+    assert ta == tb, "online or target networks differ between peers"
+    assert ta[-1][0] > 0
+    assert buf_a.shape[0] > 0 and not (buf_a.shape == buf_b.shape and torch.equal(buf_a, buf_b)), \
+        "peers share replay data"
+    # The target changes only on iterations whose updates crossed a multiple of target_update_interval.
+    for (u0, _, tgt0), (u1, _, tgt1) in zip(ta, ta[1:]):
+        synced = u1 // 3 > u0 // 3
+        assert (tgt0 != tgt1) == synced, (u0, u1)
