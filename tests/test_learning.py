@@ -1,0 +1,31 @@
+"""Short learning checks on 2 real peers with fixed seeds and a margin on the step budget."""
+import json
+
+import pytest
+
+from test_cli import train
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+
+def reach(run_dir, *overrides):
+    p, _ = train([*overrides, f"hydra.run.dir={run_dir}"], nproc=2, timeout=220)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def test_ppo_cartpole_two_peers_reaches_475(run_dir):
+    s = reach(run_dir, "algo=ppo", "env=cartpole", "seed=0", "train.total_steps=50000")
+    assert s["reached"] and s["steps_to_target"] <= 50000, s["episode_return_mean"]
+
+
+def test_ppo_pendulum_two_peers_reaches_minus_400(run_dir):
+    # Measured at ~57k global steps on seeds 0 and 1; the margin allows 2.5x that.
+    s = reach(run_dir, "algo=ppo", "env=pendulum", "seed=0", "train.target_return=-400")
+    assert s["reached"] and s["steps_to_target"] <= 150000, s["episode_return_mean"]
+
+
+def test_dqn_cartpole_two_peers_learns(run_dir):
+    # The full preset reaches 475 in 115k-142k global steps (seeds 0-2); a return of 150 comes at ~16k.
+    s = reach(run_dir, "algo=dqn", "env=cartpole", "seed=0", "train.target_return=150")
+    assert s["reached"] and s["steps_to_target"] <= 40000, s["episode_return_mean"]
