@@ -1,0 +1,137 @@
+"""Greedy evaluation of a run's latest checkpoint: `python -m p2prl.evaluate RUN_DIR [--episodes N]`.
+
+Writes RUN_DIR/eval.json (returns of each episode, mean, std, min, max) and prints a one-line result.
+PPO acts with the distribution's mode (argmax, or the Gaussian mean clipped to the bounds), DQN and
+tabular Q-learning with argmax Q. Evaluation episodes use seeds disjoint from training's by default.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+import gymnasium as gym
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from p2prl import checkpoint
+from p2prl.config import ConfigError, RunConfig, build_config
+from p2prl.envs import make_single_env
+
+Policy = Callable[[np.ndarray], np.ndarray]
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    """The run's config: from summary.json when the run finished, else Hydra's saved config."""
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        return build_config(json.loads(summary.read_text())["config"])
+    saved = run_dir / ".hydra" / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError("run_dir", str(run_dir), "no summary.json or .hydra/config.yaml: not a p2prl run dir")
+    return build_config(OmegaConf.to_container(OmegaConf.load(saved), resolve=True))
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    steps = checkpoint.list_steps(run_dir / "checkpoints")
+    if not steps:
+        raise ConfigError("run_dir", str(run_dir), "has no checkpoints/step_<N>.pt to evaluate")
+    return checkpoint.shared_path(run_dir / "checkpoints", steps[-1])
+
+
+def greedy_policy(cfg: RunConfig, state: dict, env: gym.Env) -> Policy:
+    """A deterministic policy obs -> action built from a checkpoint's state."""
+    name = cfg.algo.name
+    if name == "qlearning":
+        table = state["q_table"].numpy()
+        return lambda obs: int(np.argmax(table[int(obs)]))
+    if name == "dqn":
+        from p2prl.nets import QNetwork
+        q = QNetwork(env.observation_space, int(env.action_space.n), cfg.algo.hidden_sizes, cfg.algo.activation)
+        q.load_state_dict(state["model"])
+        return _torch_policy(lambda x: q(x).argmax(-1))
+    from p2prl.nets import ActorCritic
+    from p2prl.normalize import RunningNormalizer
+    model = ActorCritic(env.observation_space, env.action_space, cfg.algo.hidden_sizes, cfg.algo.activation)
+    model.load_state_dict(state["model"])
+    norm = None
+    if "obs_norm" in state:
+        norm = RunningNormalizer(env.observation_space.shape)
+        norm.load_state_dict(state["obs_norm"])
+
+    def mode(x: torch.Tensor) -> torch.Tensor:
+        x = norm(x) if norm is not None else x
+        out = model.actor(x)
+        return out.argmax(-1) if model.discrete else out
+
+    act = _torch_policy(mode)
+    if model.discrete:
+        return act
+    low, high = env.action_space.low, env.action_space.high
+    return lambda obs: np.clip(act(obs), low, high)
+
+
+def _torch_policy(fn: Callable[[torch.Tensor], torch.Tensor]) -> Policy:
+    @torch.inference_mode()
+    def act(obs: np.ndarray) -> np.ndarray:
+        out = fn(torch.as_tensor(np.asarray(obs, dtype=np.float32))[None])[0]
+        return out.item() if out.ndim == 0 else out.numpy()
+    return act
+
+
+def run_episodes(env: gym.Env, policy: Policy, episodes: int, seed: int) -> list[float]:
+    returns = []
+    for i in range(episodes):
+        obs, _ = env.reset(seed=seed + i)
+        total, done = 0.0, False
+        while not done:
+            obs, r, term, trunc, _ = env.step(policy(obs))
+            total += float(r)
+            done = term or trunc
+        returns.append(total)
+    return returns
+
+
+def evaluate(run_dir: Path, episodes: int = 20, seed: int = 1_000_000, ckpt: Path | None = None) -> dict:
+    cfg = load_run_config(run_dir)
+    path = ckpt or latest_checkpoint(run_dir)
+    state = checkpoint.load(path)
+    if state is None:
+        raise ConfigError("checkpoint", str(path), "is unreadable (truncated or corrupt)")
+    env = make_single_env(cfg.env)
+    try:
+        returns = run_episodes(env, greedy_policy(cfg, state, env), episodes, seed)
+    finally:
+        env.close()
+    r = np.asarray(returns)
+    result = {"checkpoint": str(path), "episodes": episodes, "seed": seed, "mean_return": float(r.mean()),
+              "std_return": float(r.std()), "min_return": float(r.min()), "max_return": float(r.max()),
+              "returns": returns}
+    (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m p2prl.evaluate", description=__doc__.splitlines()[0])
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--episodes", type=int, default=20, help="evaluation episodes (default 20)")
+    p.add_argument("--seed", type=int, default=1_000_000, help="seed of the first episode (then +1 each)")
+    p.add_argument("--checkpoint", type=Path, default=None, help="a checkpoint file (default: the latest)")
+    a = p.parse_args(argv)
+    if a.episodes <= 0:
+        p.error(f"--episodes={a.episodes}: must be a positive integer")
+    try:
+        res = evaluate(a.run_dir, a.episodes, a.seed, a.checkpoint)
+    except ConfigError as e:
+        print(f"p2prl: error: {e}", file=sys.stderr)
+        return 2
+    sys.stdout.write(f"{res['checkpoint']}: mean return {res['mean_return']:.2f} +- {res['std_return']:.2f} "
+                     f"over {a.episodes} episodes (min {res['min_return']:.1f}, max {res['max_return']:.1f})\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

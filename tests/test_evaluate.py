@@ -1,0 +1,29 @@
+"""Greedy evaluation of a finished run's checkpoint writes eval.json."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from test_cli import ROOT, TINY, train
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.mark.parametrize("algo", ["ppo", "dqn"])
+def test_evaluate_latest_checkpoint(run_dir, algo):
+    extra = ["algo.learning_starts=64", "algo.batch_size=16"] if algo == "dqn" else TINY[:4]
+    p, _ = train([f"algo={algo}", *extra, *TINY[4:], f"hydra.run.dir={run_dir}"])
+    assert p.returncode == 0, p.stderr
+    e = subprocess.run([sys.executable, "-m", "p2prl.evaluate", str(run_dir), "--episodes", "3"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert e.returncode == 0, e.stderr
+    res = json.loads((run_dir / "eval.json").read_text())
+    assert len(res["returns"]) == 3 and res["checkpoint"].endswith("step_256.pt")
+    assert res["min_return"] <= res["mean_return"] <= res["max_return"] and res["min_return"] >= 8
+
+
+def test_evaluate_rejects_a_dir_that_is_not_a_run(tmp_path):
+    e = subprocess.run([sys.executable, "-m", "p2prl.evaluate", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert e.returncode == 2 and "not a p2prl run dir" in e.stderr and "Traceback" not in e.stderr
