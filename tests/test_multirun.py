@@ -1,0 +1,20 @@
+"""Hydra multirun under torchrun: one process group serves every job; one subdir per job."""
+import json
+
+import pytest
+
+from test_cli import TINY, train
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def test_two_peer_sweep_writes_one_dir_per_job(tmp_path):
+    sweep = tmp_path / "sweep"
+    p, _ = train(["-m", "algo.lr=1e-3,3e-4", *TINY, f"hydra.sweep.dir={sweep}"], nproc=2, timeout=150)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lrs = []
+    for job in ("0", "1"):
+        s = json.loads((sweep / job / "summary.json").read_text())
+        assert s["world_size"] == 2 and s["final_step"] == 256
+        lrs.append(s["config"]["algo"]["lr"])
+    assert lrs == [1e-3, 3e-4]
