@@ -1,0 +1,243 @@
+"""Side-by-side benchmark: `python -m p2prl.bench [options]` (see `--help`).
+
+Time and steps to the target return, and steps/s, for p2prl on 1 peer (`python -m p2prl.train`) and on
+2 peers (torchrun with a loopback rendezvous) and, when Stable-Baselines3 is installed
+(`pip install -e ".[bench]"`), for SB3 with rl-baselines3-zoo's hyperparameters (`p2prl.bench_sb3`).
+Every run is a fresh process, timed from launch to exit. Runs are interleaved (seed 0 of every task
+and system, then seed 1, ...) so that noise from the machine hits every system alike.
+
+`--scaling` instead measures global steps/s at fixed per-peer work: `algo=ppo env=lunarlander
+train.target_return=null`, N steps on 1 peer and 2N on 2 peers; efficiency = sps2 / (2 * sps1).
+
+Writes OUT/bench.json (settings, host, every run, aggregates; rewritten after each run), OUT/bench.png
+(or scaling.png), the runs under OUT/runs/<task>/<system>/seed<N>/ and their output under OUT/logs/.
+The columns are defined in `p2prl.bench_report`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Optional
+
+from p2prl import bench_report as report
+from p2prl.plot import bar_chart
+
+log = logging.getLogger("p2prl.bench")
+
+
+@dataclass(frozen=True)
+class Task:
+    algo: str
+    env: str      # p2prl's env preset
+    gym_id: str   # the same env for SB3
+    target: float
+
+
+TASKS = {
+    "cartpole-ppo": Task("ppo", "cartpole", "CartPole-v1", 475),
+    "cartpole-dqn": Task("dqn", "cartpole", "CartPole-v1", 475),
+    "lunarlander-ppo": Task("ppo", "lunarlander", "LunarLander-v3", 200),
+    "lunarlander-dqn": Task("dqn", "lunarlander", "LunarLander-v3", 200),
+}
+SYSTEMS = ("p2prl-1", "p2prl-2", "sb3")
+SCALING_TASK = "lunarlander-ppo-fixed-work"
+SCALING_ARGS = ("algo=ppo", "env=lunarlander", "train.target_return=null")
+SB3_GRACE_S = 60.0  # an SB3 worker stops itself at the deadline; this long more to exit, then it is killed
+PORT = "<port>"  # in a planned torchrun command: replaced by a free port at launch
+TERM_GRACE_S = 20.0  # after SIGTERM, torchrun's peers save and exit; then SIGKILL
+
+
+@dataclass(frozen=True)
+class Job:
+    task: str
+    system: str
+    seed: int
+    cmd: tuple[str, ...]
+    run_dir: Path
+    log: Path
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m p2prl.bench", description=__doc__.split("\n\n")[1],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=["cartpole-ppo", "cartpole-dqn"])
+    p.add_argument("--lunarlander", action="store_true", help="add lunarlander-ppo and lunarlander-dqn")
+    p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS),
+                   help="sb3 is skipped when stable-baselines3 is not installed")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--target", type=float, default=None,
+                   help="target return for every task and system (default: 475 on CartPole, 200 on LunarLander)")
+    p.add_argument("--max-seconds", type=float, default=300.0,
+                   help="wall-clock cap per run from launch; a run still going then has not reached the target")
+    p.add_argument("--sb3-steps", type=int, default=None,
+                   help="SB3 step budget (default: the zoo's n_timesteps for PPO, 300k for DQN)")
+    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="Hydra override for every p2prl run (repeatable), e.g. -o train.total_steps=50000")
+    p.add_argument("--scaling", action="store_true", help="run the 1 vs 2 peer scaling measurement instead")
+    p.add_argument("--scaling-steps", type=int, default=100_000, help="global steps of the 1-peer scaling run")
+    p.add_argument("--out", type=Path, default=None, help="output dir (default: bench/<timestamp>)")
+    a = p.parse_args(argv)
+    if a.lunarlander:
+        a.tasks = list(dict.fromkeys([*a.tasks, "lunarlander-ppo", "lunarlander-dqn"]))
+    needs_box2d = a.scaling or any(TASKS[t].env == "lunarlander" for t in a.tasks)
+    if needs_box2d and importlib.util.find_spec("Box2D") is None:
+        p.error('LunarLander needs box2d: pip install -e ".[box2d]"')
+    if "sb3" in a.systems and not a.scaling and importlib.util.find_spec("stable_baselines3") is None:
+        log.warning('stable-baselines3 is not installed (pip install -e ".[bench]"): skipping sb3')
+        a.systems = [s for s in a.systems if s != "sb3"]
+    return a
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def p2prl_cmd(peers: int, overrides: list[str]) -> list[str]:
+    """`python -m p2prl.train`, or torchrun with a loopback rendezvous for several peers (its port,
+    PORT in the command, is chosen at launch: a port free when the bench starts may not be later)."""
+    if peers == 1:
+        return [sys.executable, "-m", "p2prl.train", *overrides]
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={peers}",
+            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{PORT}", "-m", "p2prl.train", *overrides]
+
+
+def _job(out: Path, task: str, system: str, seed: int, cmd: list[str]) -> Job:
+    run_dir = out / "runs" / task / system / f"seed{seed}"
+    if system.startswith("p2prl"):
+        cmd = [*cmd, f"seed={seed}", f"hydra.run.dir={run_dir.resolve()}"]
+    return Job(task, system, seed, tuple(cmd), run_dir, out / "logs" / f"{task}_{system}_seed{seed}.log")
+
+
+def plan(a: argparse.Namespace, out: Path) -> list[Job]:
+    """Every (task, system) for seed 0, then for seed 1, ...: interleaved."""
+    jobs = []
+    for seed in a.seeds:
+        for name in a.tasks:
+            t = TASKS[name]
+            target = t.target if a.target is None else a.target
+            for system in a.systems:
+                if system == "sb3":
+                    cmd = [sys.executable, "-m", "p2prl.bench_sb3", "--algo", t.algo, "--env", t.gym_id,
+                           "--seed", str(seed), "--target", str(target),
+                           "--out", str(out / "runs" / name / system / f"seed{seed}" / "result.json"),
+                           *(["--steps", str(a.sb3_steps)] if a.sb3_steps else [])]
+                else:
+                    cmd = p2prl_cmd(int(system[-1]), [f"algo={t.algo}", f"env={t.env}",
+                                                      f"train.target_return={target}", *a.override])
+                jobs.append(_job(out, name, system, seed, cmd))
+    return jobs
+
+
+def plan_scaling(a: argparse.Namespace, out: Path) -> list[Job]:
+    """1 peer with N global steps and 2 peers with 2N (the same work per peer), interleaved over seeds."""
+    return [_job(out, SCALING_TASK, f"p2prl-{n}", seed,
+                 p2prl_cmd(n, [*SCALING_ARGS, f"train.total_steps={n * a.scaling_steps}", *a.override]))
+            for seed in a.seeds for n in (1, 2)]
+
+
+def child_env() -> dict[str, str]:
+    """The children import this same p2prl, draw no progress bars, and start one OpenMP thread each."""
+    env = dict(os.environ, P2PRL_NO_PROGRESS="1", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                      env.get("PYTHONPATH")]))
+    return env
+
+
+def execute(cmd: list[str], log_path: Path, timeout: float) -> tuple[int, float, bool]:
+    """Run `cmd` in its own session (so a stop reaches torchrun's peers too), its output to `log_path`;
+    (exit code, seconds from launch to exit, stopped at `timeout`). SIGTERM first so peers save."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as f:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=child_env(), start_new_session=True)
+        try:
+            return proc.wait(timeout=timeout), time.perf_counter() - start, False
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=TERM_GRACE_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            return proc.returncode, time.perf_counter() - start, True
+
+
+def run_job(job: Job, max_seconds: float) -> dict[str, Any]:
+    """Launch one run and turn its summary into a run record."""
+    job.run_dir.mkdir(parents=True)
+    cmd = [c.replace(PORT, str(free_port())) if c.startswith("--rdzv-endpoint=") else c for c in job.cmd]
+    is_sb3 = job.system == "sb3"
+    if is_sb3:
+        cmd += ["--deadline", str(time.time() + max_seconds)]
+    rc, seconds, killed = execute(cmd, job.log, max_seconds + SB3_GRACE_S if is_sb3 else max_seconds)
+    summary = report.read_json(job.run_dir / ("result.json" if is_sb3 else "summary.json"))
+    error = None
+    if summary is None or rc != 0:
+        if not killed:
+            tail = job.log.read_text(errors="replace").strip().splitlines()[-5:]
+            error = f"exit code {rc}: " + " | ".join(tail)
+        summary = summary or (report.last_metrics(job.run_dir) if not is_sb3 else {})
+    rec = {"task": job.task, "system": job.system, "seed": job.seed, **report.derive(summary, seconds),
+           "launch_to_exit_s": seconds, "returncode": rc, "error": error, "run_dir": str(job.run_dir),
+           "log": str(job.log), "cmd": list(job.cmd)}
+    rec["timed_out"] = bool(killed or summary.get("timed_out"))
+    rec["grad_bytes"] = None if is_sb3 else report.grad_bytes(job.run_dir)
+    return rec
+
+
+def _describe(r: dict[str, Any]) -> str:
+    if r["error"]:
+        return f"FAILED ({r['error'][:200]}), log {r['log']}"
+    how = f"reached at step {r['steps_to_target']}" if r["reached"] else f"not reached (step {r['final_step']})"
+    return f"{how}, {r['launch_to_exit_s']:.1f} s launch to exit" + (", stopped at the cap" if r["timed_out"] else "")
+
+
+def emit(text: str) -> None:
+    """The CLI's console output (the tables), on stdout; progress goes to the log on stderr."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    a = parse_args(argv)
+    out = a.out or Path("bench") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    if (out / "runs").exists():  # p2prl would resume from the old runs' checkpoints
+        raise SystemExit(f"p2prl.bench: {out} already holds runs; choose a fresh --out")
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = plan_scaling(a, out) if a.scaling else plan(a, out)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
+    doc: dict[str, Any] = {"created": datetime.now().isoformat(timespec="seconds"), "argv": sys.argv,
+                           "settings": settings, "host": report.host(), "runs": []}
+    for i, job in enumerate(jobs, 1):
+        log.info("[%d/%d] %s %s seed %d ...", i, len(jobs), job.task, job.system, job.seed)
+        doc["runs"].append(run_job(job, a.max_seconds))
+        log.info("[%d/%d] %s", i, len(jobs), _describe(doc["runs"][-1]))
+        doc["aggregates"] = report.aggregate(doc["runs"])
+        report.write_json(out / "bench.json", doc)  # after every run: a stopped bench keeps what it measured
+    if a.scaling:
+        doc["scaling"] = report.scaling(doc["runs"])
+        text = report.format_scaling(doc["scaling"])
+        png = bar_chart(doc["aggregates"], "sps", "global steps/s", out / "scaling.png", annotate=False)
+    else:
+        text = report.format_results(doc["aggregates"])
+        png = bar_chart(doc["aggregates"], "launch_to_target_s", "seconds to target, launch to exit", out / "bench.png")
+    report.write_json(out / "bench.json", doc)
+    emit(f"{text}\n\nwrote {out / 'bench.json'} and {png}")
+    return 1 if any(r["error"] for r in doc["runs"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""Reporting for `p2prl.bench`: run records from what each run leaves behind (summary.json, metrics.jsonl,
+the SB3 worker's JSON), aggregates (median and min-max), the console tables and bench.json. Apart from
+the readers, pure functions of the run records, so they are tested on synthetic results.
+
+Time columns (all seconds, wall clock):
+- `launch_to_target_s`: from the bench starting the process (`python -m p2prl.train`, `torchrun`, or the
+  SB3 worker) to that process's exit, for runs that reached the target (every system exits as soon as it
+  does); interpreter start, imports, rendezvous and shutdown included.
+- `time_to_target_s`: inside the training process, from the start of training (p2prl: entry of
+  `runner.run`, SB3: just before its envs and model are built; imports excluded) to the target.
+- `first_step_to_target_s`: from the first env step to the target. SB3: measured. p2prl: the startup
+  (`wall_s` minus the training loop's time, `(final_step - resumed_at_step) / sps`) taken off
+  `time_to_target_s`, unless summary.json has `first_step_to_target_s` itself.
+A run that did not reach the target counts as +inf in medians and ranges (`null` in bench.json).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+from p2prl.plot import read_metrics
+
+TO_TARGET = ("launch_to_target_s", "time_to_target_s", "first_step_to_target_s", "steps_to_target")
+MEASURES = (*TO_TARGET, "sps", "comm_frac", "comm_ms_per_call", "grad_bytes")
+SUMMARY_KEYS = ("reached", "steps_to_target", "time_to_target_s", "first_step_to_target_s", "final_step",
+                "world_size", "wall_s", "sps", "comm_frac", "comm_calls", "comm_bytes", "updates",
+                "episode_return_mean", "timed_out")
+
+
+def derive(summary: dict[str, Any], launch_to_exit_s: float) -> dict[str, Any]:
+    """The run-record fields from a summary (p2prl's summary.json or the SB3 worker's)."""
+    rec = {k: summary.get(k) for k in SUMMARY_KEYS}
+    reached = bool(summary.get("reached"))
+    rec["reached"] = reached
+    rec["launch_to_target_s"] = launch_to_exit_s if reached else None
+    sps = summary.get("sps")
+    steps = summary.get("final_step", 0) - (summary.get("resumed_at_step") or 0)
+    loop_s = summary.get("loop_s") or (steps / sps if sps else None)
+    if reached and rec["first_step_to_target_s"] is None and loop_s is not None:
+        startup_s = summary["wall_s"] - loop_s
+        rec["first_step_to_target_s"] = max(0.0, summary["time_to_target_s"] - startup_s)
+    # Communication profile (p2prl): comm_frac is comm seconds over the loop's seconds on rank 0.
+    comm_s = summary.get("comm_s")
+    if comm_s is None and summary.get("comm_frac") is not None and loop_s is not None:
+        comm_s = summary["comm_frac"] * loop_s
+    calls, updates, nbytes = summary.get("comm_calls"), summary.get("updates"), summary.get("comm_bytes")
+    rec["comm_s"] = comm_s
+    rec["comm_ms_per_call"] = 1000 * comm_s / calls if comm_s is not None and calls else None
+    rec["comm_ms_per_update"] = 1000 * comm_s / updates if comm_s is not None and updates else None
+    rec["comm_bytes_per_call"] = nbytes / calls if nbytes is not None and calls else None
+    return rec
+
+
+def grad_bytes(run_dir: Path) -> Optional[int]:
+    """Bytes of one gradient all-reduce: the model's parameters in the run's newest checkpoint (the
+    flat bucket adds a few scalar slots on top). None without a checkpoint."""
+    ckpts = sorted((p for p in (run_dir / "checkpoints").glob("step_*.pt") if p.stem[5:].isdigit()),
+                   key=lambda p: int(p.stem[5:]))
+    if not ckpts:
+        return None
+    import torch
+    model = torch.load(ckpts[-1], weights_only=True, map_location="cpu").get("model", {})
+    return sum(t.numel() * t.element_size() for t in model.values() if torch.is_floating_point(t))
+
+
+def read_json(path: Path) -> Optional[dict[str, Any]]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def last_metrics(run_dir: Path) -> dict[str, Any]:
+    """What a p2prl run stopped at the cap (no summary.json) last logged: its steps and speed."""
+    rows = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
+    if not rows:
+        return {}
+    return {"final_step": rows[-1]["step"], "sps": rows[-1]["sps"], "comm_frac": rows[-1].get("comm_frac")}
+
+
+def stat(values: Iterable[Optional[float]], missing: float = math.inf) -> Optional[dict[str, float]]:
+    """Median, min and max; a None counts as `missing` (+inf: not reached). None for no values."""
+    xs = [missing if v is None else float(v) for v in values]
+    xs = [x for x in xs if not math.isnan(x)]
+    if not xs:
+        return None
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+
+
+def aggregate(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (task, system), in the order they first appear."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["task"], r["system"]), []).append(r)
+    rows = []
+    for (task, system), rs in groups.items():
+        row: dict[str, Any] = {"task": task, "system": system, "runs": len(rs),
+                               "reached": sum(bool(r.get("reached")) for r in rs),
+                               "failed": sum(r.get("error") is not None for r in rs)}
+        for key in MEASURES:
+            known = [r.get(key) for r in rs]
+            # Time and steps to target: a miss is +inf. Other measures: a missing value is unknown.
+            row[key] = stat(known) if key in TO_TARGET else stat(v for v in known if v is not None)
+        rows.append(row)
+    return rows
+
+
+def fmt(s: Optional[dict[str, float]], digits: int = 1) -> str:
+    """`median (min-max)`, or one number where they agree; `-` when unknown, `inf` for a miss."""
+    if s is None:
+        return "-"
+    f = (lambda x: "inf" if math.isinf(x) else f"{x:.{digits}f}")
+    med, lo, hi = f(s["median"]), f(s["min"]), f(s["max"])
+    return med if med == lo == hi else f"{med} ({lo}-{hi})"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A plain fixed-width text table."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def format_results(rows: Sequence[dict[str, Any]]) -> str:
+    """The time-to-target table: median (min-max) over seeds per task and system."""
+    headers = ("task", "system", "reached", "launch->target s", "1st step->target s", "steps->target",
+               "steps/s", "comm_frac", "comm ms/call")
+    body = [(r["task"], r["system"], f"{r['reached']}/{r['runs']}" + (f" ({r['failed']} failed)" if r["failed"] else ""),
+             fmt(r["launch_to_target_s"]), fmt(r["first_step_to_target_s"]), fmt(r["steps_to_target"], 0),
+             fmt(r["sps"], 0), fmt(r["comm_frac"], 3), fmt(r["comm_ms_per_call"], 2)) for r in rows]
+    return table(headers, body) + "\nmedian (min-max) over seeds; inf: a run that did not reach the target"
+
+
+def scaling(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Global steps/s on 1 and 2 peers at fixed per-peer work; efficiency = sps2 / (2 * sps1) (medians)."""
+    by = {n: [r for r in runs if r["system"] == f"p2prl-{n}" and r.get("sps")] for n in (1, 2)}
+    sps = {n: stat(r["sps"] for r in rs) for n, rs in by.items()}
+    frac = {n: stat(r["comm_frac"] for r in rs if r.get("comm_frac") is not None) for n, rs in by.items()}
+    eff = sps[2]["median"] / (2 * sps[1]["median"]) if sps[1] and sps[2] else None
+    return {"sps_1": sps[1], "sps_2": sps[2], "comm_frac_1": frac[1], "comm_frac_2": frac[2],
+            "speedup": 2 * eff if eff is not None else None, "efficiency": eff}
+
+
+def format_scaling(s: dict[str, Any]) -> str:
+    body = [(f"{n} peer{'s' if n > 1 else ''}", fmt(s[f"sps_{n}"], 0), fmt(s[f"comm_frac_{n}"], 3)) for n in (1, 2)]
+    eff = "-" if s["efficiency"] is None else f"{s['efficiency']:.2f} (2 peers: {s['speedup']:.2f}x the steps/s)"
+    return table(("peers", "global steps/s", "comm_frac"), body) + f"\nscaling efficiency sps2/(2*sps1): {eff}"
+
+
+def host() -> dict[str, Any]:
+    """Where the numbers come from: a busy or small machine changes them."""
+    import gymnasium
+    import torch
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "gymnasium": gymnasium.__version__}
+    if find_spec("stable_baselines3") is not None:
+        import stable_baselines3
+        versions["stable_baselines3"] = stable_baselines3.__version__
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg(),
+            **versions}
+
+
+def jsonable(x: Any) -> Any:
+    """Non-finite floats (a miss in a min-max) become null: JSON has no infinity."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    return x
+
+
+def write_json(path: Path, doc: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(jsonable(doc), indent=2))
+    os.replace(tmp, path)

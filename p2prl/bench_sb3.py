@@ -1,0 +1,143 @@
+"""One Stable-Baselines3 baseline run for `p2prl.bench`, in its own process.
+
+`python -m p2prl.bench_sb3 --algo ppo --env CartPole-v1 --seed 0 --target 475 --out run.json`
+trains SB3 with rl-baselines3-zoo's hyperparameters for the env and stops as soon as the mean return
+of the 20 most recently finished training episodes reaches the target (p2prl's `episode_return_mean`),
+when the step budget is spent, or at the wall-clock deadline. It writes a JSON summary with the same
+fields p2prl's summary.json uses where they mean the same thing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+# rl-baselines3-zoo's tuned settings (hyperparams/ppo.yml, hyperparams/dqn.yml): CartPole-v1, and
+# LunarLander-v2 (run on gymnasium's LunarLander-v3, the same task). "horizon" is the zoo's
+# n_timesteps: the linear schedules ("lin_X" in the zoo) and the exploration decay run over it.
+ZOO: dict[tuple[str, str], dict[str, Any]] = {
+    ("ppo", "CartPole-v1"): dict(
+        n_envs=8, horizon=100_000, linear=("learning_rate", "clip_range"),
+        kwargs=dict(n_steps=32, batch_size=256, gae_lambda=0.8, gamma=0.98, n_epochs=20, ent_coef=0.0,
+                    learning_rate=1e-3, clip_range=0.2)),
+    ("dqn", "CartPole-v1"): dict(
+        n_envs=1, horizon=50_000, linear=(),
+        kwargs=dict(learning_rate=2.3e-3, batch_size=64, buffer_size=100_000, learning_starts=1000,
+                    gamma=0.99, target_update_interval=10, train_freq=256, gradient_steps=128,
+                    exploration_fraction=0.16, exploration_final_eps=0.04,
+                    policy_kwargs=dict(net_arch=[256, 256]))),
+    ("ppo", "LunarLander-v3"): dict(
+        n_envs=16, horizon=1_000_000, linear=(),
+        kwargs=dict(n_steps=1024, batch_size=64, gae_lambda=0.98, gamma=0.999, n_epochs=4, ent_coef=0.01)),
+    ("dqn", "LunarLander-v3"): dict(
+        n_envs=1, horizon=100_000, linear=(),
+        kwargs=dict(learning_rate=6.3e-4, batch_size=128, buffer_size=50_000, learning_starts=0, gamma=0.99,
+                    target_update_interval=250, train_freq=4, gradient_steps=-1, exploration_fraction=0.12,
+                    exploration_final_eps=0.1, policy_kwargs=dict(net_arch=[256, 256]))),
+}
+
+# PPO's learning rate reaches 0 at the zoo's horizon, so a longer budget cannot help; DQN's schedules
+# are constant past it (final epsilon, fixed learning rate), so DQN may train on until the deadline.
+DEFAULT_BUDGET = {"ppo": None, "dqn": 300_000}  # None: the zoo's horizon
+
+
+def budget_for(algo: str, env_id: str, steps: Optional[int]) -> int:
+    """The step budget of one run: `steps` if given, else the algorithm's default."""
+    return steps or DEFAULT_BUDGET[algo] or ZOO[(algo, env_id)]["horizon"]
+
+
+def zoo_linear(initial: float, horizon: int, budget: int) -> Callable[[float], float]:
+    """The zoo's `lin_<initial>` over `horizon` env steps, as a function of SB3's progress_remaining
+    (which runs over `budget` steps): the same schedule in steps whatever the budget, held at 0 after."""
+    def schedule(progress_remaining: float) -> float:
+        step = (1.0 - progress_remaining) * budget
+        return initial * max(0.0, 1.0 - step / horizon)
+    return schedule
+
+
+def model_kwargs(algo: str, env_id: str, budget: int) -> dict[str, Any]:
+    """The zoo's hyperparameters with their schedules pinned to the zoo's horizon in env steps, so that
+    the first `horizon` steps are the zoo's run whatever the budget."""
+    spec = ZOO[(algo, env_id)]
+    kwargs = dict(spec["kwargs"])
+    for key in spec["linear"]:
+        kwargs[key] = zoo_linear(kwargs[key], spec["horizon"], budget)
+    if "exploration_fraction" in kwargs:
+        kwargs["exploration_fraction"] = min(1.0, kwargs["exploration_fraction"] * spec["horizon"] / budget)
+    return kwargs
+
+
+def train(algo: str, env_id: str, seed: int, target: Optional[float], steps: Optional[int],
+          deadline: Optional[float], window: int = 20) -> dict[str, Any]:
+    """Train one SB3 model; the summary. `deadline` is a `time.time()` at which training stops."""
+    import torch
+    from stable_baselines3 import DQN, PPO
+    from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.env_util import make_vec_env
+
+    t_start = time.perf_counter()  # like p2prl's run(): after imports; env and model construction count
+    torch.set_num_threads(1)  # one intra-op thread, as every p2prl peer uses
+    budget = budget_for(algo, env_id, steps)
+    spec = ZOO[(algo, env_id)]
+    envs = make_vec_env(env_id, n_envs=spec["n_envs"], seed=seed)  # Monitor-wrapped: info["episode"]
+    cls = PPO if algo == "ppo" else DQN
+    model = cls("MlpPolicy", envs, seed=seed, device="cpu", verbose=0, **model_kwargs(algo, env_id, budget))
+    state: dict[str, Any] = {"t_first": None, "reached_at": None, "timed_out": False, "episodes": 0}
+    returns: deque[float] = deque(maxlen=window)
+
+    class StopAtTarget(BaseCallback):
+        """Keeps the return window (episodes in env order within a step, as p2prl) and stops training."""
+
+        def _on_training_start(self) -> None:
+            state["t_first"] = time.perf_counter()
+
+        def _on_step(self) -> bool:
+            for info in self.locals["infos"]:
+                if "episode" in info:
+                    returns.append(float(info["episode"]["r"]))
+                    state["episodes"] += 1
+            if target is not None and returns and sum(returns) / len(returns) >= target:
+                state["reached_at"] = (self.num_timesteps, time.perf_counter())
+                return False
+            if deadline is not None and time.time() >= deadline:
+                state["timed_out"] = True
+                return False
+            return True
+
+    model.learn(total_timesteps=budget, callback=StopAtTarget())
+    t_end = time.perf_counter()
+    reached = state["reached_at"]
+    loop_s = max(t_end - state["t_first"], 1e-9)
+    return {
+        "reached": reached is not None, "steps_to_target": reached[0] if reached else None,
+        "time_to_target_s": reached[1] - t_start if reached else None,
+        "first_step_to_target_s": reached[1] - state["t_first"] if reached else None,
+        "final_step": model.num_timesteps, "world_size": 1, "wall_s": t_end - t_start,
+        "sps": model.num_timesteps / loop_s, "episodes": state["episodes"],
+        "episode_return_mean": sum(returns) / len(returns) if returns else None,
+        "timed_out": state["timed_out"], "budget": budget,
+    }
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m p2prl.bench_sb3", description=__doc__.split("\n")[0])
+    p.add_argument("--algo", choices=("ppo", "dqn"), required=True)
+    p.add_argument("--env", required=True, choices=sorted({env for _, env in ZOO}))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--target", type=float, default=None, help="stop once the return window reaches this")
+    p.add_argument("--steps", type=int, default=None, help="step budget (default: see DEFAULT_BUDGET)")
+    p.add_argument("--deadline", type=float, default=None, help="time.time() at which to stop training")
+    p.add_argument("--out", type=Path, required=True, help="where to write the JSON summary")
+    a = p.parse_args(argv)
+    summary = train(a.algo, a.env, a.seed, a.target, a.steps, a.deadline)
+    tmp = a.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, a.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""p2prl.bench: argument parsing, the run plan, aggregation, tables, bench.json and plots on synthetic
+results, and one end-to-end run on a tiny budget. Timings are never asserted."""
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from p2prl import bench, bench_report as report, bench_sb3, plot
+
+pytestmark = pytest.mark.timeout(120)
+ROOT = Path(__file__).resolve().parents[1]
+HAS_SB3 = importlib.util.find_spec("stable_baselines3") is not None
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def fake_find_spec(missing=(), present=("Box2D", "stable_baselines3")):
+    """find_spec as if `missing` were not installed and `present` were (whatever this machine has)."""
+    real = importlib.util.find_spec
+    return lambda name, *a: None if name in missing else object() if name in present else real(name, *a)
+
+
+def test_parse_args_defaults(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec(missing={"stable_baselines3"}))
+    a = bench.parse_args([])
+    assert a.tasks == ["cartpole-ppo", "cartpole-dqn"] and a.seeds == [0, 1, 2]
+    assert a.systems == ["p2prl-1", "p2prl-2"]  # sb3 dropped: not installed
+    assert a.max_seconds == 300 and a.override == [] and not a.scaling
+
+
+def test_parse_args_options(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec())
+    a = bench.parse_args(["--lunarlander", "--tasks", "cartpole-ppo", "--seeds", "3", "--systems", "sb3",
+                          "-o", "train.total_steps=512", "-o", "algo.lr=1e-3", "--max-seconds", "60"])
+    assert a.tasks == ["cartpole-ppo", "lunarlander-ppo", "lunarlander-dqn"]
+    assert a.seeds == [3] and a.systems == ["sb3"] and a.max_seconds == 60
+    assert a.override == ["train.total_steps=512", "algo.lr=1e-3"]
+
+
+def test_parse_args_rejects(monkeypatch, capsys):
+    monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec(missing={"Box2D"}))
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--scaling"])
+    assert "box2d" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--tasks", "nosuchtask"])
+
+
+def test_plan_is_interleaved_by_seed(monkeypatch, tmp_path):
+    monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec())
+    a = bench.parse_args(["--seeds", "0", "1", "--target", "100", "-o", "train.total_steps=512"])
+    jobs = bench.plan(a, tmp_path)
+    assert [(j.seed, j.task, j.system) for j in jobs[:6]] == [
+        (0, t, s) for t in ("cartpole-ppo", "cartpole-dqn") for s in ("p2prl-1", "p2prl-2", "sb3")]
+    assert [j.seed for j in jobs[6:]] == [1] * 6
+    one, two, sb3 = jobs[:3]
+    assert one.cmd[1:3] == ("-m", "p2prl.train") and "--nproc_per_node=2" in two.cmd
+    assert f"--rdzv-endpoint=127.0.0.1:{bench.PORT}" in two.cmd  # the port is chosen at launch
+    for j in (one, two):
+        assert {"algo=ppo", "env=cartpole", "train.target_return=100.0", "train.total_steps=512", "seed=0",
+                f"hydra.run.dir={j.run_dir.resolve()}"} <= set(j.cmd)
+    assert sb3.cmd[1:3] == ("-m", "p2prl.bench_sb3") and "train.total_steps=512" not in sb3.cmd
+    assert sb3.cmd[sb3.cmd.index("--target") + 1] == "100.0"
+    assert len({j.run_dir for j in jobs}) == len({j.log for j in jobs}) == len(jobs)
+
+
+def test_plan_scaling_fixes_per_peer_work(monkeypatch, tmp_path):
+    monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec())
+    a = bench.parse_args(["--scaling", "--scaling-steps", "1000", "--seeds", "0"])
+    one, two = bench.plan_scaling(a, tmp_path)
+    assert "train.total_steps=1000" in one.cmd and "train.total_steps=2000" in two.cmd
+    assert {"algo=ppo", "env=lunarlander", "train.target_return=null"} <= set(two.cmd)
+
+
+def run(system, seed, reached, t=None, sps=1000.0, **kw):
+    return {"task": "cartpole-ppo", "system": system, "seed": seed, "reached": reached, "sps": sps,
+            "launch_to_target_s": t, "steps_to_target": 100 * t if t else None, "error": None, **kw}
+
+
+RUNS = [run("p2prl-2", 0, True, 10.0, comm_frac=0.1), run("p2prl-2", 1, False, comm_frac=0.3),
+        run("p2prl-2", 2, True, 20.0, comm_frac=0.2), run("sb3", 0, False), run("sb3", 1, False),
+        run("sb3", 2, True, 5.0, sps=500.0, error=None)]
+
+
+def test_stat_counts_misses_as_infinite():
+    assert report.stat([3.0, None, 1.0]) == {"median": 3.0, "min": 1.0, "max": math.inf}
+    assert report.stat([None, None, 1.0])["median"] == math.inf
+    assert report.stat([]) is None
+
+
+def test_aggregate_medians_and_ranges():
+    p2, sb3 = report.aggregate(RUNS)
+    assert (p2["system"], p2["runs"], p2["reached"], p2["failed"]) == ("p2prl-2", 3, 2, 0)
+    assert p2["launch_to_target_s"] == {"median": 20.0, "min": 10.0, "max": math.inf}
+    assert p2["steps_to_target"]["median"] == 2000
+    assert p2["comm_frac"] == {"median": 0.2, "min": 0.1, "max": 0.3}
+    assert sb3["launch_to_target_s"] == {"median": math.inf, "min": 5.0, "max": math.inf}
+    assert sb3["sps"] == {"median": 1000.0, "min": 500.0, "max": 1000.0}
+    assert sb3["comm_frac"] is None  # unknown, not a miss
+
+
+def test_derive_profile_and_first_step_time():
+    summary = {"reached": True, "steps_to_target": 2000, "time_to_target_s": 5.0, "final_step": 2000,
+               "wall_s": 6.0, "sps": 1000.0, "comm_frac": 0.25, "comm_calls": 100, "world_size": 2}
+    rec = report.derive(summary, launch_to_exit_s=9.0)
+    assert rec["launch_to_target_s"] == 9.0
+    assert rec["first_step_to_target_s"] == pytest.approx(1.0)  # startup = 6 - 2000/1000 s
+    assert rec["comm_s"] == pytest.approx(0.5) and rec["comm_ms_per_call"] == pytest.approx(5.0)
+    assert rec["comm_ms_per_update"] is None and rec["comm_bytes_per_call"] is None
+    missed = report.derive({**summary, "reached": False, "time_to_target_s": None}, 9.0)
+    assert missed["launch_to_target_s"] is None and missed["first_step_to_target_s"] is None
+
+
+def test_results_table():
+    text = report.format_results(report.aggregate(RUNS))
+    lines = text.splitlines()
+    assert lines[0].split()[:3] == ["task", "system", "reached"]
+    p2, sb3 = lines[2], lines[3]
+    assert "2/3" in p2 and "20.0 (10.0-inf)" in p2 and "0.200 (0.100-0.300)" in p2
+    assert "1/3" in sb3 and "inf (5.0-inf)" in sb3 and " - " in sb3
+    assert len({len(line) for line in lines[:2]}) == 1  # header and rule line up
+
+
+def test_scaling_report():
+    runs = [{"system": "p2prl-1", "sps": 1000.0, "comm_frac": 0.0}, {"system": "p2prl-2", "sps": 1800.0,
+                                                                    "comm_frac": 0.05}]
+    s = report.scaling(runs)
+    assert s["efficiency"] == pytest.approx(0.9) and s["speedup"] == pytest.approx(1.8)
+    assert "0.90" in report.format_scaling(s)
+    assert report.scaling(runs[:1])["efficiency"] is None
+
+
+def test_bench_json_and_png_from_synthetic_results(tmp_path):
+    aggs = report.aggregate(RUNS)
+    report.write_json(tmp_path / "bench.json", {"runs": RUNS, "aggregates": aggs})
+    doc = json.loads((tmp_path / "bench.json").read_text())  # strict JSON: no Infinity
+    assert doc["aggregates"][0]["launch_to_target_s"] == {"median": 20.0, "min": 10.0, "max": None}
+    png = plot.bar_chart(aggs, "launch_to_target_s", "seconds", tmp_path / "bench.png")
+    assert png.read_bytes()[:8] == PNG
+    none_reached = [run("sb3", s, False) for s in range(2)]
+    assert plot.bar_chart(report.aggregate(none_reached), "launch_to_target_s", "s", tmp_path / "b.png").is_file()
+
+
+def test_plot_cli_draws_return_curves(tmp_path, capsys):
+    dirs = [tmp_path / name / "seed0" for name in ("a", "b")]
+    for i, d in enumerate(dirs):
+        d.mkdir(parents=True)
+        rows = [{"step": 64 * k, "time_s": 0.1 * k, "episode_return_mean": 10.0 * k + i} for k in range(1, 5)]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"torn')
+    assert plot.labels(dirs) == ["a/seed0", "b/seed0"]
+    plot.main([*map(str, dirs), "--x", "time_s"])
+    out = Path(capsys.readouterr().out.strip())
+    assert out == dirs[0] / "returns.png" and out.read_bytes()[:8] == PNG
+
+
+def test_zoo_schedules_keep_the_zoo_horizon():
+    lr = bench_sb3.zoo_linear(1e-3, horizon=100_000, budget=200_000)
+    assert lr(1.0) == pytest.approx(1e-3) and lr(0.75) == pytest.approx(5e-4) and lr(0.25) == 0.0
+    kw = bench_sb3.model_kwargs("dqn", "CartPole-v1", budget=300_000)
+    assert kw["exploration_fraction"] == pytest.approx(0.16 * 50_000 / 300_000)
+    assert bench_sb3.budget_for("ppo", "CartPole-v1", None) == 100_000
+    assert bench_sb3.budget_for("dqn", "CartPole-v1", None) == 300_000
+
+
+def test_execute_stops_a_run_at_the_cap(tmp_path):
+    rc, seconds, killed = bench.execute([sys.executable, "-c", "import signal; signal.pause()"],
+                                        tmp_path / "log.txt", timeout=0.5)
+    assert killed and rc != 0
+
+
+def test_end_to_end_tiny_budget(tmp_path):
+    # A target of 5 is reached at the first finished CartPole episode: the reached path, in seconds.
+    systems = ["p2prl-1", "p2prl-2", *(["sb3"] if HAS_SB3 else [])]
+    cmd = [sys.executable, "-m", "p2prl.bench", "--tasks", "cartpole-ppo", "--seeds", "0", "--systems", *systems,
+           "--target", "5", "--sb3-steps", "512", "-o", "train.total_steps=512", "--out", str(tmp_path)]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=110)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "launch->target s" in p.stdout and "bench.json" in p.stdout
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["system"] for r in doc["runs"]] == systems
+    for r in doc["runs"]:
+        assert r["reached"] and r["error"] is None and 0 < r["steps_to_target"] <= 512
+        assert r["launch_to_target_s"] == r["launch_to_exit_s"] > 0 and r["first_step_to_target_s"] >= 0
+    assert doc["runs"][0]["grad_bytes"] > 0 and doc["runs"][0]["comm_calls"] > 0
+    assert {a["system"] for a in doc["aggregates"]} == set(systems) and doc["host"]["cpus"]
+    assert (tmp_path / "bench.png").read_bytes()[:8] == PNG
