@@ -68,23 +68,25 @@ class Job:
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m p2prl.bench", description=__doc__.split("\n\n")[1],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=["cartpole-ppo", "cartpole-dqn"])
+    p = argparse.ArgumentParser(prog="python -m p2prl.bench", description=__doc__.split("\n\n")[1])
+    p.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=["cartpole-ppo", "cartpole-dqn"],
+                   metavar="TASK", help=f"of {', '.join(TASKS)} (default: %(default)s)")
     p.add_argument("--lunarlander", action="store_true", help="add lunarlander-ppo and lunarlander-dqn")
     p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS),
-                   help="sb3 is skipped when stable-baselines3 is not installed")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+                   metavar="SYSTEM", help="of %(choices)s (default: all; sb3 where stable-baselines3 is installed)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="(default: %(default)s)")
     p.add_argument("--target", type=float, default=None,
                    help="target return for every task and system (default: 475 on CartPole, 200 on LunarLander)")
     p.add_argument("--max-seconds", type=float, default=300.0,
-                   help="wall-clock cap per run from launch; a run still going then has not reached the target")
+                   help="wall-clock cap per run from launch (default: %(default)s); a run still going then "
+                        "has not reached the target")
     p.add_argument("--sb3-steps", type=int, default=None,
                    help="SB3 step budget (default: the zoo's n_timesteps for PPO, 300k for DQN)")
     p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
                    help="Hydra override for every p2prl run (repeatable), e.g. -o train.total_steps=50000")
     p.add_argument("--scaling", action="store_true", help="run the 1 vs 2 peer scaling measurement instead")
-    p.add_argument("--scaling-steps", type=int, default=100_000, help="global steps of the 1-peer scaling run")
+    p.add_argument("--scaling-steps", type=int, default=100_000,
+                   help="global steps of the 1-peer scaling run (default: %(default)s)")
     p.add_argument("--out", type=Path, default=None, help="output dir (default: bench/<timestamp>)")
     a = p.parse_args(argv)
     if a.lunarlander:
@@ -197,10 +199,11 @@ def run_job(job: Job, max_seconds: float) -> dict[str, Any]:
     return rec
 
 
-def _describe(r: dict[str, Any]) -> str:
+def _describe(r: dict[str, Any], has_target: bool) -> str:
     if r["error"]:
         return f"FAILED ({r['error'][:200]}), log {r['log']}"
-    how = f"reached at step {r['steps_to_target']}" if r["reached"] else f"not reached (step {r['final_step']})"
+    how = f"reached at step {r['steps_to_target']}" if r["reached"] else \
+        f"{'not reached, ' if has_target else ''}step {r['final_step']}"
     return f"{how}, {r['launch_to_exit_s']:.1f} s launch to exit" + (", stopped at the cap" if r["timed_out"] else "")
 
 
@@ -224,7 +227,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     for i, job in enumerate(jobs, 1):
         log.info("[%d/%d] %s %s seed %d ...", i, len(jobs), job.task, job.system, job.seed)
         doc["runs"].append(run_job(job, a.max_seconds))
-        log.info("[%d/%d] %s", i, len(jobs), _describe(doc["runs"][-1]))
+        log.info("[%d/%d] %s", i, len(jobs), _describe(doc["runs"][-1], not a.scaling))
         doc["aggregates"] = report.aggregate(doc["runs"])
         report.write_json(out / "bench.json", doc)  # after every run: a stopped bench keeps what it measured
     if a.scaling:

@@ -131,7 +131,7 @@ def format_results(rows: Sequence[dict[str, Any]]) -> str:
     """The time-to-target table: median (min-max) over seeds per task and system."""
     headers = ("task", "system", "reached", "launch->target s", "1st step->target s", "steps->target",
                "steps/s", "comm_frac", "comm ms/call")
-    body = [(r["task"], r["system"], f"{r['reached']}/{r['runs']}" + (f" ({r['failed']} failed)" if r["failed"] else ""),
+    body = [(r["task"], r["system"], f"{r['reached']}/{r['runs']}" + (f", {r['failed']} failed" if r["failed"] else ""),
              fmt(r["launch_to_target_s"]), fmt(r["first_step_to_target_s"]), fmt(r["steps_to_target"], 0),
              fmt(r["sps"], 0), fmt(r["comm_frac"], 3), fmt(r["comm_ms_per_call"], 2)) for r in rows]
     return table(headers, body) + "\nmedian (min-max) over seeds; inf: a run that did not reach the target"

@@ -114,6 +114,15 @@ def test_derive_profile_and_first_step_time():
     assert missed["launch_to_target_s"] is None and missed["first_step_to_target_s"] is None
 
 
+def test_run_stopped_at_the_cap_keeps_its_last_logged_speed(tmp_path):
+    assert report.last_metrics(tmp_path) == {}
+    (tmp_path / "metrics.jsonl").write_text('{"step": 64, "sps": 10.0, "comm_frac": 0.1}\n'
+                                            '{"step": 128, "sps": 20.0, "comm_frac": 0.2}\n')
+    rec = report.derive(report.last_metrics(tmp_path), launch_to_exit_s=300.0)
+    assert rec["final_step"] == 128 and rec["sps"] == 20.0 and rec["comm_frac"] == 0.2
+    assert rec["reached"] is False and rec["launch_to_target_s"] is None
+
+
 def test_results_table():
     text = report.format_results(report.aggregate(RUNS))
     lines = text.splitlines()
