@@ -1,12 +1,20 @@
-"""Atomic checkpoints: rank 0 writes the shared state, every rank its own; loaded with weights_only."""
+"""Atomic checkpoint files: rank 0 writes the shared state, every rank its own; loaded with weights_only.
+
+Layout under `<run_dir>/checkpoints/`: `step_<N>.pt` (rank 0: model or q_table, optimizer, normalizers,
+counters, config) and `rank<R>/step_<N>.pt` (rank R: RNG states, env and sampler state, replay).
+Contents are tensors and plain Python values only, so `torch.load(weights_only=True)` never unpickles
+code. What goes in them, and resuming, is `p2prl.resume`'s job.
+"""
 from __future__ import annotations
 
 import logging
 import os
+import random
 import re
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -17,37 +25,77 @@ def save_atomic(obj: dict, path: Path) -> None:
     """Write to a temp file, fsync, then rename: a crash leaves the old file or the new, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # an interrupted write leaves no temp file behind
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a power cut
+    finally:
+        os.close(dir_fd)
 
 
-def shared_path(run_dir: Path, step: int) -> Path:
-    return run_dir / "checkpoints" / f"step_{step}.pt"
+def shared_path(folder: Path, step: int) -> Path:
+    return folder / f"step_{step}.pt"
 
 
-def rank_path(run_dir: Path, rank: int, step: int) -> Path:
-    return run_dir / "checkpoints" / f"rank{rank}" / f"step_{step}.pt"
+def rank_path(folder: Path, rank: int, step: int) -> Path:
+    return folder / f"rank{rank}" / f"step_{step}.pt"
+
+
+def step_of(path: Path) -> Optional[int]:
+    m = _STEP.match(path.name)
+    return int(m.group(1)) if m else None
 
 
 def list_steps(folder: Path) -> list[int]:
     """Checkpoint steps present in `folder`, oldest first."""
     if not folder.is_dir():
         return []
-    return sorted(int(m.group(1)) for p in folder.iterdir() if (m := _STEP.match(p.name)))
+    return sorted(s for p in folder.iterdir() if (s := step_of(p)) is not None)
 
 
 def prune(folder: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints in `folder`."""
     for step in list_steps(folder)[:-keep]:
-        (folder / f"step_{step}.pt").unlink(missing_ok=True)
+        shared_path(folder, step).unlink(missing_ok=True)
 
 
-def load(path: Path) -> Optional[dict]:
-    """A checkpoint's contents, or None (with a warning) if it is truncated or corrupt."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated zip raises several different error types
-        log.warning("checkpoint %s is unreadable (%s); skipping it", path, str(e).splitlines()[0][:200])
+def load(path: Path, mmap: bool = False, warn: bool = True) -> Optional[dict]:
+    """A checkpoint's contents, or None (with a warning) if it is missing, truncated or corrupt.
+
+    `mmap=True` reads tensors lazily: cheap when only the counters and config are needed.
+    """
+    if not path.is_file():
         return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # a truncated zip raises several different error types
+        if warn:
+            log.warning("checkpoint %s is unreadable (%s); skipping it", path,
+                        str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+        return None
+
+
+# -- RNG states as plain values ------------------------------------------------------------------
+def rng_state() -> dict:
+    """This process's global torch, numpy and python RNG states."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))

@@ -220,10 +220,15 @@ class TrainConfig:
     return_window: int = 20
     log_every_steps: int = 2048
     torch_threads: int = 1
+    resume: str = "auto"  # auto | never | a run dir, checkpoints dir or checkpoint file
+    max_skipped_updates: int = 100  # consecutive non-finite updates before the run stops
 
     def __post_init__(self) -> None:
-        for k in ("total_steps", "return_window", "log_every_steps", "torch_threads"):
+        for k in ("total_steps", "return_window", "log_every_steps", "torch_threads", "max_skipped_updates"):
             _positive("train." + k, getattr(self, k), integer=True)
+        if not isinstance(self.resume, str) or not self.resume.strip():
+            raise ConfigError("train.resume", self.resume, "allowed: auto, never, or the path of a run dir "
+                                                           "or checkpoint")
         if self.target_return is not None and (isinstance(self.target_return, bool) or not isinstance(
                 self.target_return, (int, float)) or not math.isfinite(self.target_return)):
             raise ConfigError("train.target_return", self.target_return, "must be a number or null")
@@ -247,10 +252,12 @@ class CommConfig:
 class CheckpointConfig:
     every_steps: Optional[int] = None
     keep: int = 2
+    replay: bool = False  # DQN: also save every peer's replay buffer
 
     def __post_init__(self) -> None:
         _optional(lambda k, v: _positive(k, v, integer=True), "checkpoint.every_steps", self.every_steps)
         _positive("checkpoint.keep", self.keep, integer=True)
+        _bool("checkpoint.replay", self.replay)
 
 
 @dataclass

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gymnasium as gym
 import numpy as np
+import torch
 
 from p2prl.config import ConfigError, EnvConfig
 
@@ -68,3 +69,63 @@ def check_spaces(algo: str, obs_space: gym.Space, action_space: gym.Space) -> No
         if not (isinstance(obs_space, gym.spaces.Discrete) and isinstance(action_space, gym.spaces.Discrete)):
             raise ConfigError("algo", algo, f"needs Discrete observations and actions, the env has "
                                             f"{obs_space} and {action_space}")
+
+
+# -- checkpoint state ----------------------------------------------------------------------------
+# A vector env's state as plain values: every numpy array, number and RNG in the instance dicts of
+# its wrapper chain (and, for SyncVectorEnv, of every copy's chain). That is exact for gymnasium's
+# native CartPole vector env (state, steps, prev_done: the autoreset flags, np_random) and for the
+# classic-control envs (state, TimeLimit's _elapsed_steps, np_random, SyncVectorEnv's
+# _autoreset_envs); physics engines (Box2D, MuJoCo) keep state outside Python and resume from their
+# RNG states only.
+
+def _layers(env) -> list:
+    out = [env]
+    while hasattr(out[-1], "env") and len(out) < 32:
+        out.append(out[-1].env)
+    return out
+
+
+def _plain(obj) -> dict:
+    out = {}
+    for k, v in vars(obj).items():
+        if isinstance(v, np.random.Generator):
+            out[k] = {"rng": v.bit_generator.state}
+        elif isinstance(v, np.ndarray) and v.dtype != object:
+            out[k] = {"array": torch.from_numpy(v.copy())}
+        elif isinstance(v, np.generic):
+            out[k] = v.item()
+        elif isinstance(v, (bool, int, float)) or v is None:
+            out[k] = v
+    return out
+
+
+def _load_plain(obj, state: dict) -> None:
+    for k, v in state.items():
+        current = vars(obj).get(k)
+        if isinstance(v, dict) and "rng" in v:
+            if isinstance(current, np.random.Generator):
+                current.bit_generator.state = v["rng"]
+        elif isinstance(v, dict) and "array" in v:
+            setattr(obj, k, v["array"].numpy().copy())  # the saved dtype: it can differ from a fresh env's
+        else:
+            setattr(obj, k, v)
+
+
+def vec_env_state(envs: gym.vector.VectorEnv) -> dict:
+    """This peer's env state as tensors and plain values (loadable with weights_only)."""
+    state = {"layers": [_plain(layer) for layer in _layers(envs)],
+             "action_space": _plain(envs.action_space)}
+    copies = getattr(envs.unwrapped, "envs", None)
+    if copies is not None:
+        state["copies"] = [[_plain(layer) for layer in _layers(e)] for e in copies]
+    return state
+
+
+def load_vec_env_state(envs: gym.vector.VectorEnv, state: dict) -> None:
+    for layer, s in zip(_layers(envs), state["layers"]):
+        _load_plain(layer, s)
+    _load_plain(envs.action_space, state["action_space"])
+    for env, layers in zip(getattr(envs.unwrapped, "envs", None) or [], state.get("copies", [])):
+        for layer, s in zip(_layers(env), layers):
+            _load_plain(layer, s)

@@ -13,18 +13,23 @@ class Learner:
 
     `backward` leaves the averaged gradient in place and returns the averaged extras, so the caller
     can take collective decisions (KL early stop) before `apply`. A non-finite averaged gradient is
-    the same on every peer (one NaN anywhere poisons the sum), so every peer skips that update alike.
+    the same on every peer (one NaN anywhere poisons the sum), so every peer skips that update alike;
+    a non-finite loss rides along in the bucket as a NaN flag, so it skips the update even where its
+    gradient happens to be finite. `skipped_in_a_row` (identical on every peer) lets the runner stop
+    a run that only produces NaNs.
     """
 
     def __init__(self, params: Sequence[torch.nn.Parameter],
                  make_optimizer: Callable[[list], torch.optim.Optimizer],
                  comm: Communicator, max_grad_norm: Optional[float], n_extras: int = 0) -> None:
         self.max_grad_norm = max_grad_norm
-        self.bucket = GradientAllReduce(comm, params, n_extras)
+        self.n_extras = n_extras
+        self.bucket = GradientAllReduce(comm, params, n_extras + 1)  # + the loss's finiteness flag
         # The optimizer sees one flat parameter (the model's parameters are views of it).
         self.optimizer = make_optimizer([self.bucket.flat_param])
         self.updates = 0
         self.skipped = 0
+        self.skipped_in_a_row = 0
 
     def broadcast_parameters(self) -> None:
         self.bucket.broadcast_parameters()
@@ -35,13 +40,16 @@ class Learner:
         loss.backward()
         for i, x in enumerate(extras):
             self.bucket.extras[i] = x.detach()
-        return self.bucket.sync()
+        self.bucket.extras[self.n_extras] = loss.detach() * 0  # 0 if finite, NaN for NaN or inf
+        return self.bucket.sync()[:self.n_extras]
 
     def apply(self) -> bool:
         """Clip and step with the averaged gradient; False (and nothing changed) if it is non-finite."""
         if not bool(torch.isfinite(self.bucket.flat).all()):
             self.skipped += 1
+            self.skipped_in_a_row += 1
             return False
+        self.skipped_in_a_row = 0
         if self.max_grad_norm is not None:
             grads = self.bucket.grads
             norm = float(grads.norm())

@@ -113,9 +113,13 @@ def _clean(v: Any) -> Any:
 
 
 class MetricsWriter:
-    """metrics.jsonl (+ TensorBoard under tb/ when available) and a console progress line; rank 0 only."""
+    """metrics.jsonl (+ TensorBoard under tb/ when available) and a console progress line; rank 0 only.
 
-    def __init__(self, run_dir: Path, total_steps: int, enabled: bool) -> None:
+    A run that resumes from step N first drops the rows after N (the interrupted attempt's), so the
+    step column stays unique and increasing across restarts.
+    """
+
+    def __init__(self, run_dir: Path, total_steps: int, enabled: bool, start_step: int = 0) -> None:
         self.enabled = enabled
         self.file = None
         self.tb = None
@@ -123,6 +127,7 @@ class MetricsWriter:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
+        drop_rows_after(run_dir / "metrics.jsonl", start_step)
         self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -157,6 +162,22 @@ class MetricsWriter:
             self.tb.close()
         if self.file is not None:
             self.file.close()
+
+
+def drop_rows_after(path: Path, step: int) -> None:
+    """Keep the rows of `path` with `step` <= step (and drop a torn last line), atomically."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            pass  # a line torn by a crash
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:

@@ -2,6 +2,18 @@
 
 Every algorithm implements the `Algorithm` protocol below. Its constructor is a collective: it makes
 the shared state (network parameters, Q table) identical on every peer by broadcasting rank 0's copy.
+
+Checkpoints (see `p2prl.resume`) are taken between iterations and hold two kinds of state, both as
+tensors and plain Python values only (they are loaded with `torch.load(weights_only=True)`):
+- shared state, identical on every peer, written once by rank 0: `state_dict()` / `load_state_dict()`;
+- per-rank state, different on every peer, one file per rank: the optional `rank_state_dict(replay)`
+  / `load_rank_state_dict()`. The runner saves the global torch/numpy/python RNG states itself; the
+  algorithm adds what else it owns: its envs (`p2prl.envs.vec_env_state`), sampler carry-over
+  (next observation, episode accumulators), its own `np.random.Generator`s (`bit_generator.state`
+  is a plain dict), and its replay buffer when `replay` is true (`checkpoint.replay`).
+An algorithm without the optional methods still checkpoints and resumes its shared state; its
+per-rank state then restarts from the seeds. One that learns by gradient exposes its `Learner` as
+`learner`, whose non-finite skip counters the runner watches (`train.max_skipped_updates`).
 """
 from __future__ import annotations
 
@@ -30,4 +42,16 @@ class Algorithm(Protocol):
         """Tensors that must be bit-identical on every peer (checked every comm.check_every)."""
 
     def state_dict(self) -> dict:
-        """Rank 0's checkpoint contents: tensors and plain values only (loaded with weights_only)."""
+        """Rank 0's checkpoint contents: tensors and plain values only (loaded with weights_only).
+
+        Keys `step`, `iteration`, `time_s`, `world_size`, `config`, `config_hash` and `return_window`
+        are the runner's. A tabular algorithm stores its table under `q_table`.
+        """
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the shared state on every peer (from rank 0's file; extra keys are the runner's)."""
+
+    # Optional (the runner uses them when present):
+    # def rank_state_dict(self, replay: bool) -> dict: this peer's own state (see the module docstring)
+    # def load_rank_state_dict(self, state: dict) -> None
+    # learner: p2prl.learner.Learner

@@ -14,6 +14,7 @@ from p2prl.algos.returns import gae
 from p2prl.comm import Communicator
 from p2prl.config import PPOConfig
 from p2prl.data import Rollout, allocate_rollout
+from p2prl.envs import load_vec_env_state, vec_env_state
 from p2prl.learner import Learner
 from p2prl.metrics import EpisodeCounter
 from p2prl.nets import ActorCritic
@@ -199,7 +200,8 @@ class PPO:
     # -- checkpoint state ------------------------------------------------------------------------
     def state_dict(self) -> dict:
         s = {"model": self.model.state_dict(), "optimizer": self.learner.optimizer.state_dict(),
-             "updates": self.learner.updates, "skipped": self.learner.skipped}
+             "updates": self.learner.updates, "skipped": self.learner.skipped,
+             "skipped_in_a_row": self.learner.skipped_in_a_row}
         if self.obs_norm is not None:
             s["obs_norm"] = self.obs_norm.state_dict()
         if self.ret_norm is not None:
@@ -210,7 +212,21 @@ class PPO:
         self.model.load_state_dict(s["model"])
         self.learner.optimizer.load_state_dict(s["optimizer"])
         self.learner.updates, self.learner.skipped = int(s["updates"]), int(s["skipped"])
+        self.learner.skipped_in_a_row = int(s.get("skipped_in_a_row", 0))
         if self.obs_norm is not None:
             self.obs_norm.load_state_dict(s["obs_norm"])
         if self.ret_norm is not None:
             self.ret_norm.load_state_dict(s["ret_norm"])
+
+    def rank_state_dict(self, replay: bool = False) -> dict:
+        """This peer's own state at a rollout boundary: its envs and what the sampler carries over."""
+        return {"env": vec_env_state(self.envs), "next_obs": self.next_obs.clone(),
+                "next_valid": torch.from_numpy(self.next_valid.copy()), "episodes": self.episodes.state_dict(),
+                "disc_return": torch.from_numpy(self.disc_return.copy())}
+
+    def load_rank_state_dict(self, s: dict) -> None:
+        load_vec_env_state(self.envs, s["env"])
+        self.next_obs = s["next_obs"].clone()
+        self.next_valid = s["next_valid"].numpy().copy()
+        self.episodes.load_state_dict(s["episodes"])
+        self.disc_return = s["disc_return"].numpy().copy()

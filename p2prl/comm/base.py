@@ -28,7 +28,20 @@ class Communicator(ABC):
         self.seconds = 0.0
         self.calls = 0
         self.bytes = 0
-        self.phase = "startup"
+        self._phase = "startup"
+
+    @property
+    def phase(self) -> str:
+        return self._phase
+
+    @phase.setter
+    def phase(self, value: str) -> None:
+        if value != self._phase:
+            self._phase = value
+            self._phase_changed()
+
+    def _phase_changed(self) -> None:
+        """Hook: publish the new phase (the process group's heartbeat does)."""
 
     # -- primitives ------------------------------------------------------------------------------
     @abstractmethod

@@ -10,13 +10,14 @@ import hashlib
 import logging
 import os
 from datetime import timedelta
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
 from p2prl.comm.base import Communicator
 from p2prl.comm.local import LocalComm
+from p2prl.comm.store import Heartbeat, attempt_store, gather_before_start
 from p2prl.config import CommConfig, ConfigError
 
 log = logging.getLogger(__name__)
@@ -29,12 +30,36 @@ class PeerFailure(RuntimeError):
 class ProcessGroupComm(Communicator):
     """Collectives over the default torch.distributed process group (gloo on CPU, NCCL on GPU)."""
 
-    def __init__(self, backend: str, device: torch.device) -> None:
+    def __init__(self, backend: str, device: torch.device, timeout_s: float) -> None:
         super().__init__()
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.backend = backend
         self.device = device
+        self.timeout_s = timeout_s
+        self.heartbeat = Heartbeat(self.rank, self.world_size, lambda: self.phase)
+
+    def close(self) -> None:
+        self.heartbeat.stop()
+
+    def _phase_changed(self) -> None:
+        if hasattr(self, "heartbeat"):
+            self.heartbeat.poke()
+
+    def _failure(self, e: BaseException) -> PeerFailure:
+        """Name the peer(s) that stopped responding, and the phase each was in, from their heartbeats."""
+        text = str(e).strip()
+        detail = text.splitlines()[0] if text else type(e).__name__
+        stalled = self.heartbeat.stalled()
+        if stalled is None and self.world_size == 2:
+            stalled = {1 - self.rank: "unknown"}
+        if stalled:
+            who = ", ".join(f"rank {r} (in {phase})" for r, phase in sorted(stalled.items()))
+            what = f"peer {who} stopped responding: frozen or dead"
+        else:
+            what = "a peer stopped responding (its heartbeat continues: network trouble?)"
+        return PeerFailure(f"{what}; this peer gave up during {self.phase} after at most "
+                           f"comm.timeout_s={self.timeout_s:g} s: {detail}")
 
     def _run(self, fn, tensor: torch.Tensor) -> None:
         # NCCL reduces device tensors only; small CPU-side statistics make the round trip.
@@ -42,9 +67,7 @@ class ProcessGroupComm(Communicator):
         try:
             fn(on_device)
         except RuntimeError as e:  # gloo raises on timeout or a dead peer
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise PeerFailure(f"rank {self.rank}: collective failed during {self.phase} "
-                              f"(a peer died or froze past comm.timeout_s): {first}") from e
+            raise self._failure(e) from e
         if on_device is not tensor:
             tensor.copy_(on_device)
 
@@ -59,7 +82,7 @@ class ProcessGroupComm(Communicator):
         try:
             dist.all_gather_object(out, obj)
         except RuntimeError as e:
-            raise PeerFailure(f"rank {self.rank}: collective failed during {self.phase}: {e}") from e
+            raise self._failure(e) from e
         return out
 
 
@@ -90,10 +113,15 @@ def open_comm(cfg: CommConfig) -> Communicator:
     if not dist.is_initialized():
         # The timeout bounds both connection set-up and every collective, so a dead or frozen peer
         # ends the job instead of hanging it. Created once per process: Hydra multirun jobs reuse it.
-        dist.init_process_group(backend, timeout=timedelta(seconds=cfg.timeout_s))
+        timeout = timedelta(seconds=cfg.timeout_s)
+        store = attempt_store(cfg.timeout_s)
+        if store is not None:
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+        else:
+            dist.init_process_group(backend, timeout=timeout)
         atexit.register(_destroy)
     log.debug("rank %d/%d joined with %s", rank, world_size, backend)
-    return ProcessGroupComm(backend, device)
+    return ProcessGroupComm(backend, device, cfg.timeout_s)
 
 
 def _destroy() -> None:
@@ -101,17 +129,47 @@ def _destroy() -> None:
         dist.destroy_process_group()
 
 
-def agree_on_config(comm: Communicator, flat: dict[str, Any]) -> None:
-    """Fail on every peer, naming the keys, if the peers did not compose the same config."""
-    everyone = comm.all_gather_object(flat)
+def differing_keys(everyone: list[dict[str, Any]]) -> list[str]:
+    """Keys whose value is not the same in every peer's flat config."""
     diffs: set[str] = set()
     for other in everyone:
         keys = set(other) | set(everyone[0])
         diffs |= {k for k in keys if other.get(k) != everyone[0].get(k)}
-    if diffs:
-        shown = ", ".join(sorted(diffs)[:8])
-        raise ConfigError("config", "differs between peers",
-                          f"every peer must compose the same config; differing keys: {shown}")
+    return sorted(diffs)
+
+
+def _differs(keys: list[str]) -> ConfigError:
+    return ConfigError("config", "differs between peers",
+                       f"every peer must compose the same config; differing keys: {', '.join(keys[:8])}")
+
+
+def agree_on_config(comm: Communicator, flat: dict[str, Any]) -> None:
+    """Fail on every peer, naming the keys, if the peers did not compose the same config."""
+    keys = differing_keys(comm.all_gather_object(flat))
+    if keys:
+        raise _differs(keys)
+
+
+def agree_before_start(error: Optional[str], configs: list[dict[str, Any]], timeout_s: float) -> Optional[str]:
+    """The one error every peer stops with before training, or None: the lowest rank's own validation
+    error, else the keys in which the peers' configs (one flat dict per job) differ.
+
+    Runs through the launcher's store, before any process group exists, so every peer exits alike.
+    """
+    rank, _, world_size = torchrun_world()
+    if world_size == 1:
+        return error
+    everyone = gather_before_start(rank, world_size, {"error": error, "configs": configs}, timeout_s)
+    if everyone is None:
+        return error
+    for r, peer in enumerate(everyone):
+        if peer["error"]:
+            return peer["error"] if r == 0 else f"rank {r}: {peer['error']}"
+    for job in range(len(configs)):
+        keys = differing_keys([peer["configs"][job] for peer in everyone])
+        if keys:
+            return str(_differs(keys))
+    return None
 
 
 def parameter_digest(tensors: list[torch.Tensor]) -> int:

@@ -1,0 +1,124 @@
+"""torchrun's key-value store, for what must work when collectives cannot: heartbeats and start-up checks.
+
+A gloo collective that times out only tells a survivor that *some* peer did not show up. Every peer
+therefore runs a daemon thread that writes `<beat> <phase>` to the store once a second; the beat of a
+frozen (SIGSTOP) or dead peer stops. After a failed collective the survivors read every beat twice
+and name the ranks whose beat did not move, with the phase each was last in.
+
+The store is the one torchrun's agent hosts (MASTER_ADDR:MASTER_PORT; with plain env:// start-up,
+rank 0 hosts it). Keys are namespaced by TORCHELASTIC_RESTART_COUNT: the agent's store outlives
+restarts.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from datetime import timedelta
+from typing import Any, Callable, Optional
+
+import torch.distributed as dist
+
+BEAT_S = 1.0  # a beat at least this often
+MIN_GAP_S = 0.05  # and at most this often: a phase change is published within this delay
+
+
+def _namespace() -> str:
+    return f"p2prl/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
+def connect(timeout_s: float = 5.0) -> Optional[dist.Store]:
+    """A client of the launcher's store, or None without one (a world of one, another launcher)."""
+    host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not host or not port:
+        return None
+    try:
+        return dist.TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=timeout_s),
+                             wait_for_workers=False)
+    except (RuntimeError, ValueError, OSError):
+        return None
+
+
+def attempt_store(timeout_s: float) -> Optional[dist.Store]:
+    """Under torchrun, the store for this attempt's process group; None elsewhere (init from env://).
+
+    torchrun's agent keeps one store across restarts, and a process group's keys from the previous
+    attempt (peer addresses) are still there: the restarted peers may read them and dial dead ports
+    (pytorch/pytorch#135712). Namespacing the keys by attempt avoids that.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = connect(timeout_s)
+    return None if store is None else dist.PrefixStore(f"{_namespace()}/pg", store)
+
+
+def gather_before_start(rank: int, world_size: int, value: Any, timeout_s: float) -> Optional[list]:
+    """Every peer's JSON-able `value`, by rank, through the store: no process group is needed yet.
+
+    Used to check every peer's configuration before any of them starts. None without a store.
+    """
+    store = connect(timeout_s)
+    if store is None:
+        return None
+    keys = [f"{_namespace()}/start/{r}" for r in range(world_size)]
+    store.set(keys[rank], json.dumps(value))
+    store.wait(keys, timedelta(seconds=timeout_s))
+    return [json.loads(store.get(k)) for k in keys]
+
+
+class Heartbeat:
+    """A daemon thread that publishes this peer's liveness and phase; `stalled()` names the silent peers."""
+
+    def __init__(self, rank: int, world_size: int, phase: Callable[[], str]) -> None:
+        self.rank, self.world_size, self._phase = rank, world_size, phase
+        self._stop = threading.Event()
+        self._poked = threading.Event()
+        self._store = connect()
+        self._beat = 0
+        if self._store is not None:
+            self._thread = threading.Thread(target=self._run, name="p2prl-heartbeat", daemon=True)
+            self._thread.start()
+
+    def _key(self, rank: int) -> str:
+        return f"{_namespace()}/heartbeat/{rank}"
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._store.set(self._key(self.rank), f"{self._beat} {self._phase()}")
+            except (RuntimeError, OSError):
+                pass  # the store's host is gone: the collectives will say so
+            self._beat += 1
+            self._stop.wait(MIN_GAP_S)
+            self._poked.wait(BEAT_S)
+            self._poked.clear()
+
+    def poke(self) -> None:
+        """The phase changed: publish it soon."""
+        self._poked.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._poked.set()
+
+    def _read(self, store: dist.Store) -> dict[int, str]:
+        out = {}
+        for r in range(self.world_size):
+            if r != self.rank and store.check([self._key(r)]):
+                out[r] = store.get(self._key(r)).decode()
+        return out
+
+    def stalled(self) -> Optional[dict[int, str]]:
+        """{rank: phase it was last in} for peers whose beat stopped; None if the store cannot tell."""
+        store = connect()
+        if store is None or self._store is None:
+            return None
+        try:
+            first = self._read(store)
+            time.sleep(2.5 * BEAT_S)
+            second = self._read(store)
+        except (RuntimeError, OSError):
+            return None
+        silent = [r for r in range(self.world_size) if r != self.rank and first.get(r) == second.get(r)]
+        return {r: (second.get(r) or "? startup").split(" ", 1)[1] for r in silent}

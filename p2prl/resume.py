@@ -1,0 +1,192 @@
+"""Checkpoint sets and resuming: what a run saves at rollout boundaries, and how every peer comes back.
+
+A checkpoint at global step N is complete when rank 0's `step_<N>.pt` and every rank's
+`rank<R>/step_<N>.pt` load. The peers resume together from the newest complete one (a truncated or
+half-written newest falls back to the one before, with a warning), so a restarted run continues the
+interrupted one exactly: same parameters, optimizer, normalizers, return window, counters, RNG
+states and env states. On a different number of peers only the shared state carries over; every peer
+starts its envs and RNGs afresh (with a warning).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from p2prl.checkpoint import (list_steps, load, prune, rank_path, rng_state, save_atomic, set_rng_state,
+                              shared_path, step_of)
+from p2prl.comm import Communicator
+from p2prl.config import ConfigError, RunConfig
+from p2prl.metrics import ReturnWindow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Progress:
+    """The run's counters; `time_s` is the run time so far (all attempts)."""
+
+    step: int = 0
+    iteration: int = 0
+    time_s: float = 0.0
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_hash(config: dict) -> str:
+    flat = {k: v for k, v in flatten(config).items() if k != "train.resume"}
+    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _identity(config: Any) -> str:
+    config = config if isinstance(config, dict) else {}
+    algo, env = config.get("algo", {}), config.get("env", {})
+    return f"algo={algo.get('name', '?')} env={env.get('name', '?')} ({env.get('id', '?')})"
+
+
+def check_owner(checkpoint: dict, cfg: RunConfig, where: Path) -> None:
+    """A checkpoint of another algorithm or env cannot be resumed: say whose it is."""
+    saved = checkpoint.get("config")
+    theirs, ours = _identity(saved), _identity(cfg.to_dict())
+    if theirs != ours:
+        raise ConfigError("train.resume", cfg.train.resume,
+                          f"{where} belongs to another run ({theirs}; this run is {ours}); "
+                          f"resume with the same algo and env, or choose another hydra.run.dir")
+
+
+def candidates(resume: str, run_dir: Path) -> list[Path]:
+    """Shared checkpoint files to try, newest first; [] to start from scratch."""
+    if resume == "never":
+        return []
+    if resume == "auto":
+        folder = run_dir / "checkpoints"
+        return [shared_path(folder, s) for s in reversed(list_steps(folder))]
+    path = Path(resume).expanduser()
+    if path.is_file():
+        return [path]
+    for folder in (path / "checkpoints", path):
+        if steps := list_steps(folder):
+            return [shared_path(folder, s) for s in reversed(steps)]
+    what = "holds no checkpoints/step_<N>.pt" if path.exists() else "is missing"
+    raise ConfigError("train.resume", resume, f"{what}; allowed: auto, never, a run dir or a checkpoint file")
+
+
+def check_source(cfg: RunConfig, run_dir: Path) -> None:
+    """Before training, on each peer alone: the checkpoint to resume is readable and of this algo/env."""
+    for path in candidates(cfg.train.resume, run_dir):
+        checkpoint = load(path, mmap=True, warn=False)
+        if checkpoint is not None:
+            check_owner(checkpoint, cfg, path.parent)
+            return
+    if cfg.train.resume not in ("auto", "never"):
+        raise ConfigError("train.resume", cfg.train.resume, "no readable checkpoint there (truncated or corrupt)")
+
+
+def _rank_file(shared: Path, rank: int) -> Path:
+    return shared.parent / f"rank{rank}" / shared.name
+
+
+def restore(comm: Communicator, cfg: RunConfig, run_dir: Path, algo: Any,
+            window: ReturnWindow) -> tuple[Progress, Optional[Path]]:
+    """Load the newest checkpoint every peer can read (a collective); (Progress(), None) if there is none."""
+    comm.phase = "resume"
+    paths = comm.broadcast_object([str(p) for p in candidates(cfg.train.resume, run_dir)])
+    for path in map(Path, paths):
+        shared = load(path)
+        # Per-rank files go with step files of the same world size; others resume the shared state only.
+        exact = shared is not None and step_of(path) is not None and shared.get("world_size") == comm.world_size
+        own = load(_rank_file(path, comm.rank)) if exact else None
+        if comm.agree(shared is None or (exact and own is None)):
+            log.warning("checkpoint %s is incomplete or unreadable on some peer; trying the previous one", path)
+            continue
+        check_owner(shared, cfg, path.parent)
+        _load(comm, cfg, algo, window, shared, own)
+        progress = Progress(int(shared["step"]), int(shared["iteration"]), float(shared["time_s"]))
+        log.info("resumed from %s at step %d", path, progress.step)
+        return progress, path
+    if paths:
+        log.warning("no complete checkpoint in %s; starting from scratch", Path(paths[0]).parent)
+    return Progress(), None
+
+
+def _load(comm: Communicator, cfg: RunConfig, algo: Any, window: ReturnWindow, shared: dict,
+          own: Optional[dict]) -> None:
+    saved, now = flatten(shared.get("config", {})), flatten(cfg.to_dict())
+    changed = sorted(k for k in set(saved) | set(now) if k != "train.resume" and saved.get(k) != now.get(k))
+    if changed:
+        log.warning("resuming with a changed config: %s", ", ".join(changed[:8]))
+    algo.load_state_dict(shared)
+    window.load_state_dict(shared["return_window"])
+    if own is not None:
+        set_rng_state(own["rng"])
+        getattr(algo, "load_rank_state_dict", lambda s: None)(own)
+    elif comm.rank == 0:
+        log.warning("resuming a run of %s peer(s) on %d: only the shared state carries over; every peer's "
+                    "envs, RNGs and replay start afresh", shared.get("world_size"), comm.world_size)
+
+
+def _clone(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, dict):
+        return {k: _clone(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_clone(v) for v in x)
+    return x
+
+
+class Checkpointer:
+    """Writes checkpoint sets; on rank 0 also keeps the shared state of the last iteration boundary, so
+    an interrupted peer can save the model without any collective (parameters are identical everywhere)."""
+
+    def __init__(self, comm: Communicator, cfg: RunConfig, run_dir: Path, algo: Any, window: ReturnWindow) -> None:
+        self.comm, self.algo, self.window = comm, algo, window
+        self.folder = run_dir / "checkpoints"
+        self.keep, self.replay = cfg.checkpoint.keep, cfg.checkpoint.replay
+        self.config = cfg.to_dict()
+        self.hash = config_hash(self.config)
+        self.boundary: Optional[dict] = None
+        self.saved_step: Optional[int] = None
+
+    def _shared(self, p: Progress) -> dict:
+        return {"step": p.step, "iteration": p.iteration, "time_s": p.time_s, "world_size": self.comm.world_size,
+                "config": self.config, "config_hash": self.hash, "return_window": self.window.state_dict(),
+                **self.algo.state_dict()}
+
+    def save(self, p: Progress) -> None:
+        """Every rank writes its own file, rank 0 also the shared one; no collective."""
+        self.comm.phase = "checkpoint"
+        rank = self.comm.rank
+        own_state = getattr(self.algo, "rank_state_dict", lambda replay: {})(self.replay)
+        own = {"step": p.step, "rank": rank, "world_size": self.comm.world_size, "rng": rng_state(), **own_state}
+        save_atomic(own, rank_path(self.folder, rank, p.step))
+        prune(self.folder / f"rank{rank}", self.keep)
+        if rank == 0:
+            save_atomic(self._shared(p), shared_path(self.folder, p.step))
+            prune(self.folder, self.keep)
+            log.info("checkpoint at step %d", p.step)
+        self.saved_step = p.step
+
+    def mark_boundary(self, p: Progress) -> None:
+        if self.comm.rank == 0:
+            self.boundary = _clone(self._shared(p))
+
+    def save_interrupted(self, why: str) -> None:
+        """Rank 0: the state of the last iteration boundary to checkpoints/interrupted.pt."""
+        if self.comm.rank == 0 and self.boundary is not None:
+            save_atomic({**self.boundary, "interrupted_by": why}, self.folder / "interrupted.pt")
+            log.warning("saved the model of step %d to %s", self.boundary["step"], self.folder / "interrupted.pt")

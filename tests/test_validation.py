@@ -1,0 +1,112 @@
+"""Bad input (docs/validation.md): one line naming the key and what is allowed, exit 2, before training,
+on every peer, and nothing of an existing run overwritten."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import p2prl.train as train
+import torchrun
+from p2prl.checkpoint import save_atomic
+from p2prl.precheck import precheck
+
+pytestmark = pytest.mark.timeout(120)
+TINY = ["algo.num_envs=2", "algo.num_steps=16", "algo.num_minibatches=2", "algo.update_epochs=2",
+        "train.total_steps=128", "train.log_every_steps=64", "train.target_return=null"]
+
+# (overrides, what the line must contain); {tmp} is the test's tmp dir, prepared by `fixtures`.
+BAD = [
+    (["env=nosuchenv"], ["env=nosuchenv", "allowed: acrobot, cartpole"]),
+    (["algo=nosuchalgo"], ["algo=nosuchalgo", "allowed: a2c, dqn, ppo"]),
+    (["comm=nosuchcomm"], ["comm=nosuchcomm", "allowed: allreduce"]),
+    (["comm.backend=mpi"], ["comm.backend=mpi", "allowed: auto, gloo, nccl"]),
+    (["env.id=NoSuchEnv-v9"], ["env.id=NoSuchEnv-v9", "not a registered gymnasium env"]),
+    (["algo.nosuchkey=1"], ["algo.nosuchkey=1", "unknown key; allowed:"]),
+    (["seed=-1"], ["seed=-1", "integer >= 0"]),
+    (["algo.lr=-1"], ["algo.lr=-1", "positive number"]),
+    (["algo.lr=0"], ["algo.lr=0", "positive number"]),
+    (["algo.num_envs=0"], ["algo.num_envs=0", "positive integer"]),
+    (["algo.gamma=1.5"], ["algo.gamma=1.5", "(0, 1]"]),
+    (["train.total_steps=0"], ["train.total_steps=0", "positive integer"]),
+    (["train.log_every_steps=-64"], ["train.log_every_steps=-64", "positive integer"]),
+    (["train.max_skipped_updates=0"], ["train.max_skipped_updates=0", "positive integer"]),
+    (["comm.timeout_s=0"], ["comm.timeout_s=0", "positive number"]),
+    (["comm.timeout_s=-5"], ["comm.timeout_s=-5", "positive number"]),
+    (["checkpoint.every_steps=-5"], ["checkpoint.every_steps=-5", "positive integer"]),
+    (["checkpoint.keep=0"], ["checkpoint.keep=0", "positive integer"]),
+    (["algo.num_envs=3", "algo.num_steps=5", "algo.num_minibatches=4"],
+     ["algo.num_minibatches=4", "must divide the per-peer batch algo.num_envs*algo.num_steps=15"]),
+    (["algo.activation=sigmoid"], ["algo.activation=sigmoid", "allowed: tanh, relu"]),
+    (["env.id=FrozenLake-v1"], ["algo=ppo", "needs Box observations, the env has Discrete(16)"]),
+    (["algo=dqn", "env=pendulum"], ["algo=dqn", "needs Discrete actions"]),
+    (["comm.backend=nccl"], ["comm.backend=nccl", "nccl needs CUDA GPUs; allowed here: auto, gloo"]),
+    (["hydra.run.dir={tmp}/a_file/run"], ["hydra.run.dir=", "a_file is a file; allowed: a writable directory"]),
+    (["train.resume={tmp}/no_such_run"], ["train.resume=", "no_such_run: is missing; allowed: auto, never"]),
+    (["train.resume={tmp}/acrobot_run"], ["train.resume=", "belongs to another run (algo=ppo env=acrobot "
+                                          "(Acrobot-v1); this run is algo=ppo env=cartpole (CartPole-v1))"]),
+    (["train.resume={tmp}/corrupt.pt"], ["train.resume=", "corrupt.pt: no readable checkpoint there"]),
+    (["hydra.run.dir={tmp}/acrobot_run"], ["train.resume=auto", "belongs to another run (algo=ppo env=acrobot"]),
+    (["train.resume="], ["train.resume=", "allowed: auto, never"]),
+    (["algo.lr=1e-3,-1", "-m", "hydra.sweep.dir={tmp}/sweep"], ["algo.lr=-1", "positive number"]),
+]
+
+
+def fixtures(tmp: Path) -> None:
+    (tmp / "a_file").write_text("not a directory")
+    acrobot = {"config": {"algo": {"name": "ppo"}, "env": {"name": "acrobot", "id": "Acrobot-v1"}}, "step": 64}
+    save_atomic(acrobot, tmp / "acrobot_run" / "checkpoints" / "step_64.pt")
+    (tmp / "corrupt.pt").write_bytes(b"PK\x03\x04 not a zip")
+
+
+@pytest.mark.parametrize("args,expected", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_is_one_line_and_exit_2_before_anything_is_written(args, expected, tmp_path, capsys):
+    if "comm.backend=nccl" in args and torch.cuda.is_available():
+        pytest.skip("nccl is valid here")
+    fixtures(tmp_path)
+    args = [a.format(tmp=tmp_path) for a in args]
+    if not any(a.startswith("hydra.") for a in args):
+        args.append(f"hydra.run.dir={tmp_path / 'run'}")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(SystemExit) as e:
+        precheck(train.CONF_DIR, args)
+    assert e.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("p2prl: error: "), lines
+    for text in expected:
+        assert text in lines[0], lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def _snapshot(run_dir: Path) -> dict:
+    return {str(p.relative_to(run_dir)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def test_a_bad_run_pointed_at_an_existing_run_overwrites_nothing(tmp_path):
+    run_dir = tmp_path / "run"
+    good = subprocess.run([sys.executable, "-m", "p2prl.train", *TINY, f"hydra.run.dir={run_dir}"],
+                          cwd=torchrun.ROOT, capture_output=True, text=True, timeout=90)
+    assert good.returncode == 0, good.stderr
+    before = _snapshot(run_dir)
+    assert {"metrics.jsonl", "summary.json", "checkpoints/step_128.pt", "checkpoints/rank0/step_128.pt"} <= set(before)
+    # A bad value on one peer, and (under torchrun) a run of another env with train.resume=auto.
+    bad = subprocess.run([sys.executable, "-m", "p2prl.train", *TINY, "algo.lr=-1", f"hydra.run.dir={run_dir}"],
+                         cwd=torchrun.ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
+    job = torchrun.start([*TINY, "env=acrobot", f"hydra.run.dir={run_dir}"])
+    out = torchrun.finish(job, 90)
+    assert job.returncode == 1, out  # torchrun reports its workers' failure as 1
+    assert out.count("p2prl: error: train.resume=auto") == 1 and "belongs to another run" in out, out
+    assert out.count("exitcode  : 2") == 2, out  # every peer exited 2
+    assert _snapshot(run_dir) == before
+
+
+def test_configs_that_differ_between_peers_are_refused_naming_the_keys(tmp_path):
+    job = torchrun.start(["seed='${oc.decode:${oc.env:RANK}}'", *TINY, f"hydra.run.dir={tmp_path / 'run'}"])
+    out = torchrun.finish(job, 90)
+    assert job.returncode == 1
+    assert out.count("p2prl: error: config=differs between peers") == 1, out
+    assert "differing keys: seed" in out and out.count("exitcode  : 2") == 2, out
+    assert not (tmp_path / "run").exists()
