@@ -142,14 +142,13 @@ class DQNConfig:
     max_grad_norm: Optional[float] = 10.0
     hidden_sizes: list = field(default_factory=lambda: [64, 64])
     activation: str = "relu"
-    iteration_steps: int = 64
 
     def __post_init__(self) -> None:
         p = "algo."
         _positive(p + "lr", self.lr)
         _unit(p + "gamma", self.gamma, low_open=True)
         for k in ("num_envs", "buffer_size", "batch_size", "train_freq", "gradient_steps",
-                  "target_update_interval", "n_step", "iteration_steps"):
+                  "target_update_interval", "n_step"):
             _positive(p + k, getattr(self, k), integer=True)
         if isinstance(self.learning_starts, bool) or not isinstance(self.learning_starts, int) or self.learning_starts < 0:
             raise ConfigError(p + "learning_starts", self.learning_starts, "must be an integer >= 0")
