@@ -1,0 +1,169 @@
+"""Exact distributed tabular Q-learning for Discrete observation and action spaces.
+
+Every peer explores its own env copies with its own epsilon-greedy policy (own RNG, optional Ape-X
+per-peer epsilon). One iteration is `sync_every` vector steps.
+
+`sync=sum` (default) is synchronous, batched Q-learning. During an iteration the shared table Q is
+held fixed; each peer records its transitions and afterwards computes every TD error
+    delta = r + gamma * (1 - terminated) * max_a' Q(s', a') - Q(s, a)
+against that same Q (truncated transitions bootstrap, terminated ones do not; the reset step that
+follows an episode end under next-step autoreset is no transition and is dropped). Per (s, a) the peer
+sums its deltas and counts its visits; ONE all-reduce sums both over the peers, and every peer applies
+    Q[s, a] += alpha * sum(delta) / sum(n)    wherever sum(n) > 0.
+This is exact: because Q is fixed while deltas are computed, a delta depends only on its transition
+and Q, never on which peer sampled it, so the update equals a single learner's update on the union of
+all peers' transitions (up to floating-point summation order). It keeps the tables bit-identical: the
+all-reduce leaves the same sums on every peer, the counts are small integers (exact in float64), and
+every peer then runs the same deterministic arithmetic on the same inputs.
+
+`sync=average` is classic online Q-learning per peer (Q[s, a] += alpha * delta after every step) with
+the peers' tables averaged every `sync_every` steps: not exact, but each peer learns between syncs.
+
+The table is float64 numpy (the hot loop is numpy; one vector step costs a few small array ops
+besides `env.step`); `shared_tensors` and the checkpoint see it through a zero-copy torch view.
+"""
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from p2prl.algos import IterationResult
+from p2prl.algos.schedules import decayed_epsilon, linear, peer_epsilon
+from p2prl.comm import Communicator
+from p2prl.config import QLearningConfig
+from p2prl.metrics import EpisodeCounter
+
+
+def apply_td_sums(q: np.ndarray, delta_sum: np.ndarray, counts: np.ndarray, alpha: float) -> np.ndarray:
+    """Q[s, a] += alpha * delta_sum[s, a] / counts[s, a] where counts > 0, in place; returns q.
+
+    q, delta_sum, counts: (S, A) (or any equal shapes). Unvisited pairs are left untouched.
+    """
+    seen = counts > 0
+    q[seen] += alpha * delta_sum[seen] / counts[seen]
+    return q
+
+
+def td_errors(q: np.ndarray, s: np.ndarray, a: np.ndarray, r: np.ndarray, s2: np.ndarray,
+              terminated: np.ndarray, gamma: float) -> np.ndarray:
+    """delta = r + gamma * (1 - terminated) * max_a' Q(s2, a') - Q(s, a); all inputs (B,), q (S, A)."""
+    bootstrap = np.where(terminated, 0.0, q[s2].max(1))
+    return r + gamma * bootstrap - q[s, a]
+
+
+class QLearning:
+    """The Algorithm protocol for tabular Q-learning; the table is `q` (n_states, n_actions)."""
+
+    def __init__(self, cfg: QLearningConfig, envs: gym.vector.VectorEnv, first_obs: np.ndarray,
+                 comm: Communicator, seed: int) -> None:
+        self.cfg, self.envs, self.comm = cfg, envs, comm
+        self.n_states = int(envs.single_observation_space.n)
+        self.n_actions = int(envs.single_action_space.n)
+        self.num_envs = cfg.num_envs
+        self.rng = np.random.default_rng(seed)  # this peer's exploration only
+        self.q = np.zeros((self.n_states, self.n_actions), dtype=np.float64)
+        self.q_view = torch.from_numpy(self.q)  # shares memory: collectives update self.q in place
+        comm.broadcast(self.q_view, src=0)
+        sa = self.n_states * self.n_actions
+        # sum mode: [delta sums (S*A) | visit counts (S*A) | sum |delta|]; average mode: [Q | sum |delta| | n].
+        self.sync_buf = torch.zeros(2 * sa + 1 if cfg.sync == "sum" else sa + 2, dtype=torch.float64)
+        T, E = cfg.sync_every, cfg.num_envs
+        self.s, self.a, self.s2 = (np.zeros((T, E), dtype=np.int64) for _ in range(3))
+        self.r = np.zeros((T, E), dtype=np.float64)
+        self.term = np.zeros((T, E), dtype=bool)
+        self.valid = np.zeros((T, E), dtype=bool)
+        self.obs = np.asarray(first_obs, dtype=np.int64)
+        self.next_valid = np.ones(E, dtype=bool)  # False on the reset step after an episode ended
+        self.episodes = EpisodeCounter(E)
+        self.epsilon = cfg.eps_start
+
+    def shared_tensors(self) -> list[torch.Tensor]:
+        return [self.q_view]
+
+    # -- acting ----------------------------------------------------------------------------------
+    def _actions(self, explore: np.ndarray, random_a: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        """Epsilon-greedy actions (E,); `noise` (E, A) breaks argmax ties uniformly at random."""
+        rows = self.q[self.obs]
+        greedy = np.where(rows == rows.max(1, keepdims=True), noise, -1.0).argmax(1)
+        return np.where(explore, random_a, greedy)
+
+    def _sample(self, alpha: float) -> float:
+        """Step the envs `sync_every` times, recording transitions; returns this peer's sum |delta|
+        in average mode (online updates), 0 in sum mode (deltas are computed after sampling)."""
+        cfg, T, E = self.cfg, self.cfg.sync_every, self.num_envs
+        # One RNG call per kind for the whole iteration keeps the per-step overhead small.
+        explore = self.rng.random((T, E)) < self.epsilon
+        random_a = self.rng.integers(0, self.n_actions, (T, E))
+        noise = self.rng.random((T, E, self.n_actions))
+        online = cfg.sync == "average"
+        abs_sum = 0.0
+        for t in range(T):
+            actions = self._actions(explore[t], random_a[t], noise[t])
+            next_obs, reward, term, trunc, _ = self.envs.step(actions)
+            done = term | trunc
+            valid = self.next_valid
+            self.episodes.step(t, reward, done, valid)
+            self.s[t], self.a[t], self.r[t], self.s2[t] = self.obs, actions, reward, next_obs
+            self.term[t], self.valid[t] = term, valid
+            if online and valid.any():
+                s, a = self.obs[valid], actions[valid]
+                delta = td_errors(self.q, s, a, self.r[t, valid], self.s2[t, valid], term[valid], cfg.gamma)
+                np.add.at(self.q, (s, a), alpha * delta)  # two envs in the same (s, a) both count
+                abs_sum += float(np.abs(delta).sum())
+            self.next_valid = ~done
+            self.obs = np.asarray(next_obs, dtype=np.int64)
+        return abs_sum
+
+    # -- learning --------------------------------------------------------------------------------
+    def learn(self, alpha: float, abs_sum: float = 0.0) -> tuple[float, float]:
+        """Sync the table after sampling (a collective); returns (sum |delta|, transitions) over peers.
+
+        Uses the transitions recorded in self.s, a, r, s2, term, valid (each (sync_every, num_envs)).
+        """
+        return self._sync_sum(alpha) if self.cfg.sync == "sum" else self._sync_average(abs_sum)
+
+    def _sync_sum(self, alpha: float) -> tuple[float, float]:
+        """One all-reduce of per-(s, a) delta sums and counts, then the identical update everywhere."""
+        m = self.valid
+        delta = td_errors(self.q, self.s[m], self.a[m], self.r[m], self.s2[m], self.term[m],
+                          self.cfg.gamma)
+        idx = self.s[m] * self.n_actions + self.a[m]
+        sa = self.q.size
+        buf = self.sync_buf.numpy()  # view: filling it fills the tensor that is reduced
+        buf[:sa] = np.bincount(idx, weights=delta, minlength=sa)
+        buf[sa:2 * sa] = np.bincount(idx, minlength=sa)
+        buf[-1] = np.abs(delta).sum()
+        self.comm.all_reduce_sum(self.sync_buf)
+        counts = buf[sa:2 * sa]
+        apply_td_sums(self.q.reshape(-1), buf[:sa], counts, alpha)
+        return float(buf[-1]), float(counts.sum())
+
+    def _sync_average(self, abs_sum: float) -> tuple[float, float]:
+        """Average the peers' tables (one all-reduce, with the |delta| statistics riding along)."""
+        sa = self.q.size
+        buf = self.sync_buf.numpy()
+        buf[:sa] = self.q.reshape(-1)
+        buf[sa], buf[sa + 1] = abs_sum, self.valid.sum()
+        self.comm.all_reduce_sum(self.sync_buf)
+        self.q.reshape(-1)[:] = buf[:sa] / self.comm.world_size  # same arithmetic on every peer
+        return float(buf[sa]), float(buf[sa + 1])
+
+    def iteration(self, progress: float) -> IterationResult:
+        cfg = self.cfg
+        eps = decayed_epsilon(cfg.eps_start, cfg.eps_end, cfg.exploration_fraction, progress)
+        self.epsilon = peer_epsilon(eps, self.comm.rank, self.comm.world_size, cfg.apex_alpha)
+        alpha = linear(cfg.alpha, cfg.alpha_end, progress)
+        self.comm.phase = "sampling"
+        abs_sum = self._sample(alpha)
+        self.comm.phase = "update"
+        abs_total, n = self.learn(alpha, abs_sum)
+        logs = {"epsilon": eps, "alpha": alpha, "td_abs_mean": abs_total / max(n, 1.0)}
+        return IterationResult(cfg.sync_every * self.num_envs, self.episodes.take(), logs)
+
+    # -- checkpoint state ------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"q_table": self.q_view.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.q[...] = state["q_table"].to(torch.float64).numpy()  # in place: q_view stays shared
