@@ -96,3 +96,24 @@ def test_two_peers_identical_networks_own_buffers_target_synced_together():
     for (u0, _, tgt0), (u1, _, tgt1) in zip(ta, ta[1:]):
         synced = u1 // 3 > u0 // 3
         assert (tgt0 != tgt1) == synced, (u0, u1)
+
+
+def test_checkpointed_state_resumes_bit_for_bit(tmp_path):
+    cfg = dqn_config(num_envs=2, n_step=3)
+    a = build_algorithm(cfg, LocalComm())
+    for i in range(6):
+        a.iteration(progress=i / 12)
+    path = tmp_path / "state.pt"
+    torch.save({"shared": a.state_dict(), "own": a.rank_state_dict(replay=True)}, path)
+    saved = torch.load(path, weights_only=True)
+    b = build_algorithm(cfg, LocalComm())
+    b.load_state_dict(saved["shared"])
+    b.load_rank_state_dict(saved["own"])
+    torch.manual_seed(123)
+    a.iteration(progress=0.5)
+    torch.manual_seed(123)
+    b.iteration(progress=0.5)
+    assert parameter_digest(list(a.q.parameters())) == parameter_digest(list(b.q.parameters()))
+    assert a.buffer.size == b.buffer.size and np.array_equal(a.buffer.obs, b.buffer.obs)
+    for da, db in zip(a.pending, b.pending):
+        assert len(da) == len(db) and all(np.array_equal(x[0], y[0]) and x[1:] == y[1:] for x, y in zip(da, db))

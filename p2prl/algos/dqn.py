@@ -20,6 +20,7 @@ from p2prl.algos.returns import nstep_return, td_targets
 from p2prl.comm import Communicator
 from p2prl.config import DQNConfig
 from p2prl.data import ReplayBatch, ReplayBuffer
+from p2prl.envs import load_vec_env_state, vec_env_state
 from p2prl.learner import Learner
 from p2prl.metrics import EpisodeCounter
 from p2prl.nets import QNetwork
@@ -168,11 +169,37 @@ class DQN:
     def state_dict(self) -> dict:
         return {"model": self.q.state_dict(), "target": self.target.state_dict(),
                 "optimizer": self.learner.optimizer.state_dict(), "updates": self.learner.updates,
-                "skipped": self.learner.skipped, "vector_steps": self.vector_steps}
+                "skipped": self.learner.skipped, "skipped_in_a_row": self.learner.skipped_in_a_row,
+                "vector_steps": self.vector_steps}
 
     def load_state_dict(self, s: dict) -> None:
         self.q.load_state_dict(s["model"])
         self.target.load_state_dict(s["target"])
         self.learner.optimizer.load_state_dict(s["optimizer"])
         self.learner.updates, self.learner.skipped = int(s["updates"]), int(s["skipped"])
+        self.learner.skipped_in_a_row = int(s.get("skipped_in_a_row", 0))
         self.vector_steps = int(s["vector_steps"])
+
+    def rank_state_dict(self, replay: bool = False) -> dict:
+        """This peer's own state: envs, sampler carry-over, n-step windows, RNG, replay if asked."""
+        windows = [{"obs": torch.from_numpy(np.stack([w[0] for w in d])) if d else torch.zeros(0),
+                    "actions": torch.tensor([w[1] for w in d], dtype=torch.int64),
+                    "rewards": torch.tensor([w[2] for w in d], dtype=torch.float64)} for d in self.pending]
+        s = {"env": vec_env_state(self.envs), "obs": torch.from_numpy(self.obs.copy()),
+             "next_valid": torch.from_numpy(self.next_valid.copy()), "episodes": self.episodes.state_dict(),
+             "rng": self.rng.bit_generator.state, "windows": windows}
+        if replay:
+            s["replay"] = self.buffer.state_dict()
+        return s
+
+    def load_rank_state_dict(self, s: dict) -> None:
+        load_vec_env_state(self.envs, s["env"])
+        self.obs = s["obs"].numpy().copy()
+        self.next_valid = s["next_valid"].numpy().copy()
+        self.episodes.load_state_dict(s["episodes"])
+        self.rng.bit_generator.state = s["rng"]
+        for d, w in zip(self.pending, s["windows"]):
+            d.clear()
+            d.extend((o.numpy().copy(), int(a), float(r)) for o, a, r in zip(w["obs"], w["actions"], w["rewards"]))
+        if "replay" in s:
+            self.buffer.load_state_dict(s["replay"])
