@@ -91,7 +91,7 @@ def _plain(obj) -> dict:
     for k, v in vars(obj).items():
         if isinstance(v, np.random.Generator):
             out[k] = {"rng": v.bit_generator.state}
-        elif isinstance(v, np.ndarray) and v.dtype != object:
+        elif isinstance(v, np.ndarray) and v.dtype.kind in "biufc":  # not maps of bytes (FrozenLake's desc)
             out[k] = {"array": torch.from_numpy(v.copy())}
         elif isinstance(v, np.generic):
             out[k] = v.item()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from peers import run_peers
-from p2prl.algos.dqn import peer_epsilon
+from p2prl.algos.schedules import peer_epsilon
 from p2prl.algos.returns import nstep_return
 from p2prl.comm import LocalComm, open_comm
 from p2prl.comm.peers import parameter_digest

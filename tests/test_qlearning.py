@@ -173,3 +173,28 @@ def test_frozenlake8x8_success_rate_close_to_value_iteration(run_dir):
 def test_cliffwalking_takes_the_shortest_path(run_dir):
     env, _, q, _, _ = _learned_vs_optimal("cliffwalking", run_dir)
     assert rollout_returns(env, greedy(q), 1, seed=0)[0] == -13
+
+
+def test_checkpointed_state_resumes_bit_for_bit():
+    import io
+
+    from p2prl.comm import LocalComm
+    from p2prl.config import CheckpointConfig, CommConfig, EnvConfig, QLearningConfig, RunConfig, TrainConfig
+    from p2prl.runner import build_algorithm
+
+    cfg = RunConfig(seed=1, algo=QLearningConfig(num_envs=4, sync_every=8), env=EnvConfig(name="taxi", id="Taxi-v4"),
+                    train=TrainConfig(), comm=CommConfig(), checkpoint=CheckpointConfig())
+    a = build_algorithm(cfg, LocalComm())
+    for i in range(5):
+        a.iteration(i / 10)
+    buf = io.BytesIO()
+    torch.save({"shared": a.state_dict(), "own": a.rank_state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    b = build_algorithm(cfg, LocalComm())
+    b.load_state_dict(saved["shared"])
+    b.load_rank_state_dict(saved["own"])
+    for x in (a, b):
+        x.iteration(0.6)
+        x.iteration(0.7)
+    assert a.q.any() and np.array_equal(a.q, b.q)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from p2prl.algos import IterationResult
 from p2prl.algos.returns import nstep_return, td_targets
+from p2prl.algos.schedules import decayed_epsilon, peer_epsilon
 from p2prl.comm import Communicator
 from p2prl.config import DQNConfig
 from p2prl.data import ReplayBatch, ReplayBuffer
@@ -26,13 +27,6 @@ from p2prl.metrics import EpisodeCounter
 from p2prl.nets import QNetwork
 
 EXTRAS = ("loss_td", "q_mean")
-
-
-def peer_epsilon(eps: float, rank: int, world_size: int, alpha: float | None) -> float:
-    """Ape-X per-peer epsilon eps^(1 + alpha * i / (N - 1)); eps itself for one peer or alpha=None."""
-    if alpha is None or world_size == 1:
-        return eps
-    return eps ** (1.0 + alpha * rank / (world_size - 1))
 
 
 class DQN:
@@ -64,8 +58,7 @@ class DQN:
     # -- acting ----------------------------------------------------------------------------------
     def _schedule_epsilon(self, progress: float) -> float:
         c = self.cfg
-        frac = min(1.0, progress / c.exploration_fraction) if c.exploration_fraction > 0 else 1.0
-        eps = c.eps_start + frac * (c.eps_end - c.eps_start)
+        eps = decayed_epsilon(c.eps_start, c.eps_end, c.exploration_fraction, progress)
         return peer_epsilon(eps, self.comm.rank, self.comm.world_size, c.apex_alpha)
 
     @torch.inference_mode()
