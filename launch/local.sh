@@ -2,7 +2,8 @@
 # Start N peers on this machine: bash launch/local.sh [NPROC] [hydra overrides...]
 #   bash launch/local.sh 2 algo=ppo env=cartpole
 # The rendezvous and gloo stay on loopback; torchrun restarts all peers (resuming from the last
-# checkpoint) up to MAX_RESTARTS times if one dies.
+# checkpoint) up to MAX_RESTARTS times if one dies. Trusted networks only: torchrun's rendezvous
+# store listens on all interfaces, without authentication, even with this loopback endpoint.
 set -euo pipefail
 nproc=${1:-2}
 [ $# -gt 0 ] && shift

@@ -178,10 +178,6 @@ def test_cliffwalking_takes_the_shortest_path(run_dir):
 def test_checkpointed_state_resumes_bit_for_bit():
     import io
 
-    from p2prl.comm import LocalComm
-    from p2prl.config import CheckpointConfig, CommConfig, EnvConfig, QLearningConfig, RunConfig, TrainConfig
-    from p2prl.runner import build_algorithm
-
     cfg = RunConfig(seed=1, algo=QLearningConfig(num_envs=4, sync_every=8), env=EnvConfig(name="taxi", id="Taxi-v4"),
                     train=TrainConfig(), comm=CommConfig(), checkpoint=CheckpointConfig())
     a = build_algorithm(cfg, LocalComm())

@@ -56,8 +56,11 @@ def attempt_store(timeout_s: float) -> Optional[dist.Store]:
 def gather_before_start(rank: int, world_size: int, value: Any, timeout_s: float) -> Optional[list]:
     """Every peer's JSON-able `value`, by rank, through the store: no process group is needed yet.
 
-    Used to check every peer's configuration before any of them starts. None without a store.
+    Used to check every peer's configuration before any of them starts. None unless torchrun's agent
+    hosts the store (otherwise rank 0 hosts it only once its process group exists).
     """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
     store = connect(timeout_s)
     if store is None:
         return None
