@@ -23,4 +23,4 @@ def test_non_editable_install_finds_its_config(tmp_path):
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     s = json.loads((run / "summary.json").read_text())
-    assert s["config"]["algo"]["lr"] == 1e-3  # the tuned ppo_cartpole preset was composed
+    assert s["config"]["algo"]["gamma"] == 0.98  # the tuned ppo_cartpole preset was composed
