@@ -239,8 +239,10 @@ class CommConfig:
     backend: str = "auto"
     timeout_s: float = 60.0
     check_every: int = 50
+    overlap: bool = False
 
     def __post_init__(self) -> None:
+        _bool("comm.overlap", self.overlap)
         _choice("comm.strategy", self.strategy, ("allreduce",))
         _choice("comm.backend", self.backend, ("auto", "gloo", "nccl"))
         _positive("comm.timeout_s", self.timeout_s)

@@ -19,8 +19,9 @@ def small_run_config(**algo) -> RunConfig:
                      comm=CommConfig(timeout_s=30), checkpoint=CheckpointConfig())
 
 
-def _train_iterations(rank: int, iterations: int):
+def _train_iterations(rank: int, iterations: int, overlap: bool = False):
     cfg = small_run_config(norm_obs=True)
+    cfg.comm.overlap = overlap
     comm = open_comm(cfg.comm)
     algo = build_algorithm(cfg, comm)
     initial = parameter_digest(list(algo.model.parameters()))
@@ -34,8 +35,9 @@ def _train_iterations(rank: int, iterations: int):
             "episodes": episodes, "obs_mean": algo.obs_norm.mean.clone(), "updates": algo.learner.updates}
 
 
-def test_parameters_bit_identical_and_peers_explore_differently():
-    a, b = run_peers(_train_iterations, 2, 4)
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_parameters_bit_identical_and_peers_explore_differently(overlap):
+    a, b = run_peers(_train_iterations, 2, 4, overlap)
     assert a["updates"] == b["updates"] == 4 * 2 * 2
     assert a["initial"] == b["initial"]
     assert a["final"] == b["final"], "parameters diverged between peers"

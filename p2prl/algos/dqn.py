@@ -136,16 +136,29 @@ class DQN:
         self.comm.phase = "update"
         c = self.cfg
         sums = torch.zeros(len(EXTRAS))
+        learner = self.learner
         for _ in range(c.gradient_steps):
             loss, extras = self._loss(self.buffer.sample(c.batch_size))
-            averaged = self.learner.backward(loss, extras)
-            if self.learner.apply():
-                sums += averaged.cpu()
-            # Counted in attempted updates, identical on every peer: targets sync on the same step.
-            attempts = self.learner.updates + self.learner.skipped
-            if c.tau < 1.0 or attempts % c.target_update_interval == 0:
-                self._sync_target()
+            if learner.overlap:  # comm.overlap: this applies the previous step's averaged gradient
+                averaged = learner.backward_overlapped(loss, extras)
+                self._after_update(averaged, learner.last_applied, sums)
+            else:
+                averaged = learner.backward(loss, extras)
+                self._after_update(averaged, learner.apply(), sums)
+        if learner.overlap:
+            averaged = learner.finish()
+            self._after_update(averaged, learner.last_applied, sums)
         return {k: float(v) / c.gradient_steps for k, v in zip(EXTRAS, sums)}
+
+    def _after_update(self, averaged: torch.Tensor | None, applied: bool, sums: torch.Tensor) -> None:
+        if averaged is None:  # the first overlapped step: nothing finished yet
+            return
+        if applied:
+            sums += averaged.cpu()
+        # Counted in finished updates, identical on every peer: targets sync on the same step.
+        attempts = self.learner.updates + self.learner.skipped
+        if self.cfg.tau < 1.0 or attempts % self.cfg.target_update_interval == 0:
+            self._sync_target()
 
     def iteration(self, progress: float) -> IterationResult:
         c = self.cfg

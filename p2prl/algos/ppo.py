@@ -146,22 +146,37 @@ class PPO:
         sums = torch.zeros(len(EXTRAS))
         n_applied = 0
         stopped = False
+        learner = self.learner
+        kl_limit = None if cfg.target_kl is None else 1.5 * cfg.target_kl
         for _ in range(cfg.update_epochs):
             perm = torch.randperm(B)
             for start in range(0, B, B // M):
                 idx = perm[start:start + B // M]
                 extras, loss = self._loss(b_obs[idx], b_act[idx], b_logp[idx], b_val[idx], b_adv[idx],
                                           b_ret[idx], b_w[idx], clip)
-                averaged = self.learner.backward(loss, extras)
+                if learner.overlap:
+                    # The step applied now is the previous one; its KL decides as in the plain path.
+                    averaged = learner.backward_overlapped(loss, extras)
+                    applied = averaged is not None and learner.last_applied
+                else:
+                    averaged = learner.backward(loss, extras)
+                    applied = None
                 # The KL is averaged over peers, so every peer takes the same early-stop decision.
-                if cfg.target_kl is not None and float(averaged[0]) > 1.5 * cfg.target_kl:
+                if averaged is not None and kl_limit is not None and float(averaged[0]) > kl_limit:
                     stopped = True
                     break
-                if self.learner.apply():
+                if applied is None:
+                    applied = learner.apply()
+                if applied:
                     sums += averaged.detach().cpu()
                     n_applied += 1
             if stopped:
                 break
+        if learner.overlap:  # the last gradient is still in flight: apply it, or drop it after a stop
+            averaged = learner.finish(apply=not stopped)
+            if averaged is not None and learner.last_applied:
+                sums += averaged.cpu()
+                n_applied += 1
         logs = {k: float(v) / max(n_applied, 1) for k, v in zip(EXTRAS, sums)}
         logs.update(lr=self.learner.optimizer.param_groups[0]["lr"], early_stop=int(stopped),
                     updates=self.learner.updates, skipped_updates=self.learner.skipped)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -23,6 +23,7 @@ class Communicator(ABC):
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    overlap: bool = False  # comm.overlap: learners average each gradient behind the next computation
 
     def __init__(self) -> None:
         self.seconds = 0.0
@@ -64,6 +65,19 @@ class Communicator(ABC):
         self._account(start, tensor)
         return tensor
 
+    def all_reduce_mean_async(self, tensor: torch.Tensor) -> "PendingReduce":
+        """Start averaging `tensor` in the background; `wait()` on the result finishes it in place.
+
+        Only the wait counts as time inside collectives: the point of starting early is that the
+        caller computes meanwhile. One pending collective at a time, and every peer in the same order.
+        """
+        return PendingReduce(self, tensor, self._start_all_reduce_sum(tensor))
+
+    def _start_all_reduce_sum(self, tensor: torch.Tensor) -> Callable[[], None]:
+        """Start a sum in the background and return its waiter (default: do it now)."""
+        self._all_reduce_sum(tensor)
+        return lambda: None
+
     def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
         """Average `tensor` over all peers, in place; returns it (bit-identical on every peer)."""
         self.all_reduce_sum(tensor)
@@ -98,3 +112,18 @@ class Communicator(ABC):
         self.seconds += time.perf_counter() - start
         self.calls += 1
         self.bytes += tensor.numel() * tensor.element_size()
+
+
+class PendingReduce:
+    """An all-reduce mean started by `Communicator.all_reduce_mean_async`."""
+
+    def __init__(self, comm: Communicator, tensor: torch.Tensor, waiter: Callable[[], None]) -> None:
+        self.comm, self.tensor, self.waiter = comm, tensor, waiter
+
+    def wait(self) -> torch.Tensor:
+        start = time.perf_counter()
+        self.waiter()
+        self.comm._account(start, self.tensor)
+        if self.comm.world_size > 1:
+            self.tensor.div_(self.comm.world_size)
+        return self.tensor

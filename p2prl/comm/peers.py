@@ -77,6 +77,20 @@ class ProcessGroupComm(Communicator):
     def _broadcast(self, tensor: torch.Tensor, src: int) -> None:
         self._run(lambda t: dist.broadcast(t, src=src), tensor)
 
+    def _start_all_reduce_sum(self, tensor: torch.Tensor):
+        assert tensor.device == self.device, "background all-reduces take tensors already on the device"
+        try:
+            work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True)
+        except RuntimeError as e:
+            raise self._failure(e) from e
+
+        def wait() -> None:
+            try:
+                work.wait()
+            except RuntimeError as e:
+                raise self._failure(e) from e
+        return wait
+
     def _all_gather_object(self, obj: Any) -> list:
         out: list = [None] * self.world_size
         try:
@@ -103,6 +117,12 @@ def resolve_backend(backend: str) -> str:
 
 def open_comm(cfg: CommConfig) -> Communicator:
     """Join the peers started by torchrun (once per process), or return a world of one."""
+    comm = _open(cfg)
+    comm.overlap = cfg.overlap
+    return comm
+
+
+def _open(cfg: CommConfig) -> Communicator:
     rank, local_rank, world_size = torchrun_world()
     backend = resolve_backend(cfg.backend)
     device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
