@@ -207,6 +207,8 @@ class EnvConfig:
     target_return: Optional[float] = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.kwargs, dict):
+            raise ConfigError("env.kwargs", self.kwargs, "must be a mapping of gymnasium.make keyword arguments")
         if not isinstance(self.id, str) or not self.id:
             raise ConfigError("env.id", self.id, "must be a gymnasium env id such as CartPole-v1")
         _optional(lambda k, v: _positive(k, v, integer=True), "env.max_episode_steps", self.max_episode_steps)
@@ -257,7 +259,10 @@ class CheckpointConfig:
 
     def __post_init__(self) -> None:
         _optional(lambda k, v: _positive(k, v, integer=True), "checkpoint.every_steps", self.every_steps)
-        _positive("checkpoint.keep", self.keep, integer=True)
+        if isinstance(self.keep, bool) or not isinstance(self.keep, int) or self.keep < 2:
+            # Rank 0 prunes without waiting for the other ranks' files of the newest set: keeping one
+            # more guarantees a complete set survives a crash during a save.
+            raise ConfigError("checkpoint.keep", self.keep, "must be an integer >= 2")
         _bool("checkpoint.replay", self.replay)
 
 
@@ -287,8 +292,9 @@ def _section(cls: type, key: str, values: Any) -> Any:
 def build_config(raw: dict) -> RunConfig:
     """Build and validate the run configuration from the resolved Hydra config (hydra.* removed)."""
     seed = raw.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ConfigError("seed", seed, "must be an integer >= 0")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 31:
+        # numpy's legacy seeding takes < 2**32, and peers add rank and env offsets to the seed.
+        raise ConfigError("seed", seed, "must be an integer in [0, 2**31)")
     algo = raw.get("algo") or {}
     name = algo.get("name") if isinstance(algo, dict) else None
     _choice("algo.name", name, tuple(sorted(ALGO_CONFIGS)))

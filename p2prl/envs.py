@@ -29,6 +29,8 @@ def make_single_env(cfg: EnvConfig, **extra) -> gym.Env:
         return gym.make(cfg.id, **env_kwargs(cfg), **extra)
     except gym.error.DependencyNotInstalled as e:
         raise ConfigError(f"env={cfg.name}", cfg.id, f"needs an extra: {str(e).splitlines()[0]}")
+    except (TypeError, KeyError, ValueError) as e:  # gymnasium's own complaint about a keyword
+        raise ConfigError("env.kwargs", cfg.kwargs, f"rejected by {cfg.id}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
 
 
 def make_vec_env(cfg: EnvConfig, num_envs: int, seed: int) -> tuple[gym.vector.VectorEnv, np.ndarray]:

@@ -50,6 +50,9 @@ class DQN:
         self.pending = [deque() for _ in range(cfg.num_envs)]  # n-step windows per env
         self.episodes = EpisodeCounter(cfg.num_envs)
         self.vector_steps = 0  # identical on every peer
+        # Vector step from which learning_starts counts: moves to the resume point when the replay
+        # buffers were not restored, so no peer ever samples an empty or nearly empty buffer.
+        self.fill_from = 0
         self.epsilon = cfg.eps_start
 
     def shared_tensors(self) -> list[torch.Tensor]:
@@ -165,8 +168,9 @@ class DQN:
         self.epsilon = self._schedule_epsilon(progress)
         self.collect(c.train_freq)
         logs = {"epsilon": self.epsilon, "buffer_size": self.buffer.size}
-        global_steps = self.vector_steps * self.num_envs * self.comm.world_size
-        if global_steps >= c.learning_starts:
+        filled = self.vector_steps - self.fill_from  # agreed on every peer
+        # n_step + 1 vector steps guarantee every peer has stored a transition, whatever the resets.
+        if filled * self.num_envs * self.comm.world_size >= c.learning_starts and filled > c.n_step:
             logs.update(self.update(progress))
         logs.update(updates=self.learner.updates, skipped_updates=self.learner.skipped)
         return IterationResult(c.train_freq * self.num_envs, self.episodes.take(), logs)
@@ -185,6 +189,7 @@ class DQN:
         self.learner.updates, self.learner.skipped = int(s["updates"]), int(s["skipped"])
         self.learner.skipped_in_a_row = int(s.get("skipped_in_a_row", 0))
         self.vector_steps = int(s["vector_steps"])
+        self.fill_from = self.vector_steps  # until load_rank_state_dict restores the replay buffers
 
     def rank_state_dict(self, replay: bool = False) -> dict:
         """This peer's own state: envs, sampler carry-over, n-step windows, RNG, replay if asked."""
@@ -207,5 +212,6 @@ class DQN:
         for d, w in zip(self.pending, s["windows"]):
             d.clear()
             d.extend((o.numpy().copy(), int(a), float(r)) for o, a, r in zip(w["obs"], w["actions"], w["rewards"]))
-        if "replay" in s:
+        if "replay" in s:  # checkpoint.replay is one config value: the same branch on every peer
             self.buffer.load_state_dict(s["replay"])
+            self.fill_from = 0

@@ -155,7 +155,8 @@ class PPO:
                 extras, loss = self._loss(b_obs[idx], b_act[idx], b_logp[idx], b_val[idx], b_adv[idx],
                                           b_ret[idx], b_w[idx], clip)
                 if learner.overlap:
-                    # The step applied now is the previous one; its KL decides as in the plain path.
+                    # The step applied now is the previous one. Its KL stops the epochs as in the
+                    # plain path, but that step is already applied (one step later than without overlap).
                     averaged = learner.backward_overlapped(loss, extras)
                     applied = averaged is not None and learner.last_applied
                 else:

@@ -108,10 +108,15 @@ def torchrun_world() -> tuple[int, int, int]:
 
 def resolve_backend(backend: str) -> str:
     """`auto` means NCCL when CUDA is available, else gloo; `nccl` without CUDA is a config error."""
+    # NCCL puts each local peer on its own GPU (cuda:LOCAL_RANK): it needs one GPU per local peer.
+    local_peers = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    enough = torch.cuda.is_available() and torch.cuda.device_count() >= local_peers
     if backend == "auto":
-        return "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl" and not torch.cuda.is_available():
-        raise ConfigError("comm.backend", backend, "nccl needs CUDA GPUs; allowed here: auto, gloo")
+        return "nccl" if enough else "gloo"
+    if backend == "nccl" and not enough:
+        raise ConfigError("comm.backend", backend, f"nccl needs one CUDA GPU per local peer ({local_peers}), "
+                                                   f"found {torch.cuda.device_count() if torch.cuda.is_available() else 0}; "
+                                                   "allowed here: auto, gloo")
     return backend
 
 
