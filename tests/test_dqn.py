@@ -117,3 +117,19 @@ def test_checkpointed_state_resumes_bit_for_bit(tmp_path):
     assert a.buffer.size == b.buffer.size and np.array_equal(a.buffer.obs, b.buffer.obs)
     for da, db in zip(a.pending, b.pending):
         assert len(da) == len(db) and all(np.array_equal(x[0], y[0]) and x[1:] == y[1:] for x, y in zip(da, db))
+
+
+def test_resume_without_replay_refills_before_learning():
+    cfg = dqn_config(num_envs=2, n_step=3, train_freq=2, learning_starts=32)
+    a = build_algorithm(cfg, LocalComm())
+    for i in range(12):
+        a.iteration(progress=i / 24)
+    assert a.learner.updates > 0
+    b = build_algorithm(cfg, LocalComm())
+    b.load_state_dict(a.state_dict())  # shared state only: this peer's replay buffer starts empty
+    before = b.learner.updates
+    for i in range(7):  # the 8th iteration brings 8 x 2 vector steps x 2 envs = 32 fresh steps
+        b.iteration(progress=0.5)
+        assert b.learner.updates == before, "learned from an unfilled buffer"
+    b.iteration(progress=0.5)
+    assert b.learner.updates > before and b.buffer.size > 0
