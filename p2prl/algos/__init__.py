@@ -55,3 +55,22 @@ class Algorithm(Protocol):
     # def rank_state_dict(self, replay: bool) -> dict: this peer's own state (see the module docstring)
     # def load_rank_state_dict(self, state: dict) -> None
     # learner: p2prl.learner.Learner
+
+
+def sampler_state(algo) -> dict:
+    """Per-rank carry-over of a numpy sampler (DQN, Q-learning): its envs, last observation, reset
+    flags, episode accumulators and exploration RNG, as tensors and plain values."""
+    from p2prl.envs import vec_env_state
+    return {"env": vec_env_state(algo.envs), "obs": torch.from_numpy(algo.obs.copy()),
+            "next_valid": torch.from_numpy(algo.next_valid.copy()), "episodes": algo.episodes.state_dict(),
+            "rng": algo.rng.bit_generator.state}
+
+
+def load_sampler_state(algo, s: dict) -> None:
+    """Restore what `sampler_state` saved."""
+    from p2prl.envs import load_vec_env_state
+    load_vec_env_state(algo.envs, s["env"])
+    algo.obs = s["obs"].numpy().copy()
+    algo.next_valid = s["next_valid"].numpy().copy()
+    algo.episodes.load_state_dict(s["episodes"])
+    algo.rng.bit_generator.state = s["rng"]

@@ -15,13 +15,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from p2prl.algos import IterationResult
+from p2prl.algos import IterationResult, load_sampler_state, sampler_state
 from p2prl.algos.returns import nstep_return, td_targets
 from p2prl.algos.schedules import decayed_epsilon, peer_epsilon
 from p2prl.comm import Communicator
 from p2prl.config import DQNConfig
 from p2prl.data import ReplayBatch, ReplayBuffer
-from p2prl.envs import load_vec_env_state, vec_env_state
 from p2prl.learner import Learner
 from p2prl.metrics import EpisodeCounter
 from p2prl.nets import QNetwork
@@ -196,19 +195,13 @@ class DQN:
         windows = [{"obs": torch.from_numpy(np.stack([w[0] for w in d])) if d else torch.zeros(0),
                     "actions": torch.tensor([w[1] for w in d], dtype=torch.int64),
                     "rewards": torch.tensor([w[2] for w in d], dtype=torch.float64)} for d in self.pending]
-        s = {"env": vec_env_state(self.envs), "obs": torch.from_numpy(self.obs.copy()),
-             "next_valid": torch.from_numpy(self.next_valid.copy()), "episodes": self.episodes.state_dict(),
-             "rng": self.rng.bit_generator.state, "windows": windows}
+        s = {**sampler_state(self), "windows": windows}
         if replay:
             s["replay"] = self.buffer.state_dict()
         return s
 
     def load_rank_state_dict(self, s: dict) -> None:
-        load_vec_env_state(self.envs, s["env"])
-        self.obs = s["obs"].numpy().copy()
-        self.next_valid = s["next_valid"].numpy().copy()
-        self.episodes.load_state_dict(s["episodes"])
-        self.rng.bit_generator.state = s["rng"]
+        load_sampler_state(self, s)
         for d, w in zip(self.pending, s["windows"]):
             d.clear()
             d.extend((o.numpy().copy(), int(a), float(r)) for o, a, r in zip(w["obs"], w["actions"], w["rewards"]))

@@ -28,11 +28,10 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from p2prl.algos import IterationResult
+from p2prl.algos import IterationResult, load_sampler_state, sampler_state
 from p2prl.algos.schedules import decayed_epsilon, linear, peer_epsilon
 from p2prl.comm import Communicator
 from p2prl.config import QLearningConfig
-from p2prl.envs import load_vec_env_state, vec_env_state
 from p2prl.metrics import EpisodeCounter
 
 
@@ -171,13 +170,7 @@ class QLearning:
 
     def rank_state_dict(self, replay: bool = False) -> dict:
         """This peer's own state: envs, sampler carry-over and exploration RNG (exact resume)."""
-        return {"env": vec_env_state(self.envs), "obs": torch.from_numpy(self.obs.copy()),
-                "next_valid": torch.from_numpy(self.next_valid.copy()), "episodes": self.episodes.state_dict(),
-                "rng": self.rng.bit_generator.state}
+        return sampler_state(self)
 
     def load_rank_state_dict(self, s: dict) -> None:
-        load_vec_env_state(self.envs, s["env"])
-        self.obs = s["obs"].numpy().copy()
-        self.next_valid = s["next_valid"].numpy().copy()
-        self.episodes.load_state_dict(s["episodes"])
-        self.rng.bit_generator.state = s["rng"]
+        load_sampler_state(self, s)
