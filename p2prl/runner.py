@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from pathlib import Path
@@ -120,7 +121,14 @@ def _train(cfg: RunConfig, run_dir: Path, comm: Communicator, t_start: float) ->
         check_identical(comm, shared)
         if saver.saved_step != p.step:
             saver.save(p)
-    except (Interrupted, PeerFailure) as e:
+    except Interrupted as e:
+        saver.save_interrupted(str(e))
+        # The signal may have landed inside TensorBoard's or logging's machinery with a lock held, and
+        # closing them could then hang (seen). What matters is on disk (metrics rows are written whole,
+        # the model just above), so leave now, lock-free.
+        os.write(2, f"[rank {comm.rank}] {e}: stopped\n".encode())
+        os._exit(e.exit_code)
+    except PeerFailure as e:
         saver.save_interrupted(str(e))
         raise
     finally:
