@@ -9,17 +9,12 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import pickle
-import socket
 import tempfile
 import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from p2prl.bench import free_port  # noqa: F401 - also the tests' port picker
 
 
 def _entry(fn: Callable, rank: int, world: int, port: int, out: str, args: tuple) -> None:
