@@ -221,12 +221,14 @@ class TrainConfig:
     return_window: int = 20
     log_every_steps: int = 2048
     torch_threads: int = 1
+    pin_cores: bool = True  # each peer on its own torch_threads cores, when the node has enough
     resume: str = "auto"  # auto | never | a run dir, checkpoints dir or checkpoint file
     max_skipped_updates: int = 100  # consecutive non-finite updates before the run stops
 
     def __post_init__(self) -> None:
         for k in ("total_steps", "return_window", "log_every_steps", "torch_threads", "max_skipped_updates"):
             _positive("train." + k, getattr(self, k), integer=True)
+        _bool("train.pin_cores", self.pin_cores)
         if not isinstance(self.resume, str) or not self.resume.strip():
             raise ConfigError("train.resume", self.resume, "allowed: auto, never, or the path of a run dir "
                                                            "or checkpoint")

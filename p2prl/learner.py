@@ -6,6 +6,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from p2prl.comm import Communicator, GradientAllReduce
+from p2prl.optim import FlatOptimizer
 
 
 class Learner:
@@ -20,13 +21,13 @@ class Learner:
     """
 
     def __init__(self, params: Sequence[torch.nn.Parameter],
-                 make_optimizer: Callable[[list], torch.optim.Optimizer],
+                 make_optimizer: Callable[[torch.nn.Parameter], FlatOptimizer],
                  comm: Communicator, max_grad_norm: Optional[float], n_extras: int = 0) -> None:
         self.max_grad_norm = max_grad_norm
         self.n_extras = n_extras
         self.bucket = GradientAllReduce(comm, params, n_extras + 1)  # + the loss's finiteness flag
         # The optimizer sees one flat parameter (the model's parameters are views of it).
-        self.optimizer = make_optimizer([self.bucket.flat_param])
+        self.optimizer = make_optimizer(self.bucket.flat_param)
         self.updates = 0
         self.skipped = 0
         self.skipped_in_a_row = 0

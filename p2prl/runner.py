@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from p2prl.algos import Algorithm
-from p2prl.comm import Communicator, PeerFailure, agree_on_config, check_identical, open_comm
+from p2prl.comm import Communicator, PeerFailure, agree_on_config, check_identical, open_comm, pin_cores
 from p2prl.config import RunConfig
 from p2prl.envs import check_spaces, make_vec_env
 from p2prl.faults import Interrupted, NonFiniteUpdates, stop_on_signals
@@ -55,7 +55,8 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
     """
     t_start = time.perf_counter()
     torch.set_num_threads(cfg.train.torch_threads)
-    comm = open_comm(cfg.comm)
+    pinned = cfg.train.pin_cores and pin_cores(cfg.train.torch_threads) is not None
+    comm = open_comm(cfg.comm, spin=pinned)
     try:
         with stop_on_signals():
             return _train(cfg, run_dir, comm, t_start)

@@ -24,6 +24,7 @@ from p2prl.data import ReplayBatch, ReplayBuffer
 from p2prl.learner import Learner
 from p2prl.metrics import EpisodeCounter
 from p2prl.nets import QNetwork
+from p2prl.optim import FlatAdam
 
 EXTRAS = ("loss_td", "q_mean")
 
@@ -35,7 +36,7 @@ class DQN:
         obs_space = envs.single_observation_space
         self.n_actions = int(envs.single_action_space.n)
         self.q = QNetwork(obs_space, self.n_actions, cfg.hidden_sizes, cfg.activation).to(comm.device)
-        self.learner = Learner(list(self.q.parameters()), lambda p: torch.optim.Adam(p, lr=cfg.lr), comm,
+        self.learner = Learner(list(self.q.parameters()), lambda p: FlatAdam(p, lr=cfg.lr), comm,
                                cfg.max_grad_norm, n_extras=len(EXTRAS))
         self.learner.broadcast_parameters()
         self.target = QNetwork(obs_space, self.n_actions, cfg.hidden_sizes, cfg.activation).to(comm.device)

@@ -19,15 +19,16 @@ from p2prl.learner import Learner
 from p2prl.metrics import EpisodeCounter
 from p2prl.nets import ActorCritic
 from p2prl.normalize import Moments, RunningNormalizer, global_moments, moments_of
+from p2prl.optim import FlatAdam, FlatOptimizer, FlatRMSprop
 
 # Per-minibatch scalars averaged across peers in the gradient bucket's extra slots.
 EXTRAS = ("approx_kl", "loss_policy", "loss_value", "entropy", "clip_frac")
 
 
-def make_optimizer(cfg: PPOConfig, params: list) -> torch.optim.Optimizer:
+def make_optimizer(cfg: PPOConfig, param: torch.nn.Parameter) -> FlatOptimizer:
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, eps=cfg.eps)
-    return torch.optim.RMSprop(params, lr=cfg.lr, alpha=0.99, eps=cfg.eps)
+        return FlatAdam(param, lr=cfg.lr, eps=cfg.eps)
+    return FlatRMSprop(param, lr=cfg.lr, alpha=0.99, eps=cfg.eps)
 
 
 class PPO:

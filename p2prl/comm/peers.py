@@ -30,8 +30,9 @@ class PeerFailure(RuntimeError):
 class ProcessGroupComm(Communicator):
     """Collectives over the default torch.distributed process group (gloo on CPU, NCCL on GPU)."""
 
-    def __init__(self, backend: str, device: torch.device, timeout_s: float) -> None:
+    def __init__(self, backend: str, device: torch.device, timeout_s: float, spin: bool = False) -> None:
         super().__init__()
+        self.spin = spin and backend == "gloo"
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.backend = backend
@@ -61,35 +62,44 @@ class ProcessGroupComm(Communicator):
         return PeerFailure(f"{what}; this peer gave up during {self.phase} after at most "
                            f"comm.timeout_s={self.timeout_s:g} s: {detail}")
 
-    def _run(self, fn, tensor: torch.Tensor) -> None:
+    def _run(self, start, tensor: torch.Tensor) -> None:
         # NCCL reduces device tensors only; small CPU-side statistics make the round trip.
         on_device = tensor if tensor.device == self.device else tensor.to(self.device)
-        try:
-            fn(on_device)
-        except RuntimeError as e:  # gloo raises on timeout or a dead peer
-            raise self._failure(e) from e
+        self._wait(self._start(start, on_device))
         if on_device is not tensor:
             tensor.copy_(on_device)
 
-    def _all_reduce_sum(self, tensor: torch.Tensor) -> None:
-        self._run(lambda t: dist.all_reduce(t, op=dist.ReduceOp.SUM), tensor)
-
-    def _broadcast(self, tensor: torch.Tensor, src: int) -> None:
-        self._run(lambda t: dist.broadcast(t, src=src), tensor)
-
-    def _start_all_reduce_sum(self, tensor: torch.Tensor):
-        assert tensor.device == self.device, "background all-reduces take tensors already on the device"
+    def _start(self, start, tensor: torch.Tensor):
         try:
-            work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True)
+            return start(tensor)
+        except RuntimeError as e:  # gloo raises on timeout or a dead peer
+            raise self._failure(e) from e
+
+    def _wait(self, work) -> None:
+        """Wait for a collective; with `spin`, by polling and yielding the core rather than sleeping.
+
+        A sleeping peer is woken through several threads (caller, gloo worker, socket loop), and each
+        wake-up of an idle core can take milliseconds, more than the collective itself. Spinning is
+        only for a peer that owns its core (pinned): it then takes no time from another peer.
+        """
+        try:
+            if self.spin:
+                while not work.is_completed():
+                    os.sched_yield()
+            work.wait()
         except RuntimeError as e:
             raise self._failure(e) from e
 
-        def wait() -> None:
-            try:
-                work.wait()
-            except RuntimeError as e:
-                raise self._failure(e) from e
-        return wait
+    def _all_reduce_sum(self, tensor: torch.Tensor) -> None:
+        self._run(lambda t: dist.all_reduce(t, op=dist.ReduceOp.SUM, async_op=True), tensor)
+
+    def _broadcast(self, tensor: torch.Tensor, src: int) -> None:
+        self._run(lambda t: dist.broadcast(t, src=src, async_op=True), tensor)
+
+    def _start_all_reduce_sum(self, tensor: torch.Tensor):
+        assert tensor.device == self.device, "background all-reduces take tensors already on the device"
+        work = self._start(lambda t: dist.all_reduce(t, op=dist.ReduceOp.SUM, async_op=True), tensor)
+        return lambda: self._wait(work)
 
     def _all_gather_object(self, obj: Any) -> list:
         out: list = [None] * self.world_size
@@ -106,6 +116,26 @@ def torchrun_world() -> tuple[int, int, int]:
             int(os.environ.get("WORLD_SIZE", 1)))
 
 
+def pin_cores(threads: int) -> Optional[list[int]]:
+    """Pin this peer to its own `threads` cores of the ones it may use, if there are enough for every
+    peer on this node; returns them (None: not pinned).
+
+    Each peer then owns its cores: its gloo threads wake up next to the thread that waits for them,
+    and never on a core where another peer computes (where a wake-up can wait for a scheduler tick).
+    """
+    _, local_rank, _ = torchrun_world()
+    local_peers = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    try:
+        allowed = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return None
+    if local_peers * threads > len(allowed):
+        return None
+    mine = allowed[local_rank * threads:(local_rank + 1) * threads]
+    os.sched_setaffinity(0, mine)
+    return mine
+
+
 def resolve_backend(backend: str) -> str:
     """`auto` means NCCL when CUDA is available, else gloo; `nccl` without CUDA is a config error."""
     # NCCL puts each local peer on its own GPU (cuda:LOCAL_RANK): it needs one GPU per local peer.
@@ -120,14 +150,16 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
-def open_comm(cfg: CommConfig) -> Communicator:
-    """Join the peers started by torchrun (once per process), or return a world of one."""
-    comm = _open(cfg)
+def open_comm(cfg: CommConfig, spin: bool = False) -> Communicator:
+    """Join the peers started by torchrun (once per process), or return a world of one.
+
+    `spin`: wait for gloo collectives by polling (for a peer pinned to its own cores)."""
+    comm = _open(cfg, spin)
     comm.overlap = cfg.overlap
     return comm
 
 
-def _open(cfg: CommConfig) -> Communicator:
+def _open(cfg: CommConfig, spin: bool) -> Communicator:
     rank, local_rank, world_size = torchrun_world()
     backend = resolve_backend(cfg.backend)
     device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
@@ -146,7 +178,7 @@ def _open(cfg: CommConfig) -> Communicator:
             dist.init_process_group(backend, timeout=timeout)
         atexit.register(_destroy)
     log.debug("rank %d/%d joined with %s", rank, world_size, backend)
-    return ProcessGroupComm(backend, device, cfg.timeout_s)
+    return ProcessGroupComm(backend, device, cfg.timeout_s, spin)
 
 
 def _destroy() -> None:
