@@ -70,6 +70,14 @@ class ReturnWindow:
         self.episodes = 0
 
     def sync(self, comm: Communicator, start_step: int, num_envs: int, episodes: list[Episode]) -> None:
+        table = self.local_table(comm, start_step, num_envs, episodes)
+        comm.all_reduce_sum(table)
+        self.merge(table)
+
+    def local_table(self, comm: Communicator, start_step: int, num_envs: int,
+                    episodes: list[Episode]) -> torch.Tensor:
+        """This peer's row of the (world_size, ...) table that `merge` takes once summed over peers
+        (rows are disjoint, so the sum gathers them). An algorithm may sum it in a collective of its own."""
         recent = episodes[-self.size:]
         table = torch.zeros(comm.world_size, 1 + 3 * self.size, dtype=torch.float64)
         row = table[comm.rank]
@@ -77,8 +85,11 @@ class ReturnWindow:
         for j, e in enumerate(recent):
             row[1 + 3 * j: 4 + 3 * j] = torch.tensor(
                 [start_step + (e.t + 1) * num_envs * comm.world_size, e.env, e.ret], dtype=torch.float64)
-        comm.all_reduce_sum(table)
-        for rank in range(comm.world_size):
+        return table
+
+    def merge(self, table: torch.Tensor) -> None:
+        """Add the episodes of a summed table, rank by rank, and keep the `size` most recent."""
+        for rank in range(table.shape[0]):
             n = int(table[rank, 0])
             self.episodes += n
             for j in range(min(n, self.size)):

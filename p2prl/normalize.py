@@ -1,7 +1,7 @@
 """Count-weighted running mean/variance, merged across peers with the parallel-variance formula."""
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -37,17 +37,22 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
     return Moments(n, mean, m2)
 
 
-def global_moments(comm: Communicator, *local: Moments) -> list[Moments]:
+def global_moments(comm: Communicator, *local: Moments, rows: Optional[torch.Tensor] = None) -> list[Moments]:
     """Merge every peer's moments in rank order, for each argument, in one collective.
 
-    The result is the same, bit for bit, on every peer.
+    The result is the same, bit for bit, on every peer. `rows`, a float64 (world_size, k) table in
+    which each peer filled its own row, is summed in place in the same collective.
     """
     dims = [m.mean.numel() for m in local]
     width = sum(1 + 2 * d for d in dims)
-    table = torch.zeros(comm.world_size, width, dtype=torch.float64)
+    table = torch.zeros(comm.world_size, width + (0 if rows is None else rows.shape[1]), dtype=torch.float64)
     row = torch.cat([torch.cat([m.count.reshape(1), m.mean.reshape(-1), m.m2.reshape(-1)]) for m in local])
-    table[comm.rank] = row
+    table[comm.rank, :width] = row
+    if rows is not None:
+        table[:, width:] = rows
     comm.all_reduce_sum(table)  # rows are disjoint: a sum is an all-gather
+    if rows is not None:
+        rows.copy_(table[:, width:])
     out = []
     offset = 0
     for d in dims:

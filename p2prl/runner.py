@@ -86,11 +86,15 @@ def _train(cfg: RunConfig, run_dir: Path, comm: Communicator, t_start: float) ->
     saver.mark_boundary(p)
     try:
         while p.step < cfg.train.total_steps and not reached:
-            result = algo.iteration(progress=p.step / cfg.train.total_steps)
             start_step = p.step
+            result = algo.iteration(p.step / cfg.train.total_steps,
+                                    lambda eps: window.local_table(comm, start_step, algo.num_envs, eps))
             p.step += result.steps * comm.world_size
             p.iteration += 1
-            window.sync(comm, start_step, algo.num_envs, result.episodes)
+            if result.episode_table is not None:  # summed in one of the algorithm's own collectives
+                window.merge(result.episode_table)
+            else:
+                window.sync(comm, start_step, algo.num_envs, result.episodes)
             mean = window.mean
             reached = target is not None and mean is not None and mean >= target
             _check_skips(learner, cfg.train.max_skipped_updates, run_dir)

@@ -107,3 +107,44 @@ def test_two_peers_with_half_the_batch_equal_one_peer_with_all():
     assert torch.equal(a, b)
     assert (whole - before).abs().max() > 1e-4, "the update did not move the parameters"
     assert torch.allclose(a, whole, atol=1e-5), (a - whole).abs().max()
+
+
+@pytest.mark.parametrize("allowed, local_peers, threads, local_rank, expected", [
+    ({0, 1}, 2, 1, 1, [1]),              # 2 peers, 2 cores: one each
+    ({2, 3, 5, 7}, 2, 2, 1, [5, 7]),     # 2 threads each, from the cores this process may use
+    ({0, 1}, 3, 1, 0, None),             # more peers than cores: nobody is pinned
+    ({0, 1, 2, 3}, 2, 3, 0, None),       # not enough cores for every peer's threads
+])
+def test_pin_cores_gives_each_local_peer_its_own_cores(monkeypatch, allowed, local_peers, threads,
+                                                       local_rank, expected):
+    from p2prl.comm import pin_cores
+    import p2prl.comm.peers as peers_mod
+    pinned = []
+    monkeypatch.setattr(peers_mod.os, "sched_getaffinity", lambda pid: set(allowed))
+    monkeypatch.setattr(peers_mod.os, "sched_setaffinity", lambda pid, cpus: pinned.append(list(cpus)))
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_peers))
+    assert pin_cores(threads) == expected
+    assert pinned == ([] if expected is None else [expected])
+
+
+def _windows(rank: int):
+    from p2prl.metrics import ReturnWindow
+    cfg = small_run_config(num_envs=4, num_steps=32)
+    comm = open_comm(cfg.comm)
+    algo = build_algorithm(cfg, comm)
+    carried, separate = ReturnWindow(5), ReturnWindow(5)
+    step = 0
+    for i in range(4):
+        res = algo.iteration(i / 4, lambda eps: carried.local_table(comm, step, algo.num_envs, eps))
+        carried.merge(res.episode_table)
+        separate.sync(comm, step, algo.num_envs, res.episodes)
+        step += res.steps * comm.world_size
+    return carried.items, separate.items, carried.episodes, comm.calls
+
+
+def test_return_window_carried_in_ppo_statistics_equals_its_own_collective():
+    a, b = run_peers(_windows, 2)
+    assert a[2] > 5  # episodes finished: the window is full
+    assert a[0] == a[1] == b[0] == b[1]  # same window on both peers, however it was summed
+    assert a[2] == b[2]

@@ -34,6 +34,7 @@ BAD = [
     (["train.total_steps=0"], ["train.total_steps=0", "positive integer"]),
     (["train.log_every_steps=-64"], ["train.log_every_steps=-64", "positive integer"]),
     (["train.max_skipped_updates=0"], ["train.max_skipped_updates=0", "positive integer"]),
+    (["train.pin_cores=maybe"], ["train.pin_cores=maybe", "must be true or false"]),
     (["comm.timeout_s=0"], ["comm.timeout_s=0", "positive number"]),
     (["comm.timeout_s=-5"], ["comm.timeout_s=-5", "positive number"]),
     (["checkpoint.every_steps=-5"], ["checkpoint.every_steps=-5", "positive integer"]),

@@ -17,7 +17,7 @@ per-rank state then restarts from the seeds. One that learns by gradient exposes
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from typing import Callable, NamedTuple, Optional, Protocol
 
 import torch
 
@@ -30,13 +30,25 @@ class IterationResult(NamedTuple):
     steps: int  # local env steps (num_envs x vector steps)
     episodes: list[Episode]  # episodes that finished during the iteration
     logs: dict  # scalars for metrics.jsonl (already averaged over peers where it matters)
+    # The return window's episode table, already summed over peers when the algorithm carried it in a
+    # collective of its own (see `Algorithm.iteration`); None: the runner sums it separately.
+    episode_table: Optional[torch.Tensor] = None
+
+
+# Builds this peer's row of the return window's episode table from the iteration's episodes.
+EpisodeTable = Callable[[list[Episode]], torch.Tensor]
 
 
 class Algorithm(Protocol):
     num_envs: int  # envs per peer: one vector step = num_envs local env steps
 
-    def iteration(self, progress: float) -> IterationResult:
-        """Sample and learn for one iteration (a collective); progress in [0, 1] drives schedules."""
+    def iteration(self, progress: float, episode_table: Optional[EpisodeTable] = None) -> IterationResult:
+        """Sample and learn for one iteration (a collective); progress in [0, 1] drives schedules.
+
+        An algorithm that sums small statistics over peers after sampling anyway may sum the return
+        window's table in the same collective: call `episode_table(episodes)` and return the summed
+        table in the result. Otherwise it ignores the argument (one collective more per iteration).
+        """
 
     def shared_tensors(self) -> list[torch.Tensor]:
         """Tensors that must be bit-identical on every peer (checked every comm.check_every)."""

@@ -163,7 +163,7 @@ class DQN:
         if self.cfg.tau < 1.0 or attempts % self.cfg.target_update_interval == 0:
             self._sync_target()
 
-    def iteration(self, progress: float) -> IterationResult:
+    def iteration(self, progress: float, episode_table=None) -> IterationResult:
         c = self.cfg
         self.epsilon = self._schedule_epsilon(progress)
         self.collect(c.train_freq)

@@ -6,10 +6,13 @@ peers by the learner (one flat all-reduce), so N peers behave like one peer with
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import gymnasium as gym
 import numpy as np
 import torch
 
+from p2prl.algos import EpisodeTable, IterationResult
 from p2prl.algos.returns import gae
 from p2prl.comm import Communicator
 from p2prl.config import PPOConfig
@@ -98,8 +101,9 @@ class PPO:
         return r
 
     # -- learning --------------------------------------------------------------------------------
-    def _advantages(self, r: Rollout) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """GAE and returns (T, N), normalization moments merged across peers; one collective."""
+    def _advantages(self, r: Rollout, rows: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """GAE and returns (T, N), normalization moments merged across peers; one collective, which
+        also sums `rows` (the return window's episode table) in place."""
         cfg = self.cfg
         rewards = r.rewards
         if self.ret_norm is not None:
@@ -115,7 +119,7 @@ class PPO:
             local.append(moments_of(r.raw_obs.reshape(-1, *r.raw_obs.shape[2:])[valid]))
         if self.ret_norm is not None:
             local.append(moments_of(torch.from_numpy(self.disc_returns).reshape(-1, 1)[valid]))
-        merged = global_moments(self.comm, *local)
+        merged = global_moments(self.comm, *local, rows=rows)
         adv_stats = merged[0]
         if self.obs_norm is not None:
             self.obs_norm.update(merged[1])
@@ -127,11 +131,12 @@ class PPO:
             adv = (adv - adv_stats.mean.float()) / (std + 1e-8) * r.valid
         return adv, returns, n_valid
 
-    def update(self, r: Rollout, progress: float) -> dict:
-        """Epochs of minibatch updates on this peer's rollout; progress in [0, 1] anneals lr / clip."""
+    def update(self, r: Rollout, progress: float, rows: Optional[torch.Tensor] = None) -> dict:
+        """Epochs of minibatch updates on this peer's rollout; progress in [0, 1] anneals lr / clip.
+        `rows` is summed over peers in place, in the collective that merges the advantage statistics."""
         cfg = self.cfg
         self.comm.phase = "update"
-        adv, returns, n_valid = self._advantages(r)
+        adv, returns, n_valid = self._advantages(r, rows)
         frac = 1.0 - progress
         if cfg.anneal_lr:
             self.learner.set_lr(cfg.lr * frac)
@@ -208,11 +213,12 @@ class PPO:
             clip_frac = (clipped * w).sum()
         return (kl, loss_pg, loss_v, ent_m, clip_frac), loss
 
-    def iteration(self, progress: float):
-        from p2prl.algos import IterationResult
+    def iteration(self, progress: float, episode_table: Optional[EpisodeTable] = None) -> IterationResult:
         rollout = self.collect()
-        logs = self.update(rollout, progress)
-        return IterationResult(self.steps_per_iteration, self.episodes.take(), logs)
+        episodes = self.episodes.take()
+        table = None if episode_table is None else episode_table(episodes)
+        logs = self.update(rollout, progress, table)
+        return IterationResult(self.steps_per_iteration, episodes, logs, table)
 
     # -- checkpoint state ------------------------------------------------------------------------
     def state_dict(self) -> dict:

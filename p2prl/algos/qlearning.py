@@ -149,7 +149,7 @@ class QLearning:
         self.q.reshape(-1)[:] = buf[:sa] / self.comm.world_size  # same arithmetic on every peer
         return float(buf[sa]), float(buf[sa + 1])
 
-    def iteration(self, progress: float) -> IterationResult:
+    def iteration(self, progress: float, episode_table=None) -> IterationResult:
         cfg = self.cfg
         eps = decayed_epsilon(cfg.eps_start, cfg.eps_end, cfg.exploration_fraction, progress)
         self.epsilon = peer_epsilon(eps, self.comm.rank, self.comm.world_size, cfg.apex_alpha)
