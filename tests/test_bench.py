@@ -184,7 +184,8 @@ def test_end_to_end_tiny_budget(tmp_path):
     # A target of 5 is reached at the first finished CartPole episode: the reached path, in seconds.
     systems = ["p2prl-1", "p2prl-2", *(["sb3"] if HAS_SB3 else [])]
     cmd = [sys.executable, "-m", "p2prl.bench", "--tasks", "cartpole-ppo", "--seeds", "0", "--systems", *systems,
-           "--target", "5", "--sb3-steps", "512", "-o", "train.total_steps=512", "--out", str(tmp_path)]
+           "--target", "5", "--sb3-steps", "512", "-o", "train.total_steps=512", "-o", "algo.num_envs=4",
+           "-o", "algo.num_steps=16", "--out", str(tmp_path)]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=110)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "launch->target s" in p.stdout and "bench.json" in p.stdout
