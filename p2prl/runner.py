@@ -1,6 +1,7 @@
 """The per-peer loop: sample -> update -> log / checkpoint -> agree to stop."""
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import random
@@ -61,6 +62,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
         with stop_on_signals():
             return _train(cfg, run_dir, comm, t_start)
     finally:
+        gc.unfreeze()  # a multirun's next job starts from a collectable heap
         comm.close()
 
 
@@ -82,6 +84,11 @@ def _train(cfg: RunConfig, run_dir: Path, comm: Communicator, t_start: float) ->
     reached = target is not None and window.mean is not None and window.mean >= target
     steps_to_target, time_to_target = (p.step, p.time_s) if reached else (None, None)
     comm.seconds = 0.0
+    # Everything built so far (torch, Hydra, envs, model) lives for the whole run: keep it out of the
+    # garbage collector's full passes, which otherwise stall one peer at a time for milliseconds
+    # while the others wait for it in the next collective.
+    gc.collect()
+    gc.freeze()
     t_loop = time.perf_counter()
     saver.mark_boundary(p)
     try:
