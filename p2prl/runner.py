@@ -56,13 +56,18 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
     """
     t_start = time.perf_counter()
     torch.set_num_threads(cfg.train.torch_threads)
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     pinned = cfg.train.pin_cores and pin_cores(cfg.train.torch_threads) is not None
     comm = open_comm(cfg.comm, spin=pinned)
     try:
         with stop_on_signals():
             return _train(cfg, run_dir, comm, t_start)
     finally:
-        gc.unfreeze()  # a multirun's next job starts from a collectable heap
+        # A multirun's next job (or an in-process caller) starts from a collectable heap and the cores
+        # the process had before.
+        gc.unfreeze()
+        if pinned:
+            os.sched_setaffinity(0, affinity)
         comm.close()
 
 

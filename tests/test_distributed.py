@@ -114,6 +114,7 @@ def test_two_peers_with_half_the_batch_equal_one_peer_with_all():
     ({2, 3, 5, 7}, 2, 2, 1, [5, 7]),     # 2 threads each, from the cores this process may use
     ({0, 1}, 3, 1, 0, None),             # more peers than cores: nobody is pinned
     ({0, 1, 2, 3}, 2, 3, 0, None),       # not enough cores for every peer's threads
+    ({0, 1}, 2, 2, 1, None),             # this peer's share would be empty
 ])
 def test_pin_cores_gives_each_local_peer_its_own_cores(monkeypatch, allowed, local_peers, threads,
                                                        local_rank, expected):
@@ -126,6 +127,13 @@ def test_pin_cores_gives_each_local_peer_its_own_cores(monkeypatch, allowed, loc
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_peers))
     assert pin_cores(threads) == expected
     assert pinned == ([] if expected is None else [expected])
+
+
+def test_pin_cores_needs_torchruns_local_layout(monkeypatch):
+    from p2prl.comm import pin_cores
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert pin_cores(1) is None
 
 
 def _windows(rank: int):

@@ -123,15 +123,16 @@ def pin_cores(threads: int) -> Optional[list[int]]:
     Each peer then owns its cores: its gloo threads wake up next to the thread that waits for them,
     and never on a core where another peer computes (where a wake-up can wait for a scheduler tick).
     """
-    _, local_rank, _ = torchrun_world()
-    local_peers = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if "LOCAL_RANK" not in os.environ or "LOCAL_WORLD_SIZE" not in os.environ:
+        return None  # not started by torchrun: where the other local peers run is unknown
+    local_rank, local_peers = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
     try:
         allowed = sorted(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
         return None
-    if local_peers * threads > len(allowed):
-        return None
     mine = allowed[local_rank * threads:(local_rank + 1) * threads]
+    if local_peers * threads > len(allowed) or len(mine) < threads:
+        return None
     os.sched_setaffinity(0, mine)
     return mine
 
