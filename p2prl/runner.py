@@ -63,9 +63,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
         with stop_on_signals():
             return _train(cfg, run_dir, comm, t_start)
     finally:
-        # A multirun's next job (or an in-process caller) starts from a collectable heap and the cores
-        # the process had before.
-        gc.unfreeze()
+        # A multirun's next job (or an in-process caller) gets back the cores the process had before.
         if pinned:
             os.sched_setaffinity(0, affinity)
         comm.close()
@@ -149,6 +147,7 @@ def _train(cfg: RunConfig, run_dir: Path, comm: Communicator, t_start: float) ->
         saver.save_interrupted(str(e))
         raise
     finally:
+        gc.unfreeze()  # a multirun's next job starts from a collectable heap
         writer.close()
     summary = {
         "reached": steps_to_target is not None, "steps_to_target": steps_to_target,

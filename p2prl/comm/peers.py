@@ -27,6 +27,10 @@ class PeerFailure(RuntimeError):
     """A collective failed: a peer died, froze past comm.timeout_s, or the network broke."""
 
 
+def _start_sum(tensor: torch.Tensor):
+    return dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True)
+
+
 class ProcessGroupComm(Communicator):
     """Collectives over the default torch.distributed process group (gloo on CPU, NCCL on GPU)."""
 
@@ -91,14 +95,14 @@ class ProcessGroupComm(Communicator):
             raise self._failure(e) from e
 
     def _all_reduce_sum(self, tensor: torch.Tensor) -> None:
-        self._run(lambda t: dist.all_reduce(t, op=dist.ReduceOp.SUM, async_op=True), tensor)
+        self._run(_start_sum, tensor)
 
     def _broadcast(self, tensor: torch.Tensor, src: int) -> None:
         self._run(lambda t: dist.broadcast(t, src=src, async_op=True), tensor)
 
     def _start_all_reduce_sum(self, tensor: torch.Tensor):
         assert tensor.device == self.device, "background all-reduces take tensors already on the device"
-        work = self._start(lambda t: dist.all_reduce(t, op=dist.ReduceOp.SUM, async_op=True), tensor)
+        work = self._start(_start_sum, tensor)
         return lambda: self._wait(work)
 
     def _all_gather_object(self, obj: Any) -> list:
