@@ -7,6 +7,7 @@ from peers import run_peers
 from p2prl.comm import GradientAllReduce, LocalComm, open_comm
 from p2prl.config import CommConfig, EnvConfig, PPOConfig, RunConfig, TrainConfig, CheckpointConfig
 from p2prl.comm.peers import parameter_digest
+from p2prl.comm.shm import supported
 from p2prl.runner import build_algorithm
 
 pytestmark = pytest.mark.timeout(120)
@@ -19,10 +20,11 @@ def small_run_config(**algo) -> RunConfig:
                      comm=CommConfig(timeout_s=30), checkpoint=CheckpointConfig())
 
 
-def _train_iterations(rank: int, iterations: int, overlap: bool = False):
+def _train_iterations(rank: int, iterations: int, overlap: bool = False, shared: bool = False):
     cfg = small_run_config(norm_obs=True)
     cfg.comm.overlap = overlap
-    comm = open_comm(cfg.comm)
+    comm = open_comm(cfg.comm, spin=shared)
+    assert (getattr(comm, "shared", None) is not None) == shared
     algo = build_algorithm(cfg, comm)
     initial = parameter_digest(list(algo.model.parameters()))
     episodes = []
@@ -35,9 +37,12 @@ def _train_iterations(rank: int, iterations: int, overlap: bool = False):
             "episodes": episodes, "obs_mean": algo.obs_norm.mean.clone(), "updates": algo.learner.updates}
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["gloo", "shared-memory"])
 @pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
-def test_parameters_bit_identical_and_peers_explore_differently(overlap):
-    a, b = run_peers(_train_iterations, 2, 4, overlap)
+def test_parameters_bit_identical_and_peers_explore_differently(overlap, shared):
+    if shared and not supported():
+        pytest.skip("shared-memory sums need x86-64 and /dev/shm")
+    a, b = run_peers(_train_iterations, 2, 4, overlap, shared)
     assert a["updates"] == b["updates"] == 4 * 2 * 2
     assert a["initial"] == b["initial"]
     assert a["final"] == b["final"], "parameters diverged between peers"

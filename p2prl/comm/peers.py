@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from p2prl.comm.base import Communicator
 from p2prl.comm.local import LocalComm
+from p2prl.comm.shm import SharedMemorySum, open_shared_sum, supported
 from p2prl.comm.store import Heartbeat, attempt_store, gather_before_start
 from p2prl.config import CommConfig, ConfigError
 
@@ -32,11 +33,16 @@ def _start_sum(tensor: torch.Tensor):
 
 
 class ProcessGroupComm(Communicator):
-    """Collectives over the default torch.distributed process group (gloo on CPU, NCCL on GPU)."""
+    """Collectives over the default torch.distributed process group (gloo on CPU, NCCL on GPU).
 
-    def __init__(self, backend: str, device: torch.device, timeout_s: float, spin: bool = False) -> None:
+    With `shared`, sums that fit go through shared memory instead (peers on one node, each pinned).
+    """
+
+    def __init__(self, backend: str, device: torch.device, timeout_s: float, spin: bool = False,
+                 shared: Optional[SharedMemorySum] = None) -> None:
         super().__init__()
         self.spin = spin and backend == "gloo"
+        self.shared = shared
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.backend = backend
@@ -95,13 +101,25 @@ class ProcessGroupComm(Communicator):
             raise self._failure(e) from e
 
     def _all_reduce_sum(self, tensor: torch.Tensor) -> None:
-        self._run(_start_sum, tensor)
+        if self.shared is not None and self.shared.fits(tensor):
+            self._shared(lambda: self.shared.sum(tensor, self.timeout_s))
+        else:
+            self._run(_start_sum, tensor)
+
+    def _shared(self, step) -> None:
+        try:
+            step()
+        except RuntimeError as e:  # a peer froze past the timeout, or its process exited
+            raise self._failure(e) from e
 
     def _broadcast(self, tensor: torch.Tensor, src: int) -> None:
         self._run(lambda t: dist.broadcast(t, src=src, async_op=True), tensor)
 
     def _start_all_reduce_sum(self, tensor: torch.Tensor):
         assert tensor.device == self.device, "background all-reduces take tensors already on the device"
+        if self.shared is not None and self.shared.fits(tensor):
+            k = self.shared.publish(tensor)
+            return lambda: self._shared(lambda: self.shared.finish(tensor, k, self.timeout_s))
         work = self._start(_start_sum, tensor)
         return lambda: self._wait(work)
 
@@ -183,7 +201,30 @@ def _open(cfg: CommConfig, spin: bool) -> Communicator:
             dist.init_process_group(backend, timeout=timeout)
         atexit.register(_destroy)
     log.debug("rank %d/%d joined with %s", rank, world_size, backend)
-    return ProcessGroupComm(backend, device, cfg.timeout_s, spin)
+    shared = _shared_memory(rank, world_size, spin and backend == "gloo")
+    return ProcessGroupComm(backend, device, cfg.timeout_s, spin, shared)
+
+
+_SHARED: Optional[SharedMemorySum] = None
+
+
+def _shared_memory(rank: int, world_size: int, want: bool) -> Optional[SharedMemorySum]:
+    """The shared-memory segment for sums, if every peer is on this node and pinned (all must agree:
+    one peer summing through memory while another uses gloo would hang both). Mapped once per
+    process, like the process group."""
+    global _SHARED
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) == world_size
+    if not all(_gather(want and local and supported())):
+        return None
+    if _SHARED is None:
+        _SHARED = open_shared_sum(rank, world_size, _gather)
+    return _SHARED
+
+
+def _gather(obj: Any) -> list:
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def _destroy() -> None:
