@@ -92,7 +92,7 @@ def _train(cfg: RunConfig, run_dir: Path, comm: Communicator, t_start: float) ->
     # while the others wait for it in the next collective.
     gc.collect()
     gc.freeze()
-    t_loop = time.perf_counter()
+    t_loop, comm_s0 = time.perf_counter(), comm.seconds  # comm_frac counts the loop's collectives only
     saver.mark_boundary(p)
     try:
         while p.step < cfg.train.total_steps and not reached:
@@ -118,7 +118,7 @@ def _train(cfg: RunConfig, run_dir: Path, comm: Communicator, t_start: float) ->
                 elapsed = max(time.perf_counter() - t_loop, 1e-9)
                 row = {"step": p.step, "time_s": p.time_s, "episode_return_mean": mean,
                        "episodes": window.episodes, "sps": (p.step - p_start.step) / elapsed,
-                       "comm_frac": comm.seconds / elapsed, **result.logs}
+                       "comm_frac": (comm.seconds - comm_s0) / elapsed, **result.logs}
                 if learner is not None:
                     row.setdefault("skipped_updates", learner.skipped)
                 writer.write(row)
@@ -131,7 +131,7 @@ def _train(cfg: RunConfig, run_dir: Path, comm: Communicator, t_start: float) ->
             if reached:
                 steps_to_target, time_to_target = p.step, p.time_s
         loop_s = time.perf_counter() - t_loop
-        comm_s = comm.seconds
+        comm_s = comm.seconds - comm_s0
         comm.phase = "check"
         check_identical(comm, shared)
         if saver.saved_step != p.step:

@@ -62,6 +62,47 @@ def test_shared_memory_sums_are_exact_and_identical_on_every_peer(world):
         assert all(torch.equal(a, b) for a, b in zip(outs[0][0], got))
 
 
+def _background_then_blocking(rank: int, rounds: int):
+    comm = open_comm(CommConfig(timeout_s=30), spin=True)
+    assert comm.shared is not None
+    for step in range(rounds):
+        x = [torch.full((64,), 10.0 * (3 * step + i) + rank) for i in range(3)]
+        want = [2 * (10.0 * (3 * step + i)) + 1 for i in range(3)]  # rank 0 + rank 1
+        pending = comm.all_reduce_mean_async(x[0])  # background sum, then blocking sums before its wait
+        comm.all_reduce_sum(x[1])
+        if step % 2:
+            pending.wait()
+        comm.all_reduce_sum(x[2])
+        if step % 2 == 0:
+            pending.wait()
+        assert torch.equal(x[0], torch.full((64,), want[0] / 2)), (step, x[0][0].item())
+        assert torch.equal(x[1], torch.full((64,), want[1])) and torch.equal(x[2], torch.full((64,), want[2]))
+    return comm.shared.calls
+
+
+def test_blocking_sums_while_a_background_sum_is_pending_keep_every_call_apart():
+    assert run_peers(_background_then_blocking, 2, 200) == [600, 600]
+
+
+def _reopen_and_disagree(rank: int):
+    first = open_comm(CommConfig(timeout_s=30), spin=True)
+    first.all_reduce_sum(torch.ones(3))
+    again = open_comm(CommConfig(timeout_s=30), spin=True)  # a multirun's next job: the same segment
+    assert again.shared is first.shared and again.shared.calls == 1
+    again.all_reduce_sum(torch.ones(3))
+    # One peer not pinned: nobody may sum through memory, or the pinned one would wait there forever.
+    mixed = open_comm(CommConfig(timeout_s=30), spin=rank == 0)
+    assert mixed.shared is None
+    t = torch.full((5,), float(rank + 1))
+    mixed.all_reduce_sum(t)
+    assert torch.equal(t, torch.full((5,), 3.0))
+    return again.shared.calls
+
+
+def test_the_segment_serves_later_jobs_and_is_used_only_when_every_peer_is_pinned():
+    assert run_peers(_reopen_and_disagree, 2) == [2, 2]
+
+
 def _absent_peer(rank: int):
     comm = open_comm(CommConfig(timeout_s=1), spin=True)
     assert comm.shared is not None

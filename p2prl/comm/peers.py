@@ -10,14 +10,14 @@ import hashlib
 import logging
 import os
 from datetime import timedelta
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 
 from p2prl.comm.base import Communicator
 from p2prl.comm.local import LocalComm
-from p2prl.comm.shm import SharedMemorySum, open_shared_sum, supported
+from p2prl.comm.shm import SharedMemorySum, SumFailed, open_shared_sum, supported
 from p2prl.comm.store import Heartbeat, attempt_store, gather_before_start
 from p2prl.config import CommConfig, ConfigError
 
@@ -106,10 +106,10 @@ class ProcessGroupComm(Communicator):
         else:
             self._run(_start_sum, tensor)
 
-    def _shared(self, step) -> None:
+    def _shared(self, step: Callable[[], Any]) -> Any:
         try:
-            step()
-        except RuntimeError as e:  # a peer froze past the timeout, or its process exited
+            return step()
+        except SumFailed as e:  # a peer froze past the timeout, or its process exited
             raise self._failure(e) from e
 
     def _broadcast(self, tensor: torch.Tensor, src: int) -> None:
@@ -118,8 +118,8 @@ class ProcessGroupComm(Communicator):
     def _start_all_reduce_sum(self, tensor: torch.Tensor):
         assert tensor.device == self.device, "background all-reduces take tensors already on the device"
         if self.shared is not None and self.shared.fits(tensor):
-            k = self.shared.publish(tensor)
-            return lambda: self._shared(lambda: self.shared.finish(tensor, k, self.timeout_s))
+            k = self._shared(lambda: self.shared.publish(tensor, self.timeout_s))
+            return lambda: self._shared(lambda: self.shared.finish(k))
         work = self._start(_start_sum, tensor)
         return lambda: self._wait(work)
 
@@ -201,30 +201,34 @@ def _open(cfg: CommConfig, spin: bool) -> Communicator:
             dist.init_process_group(backend, timeout=timeout)
         atexit.register(_destroy)
     log.debug("rank %d/%d joined with %s", rank, world_size, backend)
-    shared = _shared_memory(rank, world_size, spin and backend == "gloo")
-    return ProcessGroupComm(backend, device, cfg.timeout_s, spin, shared)
+    comm = ProcessGroupComm(backend, device, cfg.timeout_s, spin)
+    if backend == "gloo":
+        comm.shared = _shared_memory(comm, spin)
+    return comm
 
 
 _SHARED: Optional[SharedMemorySum] = None
 
 
-def _shared_memory(rank: int, world_size: int, want: bool) -> Optional[SharedMemorySum]:
-    """The shared-memory segment for sums, if every peer is on this node and pinned (all must agree:
-    one peer summing through memory while another uses gloo would hang both). Mapped once per
-    process, like the process group."""
+def _shared_memory(comm: ProcessGroupComm, spin: bool) -> Optional[SharedMemorySum]:
+    """The shared-memory segment for sums, if every peer is on this node and pinned, else None.
+
+    All peers must agree: one peer summing through memory while another uses gloo would hang both.
+    Mapped once per process, like the process group; Hydra multirun jobs reuse it, and each job
+    checks that every peer's count of calls through it is the same.
+    """
     global _SHARED
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) == world_size
-    if not all(_gather(want and local and supported())):
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) == comm.world_size
+    everyone = comm.all_gather_object((spin and local and supported(), _SHARED and _SHARED.calls))
+    if not all(want for want, _ in everyone):
         return None
+    if len({calls for _, calls in everyone}) > 1:
+        raise comm._failure(SumFailed(f"shared-memory sums out of step between jobs: {everyone}"))
     if _SHARED is None:
-        _SHARED = open_shared_sum(rank, world_size, _gather)
+        _SHARED = open_shared_sum(comm.rank, comm.world_size, comm.all_gather_object)
+        if _SHARED is not None:
+            log.info("peers on this node sum through shared memory")
     return _SHARED
-
-
-def _gather(obj: Any) -> list:
-    out: list = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def _destroy() -> None:
