@@ -38,11 +38,10 @@ class ProcessGroupComm(Communicator):
     With `shared`, sums that fit go through shared memory instead (peers on one node, each pinned).
     """
 
-    def __init__(self, backend: str, device: torch.device, timeout_s: float, spin: bool = False,
-                 shared: Optional[SharedMemorySum] = None) -> None:
+    def __init__(self, backend: str, device: torch.device, timeout_s: float, spin: bool = False) -> None:
         super().__init__()
         self.spin = spin and backend == "gloo"
-        self.shared = shared
+        self.shared: Optional[SharedMemorySum] = None  # set by open_comm when every peer may use it
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.backend = backend
@@ -100,8 +99,11 @@ class ProcessGroupComm(Communicator):
         except RuntimeError as e:
             raise self._failure(e) from e
 
+    def _in_memory(self, tensor: torch.Tensor) -> bool:
+        return self.shared is not None and self.shared.fits(tensor)
+
     def _all_reduce_sum(self, tensor: torch.Tensor) -> None:
-        if self.shared is not None and self.shared.fits(tensor):
+        if self._in_memory(tensor):
             self._shared(lambda: self.shared.sum(tensor, self.timeout_s))
         else:
             self._run(_start_sum, tensor)
@@ -117,7 +119,7 @@ class ProcessGroupComm(Communicator):
 
     def _start_all_reduce_sum(self, tensor: torch.Tensor):
         assert tensor.device == self.device, "background all-reduces take tensors already on the device"
-        if self.shared is not None and self.shared.fits(tensor):
+        if self._in_memory(tensor):
             k = self._shared(lambda: self.shared.publish(tensor, self.timeout_s))
             return lambda: self._shared(lambda: self.shared.finish(k))
         work = self._start(_start_sum, tensor)
