@@ -8,7 +8,6 @@ code. What goes in them, and resuming, is `p2prl.resume`'s job.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import re
 from pathlib import Path
@@ -17,28 +16,15 @@ from typing import Optional
 import numpy as np
 import torch
 
+from p2prl.atomic import write_atomic
+
 log = logging.getLogger(__name__)
 _STEP = re.compile(r"^step_(\d+)\.pt$")
 
 
 def save_atomic(obj: dict, path: Path) -> None:
-    """Write to a temp file, fsync, then rename: a crash leaves the old file or the new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # an interrupted write leaves no temp file behind
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself survives a power cut
-    finally:
-        os.close(dir_fd)
+    """torch.save `obj` to `path` atomically (see p2prl.atomic)."""
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def shared_path(folder: Path, step: int) -> Path:

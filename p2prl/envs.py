@@ -1,4 +1,8 @@
-"""Per-peer vector environments: construction, seeding and space checks."""
+"""Per-peer vector environments: construction, seeding, and env state for checkpoints.
+
+Discrete spaces that do not start at 0 (`Discrete(n, start=s)`) are shifted to start at 0 before an
+algorithm sees them (`zero_based`): algorithms index actions and states from 0.
+"""
 from __future__ import annotations
 
 import gymnasium as gym
@@ -22,11 +26,22 @@ def spec_of(cfg: EnvConfig) -> gym.envs.registration.EnvSpec:
         raise ConfigError("env.id", cfg.id, f"not a registered gymnasium env ({str(e).splitlines()[0]})")
 
 
+def zero_based(env: gym.Env) -> gym.Env:
+    """`env` with Discrete action and observation spaces starting at 0 (unchanged if they do)."""
+    act, obs = env.action_space, env.observation_space
+    if isinstance(act, gym.spaces.Discrete) and act.start != 0:
+        env = gym.wrappers.TransformAction(env, lambda a, s=int(act.start): a + s, gym.spaces.Discrete(int(act.n)))
+    if isinstance(obs, gym.spaces.Discrete) and obs.start != 0:
+        env = gym.wrappers.TransformObservation(env, lambda o, s=int(obs.start): o - s,
+                                                gym.spaces.Discrete(int(obs.n)))
+    return env
+
+
 def make_single_env(cfg: EnvConfig, **extra) -> gym.Env:
     """One env, for space checks and evaluation; a missing extra becomes a one-line config error."""
     spec_of(cfg)
     try:
-        return gym.make(cfg.id, **env_kwargs(cfg), **extra)
+        return zero_based(gym.make(cfg.id, **env_kwargs(cfg), **extra))
     except gym.error.DependencyNotInstalled as e:
         raise ConfigError(f"env={cfg.name}", cfg.id, f"needs an extra: {str(e).splitlines()[0]}")
     except (TypeError, KeyError, ValueError) as e:  # gymnasium's own complaint about a keyword
@@ -41,9 +56,11 @@ def make_vec_env(cfg: EnvConfig, num_envs: int, seed: int) -> tuple[gym.vector.V
     (gymnasium 1.x default), which the samplers rely on.
     """
     spec = spec_of(cfg)
-    mode = "vector_entry_point" if spec.vector_entry_point is not None else "sync"
+    native = spec.vector_entry_point is not None
+    extra = {} if native else {"wrappers": [zero_based]}
     try:
-        envs = gym.make_vec(cfg.id, num_envs=num_envs, vectorization_mode=mode, **env_kwargs(cfg))
+        envs = gym.make_vec(cfg.id, num_envs=num_envs, vectorization_mode="vector_entry_point" if native else "sync",
+                            **extra, **env_kwargs(cfg))
     except gym.error.DependencyNotInstalled as e:
         raise ConfigError(f"env={cfg.name}", cfg.id, f"needs an extra: {str(e).splitlines()[0]}")
     mode_used = envs.metadata.get("autoreset_mode")
@@ -52,25 +69,6 @@ def make_vec_env(cfg: EnvConfig, num_envs: int, seed: int) -> tuple[gym.vector.V
     obs, _ = envs.reset(seed=seed)
     envs.action_space.seed(seed)
     return envs, obs
-
-
-def check_spaces(algo: str, obs_space: gym.Space, action_space: gym.Space) -> None:
-    """Refuse algorithm/env pairs that cannot work, before any training starts."""
-    box_or_discrete = (gym.spaces.Box, gym.spaces.Discrete)
-    if algo in ("ppo", "a2c"):
-        if not isinstance(action_space, box_or_discrete):
-            raise ConfigError("algo", algo, f"needs Discrete or Box actions, the env has {action_space}")
-        if not isinstance(obs_space, gym.spaces.Box):
-            raise ConfigError("algo", algo, f"needs Box observations, the env has {obs_space}")
-    elif algo == "dqn":
-        if not isinstance(action_space, gym.spaces.Discrete):
-            raise ConfigError("algo", algo, f"needs Discrete actions, the env has {action_space}; use algo=ppo")
-        if not isinstance(obs_space, gym.spaces.Box):
-            raise ConfigError("algo", algo, f"needs Box observations, the env has {obs_space}")
-    elif algo == "qlearning":
-        if not (isinstance(obs_space, gym.spaces.Discrete) and isinstance(action_space, gym.spaces.Discrete)):
-            raise ConfigError("algo", algo, f"needs Discrete observations and actions, the env has "
-                                            f"{obs_space} and {action_space}")
 
 
 # -- checkpoint state ----------------------------------------------------------------------------

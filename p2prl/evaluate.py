@@ -1,8 +1,9 @@
 """Greedy evaluation of a run's latest checkpoint: `python -m p2prl.evaluate RUN_DIR [--episodes N]`.
 
 Writes RUN_DIR/eval.json (returns of each episode, mean, std, min, max) and prints a one-line result.
-PPO acts with the distribution's mode (argmax, or the Gaussian mean clipped to the bounds), DQN and
-tabular Q-learning with argmax Q. Evaluation episodes use seeds disjoint from training's by default.
+Each algorithm's greedy policy comes from the registry (PPO: the distribution's mode, argmax or the
+Gaussian mean clipped to the bounds; DQN and tabular Q-learning: argmax Q). Evaluation episodes use
+seeds disjoint from training's by default.
 """
 from __future__ import annotations
 
@@ -10,29 +11,27 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Callable
 
 import gymnasium as gym
 import numpy as np
-import torch
-from omegaconf import OmegaConf
 
-from p2prl import checkpoint
-from p2prl.config import ConfigError, RunConfig, build_config
+from p2prl import algos, checkpoint
+from p2prl.atomic import write_json_atomic
+from p2prl.config import ConfigError, RunConfig
 from p2prl.envs import make_single_env
-
-Policy = Callable[[np.ndarray], np.ndarray]
+from p2prl.precheck import to_run_config
 
 
 def load_run_config(run_dir: Path) -> RunConfig:
     """The run's config: from summary.json when the run finished, else Hydra's saved config."""
+    from omegaconf import OmegaConf
     summary = run_dir / "summary.json"
     if summary.is_file():
-        return build_config(json.loads(summary.read_text())["config"])
+        return to_run_config(json.loads(summary.read_text())["config"])
     saved = run_dir / ".hydra" / "config.yaml"
     if not saved.is_file():
         raise ConfigError("run_dir", str(run_dir), "no summary.json or .hydra/config.yaml: not a p2prl run dir")
-    return build_config(OmegaConf.to_container(OmegaConf.load(saved), resolve=True))
+    return to_run_config(OmegaConf.to_container(OmegaConf.load(saved), resolve=True))
 
 
 def latest_checkpoint(run_dir: Path) -> Path:
@@ -42,47 +41,7 @@ def latest_checkpoint(run_dir: Path) -> Path:
     return checkpoint.shared_path(run_dir / "checkpoints", steps[-1])
 
 
-def greedy_policy(cfg: RunConfig, state: dict, env: gym.Env) -> Policy:
-    """A deterministic policy obs -> action built from a checkpoint's state."""
-    name = cfg.algo.name
-    if name == "qlearning":
-        table = state["q_table"].numpy()
-        return lambda obs: int(np.argmax(table[int(obs)]))
-    if name == "dqn":
-        from p2prl.nets import QNetwork
-        q = QNetwork(env.observation_space, int(env.action_space.n), cfg.algo.hidden_sizes, cfg.algo.activation)
-        q.load_state_dict(state["model"])
-        return _torch_policy(lambda x: q(x).argmax(-1))
-    from p2prl.nets import ActorCritic
-    from p2prl.normalize import RunningNormalizer
-    model = ActorCritic(env.observation_space, env.action_space, cfg.algo.hidden_sizes, cfg.algo.activation)
-    model.load_state_dict(state["model"])
-    norm = None
-    if "obs_norm" in state:
-        norm = RunningNormalizer(env.observation_space.shape)
-        norm.load_state_dict(state["obs_norm"])
-
-    def mode(x: torch.Tensor) -> torch.Tensor:
-        x = norm(x) if norm is not None else x
-        out = model.actor(x)
-        return out.argmax(-1) if model.discrete else out
-
-    act = _torch_policy(mode)
-    if model.discrete:
-        return act
-    low, high = env.action_space.low, env.action_space.high
-    return lambda obs: np.clip(act(obs), low, high)
-
-
-def _torch_policy(fn: Callable[[torch.Tensor], torch.Tensor]) -> Policy:
-    @torch.inference_mode()
-    def act(obs: np.ndarray) -> np.ndarray:
-        out = fn(torch.as_tensor(np.asarray(obs, dtype=np.float32))[None])[0]
-        return out.item() if out.ndim == 0 else out.numpy()
-    return act
-
-
-def run_episodes(env: gym.Env, policy: Policy, episodes: int, seed: int) -> list[float]:
+def run_episodes(env: gym.Env, policy: algos.Policy, episodes: int, seed: int) -> list[float]:
     returns = []
     for i in range(episodes):
         obs, _ = env.reset(seed=seed + i)
@@ -103,14 +62,15 @@ def evaluate(run_dir: Path, episodes: int = 20, seed: int = 1_000_000, ckpt: Pat
         raise ConfigError("checkpoint", str(path), "is unreadable (truncated or corrupt)")
     env = make_single_env(cfg.env)
     try:
-        returns = run_episodes(env, greedy_policy(cfg, state, env), episodes, seed)
+        policy = algos.spec(cfg.algo.name).greedy(cfg.algo, state, env.observation_space, env.action_space)
+        returns = run_episodes(env, policy, episodes, seed)
     finally:
         env.close()
     r = np.asarray(returns)
     result = {"checkpoint": str(path), "episodes": episodes, "seed": seed, "mean_return": float(r.mean()),
               "std_return": float(r.std()), "min_return": float(r.min()), "max_return": float(r.max()),
               "returns": returns}
-    (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    write_json_atomic(run_dir / "eval.json", result)
     return result
 
 

@@ -1,96 +1,113 @@
-"""zero_grad -> backward -> sync -> clip -> step, with the sync owned by the comm strategy."""
+"""One update, identical on every peer: zero -> backward -> average over peers -> clip -> optimizer step.
+
+`Learner.step(loss, terms)` is the whole update. The gradient and the named scalar `terms` (losses,
+KL, ...) travel in one flat bucket, averaged by one collective; the averaged terms come back, so the
+caller can take collective decisions on them (KL early stop) and the learner keeps their means for
+metrics.jsonl. A non-finite averaged gradient is the same on every peer (one NaN anywhere poisons the
+sum), so every peer skips that update alike; a non-finite loss rides along in the bucket as a NaN
+flag, so it skips the update even where its gradient happens to be finite. `skipped_in_a_row`
+(identical on every peer) lets the runner stop a run that only produces NaNs.
+
+With `overlap` (comm.overlap) each gradient is averaged in the background while the next one is
+computed: `step` then starts this gradient's average and finishes and applies the previous one, so an
+update is one step stale. Every peer still applies the same averaged gradients in the same order, so
+parameters stay bit-identical. Callers see no difference but that `step` may return None (nothing
+finished yet) and that `finish()` applies the last one.
+"""
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 
-from p2prl.comm import Communicator, GradientAllReduce
+from p2prl.comm import Communicator, GradientBucket
 from p2prl.optim import FlatOptimizer
+
+Veto = Callable[[dict[str, float]], bool]
+
+
+class Update(NamedTuple):
+    """One finished gradient: whether it was applied, and the peers' mean of each named term."""
+
+    applied: bool  # False: skipped (non-finite) or vetoed
+    vetoed: bool
+    terms: dict[str, float]
 
 
 class Learner:
-    """Applies the peers' averaged gradient to a model, identically on every peer.
-
-    `backward` leaves the averaged gradient in place and returns the averaged extras, so the caller
-    can take collective decisions (KL early stop) before `apply`. A non-finite averaged gradient is
-    the same on every peer (one NaN anywhere poisons the sum), so every peer skips that update alike;
-    a non-finite loss rides along in the bucket as a NaN flag, so it skips the update even where its
-    gradient happens to be finite. `skipped_in_a_row` (identical on every peer) lets the runner stop
-    a run that only produces NaNs.
-    """
-
     def __init__(self, params: Sequence[torch.nn.Parameter],
-                 make_optimizer: Callable[[torch.nn.Parameter], FlatOptimizer],
-                 comm: Communicator, max_grad_norm: Optional[float], n_extras: int = 0) -> None:
-        self.max_grad_norm = max_grad_norm
-        self.n_extras = n_extras
-        self.bucket = GradientAllReduce(comm, params, n_extras + 1)  # + the loss's finiteness flag
+                 make_optimizer: Callable[[torch.nn.Parameter], FlatOptimizer], comm: Communicator,
+                 max_grad_norm: Optional[float], terms: Sequence[str], overlap: bool) -> None:
+        self.comm, self.max_grad_norm, self.overlap = comm, max_grad_norm, overlap
+        self.term_names = tuple(terms)
+        self.bucket = GradientBucket(comm, params, len(self.term_names) + 1)  # + the loss's finiteness flag
         # The optimizer sees one flat parameter (the model's parameters are views of it).
         self.optimizer = make_optimizer(self.bucket.flat_param)
-        self.updates = 0
-        self.skipped = 0
+        self.updates = 0  # applied
+        self.skipped = 0  # non-finite
+        self.vetoed = 0
         self.skipped_in_a_row = 0
-        self.comm = comm
-        self.overlap = comm.overlap
-        # comm.overlap: two send buffers, so one gradient is averaged while the next is computed.
-        self._spares = [torch.zeros_like(self.bucket.flat) for _ in range(2)] if self.overlap else []
+        # overlap: two send buffers, so one gradient is averaged while the next is computed.
+        self._spares = [torch.zeros_like(self.bucket.flat) for _ in range(2)] if overlap else []
         self._pending = None
-        self.last_applied = False
-
-    def broadcast_parameters(self) -> None:
+        self._calls = 0
+        self._sums = [0.0] * len(self.term_names)
+        self._summed = 0
         self.bucket.broadcast_parameters()
 
-    def _local_backward(self, loss: torch.Tensor, extras: Sequence[torch.Tensor]) -> None:
+    @property
+    def attempts(self) -> int:
+        """Finished gradients, applied or not: identical on every peer (DQN syncs its target on it)."""
+        return self.updates + self.skipped + self.vetoed
+
+    def step(self, loss: torch.Tensor, terms: Mapping[str, torch.Tensor], veto: Optional[Veto] = None
+             ) -> Optional[Update]:
+        """Backward `loss`, average the gradient and `terms` (scalars) over the peers, clip and step.
+
+        `veto(averaged_terms)`, taken on the averaged terms (so on every peer alike), may refuse the
+        update. Returns the finished update: this one, or with overlap the previous one (None on the
+        first call).
+        """
+        assert set(terms) == set(self.term_names), f"terms {sorted(terms)} != {sorted(self.term_names)}"
         self.bucket.zero_grad()
         loss.backward()
-        for i, x in enumerate(extras):
-            self.bucket.extras[i] = x.detach()
-        self.bucket.extras[self.n_extras] = loss.detach() * 0  # 0 if finite, NaN for NaN or inf
-
-    def backward(self, loss: torch.Tensor, extras: Sequence[torch.Tensor] = ()) -> torch.Tensor:
-        """Backward `loss`, then average gradients and `extras` (scalars) over the peers."""
-        self._local_backward(loss, extras)
-        return self.bucket.sync()[:self.n_extras]
-
-    def apply(self) -> bool:
-        """Clip and step with the averaged gradient; False (and nothing changed) if it is non-finite."""
-        return self._apply_flat(self.bucket.flat)
-
-    def backward_overlapped(self, loss: torch.Tensor, extras: Sequence[torch.Tensor] = ()):
-        """comm.overlap: start averaging this step's gradient, then finish and apply the previous one.
-
-        Each gradient is thus computed one step before the update it joins (one step stale), and the
-        all-reduce runs while the next minibatch's backward does. Every peer still applies the same
-        averaged gradients in the same order, so parameters stay bit-identical. Returns the applied
-        step's averaged extras (None on the first call); `last_applied` says whether it was finite.
-        """
-        self._local_backward(loss, extras)
-        send = self._spares[self.updates_attempted % 2]
+        extras = self.bucket.extras
+        for i, name in enumerate(self.term_names):
+            extras[i] = terms[name].detach()
+        extras[-1] = loss.detach() * 0  # 0 if finite, NaN for NaN or inf
+        if not self.overlap:
+            self.comm.all_reduce_mean(self.bucket.flat)
+            return self._apply(self.bucket.flat, veto)
+        self._calls += 1
+        send = self._spares[self._calls % 2]  # the other one may still be in flight
         send.copy_(self.bucket.flat)
-        previous = self.finish()
+        previous = self.finish(veto)
         self._pending = self.comm.all_reduce_mean_async(send)
         return previous
 
-    def finish(self, apply: bool = True):
-        """Wait for the averaged gradient in flight (comm.overlap) and apply it unless told not to."""
+    def finish(self, veto: Optional[Veto] = None, discard: bool = False) -> Optional[Update]:
+        """Wait for the gradient still being averaged (overlap) and apply it, or only drop it with
+        `discard` (after an early stop); None when nothing is in flight."""
         if self._pending is None:
             return None
         flat, self._pending = self._pending.wait(), None
-        self.last_applied = self._apply_flat(flat) if apply else False
-        return flat[self.bucket.grads.numel():][:self.n_extras].clone()
+        if discard:
+            return None
+        return self._apply(flat, veto)
 
-    @property
-    def updates_attempted(self) -> int:
-        return self.updates + self.skipped + (self._pending is not None)
-
-    def _apply_flat(self, flat: torch.Tensor) -> bool:
+    def _apply(self, flat: torch.Tensor, veto: Optional[Veto]) -> Update:
+        n = self.bucket.grads.numel()
+        averaged = flat[n:].tolist()
+        terms = dict(zip(self.term_names, averaged))
         if not bool(torch.isfinite(flat).all()):
             self.skipped += 1
             self.skipped_in_a_row += 1
-            return False
+            return Update(False, False, terms)
+        if veto is not None and veto(terms):
+            self.vetoed += 1
+            return Update(False, True, terms)
         self.skipped_in_a_row = 0
-        grads = flat[:self.bucket.grads.numel()]
+        grads = flat[:n]
         if self.max_grad_norm is not None:
             norm = float(grads.norm())
             if norm > self.max_grad_norm:
@@ -100,8 +117,36 @@ class Learner:
         self.optimizer.step()
         param.grad = self.bucket.grads
         self.updates += 1
-        return True
+        self._sums = [a + b for a, b in zip(self._sums, averaged)]
+        self._summed += 1
+        return Update(True, False, terms)
+
+    def take_means(self) -> dict[str, float]:
+        """The mean of each term over the updates applied since the last call (empty if none)."""
+        if self._summed == 0:
+            return {}
+        out = {k: v / self._summed for k, v in zip(self.term_names, self._sums)}
+        self._sums = [0.0] * len(self.term_names)
+        self._summed = 0
+        return out
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "updates": self.updates, "skipped": self.skipped,
+                "vetoed": self.vetoed, "skipped_in_a_row": self.skipped_in_a_row}
+
+    def load_state_dict(self, s: dict) -> None:
+        """Restore the optimizer's moments and the counters. The learning rate stays this run's: it
+        follows from the config (and the schedule), which may have changed on resume."""
+        lr = self.lr
+        self.optimizer.load_state_dict(s["optimizer"])
+        self.set_lr(lr)
+        self.updates, self.skipped, self.vetoed = int(s["updates"]), int(s["skipped"]), int(s["vetoed"])
+        self.skipped_in_a_row = int(s["skipped_in_a_row"])

@@ -3,16 +3,15 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 
-from p2prl.comm import Communicator
+from p2prl.atomic import jsonable, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +59,9 @@ class ReturnWindow:
     """The `size` most recently finished episodes over all peers, identical on every peer.
 
     Episodes are ordered by the global step at which they finished, ties by rank then env index.
-    `sync` is one small collective per iteration; since every peer merges the same gathered rows,
-    decisions derived from `mean` (target reached) need no further agreement.
+    Each peer fills its row of `local_table`; once the table is summed over peers (rows are disjoint,
+    so the sum gathers them) every peer `merge`s the same rows, so decisions derived from `mean`
+    (target reached) need no further agreement.
     """
 
     def __init__(self, size: int) -> None:
@@ -69,22 +69,17 @@ class ReturnWindow:
         self.items: list[tuple[int, int, int, float]] = []  # (global step, rank, env, return)
         self.episodes = 0
 
-    def sync(self, comm: Communicator, start_step: int, num_envs: int, episodes: list[Episode]) -> None:
-        table = self.local_table(comm, start_step, num_envs, episodes)
-        comm.all_reduce_sum(table)
-        self.merge(table)
-
-    def local_table(self, comm: Communicator, start_step: int, num_envs: int,
+    def local_table(self, rank: int, world_size: int, start_step: int, num_envs: int,
                     episodes: list[Episode]) -> torch.Tensor:
-        """This peer's row of the (world_size, ...) table that `merge` takes once summed over peers
-        (rows are disjoint, so the sum gathers them). An algorithm may sum it in a collective of its own."""
+        """A float64 (world_size, 1 + 3 * size) table, zero but for this peer's row: its episode count
+        and its `size` most recent episodes (global step at the end, env index, return)."""
         recent = episodes[-self.size:]
-        table = torch.zeros(comm.world_size, 1 + 3 * self.size, dtype=torch.float64)
-        row = table[comm.rank]
+        table = torch.zeros(world_size, 1 + 3 * self.size, dtype=torch.float64)
+        row = table[rank]
         row[0] = len(episodes)
         for j, e in enumerate(recent):
             row[1 + 3 * j: 4 + 3 * j] = torch.tensor(
-                [start_step + (e.t + 1) * num_envs * comm.world_size, e.env, e.ret], dtype=torch.float64)
+                [start_step + (e.t + 1) * num_envs * world_size, e.env, e.ret], dtype=torch.float64)
         return table
 
     def merge(self, table: torch.Tensor) -> None:
@@ -111,16 +106,6 @@ class ReturnWindow:
     def load_state_dict(self, state: dict) -> None:
         self.items = [(int(s), int(r), int(e), float(v)) for s, r, e, v in state["items"].tolist()]
         self.episodes = int(state["episodes"])
-
-
-def _clean(v: Any) -> Any:
-    if isinstance(v, torch.Tensor):
-        v = v.item()
-    if isinstance(v, (np.floating, np.integer)):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
 
 
 class MetricsWriter:
@@ -152,7 +137,7 @@ class MetricsWriter:
     def write(self, row: dict) -> None:
         if not self.enabled:
             return
-        row = {k: _clean(v) for k, v in row.items()}
+        row = jsonable(row)
         self.file.write(json.dumps(row) + "\n")
         if self.tb is not None:
             for k, v in row.items():
@@ -186,15 +171,4 @@ def drop_rows_after(path: Path, step: int) -> None:
                 kept.append(line + "\n")
         except (ValueError, KeyError, TypeError):
             pass  # a line torn by a crash
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump({k: _clean(v) for k, v in obj.items()}, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, "".join(kept))

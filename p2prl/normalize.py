@@ -1,8 +1,9 @@
 """Count-weighted running mean/variance, merged across peers with the parallel-variance formula."""
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from p2prl.comm import Communicator
@@ -18,16 +19,13 @@ class Moments(NamedTuple):
 
 def moments_of(x: torch.Tensor) -> Moments:
     """Moments of x: (B, *shape), in float64."""
-    d = 1
-    for s in x.shape[1:]:
-        d *= s
-    x = x.reshape(x.shape[0], d).to(torch.float64)
+    x = x.reshape(x.shape[0], int(np.prod(x.shape[1:]))).to(torch.float64)
     mean = x.mean(0) if x.shape[0] else torch.zeros(x.shape[1], dtype=torch.float64)
     return Moments(torch.tensor(float(x.shape[0]), dtype=torch.float64), mean, ((x - mean) ** 2).sum(0))
 
 
 def merge_moments(a: Moments, b: Moments) -> Moments:
-    """Moments of the union of two sets (Chan et al.'s parallel algorithm)."""
+    """Moments of the union of two sets (Chan et al.'s parallel algorithm); works on tensors and arrays."""
     n = a.count + b.count
     if float(n) == 0.0:
         return a
@@ -37,22 +35,17 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
     return Moments(n, mean, m2)
 
 
-def global_moments(comm: Communicator, *local: Moments, rows: Optional[torch.Tensor] = None) -> list[Moments]:
+def global_moments(comm: Communicator, *local: Moments) -> list[Moments]:
     """Merge every peer's moments in rank order, for each argument, in one collective.
 
-    The result is the same, bit for bit, on every peer. `rows`, a float64 (world_size, k) table in
-    which each peer filled its own row, is summed in place in the same collective.
+    The result is the same, bit for bit, on every peer.
     """
     dims = [m.mean.numel() for m in local]
     width = sum(1 + 2 * d for d in dims)
-    table = torch.zeros(comm.world_size, width + (0 if rows is None else rows.shape[1]), dtype=torch.float64)
-    row = torch.cat([torch.cat([m.count.reshape(1), m.mean.reshape(-1), m.m2.reshape(-1)]) for m in local])
-    table[comm.rank, :width] = row
-    if rows is not None:
-        table[:, width:] = rows
+    table = torch.zeros(comm.world_size, width, dtype=torch.float64)
+    table[comm.rank] = torch.cat([torch.cat([m.count.reshape(1), m.mean.reshape(-1), m.m2.reshape(-1)])
+                                  for m in local])
     comm.all_reduce_sum(table)  # rows are disjoint: a sum is an all-gather
-    if rows is not None:
-        rows.copy_(table[:, width:])
     out = []
     offset = 0
     for d in dims:
@@ -65,32 +58,60 @@ def global_moments(comm: Communicator, *local: Moments, rows: Optional[torch.Ten
     return out
 
 
-class RunningNormalizer:
-    """Normalizes inputs with running statistics that every peer updates identically.
+def _empty(d: int) -> Moments:
+    return Moments(np.float64(0.0), np.zeros(d), np.zeros(d))
 
-    Every peer must `update` with the same globally merged moments, so the statistics never diverge.
+
+class RunningNormalizer:
+    """Normalizes inputs with running statistics, as SB3's VecNormalize does, over all peers.
+
+    Statistics are used only after they have seen data: `observe` folds each new batch in before
+    `__call__` normalizes it. Between merges a peer normalizes with the statistics every peer shares
+    plus what it observed itself since (`pending()`); `update` folds the peers' merged pending
+    moments (see `global_moments`) into the shared statistics, identically on every peer.
     """
 
     def __init__(self, shape: tuple[int, ...], clip: float = 10.0, eps: float = 1e-8,
                  center: bool = True) -> None:
-        d = 1
-        for s in shape:
-            d *= s
+        self.d = int(np.prod(shape))
         self.shape, self.clip, self.eps, self.center = shape, clip, eps, center
-        self.stats = Moments(torch.tensor(0.0, dtype=torch.float64), torch.zeros(d, dtype=torch.float64),
-                             torch.zeros(d, dtype=torch.float64))
-        self._refresh()
+        self.stats = Moments(torch.tensor(0.0, dtype=torch.float64), torch.zeros(self.d, dtype=torch.float64),
+                             torch.zeros(self.d, dtype=torch.float64))
+        self._shared = _empty(self.d)  # numpy copy of self.stats, for the per-step merge
+        self._pending = _empty(self.d)
+        self._refresh(self._shared)
 
-    def _refresh(self) -> None:
-        n = float(self.stats.count)
-        var = self.stats.m2 / n if n > 0 else torch.ones_like(self.stats.m2)
-        self.mean = self.stats.mean.to(torch.float32).reshape(self.shape)
-        self.std = torch.sqrt(var + self.eps).to(torch.float32).reshape(self.shape)
+    def _refresh(self, m: Moments) -> None:
+        n = float(m.count)
+        var = m.m2 / n if n > 0 else np.ones(self.d)
+        self.mean = torch.as_tensor(m.mean, dtype=torch.float32).reshape(self.shape)
+        self.std = torch.as_tensor(np.sqrt(var + self.eps), dtype=torch.float32).reshape(self.shape)
 
-    def update(self, batch: Moments) -> None:
-        """Fold a batch's (already peer-merged, see `global_moments`) moments into the statistics."""
-        self.stats = merge_moments(self.stats, batch)
-        self._refresh()
+    def observe(self, x: torch.Tensor | np.ndarray) -> None:
+        """Fold a batch (B, *shape) seen by this peer into the statistics used from now on."""
+        x = np.asarray(x, dtype=np.float64).reshape(-1, self.d)
+        if len(x) == 0:
+            return
+        mean = x.mean(0)
+        self._pending = merge_moments(self._pending, Moments(np.float64(len(x)), mean, ((x - mean) ** 2).sum(0)))
+        self._refresh(merge_moments(self._shared, self._pending))
+
+    def pending(self) -> Moments:
+        """What this peer observed since the last `update`, as float64 tensors."""
+        c, m, m2 = self._pending
+        return Moments(torch.tensor(float(c), dtype=torch.float64), torch.from_numpy(np.array(m)),
+                       torch.from_numpy(np.array(m2)))
+
+    def update(self, merged: Moments) -> None:
+        """Fold every peer's merged pending moments into the shared statistics (on every peer alike)."""
+        self.stats = merge_moments(self.stats, merged)
+        self._set_shared()
+
+    def _set_shared(self) -> None:
+        self._shared = Moments(np.float64(float(self.stats.count)), self.stats.mean.numpy().copy(),
+                               self.stats.m2.numpy().copy())
+        self._pending = _empty(self.d)
+        self._refresh(self._shared)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         y = (x - self.mean) / self.std if self.center else x / self.std
@@ -101,4 +122,4 @@ class RunningNormalizer:
 
     def load_state_dict(self, state: dict) -> None:
         self.stats = Moments(state["count"], state["mean"], state["m2"])
-        self._refresh()
+        self._set_shared()

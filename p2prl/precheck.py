@@ -1,57 +1,86 @@
-"""Every user-caused error, caught before training in one place: one line, exit code 2.
+"""Every user-caused error, caught before training in one place.
 
 The command line is composed with Hydra's compose API (each job of a sweep too) and turned into the
-typed config, which checks every value. Then what needs the outside world: the env's spaces against
-the algorithm, the comm backend against the hardware, the run dir writable, the checkpoint to resume
-readable and of this algorithm and env. Under torchrun the peers then swap their verdicts and configs
-through torchrun's store: if any peer found an error, or the peers' configs differ, every peer exits
-2 and rank 0 prints the line. All of it happens before Hydra creates a run dir, so a bad command
-overwrites nothing of an existing run.
+typed config, which checks every value (`to_run_config`). Then `preflight` checks what needs the
+outside world: the env's spaces against the algorithm, the comm backend against the hardware, the run
+dir writable, the checkpoint to resume readable and fitting this config. Under torchrun the peers
+then swap their verdicts and configs through torchrun's store: if any peer found an error, or the
+peers' configs differ, every peer stops with the same one line. All of it happens before Hydra creates
+a run dir, so a bad command overwrites nothing of an existing run. What `preflight` established is
+kept (`Preflight`), so the run does not check it again.
 """
 from __future__ import annotations
 
 import itertools
 import os
 import re
-import signal
-import sys
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from p2prl.config import ConfigError, RunConfig, build_config
+from p2prl import algos
+from p2prl.config import ConfigError, RunConfig, build_config, conf_dir, config_hash
 
-GROUPS = ("algo", "env", "comm")
+GROUPS = ("algo", "env", "comm", "checkpoint")
 DIR_KEYS = ("hydra.run.dir", "hydra.sweep.dir")
+MAX_JOBS = 256
+START_TIMEOUT_S = 60.0  # the start-up exchange's wait when the command line did not even compose
 
 
-def is_rank0() -> bool:
-    return os.environ.get("RANK", "0") == "0"
+class Preflight(NamedTuple):
+    """What the precheck established about one job, for the run to use instead of checking again."""
+
+    backend: str  # comm.backend resolved on this machine (auto -> gloo or nccl)
+    source_checked: bool  # the checkpoint to resume from was found to fit (single runs)
 
 
-def fail(message: str) -> None:
-    """One line on stderr (rank 0 only, so N peers print it once), exit code 2."""
-    if is_rank0():
-        print(f"p2prl: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
-def to_run_config(cfg: DictConfig) -> RunConfig:
-    """The typed config of a composed one (its `hydra` section, if any, is neither resolved nor kept)."""
+def to_run_config(cfg: DictConfig | dict) -> RunConfig:
+    """The typed config of a composed (or saved) one; its `hydra` section, if any, is left out."""
     raw = {}
     for key in cfg:
         if key != "hydra":
             value = cfg[key]
             raw[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-    return build_config(raw)
+    return build_config(raw, algos.algo_sections())
 
 
-def _options(conf_dir: str, group: str) -> list[str]:
-    return sorted(p.stem for p in (Path(conf_dir) / group).glob("*.yaml"))
+def preflight(cfg: RunConfig, run_dir: Optional[Path], dir_key: str = DIR_KEYS[0],
+              out_dir: Optional[Path] = None) -> Preflight:
+    """Check what needs the outside world; `run_dir` None: a sweep's job dir, numbered at launch, whose
+    resume source the run checks itself."""
+    from p2prl.comm import resolve_backend
+    from p2prl.envs import make_single_env
+    from p2prl.resume import check_source
+    env = make_single_env(cfg.env)
+    try:
+        algos.check_spaces(cfg.algo.name, env.observation_space, env.action_space)
+    finally:
+        env.close()
+    backend = resolve_backend(cfg.comm.backend)
+    _check_writable(dir_key, out_dir or run_dir or Path("."))
+    explicit = cfg.train.resume not in ("auto", "never")  # a path: the same source for every job
+    if run_dir is not None or explicit:
+        check_source(cfg, run_dir or out_dir or Path("."))
+    return Preflight(backend, source_checked=run_dir is not None or explicit)
 
 
-def _job_overrides(conf_dir: str, argv: list[str]) -> list[list[str]]:
+def _check_writable(key: str, path: Path) -> None:
+    """The dir exists and is writable, or its nearest existing ancestor is a writable directory."""
+    probe = path.absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(key, path, f"cannot be a directory: {probe} is a file; allowed: a writable directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(key, path, f"{probe} is not writable; allowed: a writable directory")
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+
+
+def _job_overrides(argv: list[str]) -> list[list[str]]:
     """Per override, the list of its values as `key=value` strings (sweeps expanded); of Hydra's
     own overrides only the output dirs."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -78,48 +107,17 @@ def _job_overrides(conf_dir: str, argv: list[str]) -> list[list[str]]:
         if key in GROUPS:
             for item in out[-1]:
                 value = item.split("=", 1)[1]
-                if value not in _options(conf_dir, key):
-                    allowed = ", ".join(_options(conf_dir, key))
-                    raise ConfigError(key, value, f"unknown {key}; allowed: {allowed}")
+                if value not in _options(key):
+                    raise ConfigError(key, value, f"unknown {key}; allowed: {', '.join(_options(key))}")
     return out
 
 
-def _check_env(cfg: RunConfig) -> None:
-    from p2prl.envs import check_spaces, make_single_env
-    env = make_single_env(cfg.env)
-    try:
-        check_spaces(cfg.algo.name, env.observation_space, env.action_space)
-    finally:
-        env.close()
-
-
-def _check_writable(key: str, path: Path) -> None:
-    """The dir exists and is writable, or its nearest existing ancestor is a writable directory."""
-    probe = path.absolute()
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ConfigError(key, path, f"cannot be a directory: {probe} is a file; allowed: a writable directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(key, path, f"{probe} is not writable; allowed: a writable directory")
-
-
-def _check_job(cfg: RunConfig, run_dir: Optional[Path], dir_key: str, out_dir: Path) -> None:
-    from p2prl.comm import resolve_backend
-    from p2prl.resume import check_source
-    _check_env(cfg)
-    resolve_backend(cfg.comm.backend)
-    _check_writable(dir_key, out_dir)
-    if run_dir is not None or cfg.train.resume not in ("auto", "never"):
-        check_source(cfg, run_dir or out_dir)
-
-
-def _compose(overrides: list[str]) -> DictConfig:
+def _compose(overrides: list[str], hydra_config: bool = True) -> DictConfig:
     """Hydra's compose; an override of a key that does not exist says which keys do."""
     from hydra import compose
     from hydra.errors import ConfigCompositionException
     try:
-        return compose(config_name="config", overrides=overrides, return_hydra_config=True)
+        return compose(config_name="config", overrides=overrides, return_hydra_config=hydra_config)
     except ConfigCompositionException as e:
         m = re.search(r"Could not override '([^']+)'", str(e))
         bad = [o for o in overrides if m and o.split("=", 1)[0] == m.group(1)]
@@ -132,52 +130,64 @@ def _compose(overrides: list[str]) -> DictConfig:
         raise ConfigError(key, value, f"unknown key; allowed: {allowed}") from e
 
 
-def _compose_jobs(conf_dir: str, argv: list[str]) -> list[RunConfig]:
+def compose(*overrides: str) -> RunConfig:
+    """The typed config that `python -m p2prl.train <overrides>` would run (conf/'s defaults, the
+    tuned preset of the algo/env pair, then the overrides), checked, without running anything."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+            return to_run_config(_compose(list(overrides), hydra_config=False))
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def compose_jobs(argv: list[str]) -> dict[str, tuple[RunConfig, Preflight]]:
+    """Compose and check every job the command line asks for: {config hash: (config, preflight)}.
+
+    Raises ConfigError (or Hydra's and OmegaConf's own errors) for the first bad job."""
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
 
     multirun = "-m" in argv or "--multirun" in argv
     dir_key = DIR_KEYS[1] if multirun else DIR_KEYS[0]
-    combos = list(itertools.islice(itertools.product(*_job_overrides(conf_dir, argv)), 256))
-    jobs = []
+    combos = list(itertools.islice(itertools.product(*_job_overrides(argv)), MAX_JOBS))
+    jobs: dict[str, tuple[RunConfig, Preflight]] = {}
     try:
-        with initialize_config_dir(config_dir=conf_dir, version_base=None):
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
             for overrides in combos:
                 cfg = _compose(list(overrides))
                 HydraConfig.instance().set_config(cfg)  # resolves ${hydra:...} in the output dirs
                 out_dir = Path(OmegaConf.select(cfg, dir_key))
                 job = to_run_config(cfg)
                 # A sweep's job dirs are numbered at launch; each job checks its own resume source then.
-                _check_job(job, None if multirun else out_dir, dir_key, out_dir)
-                jobs.append(job)
+                jobs[config_hash(job.to_dict())] = (job, preflight(job, None if multirun else out_dir, dir_key,
+                                                                   out_dir))
     finally:
         GlobalHydra.instance().clear()
     return jobs
 
 
-def precheck(conf_dir: str, argv: list[str]) -> None:
-    """Compose and validate every job the command line asks for; exit 2 with one line if any is bad."""
+def check_command_line(argv: list[str]) -> tuple[Optional[str], dict[str, tuple[RunConfig, Preflight]]]:
+    """(the one error line every peer stops with, or None; the checked jobs). Under torchrun every
+    peer's verdict and configs are compared through torchrun's store before any peer goes on."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     from p2prl.comm import agree_before_start
-    from p2prl.resume import flatten
 
-    error, configs, timeout_s = None, [], 60.0
+    error, jobs, timeout_s = None, {}, START_TIMEOUT_S
     try:
-        jobs = _compose_jobs(conf_dir, argv)
-        configs = [flatten(job.to_dict()) for job in jobs]
-        timeout_s = jobs[0].comm.timeout_s if jobs else timeout_s
+        jobs = compose_jobs(argv)
+        timeout_s = next(iter(jobs.values()))[0].comm.timeout_s if jobs else timeout_s
     except ConfigError as e:
         error = str(e)
     except (HydraException, OmegaConfBaseException, ValueError) as e:
         error = _one_line(e)
-    error = agree_before_start(error, configs, timeout_s)
-    if error:
-        # torchrun terminates the other peers as soon as one exits: every peer exits 2 all the same.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        fail(error)
+    flat = [job.flat() for job, _ in jobs.values()]
+    return agree_before_start(error, flat, timeout_s), jobs
 
 
 def _one_line(e: Optional[BaseException]) -> str:

@@ -4,13 +4,13 @@ A checkpoint at global step N is complete when rank 0's `step_<N>.pt` and every 
 `rank<R>/step_<N>.pt` load. The peers resume together from the newest complete one (a truncated or
 half-written newest falls back to the one before, with a warning), so a restarted run continues the
 interrupted one exactly: same parameters, optimizer, normalizers, return window, counters, RNG
-states and env states. On a different number of peers only the shared state carries over; every peer
-starts its envs and RNGs afresh (with a warning).
+states and env states. On a different number of peers (or with a changed `RANK_KEYS` value) only the shared state carries
+over; every peer starts its envs and RNGs afresh (with a warning). Keys that fix what the checkpoint
+holds (the algorithm, the env, the model's shapes: `fixed_keys`) cannot change on resume; every other
+key may, and the run follows the new value (docs/validation.md lists which is which).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +18,11 @@ from typing import Any, Optional
 
 import torch
 
+from p2prl import algos
 from p2prl.checkpoint import (list_steps, load, prune, rank_path, rng_state, save_atomic, set_rng_state,
                               shared_path, step_of)
 from p2prl.comm import Communicator
-from p2prl.config import ConfigError, RunConfig
+from p2prl.config import ConfigError, RunConfig, config_hash, flatten, show
 from p2prl.metrics import ReturnWindow
 
 log = logging.getLogger(__name__)
@@ -36,36 +37,49 @@ class Progress:
     time_s: float = 0.0
 
 
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
+# A change of these keeps the shared state but restarts every rank's own (envs, windows, replay).
+RANK_KEYS = ("algo.num_envs", "algo.n_step", "env.max_episode_steps")
 
 
-def config_hash(config: dict) -> str:
-    flat = {k: v for k, v in flatten(config).items() if k != "train.resume"}
-    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def fixed_keys(algo_name: str) -> tuple[str, ...]:
+    """Flat keys a resume may not change: the algorithm, the env, and the algorithm's own
+    `fixed_on_resume` keys (the model's shapes, what its optimizer state is)."""
+    return ("algo.name", "env.id", "env.kwargs",
+            *(f"algo.{k}" for k in algos.spec(algo_name).fixed_on_resume))
+
+
+_MISSING = object()
+
+
+def _get(config: Any, key: str) -> Any:
+    """The value at a dotted key of a nested config dict (_MISSING if absent)."""
+    for part in key.split("."):
+        if not isinstance(config, dict) or part not in config:
+            return _MISSING
+        config = config[part]
+    return config
 
 
 def _identity(config: Any) -> str:
-    config = config if isinstance(config, dict) else {}
-    algo, env = config.get("algo", {}), config.get("env", {})
-    return f"algo={algo.get('name', '?')} env={env.get('name', '?')} ({env.get('id', '?')})"
+    name, env, env_id = (_get(config, k) for k in ("algo.name", "env.name", "env.id"))
+    return " ".join(["algo=" + (name if isinstance(name, str) else "?"),
+                     "env=" + (env if isinstance(env, str) else "?"), f"({env_id if isinstance(env_id, str) else '?'})"])
 
 
-def check_owner(checkpoint: dict, cfg: RunConfig, where: Path) -> None:
-    """A checkpoint of another algorithm or env cannot be resumed: say whose it is."""
-    saved = checkpoint.get("config")
-    theirs, ours = _identity(saved), _identity(cfg.to_dict())
-    if theirs != ours:
+def check_resumable(saved_config: Any, cfg: RunConfig, where: Path) -> None:
+    """A checkpoint of another run (algo, env), or whose model another config would not fit, cannot
+    be resumed: say which key differs and what the checkpoint has."""
+    now = cfg.to_dict()
+    if _identity(saved_config) != _identity(now):
         raise ConfigError("train.resume", cfg.train.resume,
-                          f"{where} belongs to another run ({theirs}; this run is {ours}); "
-                          f"resume with the same algo and env, or choose another hydra.run.dir")
+                          f"{where} belongs to another run ({_identity(saved_config)}; this run is "
+                          f"{_identity(now)}); resume with the same algo and env, or choose another hydra.run.dir")
+    for key in fixed_keys(cfg.algo.name):
+        saved = _get(saved_config, key)
+        if saved is not _MISSING and saved != _get(now, key):
+            raise ConfigError(key, _get(now, key), f"cannot change on resume: {where} was trained with "
+                                                   f"{show(saved)}; keep that, or start afresh "
+                                                   f"(train.resume=never or another hydra.run.dir)")
 
 
 def candidates(resume: str, run_dir: Path) -> list[Path]:
@@ -86,11 +100,11 @@ def candidates(resume: str, run_dir: Path) -> list[Path]:
 
 
 def check_source(cfg: RunConfig, run_dir: Path) -> None:
-    """Before training, on each peer alone: the checkpoint to resume is readable and of this algo/env."""
+    """Before training, on each peer alone: the checkpoint to resume is readable and fits this config."""
     for path in candidates(cfg.train.resume, run_dir):
         checkpoint = load(path, mmap=True, warn=False)
         if checkpoint is not None:
-            check_owner(checkpoint, cfg, path.parent)
+            check_resumable(checkpoint.get("config"), cfg, path.parent)
             return
     if cfg.train.resume not in ("auto", "never"):
         raise ConfigError("train.resume", cfg.train.resume, "no readable checkpoint there (truncated or corrupt)")
@@ -100,20 +114,30 @@ def _rank_file(shared: Path, rank: int) -> Path:
     return shared.parent / f"rank{rank}" / shared.name
 
 
-def restore(comm: Communicator, cfg: RunConfig, run_dir: Path, algo: Any,
-            window: ReturnWindow) -> tuple[Progress, Optional[Path]]:
-    """Load the newest checkpoint every peer can read (a collective); (Progress(), None) if there is none."""
+def _same_ranks(shared: dict, cfg: RunConfig, world_size: int) -> bool:
+    """Whether each rank's own file fits this run: same number of peers, same RANK_KEYS."""
+    saved, now = flatten(shared.get("config", {})), cfg.flat()
+    return shared.get("world_size") == world_size and all(saved.get(k) == now.get(k) for k in RANK_KEYS)
+
+
+def restore(comm: Communicator, cfg: RunConfig, run_dir: Path, algo: algos.Algorithm, window: ReturnWindow,
+            source_checked: bool = False) -> tuple[Progress, Optional[Path]]:
+    """Load the newest checkpoint every peer can read (a collective); (Progress(), None) if there is none.
+
+    `source_checked`: the precheck already ran `check_source` on this run dir (no second check).
+    """
     comm.phase = "resume"
     paths = comm.broadcast_object([str(p) for p in candidates(cfg.train.resume, run_dir)])
     for path in map(Path, paths):
         shared = load(path)
-        # Per-rank files go with step files of the same world size; others resume the shared state only.
-        exact = shared is not None and step_of(path) is not None and shared.get("world_size") == comm.world_size
+        # Per-rank files go with step files of the same peers; others resume the shared state only.
+        exact = shared is not None and step_of(path) is not None and _same_ranks(shared, cfg, comm.world_size)
         own = load(_rank_file(path, comm.rank)) if exact else None
         if comm.agree(shared is None or (exact and own is None)):
             log.warning("checkpoint %s is incomplete or unreadable on some peer; trying the previous one", path)
             continue
-        check_owner(shared, cfg, path.parent)
+        if not source_checked:
+            check_resumable(shared.get("config"), cfg, path.parent)
         _load(comm, cfg, algo, window, shared, own)
         progress = Progress(int(shared["step"]), int(shared["iteration"]), float(shared["time_s"]))
         log.info("resumed from %s at step %d", path, progress.step)
@@ -123,20 +147,24 @@ def restore(comm: Communicator, cfg: RunConfig, run_dir: Path, algo: Any,
     return Progress(), None
 
 
-def _load(comm: Communicator, cfg: RunConfig, algo: Any, window: ReturnWindow, shared: dict,
+def _load(comm: Communicator, cfg: RunConfig, algo: algos.Algorithm, window: ReturnWindow, shared: dict,
           own: Optional[dict]) -> None:
-    saved, now = flatten(shared.get("config", {})), flatten(cfg.to_dict())
+    saved, now = flatten(shared.get("config", {})), cfg.flat()
     changed = sorted(k for k in set(saved) | set(now) if k != "train.resume" and saved.get(k) != now.get(k))
     if changed:
-        log.warning("resuming with a changed config: %s", ", ".join(changed[:8]))
+        log.info("resuming with a changed config (the new values hold): %s", ", ".join(changed[:8]))
     algo.load_state_dict(shared)
+    if algo.learner is not None:
+        algo.learner.load_state_dict(shared["learner"])
     window.load_state_dict(shared["return_window"])
     if own is not None:
         set_rng_state(own["rng"])
-        getattr(algo, "load_rank_state_dict", lambda s: None)(own)
+        algo.load_rank_state_dict(own)
     elif comm.rank == 0:
-        log.warning("resuming a run of %s peer(s) on %d: only the shared state carries over; every peer's "
-                    "envs, RNGs and replay start afresh", shared.get("world_size"), comm.world_size)
+        log.warning("resuming a run of %s peer(s) on %d (%s): only the shared state carries over; every peer's "
+                    "envs, RNGs and replay start afresh", shared.get("world_size"), comm.world_size,
+                    ", ".join(f"{k}={show(now.get(k))}" for k in RANK_KEYS if saved.get(k) != now.get(k))
+                    or "same settings")
 
 
 def _clone(x: Any) -> Any:
@@ -153,7 +181,8 @@ class Checkpointer:
     """Writes checkpoint sets; on rank 0 also keeps the shared state of the last iteration boundary, so
     an interrupted peer can save the model without any collective (parameters are identical everywhere)."""
 
-    def __init__(self, comm: Communicator, cfg: RunConfig, run_dir: Path, algo: Any, window: ReturnWindow) -> None:
+    def __init__(self, comm: Communicator, cfg: RunConfig, run_dir: Path, algo: algos.Algorithm,
+                 window: ReturnWindow) -> None:
         self.comm, self.algo, self.window = comm, algo, window
         self.folder = run_dir / "checkpoints"
         self.keep, self.replay = cfg.checkpoint.keep, cfg.checkpoint.replay
@@ -163,15 +192,16 @@ class Checkpointer:
         self.saved_step: Optional[int] = None
 
     def _shared(self, p: Progress) -> dict:
+        learner = self.algo.learner
         return {"step": p.step, "iteration": p.iteration, "time_s": p.time_s, "world_size": self.comm.world_size,
                 "config": self.config, "config_hash": self.hash, "return_window": self.window.state_dict(),
-                **self.algo.state_dict()}
+                **({} if learner is None else {"learner": learner.state_dict()}), **self.algo.state_dict()}
 
     def save(self, p: Progress) -> None:
         """Every rank writes its own file, rank 0 also the shared one; no collective."""
         self.comm.phase = "checkpoint"
         rank = self.comm.rank
-        own_state = getattr(self.algo, "rank_state_dict", lambda replay: {})(self.replay)
+        own_state = self.algo.rank_state_dict(self.replay)
         own = {"step": p.step, "rank": rank, "world_size": self.comm.world_size, "rng": rng_state(), **own_state}
         save_atomic(own, rank_path(self.folder, rank, p.step))
         prune(self.folder / f"rank{rank}", self.keep)

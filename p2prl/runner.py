@@ -1,4 +1,4 @@
-"""The per-peer loop: sample -> update -> log / checkpoint -> agree to stop."""
+"""The per-peer loop: sample -> learn -> log / checkpoint -> agree to stop. Raises; never exits."""
 from __future__ import annotations
 
 import gc
@@ -7,154 +7,150 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Optional
 
 import numpy as np
 import torch
 
-from p2prl.algos import Algorithm
-from p2prl.comm import Communicator, PeerFailure, agree_on_config, check_identical, open_comm, pin_cores
+from p2prl import algos
+from p2prl.atomic import write_json_atomic
+from p2prl.comm import Communicator, PeerFailure, agree_on_config, check_identical, open_comm, pin, place
 from p2prl.config import RunConfig
-from p2prl.envs import check_spaces, make_vec_env
-from p2prl.faults import Interrupted, NonFiniteUpdates, stop_on_signals
-from p2prl.metrics import MetricsWriter, ReturnWindow, write_json_atomic
-from p2prl.resume import Checkpointer, Progress, flatten, restore
+from p2prl.envs import make_vec_env
+from p2prl.faults import Interrupted, NonFiniteUpdates
+from p2prl.metrics import MetricsWriter, ReturnWindow
+from p2prl.precheck import Preflight, preflight
+from p2prl.resume import Checkpointer, Progress, restore
+from p2prl.seeding import env_seed
 
 log = logging.getLogger(__name__)
 
 
-def build_algorithm(cfg: RunConfig, comm: Communicator) -> Algorithm:
+def build_algorithm(cfg: RunConfig, comm: Communicator) -> algos.Algorithm:
     """Per-peer envs (seeded seed + rank * num_envs + i) and the algorithm with a shared model."""
     num_envs = cfg.algo.num_envs
-    envs, obs = make_vec_env(cfg.env, num_envs, cfg.seed + comm.rank * num_envs)
-    check_spaces(cfg.algo.name, envs.single_observation_space, envs.single_action_space)
+    envs, obs = make_vec_env(cfg.env, num_envs, env_seed(cfg.seed, comm.rank, num_envs))
     torch.manual_seed(cfg.seed)  # the model seed is shared; rank 0's weights are broadcast anyway
-    if cfg.algo.name in ("ppo", "a2c"):
-        from p2prl.algos.ppo import PPO
-        algo = PPO(cfg.algo, envs, obs, comm)
-    elif cfg.algo.name == "dqn":
-        from p2prl.algos.dqn import DQN
-        algo = DQN(cfg.algo, envs, obs, comm, seed=cfg.seed + comm.rank)
-    elif cfg.algo.name == "qlearning":
-        from p2prl.algos.qlearning import QLearning
-        algo = QLearning(cfg.algo, envs, obs, comm, seed=cfg.seed + comm.rank)
-    else:  # pragma: no cover - build_config only admits registered names
-        raise AssertionError(f"no algorithm {cfg.algo.name}")
-    # Per-peer exploration randomness: different actions and minibatches on every peer.
+    algo = algos.spec(cfg.algo.name).build(cfg.algo, envs, obs, algos.Peer(comm, cfg.seed, cfg.comm.overlap))
+    # Per-peer sampling randomness: different actions and minibatches on every peer.
     torch.manual_seed(cfg.seed + comm.rank)
     np.random.seed(cfg.seed + comm.rank)
     random.seed(cfg.seed + comm.rank)
     return algo
 
 
-def run(cfg: RunConfig, run_dir: Path) -> dict:
+def run(cfg: RunConfig, run_dir: Path, checked: Optional[Preflight] = None) -> dict:
     """Train until the target return or the global step budget; returns the summary (all ranks).
 
-    Raises `Interrupted` (SIGTERM/SIGINT, or torchrun's agent died), `PeerFailure` (a peer died or
-    froze) and `NonFiniteUpdates`; on the first two, rank 0 first saves the model of the last
+    `checked`: what `p2prl.precheck` established for this job (checked here if None). Raises
+    `Interrupted` (SIGTERM/SIGINT, or torchrun's agent died), `PeerFailure` (a peer died or froze),
+    `NonFiniteUpdates` and `ConfigError`; on the first two, rank 0 first saves the model of the last
     iteration boundary to checkpoints/interrupted.pt.
     """
     t_start = time.perf_counter()
+    checked = checked or preflight(cfg, run_dir)
     torch.set_num_threads(cfg.train.torch_threads)
     affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-    pinned = cfg.train.pin_cores and pin_cores(cfg.train.torch_threads) is not None
-    comm = open_comm(cfg.comm, spin=pinned)
+    placement = place(cfg.train.torch_threads) if cfg.train.pin_cores else None
+    if placement is not None:
+        pin(placement)
+    comm = open_comm(cfg.comm, checked.backend, spin=placement is not None and placement.spin)
+    if comm.world_size > 1:
+        log.info("%s: %s", f"pinned to cores {placement.cores}" if placement and placement.spin else "not pinned",
+                 placement.reason if placement else "train.pin_cores=false")
     try:
-        with stop_on_signals():
-            return _train(cfg, run_dir, comm, t_start)
+        return _train(cfg, run_dir, comm, t_start, checked.source_checked)
     finally:
         # A multirun's next job (or an in-process caller) gets back the cores the process had before.
-        if pinned:
+        if placement is not None and placement.cores is not None:
             os.sched_setaffinity(0, affinity)
         comm.close()
 
 
-def _train(cfg: RunConfig, run_dir: Path, comm: Communicator, t_start: float) -> dict:
-    agree_on_config(comm, flatten(cfg.to_dict()))
+def _train(cfg: RunConfig, run_dir: Path, comm: Communicator, t_start: float, source_checked: bool) -> dict:
+    agree_on_config(comm, cfg.flat())
     run_dir = Path(comm.broadcast_object(str(run_dir)))  # rank 0 chooses the run dir
     is_main = comm.rank == 0
     algo = build_algorithm(cfg, comm)
-    shared = algo.shared_tensors()
+    shared, learner = algo.shared_tensors(), algo.learner
     window = ReturnWindow(cfg.train.return_window)
-    p, resumed_from = restore(comm, cfg, run_dir, algo, window)
+    p, resumed_from = restore(comm, cfg, run_dir, algo, window, source_checked)
     p_start = Progress(p.step, p.iteration, p.time_s)  # where this attempt started
     saver = Checkpointer(comm, cfg, run_dir, algo, window)
     writer = MetricsWriter(run_dir, cfg.train.total_steps, enabled=is_main, start_step=p.step)
-    target, every = cfg.train.target_return, cfg.checkpoint.every_steps
-    learner = getattr(algo, "learner", None)
-    next_log = (p.step // cfg.train.log_every_steps + 1) * cfg.train.log_every_steps
+    target, every, log_every = cfg.train.target_return, cfg.checkpoint.every_steps, cfg.train.log_every_steps
+    next_log = (p.step // log_every + 1) * log_every
     # Every peer holds the same window, so decisions derived from it are already collective.
     reached = target is not None and window.mean is not None and window.mean >= target
     steps_to_target, time_to_target = (p.step, p.time_s) if reached else (None, None)
-    comm.seconds = 0.0
     # Everything built so far (torch, Hydra, envs, model) lives for the whole run: keep it out of the
     # garbage collector's full passes, which otherwise stall one peer at a time for milliseconds
     # while the others wait for it in the next collective.
     gc.collect()
     gc.freeze()
-    t_loop, comm_s0 = time.perf_counter(), comm.seconds  # comm_frac counts the loop's collectives only
+    t_loop, comm_s0, bytes0, calls0 = time.perf_counter(), comm.seconds, comm.bytes, comm.calls  # the loop's only
     saver.mark_boundary(p)
+    interrupted = False
     try:
         while p.step < cfg.train.total_steps and not reached:
-            start_step = p.step
-            result = algo.iteration(p.step / cfg.train.total_steps,
-                                    lambda eps: window.local_table(comm, start_step, algo.num_envs, eps))
-            p.step += result.steps * comm.world_size
+            start_step, progress = p.step, p.step / cfg.train.total_steps
+            sample = algo.sample(progress)
+            table = window.local_table(comm.rank, comm.world_size, start_step, algo.num_envs, sample.episodes)
+            comm.sum_with_next(table)  # rides in the algorithm's first collective of the same dtype
+            logs = algo.learn(progress)
+            comm.settle()
+            window.merge(table)
+            p.step += sample.steps * comm.world_size
             p.iteration += 1
-            if result.episode_table is not None:  # summed in one of the algorithm's own collectives
-                window.merge(result.episode_table)
-            else:
-                window.sync(comm, start_step, algo.num_envs, result.episodes)
             mean = window.mean
             reached = target is not None and mean is not None and mean >= target
-            _check_skips(learner, cfg.train.max_skipped_updates, run_dir)
+            streak = learner.skipped_in_a_row if learner is not None else 0
+            if streak >= cfg.train.max_skipped_updates:  # the same counter on every peer
+                raise NonFiniteUpdates(
+                    f"{streak} updates in a row were skipped because a loss or gradient was NaN or infinite on "
+                    f"some peer (train.max_skipped_updates={cfg.train.max_skipped_updates}); stopping. The last "
+                    f"good checkpoint is the newest in {run_dir / 'checkpoints'}")
             if p.iteration % cfg.comm.check_every == 0:
                 comm.phase = "check"
                 check_identical(comm, shared)
             done = reached or p.step >= cfg.train.total_steps
             p.time_s = p_start.time_s + time.perf_counter() - t_start  # run time over all attempts
             if p.step >= next_log or done:
-                next_log = (p.step // cfg.train.log_every_steps + 1) * cfg.train.log_every_steps
+                next_log = (p.step // log_every + 1) * log_every
                 elapsed = max(time.perf_counter() - t_loop, 1e-9)
-                row = {"step": p.step, "time_s": p.time_s, "episode_return_mean": mean,
-                       "episodes": window.episodes, "sps": (p.step - p_start.step) / elapsed,
-                       "comm_frac": (comm.seconds - comm_s0) / elapsed, **result.logs}
-                if learner is not None:
-                    row.setdefault("skipped_updates", learner.skipped)
-                writer.write(row)
+                writer.write({"step": p.step, "time_s": p.time_s, "episode_return_mean": mean,
+                              "episodes": window.episodes, "sps": (p.step - p_start.step) / elapsed,
+                              "comm_frac": (comm.seconds - comm_s0) / elapsed, **logs,
+                              **({} if learner is None else {"skipped_updates": learner.skipped})})
             # At a rollout boundary, when the global step crosses a multiple; never while updates are
             # being skipped, so that the checkpoints before a run of NaNs are kept.
-            if every is not None and p.step // every > start_step // every and not done and \
-                    getattr(learner, "skipped_in_a_row", 0) == 0:
+            if every is not None and p.step // every > start_step // every and not done and streak == 0:
                 saver.save(p)
             saver.mark_boundary(p)
             if reached:
                 steps_to_target, time_to_target = p.step, p.time_s
-        loop_s = time.perf_counter() - t_loop
-        comm_s = comm.seconds - comm_s0
+        loop_s, comm_s = time.perf_counter() - t_loop, comm.seconds - comm_s0
+        comm_bytes, comm_calls = comm.bytes - bytes0, comm.calls - calls0
         comm.phase = "check"
         check_identical(comm, shared)
         if saver.saved_step != p.step:
             saver.save(p)
-    except Interrupted as e:
-        saver.save_interrupted(str(e))
-        # The signal may have landed inside TensorBoard's or logging's machinery with a lock held, and
-        # closing them could then hang (seen). What matters is on disk (metrics rows are written whole,
-        # the model just above), so leave now, lock-free.
-        os.write(2, f"[rank {comm.rank}] {e}: stopped\n".encode())
-        os._exit(e.exit_code)
-    except PeerFailure as e:
+    except (Interrupted, PeerFailure) as e:
+        interrupted = isinstance(e, Interrupted)
         saver.save_interrupted(str(e))
         raise
     finally:
         gc.unfreeze()  # a multirun's next job starts from a collectable heap
-        writer.close()
+        if not interrupted:  # a signal may have landed inside the writer: the entry point leaves lock-free
+            writer.close()
     summary = {
         "reached": steps_to_target is not None, "steps_to_target": steps_to_target,
         "time_to_target_s": time_to_target, "final_step": p.step, "world_size": comm.world_size,
-        "wall_s": time.perf_counter() - t_start, "comm_frac": comm_s / max(loop_s, 1e-9),
+        "wall_s": time.perf_counter() - t_start, "loop_s": loop_s, "comm_s": comm_s,
+        "comm_frac": comm_s / max(loop_s, 1e-9), "comm_calls": comm_calls, "comm_bytes": comm_bytes,
+        "updates": learner.updates if learner is not None else p.iteration - p_start.iteration,
         "sps": (p.step - p_start.step) / max(loop_s, 1e-9), "episodes": window.episodes,
-        "episode_return_mean": window.mean, "comm_calls": comm.calls, "run_dir": str(run_dir),
+        "episode_return_mean": window.mean, "run_dir": str(run_dir),
         "resumed_from": None if resumed_from is None else str(resumed_from),
         "resumed_at_step": p_start.step if resumed_from is not None else None,
         "config": cfg.to_dict(),
@@ -166,13 +162,3 @@ def _train(cfg: RunConfig, run_dir: Path, comm: Communicator, t_start: float) ->
     comm.phase = "shutdown"
     comm.agree(False)  # leave together: no peer tears down while another still writes
     return summary
-
-
-def _check_skips(learner: Any, limit: int, run_dir: Path) -> None:
-    """Stop (on every peer alike: the counter is) once `limit` updates in a row were non-finite."""
-    streak = getattr(learner, "skipped_in_a_row", 0)
-    if streak >= limit:
-        raise NonFiniteUpdates(
-            f"{streak} updates in a row were skipped because a loss or gradient was NaN or infinite on some "
-            f"peer (train.max_skipped_updates={limit}); stopping. The last good checkpoint is the newest "
-            f"in {run_dir / 'checkpoints'}")

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from p2prl import bench, bench_report as report, bench_sb3, plot
+from p2prl import plot
+from p2prl.bench import report, runs as bench, sb3 as bench_sb3
 
 pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +63,7 @@ def test_plan_is_interleaved_by_seed(monkeypatch, tmp_path):
     for j in (one, two):
         assert {"algo=ppo", "env=cartpole", "train.target_return=100.0", "train.total_steps=512", "seed=0",
                 f"hydra.run.dir={j.run_dir.resolve()}"} <= set(j.cmd)
-    assert sb3.cmd[1:3] == ("-m", "p2prl.bench_sb3") and "train.total_steps=512" not in sb3.cmd
+    assert sb3.cmd[1:3] == ("-m", "p2prl.bench.sb3") and "train.total_steps=512" not in sb3.cmd
     assert sb3.cmd[sb3.cmd.index("--target") + 1] == "100.0"
     assert len({j.run_dir for j in jobs}) == len({j.log for j in jobs}) == len(jobs)
 

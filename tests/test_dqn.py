@@ -3,23 +3,29 @@ import numpy as np
 import pytest
 import torch
 
-from peers import run_peers
-from p2prl.algos.schedules import peer_epsilon
 from p2prl.algos.returns import nstep_return
-from p2prl.comm import LocalComm, open_comm
-from p2prl.comm.peers import parameter_digest
-from p2prl.config import CheckpointConfig, CommConfig, DQNConfig, EnvConfig, RunConfig, TrainConfig
+from p2prl.algos.schedules import peer_epsilon
+from p2prl.comm import LocalComm, open_comm, parameter_digest
 from p2prl.runner import build_algorithm
 
 pytestmark = pytest.mark.timeout(120)
+SMALL = {"num_envs": 1, "learning_starts": 32, "train_freq": 8, "gradient_steps": 4, "target_update_interval": 3,
+         "batch_size": 16, "buffer_size": 1000, "hidden_sizes": "[16,16]"}
 
 
-def dqn_config(**kw) -> RunConfig:
-    a = dict(num_envs=1, learning_starts=32, train_freq=8, gradient_steps=4, target_update_interval=3,
-             batch_size=16, buffer_size=1000, hidden_sizes=[16, 16])
-    a.update(kw)
-    return RunConfig(seed=5, algo=DQNConfig(**a), env=EnvConfig(), train=TrainConfig(total_steps=2000),
-                     comm=CommConfig(timeout_s=30), checkpoint=CheckpointConfig())
+@pytest.fixture
+def dqn_config(compose):
+    """`dqn_config(**algo_keys)`: a small DQN config on CartPole."""
+    def make(**kw):
+        keys = {**SMALL, **kw}
+        return compose("algo=dqn", "env=cartpole", "seed=5", "train.total_steps=2000", "comm.timeout_s=30",
+                       *(f"algo.{k}={v}" for k, v in keys.items()))
+    return make
+
+
+def iterate(algo, progress: float) -> None:
+    algo.sample(progress)
+    algo.learn(progress)
 
 
 def test_nstep_return_hand_computed():
@@ -28,10 +34,9 @@ def test_nstep_return_hand_computed():
 
 
 @pytest.mark.parametrize("terminated", [False, True])
-def test_nstep_windows_flush_at_episode_end(terminated):
+def test_nstep_windows_flush_at_episode_end(terminated, dqn_config):
     algo = build_algorithm(dqn_config(n_step=3, gamma=0.5), LocalComm())
     o = lambda t: np.full((1, 4), float(t), dtype=np.float32)
-    f = np.array([False])
     # Steps 0..3 with rewards 1..4; step 3 ends the episode; step 4 is the autoreset step (invalid).
     for t in range(5):
         end = np.array([t == 3])
@@ -52,8 +57,8 @@ def test_nstep_windows_flush_at_episode_end(terminated):
         assert b.terminated[i] == term and b.actions[i] == first % 2
 
 
-def test_one_step_transitions_skip_the_reset_step():
-    algo = build_algorithm(dqn_config(num_envs=2, buffer_size=5000), LocalComm())
+def test_one_step_transitions_skip_the_reset_step(dqn_config):
+    algo = build_algorithm(dqn_config(num_envs=2, buffer_size=5000, n_step=1), LocalComm())
     algo.collect(600)  # many CartPole episodes end in 600 steps under a random-ish policy
     b = algo.buffer
     ended = algo.episodes.take()
@@ -73,21 +78,20 @@ def test_ape_x_epsilons():
     assert peer_epsilon(0.4, 3, 4, None) == 0.4
 
 
-def _dqn_peer(rank: int):
-    cfg = dqn_config(num_envs=2)
-    comm = open_comm(cfg.comm)
+def _dqn_peer(rank: int, cfg):
+    comm = open_comm(cfg.comm, "gloo")
     algo = build_algorithm(cfg, comm)
     trace = []
     for i in range(12):
-        algo.iteration(progress=i / 12)
+        iterate(algo, i / 12)
         trace.append((algo.learner.updates, parameter_digest(list(algo.q.parameters())),
                       parameter_digest(list(algo.target.parameters()))))
     b = algo.buffer
     return trace, torch.from_numpy(b.obs[:b.size].copy())
 
 
-def test_two_peers_identical_networks_own_buffers_target_synced_together():
-    (ta, buf_a), (tb, buf_b) = run_peers(_dqn_peer, 2)
+def test_two_peers_identical_networks_own_buffers_target_synced_together(dqn_config, peers):
+    (ta, buf_a), (tb, buf_b) = peers(_dqn_peer, 2, dqn_config(num_envs=2))
     assert ta == tb, "online or target networks differ between peers"
     assert ta[-1][0] > 0
     assert buf_a.shape[0] > 0 and not (buf_a.shape == buf_b.shape and torch.equal(buf_a, buf_b)), \
@@ -98,38 +102,64 @@ def test_two_peers_identical_networks_own_buffers_target_synced_together():
         assert (tgt0 != tgt1) == synced, (u0, u1)
 
 
-def test_checkpointed_state_resumes_bit_for_bit(tmp_path):
+def test_checkpointed_state_resumes_bit_for_bit(tmp_path, dqn_config):
     cfg = dqn_config(num_envs=2, n_step=3)
     a = build_algorithm(cfg, LocalComm())
     for i in range(6):
-        a.iteration(progress=i / 12)
+        iterate(a, i / 12)
     path = tmp_path / "state.pt"
-    torch.save({"shared": a.state_dict(), "own": a.rank_state_dict(replay=True)}, path)
+    torch.save({"shared": a.state_dict(), "learner": a.learner.state_dict(), "own": a.rank_state_dict(replay=True)},
+               path)
     saved = torch.load(path, weights_only=True)
     b = build_algorithm(cfg, LocalComm())
     b.load_state_dict(saved["shared"])
+    b.learner.load_state_dict(saved["learner"])
     b.load_rank_state_dict(saved["own"])
     torch.manual_seed(123)
-    a.iteration(progress=0.5)
+    iterate(a, 0.5)
     torch.manual_seed(123)
-    b.iteration(progress=0.5)
+    iterate(b, 0.5)
     assert parameter_digest(list(a.q.parameters())) == parameter_digest(list(b.q.parameters()))
     assert a.buffer.size == b.buffer.size and np.array_equal(a.buffer.obs, b.buffer.obs)
     for da, db in zip(a.pending, b.pending):
         assert len(da) == len(db) and all(np.array_equal(x[0], y[0]) and x[1:] == y[1:] for x, y in zip(da, db))
 
 
-def test_resume_without_replay_refills_before_learning():
+def test_resume_without_replay_refills_before_learning(dqn_config):
     cfg = dqn_config(num_envs=2, n_step=3, train_freq=2, learning_starts=32)
     a = build_algorithm(cfg, LocalComm())
     for i in range(12):
-        a.iteration(progress=i / 24)
+        iterate(a, i / 24)
     assert a.learner.updates > 0
     b = build_algorithm(cfg, LocalComm())
     b.load_state_dict(a.state_dict())  # shared state only: this peer's replay buffer starts empty
     before = b.learner.updates
     for i in range(7):  # the 8th iteration brings 8 x 2 vector steps x 2 envs = 32 fresh steps
-        b.iteration(progress=0.5)
+        iterate(b, 0.5)
         assert b.learner.updates == before, "learned from an unfilled buffer"
-    b.iteration(progress=0.5)
+    iterate(b, 0.5)
     assert b.learner.updates > before and b.buffer.size > 0
+
+
+def _poisoned_dqn(cfg) -> dict:
+    """Two DQN iterations on one peer where every second update's loss is NaN: the logged losses are the
+    mean over the updates that were applied, not divided by algo.gradient_steps."""
+    algo = build_algorithm(cfg, LocalComm())
+    real = algo.loss
+    calls = []
+
+    def loss(batch):
+        value, terms = real(batch)
+        calls.append(float(terms["loss_td"]))
+        return (value * float("nan"), terms) if len(calls) % 2 == 0 else (value, terms)
+    algo.loss = loss
+    while algo.learner.attempts == 0:
+        iterate(algo, 0.0)
+    return {"logs": algo.learn(0.0), "calls": calls, "skipped": algo.learner.skipped}
+
+
+def test_logged_losses_average_only_the_applied_updates(dqn_config):
+    out = _poisoned_dqn(dqn_config(gradient_steps=4, learning_starts=8))
+    applied = out["calls"][-4:][0::2]  # the last learn(): updates 1 and 3 applied, 2 and 4 skipped
+    assert out["skipped"] >= 2
+    assert out["logs"]["loss_td"] == pytest.approx(sum(applied) / len(applied), rel=1e-6)

@@ -2,18 +2,20 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from test_cli import ROOT, TINY, train
-
 pytestmark = pytest.mark.timeout(120)
+ROOT = Path(__file__).resolve().parents[1]
+PPO = ["algo.num_envs=2", "algo.num_steps=16", "algo.num_minibatches=2", "algo.update_epochs=2"]
+RUN = ["train.total_steps=256", "train.log_every_steps=64", "train.target_return=null"]
 
 
 @pytest.mark.parametrize("algo", ["ppo", "dqn"])
-def test_evaluate_latest_checkpoint(run_dir, algo):
-    extra = ["algo.learning_starts=64", "algo.batch_size=16"] if algo == "dqn" else TINY[:4]
-    p, _ = train([f"algo={algo}", *extra, *TINY[4:], f"hydra.run.dir={run_dir}"])
+def test_evaluate_latest_checkpoint(run_dir, algo, cli):
+    extra = ["algo.learning_starts=64", "algo.batch_size=16"] if algo == "dqn" else PPO
+    p = cli([f"algo={algo}", *extra, *RUN, f"hydra.run.dir={run_dir}"])
     assert p.returncode == 0, p.stderr
     e = subprocess.run([sys.executable, "-m", "p2prl.evaluate", str(run_dir), "--episodes", "3"],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)

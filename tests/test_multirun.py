@@ -3,14 +3,15 @@ import json
 
 import pytest
 
-from test_cli import TINY, train
+TINY = ["algo.num_envs=2", "algo.num_steps=16", "algo.num_minibatches=2", "algo.update_epochs=2",
+        "train.total_steps=256", "train.log_every_steps=64", "train.target_return=null"]
 
 pytestmark = pytest.mark.timeout(180)
 
 
-def test_two_peer_sweep_writes_one_dir_per_job(tmp_path):
+def test_two_peer_sweep_writes_one_dir_per_job(tmp_path, cli):
     sweep = tmp_path / "sweep"
-    p, _ = train(["-m", "algo.lr=1e-3,3e-4", *TINY, f"hydra.sweep.dir={sweep}"], nproc=2, timeout=150)
+    p = cli(["-m", "algo.lr=1e-3,3e-4", *TINY, f"hydra.sweep.dir={sweep}"], nproc=2, timeout=150)
     assert p.returncode == 0, p.stderr[-3000:]
     lrs = []
     for job in ("0", "1"):

@@ -6,9 +6,10 @@ import sys
 
 import pytest
 
-from test_cli import ROOT
+from pathlib import Path
 
 pytestmark = pytest.mark.timeout(180)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_non_editable_install_finds_its_config(tmp_path):

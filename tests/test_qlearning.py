@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from peers import run_peers
-from test_cli import train
+from p2prl.algos import Peer
 from p2prl.algos.qlearning import QLearning, apply_td_sums, td_errors
 from p2prl.algos.schedules import decayed_epsilon, peer_epsilon
 from p2prl.algos.tabular_eval import greedy, policy_return, rollout_returns, tabular_model, value_iteration
 from p2prl.comm import LocalComm, open_comm
-from p2prl.config import CheckpointConfig, CommConfig, EnvConfig, QLearningConfig, RunConfig, TrainConfig
+from p2prl.config import EnvConfig
 from p2prl.envs import make_single_env
+from p2prl.precheck import compose
 from p2prl.runner import build_algorithm
 
 pytestmark = pytest.mark.timeout(240)
@@ -68,15 +68,21 @@ class Chain(gym.Env):
         return self.state, float(self.state == 2), self.state == 2, False, {}
 
 
+def iterate(algo, progress: float):
+    sample = algo.sample(progress)
+    return sample, algo.learn(progress)
+
+
 def _chain_tables(rank: int, limits_by_rank: list[list[int]]) -> list[np.ndarray]:
     """Two iterations of 3 vector steps on Chain copies with this rank's time limits; the table after each."""
     limits = limits_by_rank[rank]
-    comm = open_comm(CommConfig(timeout_s=30)) if len(limits_by_rank) > 1 else LocalComm()
+    cfg = compose("algo=qlearning", "env=frozenlake", "algo.alpha=0.5", "algo.alpha_end=0.5", f"algo.gamma={GAMMA}",
+                  f"algo.num_envs={len(limits)}", "algo.sync_every=3", "comm.timeout_s=30")
+    comm = open_comm(cfg.comm, "gloo") if len(limits_by_rank) > 1 else LocalComm()
     envs = gym.vector.SyncVectorEnv([partial(gym.wrappers.TimeLimit, Chain(), n) for n in limits])
     obs, _ = envs.reset(seed=0)
-    cfg = QLearningConfig(alpha=0.5, alpha_end=0.5, gamma=GAMMA, num_envs=len(limits), sync_every=3)
-    algo = QLearning(cfg, envs, obs, comm, seed=rank)
-    return [(algo.iteration(progress=0.0), algo.q.copy())[1] for _ in range(2)]
+    algo = QLearning(cfg.algo, envs, obs, Peer(comm, seed=rank, overlap=False))
+    return [(iterate(algo, 0.0), algo.q.copy())[1] for _ in range(2)]
 
 
 # Rank 0 runs whole episodes (0 -> 1 -> 2); rank 1's time limit of 1 truncates every episode at 0 -> 1.
@@ -88,8 +94,8 @@ def _chain_tables(rank: int, limits_by_rank: list[list[int]]) -> list[np.ndarray
 EXPECTED = [np.array([[0.0], [0.5], [0.0]]), np.array([[GAMMA * 0.25], [0.75], [0.0]])]
 
 
-def test_two_peers_sum_known_transitions_to_hand_computed_table():
-    tables = run_peers(_chain_tables, 2, [[3], [1]])
+def test_two_peers_sum_known_transitions_to_hand_computed_table(peers):
+    tables = peers(_chain_tables, 2, [[3], [1]])
     for rank_tables in tables:
         for got, want in zip(rank_tables, EXPECTED):
             assert np.allclose(got, want, atol=1e-12), (got.ravel(), want.ravel())
@@ -102,23 +108,22 @@ def test_one_peer_with_both_envs_equals_two_peers():
 
 
 # -- real training on 2 peers --------------------------------------------------------------------
-def _frozenlake(rank: int, sync: str, iterations: int) -> dict:
-    cfg = RunConfig(seed=5, algo=QLearningConfig(num_envs=4, sync_every=16, sync=sync),
-                    env=EnvConfig(name="frozenlake", id="FrozenLake-v1", kwargs={"map_name": "4x4"}),
-                    train=TrainConfig(), comm=CommConfig(timeout_s=30), checkpoint=CheckpointConfig())
-    algo = build_algorithm(cfg, open_comm(cfg.comm))
+def _frozenlake(rank: int, cfg, iterations: int) -> dict:
+    algo = build_algorithm(cfg, open_comm(cfg.comm, "gloo"))
     tables, episodes, logs = [], [], []
     for i in range(iterations):
-        res = algo.iteration(progress=i / iterations)
+        sample, learned = iterate(algo, i / iterations)
         tables.append(algo.state_dict()["q_table"])
-        episodes += [(e.t, e.env, e.ret, e.length) for e in res.episodes]
-        logs.append(res.logs)
+        episodes += [(e.t, e.env, e.ret, e.length) for e in sample.episodes]
+        logs.append(learned)
     return {"tables": tables, "episodes": episodes, "logs": logs}
 
 
 @pytest.mark.parametrize("sync", ["sum", "average"])
-def test_tables_identical_on_two_peers_exploring_differently(sync):
-    a, b = run_peers(_frozenlake, 2, sync, 30)
+def test_tables_identical_on_two_peers_exploring_differently(sync, peers):
+    cfg = compose("algo=qlearning", "env=frozenlake", "seed=5", "algo.num_envs=4", "algo.sync_every=16",
+                  f"algo.sync={sync}", "comm.timeout_s=30")
+    a, b = peers(_frozenlake, 2, cfg, 30)
     for i, (ta, tb) in enumerate(zip(a["tables"], b["tables"])):
         assert torch.equal(ta, tb), f"tables differ after sync {i}"
     assert a["tables"][-1].abs().sum() > 0, "nothing was learned"
@@ -129,8 +134,8 @@ def test_tables_identical_on_two_peers_exploring_differently(sync):
     assert a["logs"][-1]["alpha"] < a["logs"][0]["alpha"] and a["logs"][-1]["td_abs_mean"] > 0
 
 
-def test_cartpole_is_refused_with_one_line(tmp_path):
-    p, _ = train(["algo=qlearning", "env=cartpole", f"hydra.run.dir={tmp_path / 'run'}"], timeout=60)
+def test_cartpole_is_refused_with_one_line(tmp_path, cli):
+    p = cli(["algo=qlearning", "env=cartpole", f"hydra.run.dir={tmp_path / 'run'}"], timeout=60)
     lines = [line for line in p.stderr.splitlines() if line.strip()]
     assert p.returncode == 2 and len(lines) == 1, p.stderr
     assert "algo=qlearning" in lines[0] and "Discrete observations" in lines[0], lines[0]
@@ -138,9 +143,9 @@ def test_cartpole_is_refused_with_one_line(tmp_path):
 
 
 # -- learning to the optimum (value iteration on the env's own model) ------------------------------
-def _learned_vs_optimal(env_name: str, run_dir) -> tuple:
+def _learned_vs_optimal(env_name: str, run_dir, cli) -> tuple:
     """Train the preset on 2 peers; (env, its model, learned Q, value-iteration Q*, time limit)."""
-    p, _ = train(["algo=qlearning", f"env={env_name}", f"hydra.run.dir={run_dir}"], nproc=2, timeout=220)
+    p = cli(["algo=qlearning", f"env={env_name}", f"hydra.run.dir={run_dir}"], nproc=2, timeout=220)
     assert p.returncode == 0, p.stderr[-3000:]
     s = json.loads((run_dir / "summary.json").read_text())
     assert s["world_size"] == 2 and s["final_step"] >= s["config"]["train"]["total_steps"]
@@ -152,8 +157,8 @@ def _learned_vs_optimal(env_name: str, run_dir) -> tuple:
 
 
 @pytest.mark.slow
-def test_taxi_reaches_the_optimal_return(run_dir):
-    env, model, q, q_star, horizon = _learned_vs_optimal("taxi", run_dir)
+def test_taxi_reaches_the_optimal_return(run_dir, cli):
+    env, model, q, q_star, horizon = _learned_vs_optimal("taxi", run_dir, cli)
     optimum = policy_return(model, greedy(q_star), horizon)
     assert abs(optimum - 7.93) < 0.01  # Taxi-v4's optimal expected return from its start distribution
     assert policy_return(model, greedy(q), horizon) > optimum - 0.5  # exact expectation
@@ -161,8 +166,8 @@ def test_taxi_reaches_the_optimal_return(run_dir):
 
 
 @pytest.mark.slow
-def test_frozenlake8x8_success_rate_close_to_value_iteration(run_dir):
-    _, model, q, q_star, horizon = _learned_vs_optimal("frozenlake8x8", run_dir)
+def test_frozenlake8x8_success_rate_close_to_value_iteration(run_dir, cli):
+    _, model, q, q_star, horizon = _learned_vs_optimal("frozenlake8x8", run_dir, cli)
     # Exact success probabilities within the 100-step limit (no Monte-Carlo noise).
     optimum = policy_return(model, greedy(q_star), horizon)
     assert 0.6 < optimum < 0.66
@@ -170,19 +175,18 @@ def test_frozenlake8x8_success_rate_close_to_value_iteration(run_dir):
 
 
 @pytest.mark.slow
-def test_cliffwalking_takes_the_shortest_path(run_dir):
-    env, _, q, _, _ = _learned_vs_optimal("cliffwalking", run_dir)
+def test_cliffwalking_takes_the_shortest_path(run_dir, cli):
+    env, _, q, _, _ = _learned_vs_optimal("cliffwalking", run_dir, cli)
     assert rollout_returns(env, greedy(q), 1, seed=0)[0] == -13
 
 
 def test_checkpointed_state_resumes_bit_for_bit():
     import io
 
-    cfg = RunConfig(seed=1, algo=QLearningConfig(num_envs=4, sync_every=8), env=EnvConfig(name="taxi", id="Taxi-v4"),
-                    train=TrainConfig(), comm=CommConfig(), checkpoint=CheckpointConfig())
+    cfg = compose("algo=qlearning", "env=taxi", "seed=1", "algo.num_envs=4", "algo.sync_every=8")
     a = build_algorithm(cfg, LocalComm())
     for i in range(5):
-        a.iteration(i / 10)
+        iterate(a, i / 10)
     buf = io.BytesIO()
     torch.save({"shared": a.state_dict(), "own": a.rank_state_dict()}, buf)
     buf.seek(0)
@@ -191,6 +195,6 @@ def test_checkpointed_state_resumes_bit_for_bit():
     b.load_state_dict(saved["shared"])
     b.load_rank_state_dict(saved["own"])
     for x in (a, b):
-        x.iteration(0.6)
-        x.iteration(0.7)
+        iterate(x, 0.6)
+        iterate(x, 0.7)
     assert a.q.any() and np.array_equal(a.q, b.q)

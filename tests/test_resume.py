@@ -1,6 +1,7 @@
 """Checkpoints and resuming: env/RNG state round trips, a truncated newest checkpoint, another number of
 peers, and a peer killed with SIGKILL under `torchrun --max-restarts` ending bit-identical to a run
 that was never interrupted."""
+import dataclasses
 import json
 import logging
 import os
@@ -12,21 +13,24 @@ import numpy as np
 import pytest
 import torch
 
-import torchrun
-from peers import run_peers
 from p2prl import checkpoint
-from p2prl.config import CheckpointConfig, CommConfig, DQNConfig, EnvConfig, PPOConfig, RunConfig, TrainConfig
 from p2prl.envs import load_vec_env_state, make_vec_env, vec_env_state
 from p2prl.metrics import drop_rows_after
 from p2prl.runner import run
 
 pytestmark = pytest.mark.timeout(180)
+PPO = ("algo.num_envs=2", "algo.num_steps=16", "algo.num_minibatches=2", "algo.update_epochs=2", "algo.lr=1e-3")
+DQN = ("algo=dqn", "algo.num_envs=2", "algo.buffer_size=500", "algo.batch_size=16", "algo.learning_starts=32",
+       "algo.target_update_interval=20")
 
 
-def small_config(total_steps: int, algo=None, every: int = 64) -> RunConfig:
-    algo = algo or PPOConfig(num_envs=2, num_steps=16, num_minibatches=2, update_epochs=2, lr=1e-3)
-    return RunConfig(seed=1, algo=algo, env=EnvConfig(), train=TrainConfig(total_steps=total_steps, log_every_steps=64),
-                     comm=CommConfig(timeout_s=30), checkpoint=CheckpointConfig(every_steps=every))
+@pytest.fixture
+def small(compose):
+    """A small run's config: `small(total_steps, *overrides)` (PPO unless the overrides say dqn)."""
+    def make(total_steps: int, *overrides: str):
+        return compose("seed=1", *(overrides or PPO), f"train.total_steps={total_steps}", "train.log_every_steps=64",
+                       "train.target_return=null", "checkpoint.every_steps=64", "comm.timeout_s=30")
+    return make
 
 
 def rows(run_dir: Path) -> list[dict]:
@@ -34,8 +38,8 @@ def rows(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("env_id", ["CartPole-v1", "Acrobot-v1", "Pendulum-v1"])
-def test_env_state_round_trip_continues_the_same_episodes(env_id, tmp_path):
-    cfg = EnvConfig(name="x", id=env_id)
+def test_env_state_round_trip_continues_the_same_episodes(env_id, tmp_path, compose):
+    cfg = dataclasses.replace(compose().env, id=env_id)
     envs, _ = make_vec_env(cfg, 3, seed=5)
     actions = [envs.action_space.sample() for _ in range(400)]
     for a in actions[:200]:
@@ -66,27 +70,27 @@ def test_drop_rows_after_keeps_earlier_rows_and_drops_a_torn_line(tmp_path):
 
 
 def test_run_dir_id_is_the_torchrun_agents_start_time_without_a_run_id(monkeypatch):
-    import p2prl.train as train
+    import p2prl.comm.launcher as launcher
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
     ids = []
     for _ in range(2):  # a restarted worker of the same agent computes it afresh
-        monkeypatch.setattr(train, "_RUN_ID", None)
-        ids.append(train.run_id())
-    assert ids[0] == ids[1] == train._agent_started().strftime("%Y-%m-%d_%H-%M-%S_%f")[:-3]
+        monkeypatch.setattr(launcher, "_RUN_ID", None)
+        ids.append(launcher.run_id())
+    assert ids[0] == ids[1] == launcher._agent_started().strftime("%Y-%m-%d_%H-%M-%S_%f")[:-3]
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")
-    monkeypatch.setattr(train, "_RUN_ID", None)
-    assert train.run_id() == "job-7"
+    monkeypatch.setattr(launcher, "_RUN_ID", None)
+    assert launcher.run_id() == "job-7"
 
 
-def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
+def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog, small):
     run_dir = tmp_path / "run"
-    run(small_config(256), run_dir)
+    run(small(256), run_dir)
     assert checkpoint.list_steps(run_dir / "checkpoints") == [192, 256]
     newest = run_dir / "checkpoints" / "step_256.pt"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
     with caplog.at_level(logging.INFO):
-        summary = run(small_config(320), run_dir)
+        summary = run(small(320), run_dir)
     assert "step_256.pt is unreadable" in caplog.text
     assert f"resumed from {run_dir / 'checkpoints' / 'step_192.pt'} at step 192" in caplog.text
     assert summary["resumed_at_step"] == 192 and summary["final_step"] == 320
@@ -94,7 +98,7 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog
     assert steps == sorted(set(steps)) and steps[-1] == 320
 
 
-def _resume_on_two(rank: int, cfg: RunConfig, run_dir: Path):
+def _resume_on_two(rank: int, cfg, run_dir: Path):
     records = []
     handler = logging.Handler()
     handler.emit = lambda r: records.append(r.getMessage())
@@ -103,17 +107,11 @@ def _resume_on_two(rank: int, cfg: RunConfig, run_dir: Path):
     return run(cfg, run_dir), records
 
 
-def _dqn() -> DQNConfig:
-    return DQNConfig(num_envs=2, buffer_size=500, batch_size=16, learning_starts=32, target_update_interval=20)
-
-
-@pytest.mark.parametrize("make_algo", [lambda: None, _dqn], ids=["ppo", "dqn"])
-def test_resume_on_another_number_of_peers(make_algo, tmp_path):
-    if make_algo is _dqn:
-        pytest.importorskip("p2prl.algos.dqn")
+@pytest.mark.parametrize("algo", [PPO, DQN], ids=["ppo", "dqn"])
+def test_resume_on_another_number_of_peers(algo, tmp_path, small, peers):
     run_dir = tmp_path / "run"
-    first = run(small_config(256, make_algo()), run_dir)
-    (s0, log0), (s1, _) = run_peers(_resume_on_two, 2, small_config(512, make_algo()), run_dir, timeout=120)
+    first = run(small(256, *algo), run_dir)
+    (s0, log0), (s1, _) = peers(_resume_on_two, 2, small(512, *algo), run_dir, timeout=120)
     assert s0["resumed_at_step"] == s1["resumed_at_step"] == first["final_step"]
     assert s0["world_size"] == 2 and s0["final_step"] >= 512
     assert any("resuming a run of 1 peer(s) on 2" in m for m in log0), log0
@@ -132,7 +130,7 @@ def _final(run_dir: Path) -> tuple[dict, dict]:
     return summary, checkpoint.load(checkpoint.shared_path(run_dir / "checkpoints", summary["final_step"]))
 
 
-def test_killed_peer_resumes_and_ends_bit_identical_to_an_uninterrupted_run(tmp_path):
+def test_killed_peer_resumes_and_ends_bit_identical_to_an_uninterrupted_run(tmp_path, torchrun):
     ref_dir = tmp_path / "uninterrupted"
     ref = torchrun.start([*RUN, f"hydra.run.dir={ref_dir}"])
     torchrun.finish(ref, 120)
@@ -151,7 +149,7 @@ def test_killed_peer_resumes_and_ends_bit_identical_to_an_uninterrupted_run(tmp_
     assert len(resumed) == 1 and int(resumed[0][1]) >= checkpoint.step_of(first), out[-3000:]
     (s_ref, c_ref), (s, c) = _final(ref_dir), _final(run_dir)
     assert s["reached"] and s["steps_to_target"] == s_ref["steps_to_target"]
-    for key in ("model", "optimizer"):
+    for key in ("model", "learner"):
         assert _tensors(c[key]) and len(_tensors(c[key])) == len(_tensors(c_ref[key]))
         for a, b in zip(_tensors(c[key]), _tensors(c_ref[key])):
             assert torch.equal(a, b), f"{key} differs from the uninterrupted run"

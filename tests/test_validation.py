@@ -7,12 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import p2prl.train as train
-import torchrun
 from p2prl.checkpoint import save_atomic
-from p2prl.precheck import precheck
+from p2prl.precheck import check_command_line
 
 pytestmark = pytest.mark.timeout(120)
+ROOT = Path(__file__).resolve().parents[1]
 TINY = ["algo.num_envs=2", "algo.num_steps=16", "algo.num_minibatches=2", "algo.update_epochs=2",
         "train.total_steps=128", "train.log_every_steps=64", "train.target_return=null"]
 
@@ -21,6 +20,8 @@ BAD = [
     (["env=nosuchenv"], ["env=nosuchenv", "allowed: acrobot, cartpole"]),
     (["algo=nosuchalgo"], ["algo=nosuchalgo", "allowed: a2c, dqn, ppo"]),
     (["comm=nosuchcomm"], ["comm=nosuchcomm", "allowed: allreduce"]),
+    (["checkpoint=nosuch"], ["checkpoint=nosuch", "allowed: default"]),
+    (["+nosuchsection=1"], ["nosuchsection=1", "unknown key; allowed: seed, algo, env, train, comm, checkpoint"]),
     (["comm.backend=mpi"], ["comm.backend=mpi", "allowed: auto, gloo, nccl"]),
     (["env.id=NoSuchEnv-v9"], ["env.id=NoSuchEnv-v9", "not a registered gymnasium env"]),
     (["algo.nosuchkey=1"], ["algo.nosuchkey=1", "unknown key; allowed:"]),
@@ -53,6 +54,15 @@ BAD = [
     (["hydra.run.dir={tmp}/acrobot_run"], ["train.resume=auto", "belongs to another run (algo=ppo env=acrobot"]),
     (["train.resume="], ["train.resume=", "allowed: auto, never"]),
     (["algo.lr=1e-3,-1", "-m", "hydra.sweep.dir={tmp}/sweep"], ["algo.lr=-1", "positive number"]),
+    (["algo.clip_reward=-1"], ["algo.clip_reward=-1", "positive number"]),
+    (["hydra.run.dir={tmp}/cartpole_run", "algo.hidden_sizes=[32]"],
+     ["algo.hidden_sizes=[32]: cannot change on resume", "was trained with [64, 64]", "train.resume=never"]),
+    (["hydra.run.dir={tmp}/cartpole_run", "algo.norm_obs=true"],
+     ["algo.norm_obs=true: cannot change on resume", "was trained with false"]),
+    (["train.resume={tmp}/cartpole_run", "algo.optimizer=rmsprop"],
+     ["algo.optimizer=rmsprop: cannot change on resume", "was trained with adam"]),
+    (["hydra.run.dir={tmp}/cartpole_run", "+env.kwargs.sutton_barto_reward=true"],
+     ["env.kwargs={'sutton_barto_reward': True}: cannot change on resume", "was trained with {}"]),
 ]
 
 
@@ -61,25 +71,32 @@ def fixtures(tmp: Path) -> None:
     acrobot = {"config": {"algo": {"name": "ppo"}, "env": {"name": "acrobot", "id": "Acrobot-v1"}}, "step": 64}
     save_atomic(acrobot, tmp / "acrobot_run" / "checkpoints" / "step_64.pt")
     (tmp / "corrupt.pt").write_bytes(b"PK\x03\x04 not a zip")
+    cartpole = {"config": {"algo": {"name": "ppo", "hidden_sizes": [64, 64], "norm_obs": False, "optimizer": "adam"},
+                           "env": {"name": "cartpole", "id": "CartPole-v1", "kwargs": {}}}, "step": 64}
+    save_atomic(cartpole, tmp / "cartpole_run" / "checkpoints" / "step_64.pt")
 
 
 @pytest.mark.parametrize("args,expected", BAD, ids=[" ".join(a) for a, _ in BAD])
-def test_bad_input_is_one_line_and_exit_2_before_anything_is_written(args, expected, tmp_path, capsys):
+def test_bad_input_is_one_line_before_anything_is_written(args, expected, tmp_path):
     if "comm.backend=nccl" in args and torch.cuda.is_available():
         pytest.skip("nccl is valid here")
     fixtures(tmp_path)
     args = [a.format(tmp=tmp_path) for a in args]
     if not any(a.startswith("hydra.") for a in args):
         args.append(f"hydra.run.dir={tmp_path / 'run'}")
-    before = sorted(p.name for p in tmp_path.iterdir())
-    with pytest.raises(SystemExit) as e:
-        precheck(train.CONF_DIR, args)
-    assert e.value.code == 2
-    lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("p2prl: error: "), lines
+    before = _snapshot(tmp_path)
+    error, _ = check_command_line(args)  # what `python -m p2prl.train` prints after "p2prl: error: ", exit 2
+    assert error is not None and "\n" not in error, error
     for text in expected:
-        assert text in lines[0], lines[0]
-    assert sorted(p.name for p in tmp_path.iterdir()) == before
+        assert text in error, error
+    assert _snapshot(tmp_path) == before
+
+
+def test_the_command_line_ends_with_exit_2_and_the_one_line(tmp_path, cli):
+    fixtures(tmp_path)
+    p = cli([f"hydra.run.dir={tmp_path / 'cartpole_run'}", "algo.hidden_sizes=[32]"], timeout=60)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert p.stderr.startswith("p2prl: error: algo.hidden_sizes=[32]: cannot change on resume"), p.stderr
 
 
 def _snapshot(run_dir: Path) -> dict:
@@ -87,16 +104,16 @@ def _snapshot(run_dir: Path) -> dict:
             for p in sorted(run_dir.rglob("*")) if p.is_file()}
 
 
-def test_a_bad_run_pointed_at_an_existing_run_overwrites_nothing(tmp_path):
+def test_a_bad_run_pointed_at_an_existing_run_overwrites_nothing(tmp_path, torchrun):
     run_dir = tmp_path / "run"
     good = subprocess.run([sys.executable, "-m", "p2prl.train", *TINY, f"hydra.run.dir={run_dir}"],
-                          cwd=torchrun.ROOT, capture_output=True, text=True, timeout=90)
+                          cwd=ROOT, capture_output=True, text=True, timeout=90)
     assert good.returncode == 0, good.stderr
     before = _snapshot(run_dir)
     assert {"metrics.jsonl", "summary.json", "checkpoints/step_128.pt", "checkpoints/rank0/step_128.pt"} <= set(before)
     # A bad value on one peer, and (under torchrun) a run of another env with train.resume=auto.
     bad = subprocess.run([sys.executable, "-m", "p2prl.train", *TINY, "algo.lr=-1", f"hydra.run.dir={run_dir}"],
-                         cwd=torchrun.ROOT, capture_output=True, text=True, timeout=60)
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
     job = torchrun.start([*TINY, "env=acrobot", f"hydra.run.dir={run_dir}"])
     out = torchrun.finish(job, 90)
@@ -106,7 +123,7 @@ def test_a_bad_run_pointed_at_an_existing_run_overwrites_nothing(tmp_path):
     assert _snapshot(run_dir) == before
 
 
-def test_configs_that_differ_between_peers_are_refused_naming_the_keys(tmp_path):
+def test_configs_that_differ_between_peers_are_refused_naming_the_keys(tmp_path, torchrun):
     job = torchrun.start(["seed='${oc.decode:${oc.env:RANK}}'", *TINY, f"hydra.run.dir={tmp_path / 'run'}"])
     out = torchrun.finish(job, 90)
     assert job.returncode == 1

@@ -9,40 +9,83 @@ update: no peer ever waits in a collective another one skipped.
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
+from typing import Optional
 
 import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from p2prl.algos import IterationResult, load_sampler_state, sampler_state
+from p2prl import config as check
+from p2prl.algos.base import Algorithm, Peer, Sample, load_sampler_state, sampler_state, torch_policy
 from p2prl.algos.returns import nstep_return, td_targets
 from p2prl.algos.schedules import decayed_epsilon, peer_epsilon
-from p2prl.comm import Communicator
-from p2prl.config import DQNConfig
 from p2prl.data import ReplayBatch, ReplayBuffer
-from p2prl.learner import Learner
 from p2prl.metrics import EpisodeCounter
 from p2prl.nets import QNetwork
 from p2prl.optim import FlatAdam
 
-EXTRAS = ("loss_td", "q_mean")
+TERMS = ("loss_td", "q_mean")
 
 
-class DQN:
-    def __init__(self, cfg: DQNConfig, envs: gym.vector.VectorEnv, first_obs: np.ndarray,
-                 comm: Communicator, seed: int) -> None:
-        self.cfg, self.envs, self.comm = cfg, envs, comm
+@dataclass
+class DQNConfig:
+    """The `algo` section of dqn (conf/algo/dqn.yaml: the defaults, commented)."""
+
+    name: str
+    lr: float
+    gamma: float
+    num_envs: int
+    buffer_size: int
+    batch_size: int
+    learning_starts: int
+    train_freq: int
+    gradient_steps: int
+    target_update_interval: int
+    tau: float
+    double_dqn: bool
+    n_step: int
+    eps_start: float
+    eps_end: float
+    exploration_fraction: float
+    apex_alpha: Optional[float]
+    max_grad_norm: Optional[float]
+    hidden_sizes: list
+    activation: str
+
+    def __post_init__(self) -> None:
+        p = "algo."
+        check.positive(p + "lr", self.lr)
+        check.unit(p + "gamma", self.gamma, low_open=True)
+        for k in ("num_envs", "buffer_size", "batch_size", "train_freq", "gradient_steps",
+                  "target_update_interval", "n_step"):
+            check.positive(p + k, getattr(self, k), integer=True)
+        check.nonneg(p + "learning_starts", self.learning_starts, integer=True)
+        check.unit(p + "tau", self.tau, low_open=True)
+        for k in ("eps_start", "eps_end", "exploration_fraction"):
+            check.unit(p + k, getattr(self, k))
+        check.optional(check.nonneg, p + "apex_alpha", self.apex_alpha)
+        check.optional(check.positive, p + "max_grad_norm", self.max_grad_norm)
+        check.boolean(p + "double_dqn", self.double_dqn)
+        check.net(p, self.hidden_sizes, self.activation)
+        if self.batch_size > self.buffer_size:
+            raise check.ConfigError(p + "batch_size", self.batch_size, f"must be <= algo.buffer_size={self.buffer_size}")
+
+
+class DQN(Algorithm):
+    def __init__(self, cfg: DQNConfig, envs: gym.vector.VectorEnv, first_obs: np.ndarray, peer: Peer) -> None:
+        self.cfg, self.envs, self.comm = cfg, envs, peer.comm
         obs_space = envs.single_observation_space
         self.n_actions = int(envs.single_action_space.n)
-        self.q = QNetwork(obs_space, self.n_actions, cfg.hidden_sizes, cfg.activation).to(comm.device)
-        self.learner = Learner(list(self.q.parameters()), lambda p: FlatAdam(p, lr=cfg.lr), comm,
-                               cfg.max_grad_norm, n_extras=len(EXTRAS))
-        self.learner.broadcast_parameters()
-        self.target = QNetwork(obs_space, self.n_actions, cfg.hidden_sizes, cfg.activation).to(comm.device)
+        dev = self.comm.device
+        self.q = QNetwork(obs_space, self.n_actions, cfg.hidden_sizes, cfg.activation).to(dev)
+        self.learner = peer.learner(list(self.q.parameters()), lambda p: FlatAdam(p, lr=cfg.lr),
+                                    cfg.max_grad_norm, TERMS)  # broadcasts rank 0's parameters
+        self.target = QNetwork(obs_space, self.n_actions, cfg.hidden_sizes, cfg.activation).to(dev)
         self.target.load_state_dict(self.q.state_dict())
         self.target.requires_grad_(False)
-        self.rng = np.random.default_rng(seed)  # this peer's exploration and replay sampling
+        self.rng = peer.rng("explore")  # this peer's exploration and replay sampling
         self.buffer = ReplayBuffer(cfg.buffer_size, obs_space.shape, self.rng)
         self.num_envs = cfg.num_envs
         self.obs = np.asarray(first_obs, dtype=np.float32)
@@ -59,11 +102,6 @@ class DQN:
         return list(self.q.parameters()) + list(self.target.parameters())
 
     # -- acting ----------------------------------------------------------------------------------
-    def _schedule_epsilon(self, progress: float) -> float:
-        c = self.cfg
-        eps = decayed_epsilon(c.eps_start, c.eps_end, c.exploration_fraction, progress)
-        return peer_epsilon(eps, self.comm.rank, self.comm.world_size, c.apex_alpha)
-
     @torch.inference_mode()
     def _act(self) -> np.ndarray:
         greedy = self.q(torch.from_numpy(self.obs).to(self.comm.device)).argmax(1).cpu().numpy()
@@ -112,8 +150,15 @@ class DQN:
             self.obs, self.next_valid = next_obs, ~done
         self.vector_steps += vector_steps
 
+    def sample(self, progress: float) -> Sample:
+        c = self.cfg
+        eps = decayed_epsilon(c.eps_start, c.eps_end, c.exploration_fraction, progress)
+        self.epsilon = peer_epsilon(eps, self.comm.rank, self.comm.world_size, c.apex_alpha)
+        self.collect(c.train_freq)
+        return Sample(c.train_freq * self.num_envs, self.episodes.take())
+
     # -- learning --------------------------------------------------------------------------------
-    def _loss(self, b: ReplayBatch) -> tuple[torch.Tensor, tuple]:
+    def loss(self, b: ReplayBatch) -> tuple[torch.Tensor, dict]:
         dev = self.comm.device
         obs, next_obs = b.obs.to(dev), b.next_obs.to(dev)
         q = self.q(obs).gather(1, b.actions.to(dev)[:, None]).squeeze(1)
@@ -127,67 +172,38 @@ class DQN:
             # discounts already hold gamma^k for the k rewards summed (n-step, shortened at episode end).
             target = td_targets(b.rewards.to(dev), next_v * b.discounts.to(dev), b.terminated.to(dev), 1.0)
         loss = F.smooth_l1_loss(q, target)
-        return loss, (loss.detach(), q.detach().mean())
+        return loss, {"loss_td": loss.detach(), "q_mean": q.detach().mean()}
 
-    def _sync_target(self) -> None:
-        tau = self.cfg.tau
-        with torch.no_grad():
-            for t, p in zip(self.target.parameters(), self.q.parameters()):
-                t.copy_(p) if tau >= 1.0 else t.lerp_(p, tau)
-
-    def update(self, progress: float) -> dict:
-        self.comm.phase = "update"
-        c = self.cfg
-        sums = torch.zeros(len(EXTRAS))
-        learner = self.learner
-        for _ in range(c.gradient_steps):
-            loss, extras = self._loss(self.buffer.sample(c.batch_size))
-            if learner.overlap:  # comm.overlap: this applies the previous step's averaged gradient
-                averaged = learner.backward_overlapped(loss, extras)
-                self._after_update(averaged, learner.last_applied, sums)
-            else:
-                averaged = learner.backward(loss, extras)
-                self._after_update(averaged, learner.apply(), sums)
-        if learner.overlap:
-            averaged = learner.finish()
-            self._after_update(averaged, learner.last_applied, sums)
-        return {k: float(v) / c.gradient_steps for k, v in zip(EXTRAS, sums)}
-
-    def _after_update(self, averaged: torch.Tensor | None, applied: bool, sums: torch.Tensor) -> None:
-        if averaged is None:  # the first overlapped step: nothing finished yet
-            return
-        if applied:
-            sums += averaged.cpu()
+    def _after_update(self) -> None:
         # Counted in finished updates, identical on every peer: targets sync on the same step.
-        attempts = self.learner.updates + self.learner.skipped
-        if self.cfg.tau < 1.0 or attempts % self.cfg.target_update_interval == 0:
-            self._sync_target()
+        if self.cfg.tau < 1.0 or self.learner.attempts % self.cfg.target_update_interval == 0:
+            tau = self.cfg.tau
+            with torch.no_grad():
+                for t, p in zip(self.target.parameters(), self.q.parameters()):
+                    t.copy_(p) if tau >= 1.0 else t.lerp_(p, tau)
 
-    def iteration(self, progress: float, episode_table=None) -> IterationResult:
+    def learn(self, progress: float) -> dict[str, float]:
         c = self.cfg
-        self.epsilon = self._schedule_epsilon(progress)
-        self.collect(c.train_freq)
         logs = {"epsilon": self.epsilon, "buffer_size": self.buffer.size}
         filled = self.vector_steps - self.fill_from  # agreed on every peer
         # n_step + 1 vector steps guarantee every peer has stored a transition, whatever the resets.
         if filled * self.num_envs * self.comm.world_size >= c.learning_starts and filled > c.n_step:
-            logs.update(self.update(progress))
-        logs.update(updates=self.learner.updates, skipped_updates=self.learner.skipped)
-        return IterationResult(c.train_freq * self.num_envs, self.episodes.take(), logs)
+            self.comm.phase = "update"
+            for _ in range(c.gradient_steps):
+                if self.learner.step(*self.loss(self.buffer.sample(c.batch_size))) is not None:
+                    self._after_update()
+            if self.learner.finish() is not None:  # comm.overlap: the last one was still in flight
+                self._after_update()
+            logs.update(self.learner.take_means())
+        return {**logs, "updates": self.learner.updates}
 
     # -- checkpoint state ------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"model": self.q.state_dict(), "target": self.target.state_dict(),
-                "optimizer": self.learner.optimizer.state_dict(), "updates": self.learner.updates,
-                "skipped": self.learner.skipped, "skipped_in_a_row": self.learner.skipped_in_a_row,
-                "vector_steps": self.vector_steps}
+        return {"model": self.q.state_dict(), "target": self.target.state_dict(), "vector_steps": self.vector_steps}
 
     def load_state_dict(self, s: dict) -> None:
         self.q.load_state_dict(s["model"])
         self.target.load_state_dict(s["target"])
-        self.learner.optimizer.load_state_dict(s["optimizer"])
-        self.learner.updates, self.learner.skipped = int(s["updates"]), int(s["skipped"])
-        self.learner.skipped_in_a_row = int(s.get("skipped_in_a_row", 0))
         self.vector_steps = int(s["vector_steps"])
         self.fill_from = self.vector_steps  # until load_rank_state_dict restores the replay buffers
 
@@ -196,16 +212,23 @@ class DQN:
         windows = [{"obs": torch.from_numpy(np.stack([w[0] for w in d])) if d else torch.zeros(0),
                     "actions": torch.tensor([w[1] for w in d], dtype=torch.int64),
                     "rewards": torch.tensor([w[2] for w in d], dtype=torch.float64)} for d in self.pending]
-        s = {**sampler_state(self), "windows": windows}
+        s = {**sampler_state(self.envs, self.obs, self.next_valid, self.episodes, self.rng), "windows": windows}
         if replay:
             s["replay"] = self.buffer.state_dict()
         return s
 
     def load_rank_state_dict(self, s: dict) -> None:
-        load_sampler_state(self, s)
+        self.obs, self.next_valid = load_sampler_state(self.envs, self.episodes, self.rng, s)
         for d, w in zip(self.pending, s["windows"]):
             d.clear()
             d.extend((o.numpy().copy(), int(a), float(r)) for o, a, r in zip(w["obs"], w["actions"], w["rewards"]))
         if "replay" in s:  # checkpoint.replay is one config value: the same branch on every peer
             self.buffer.load_state_dict(s["replay"])
             self.fill_from = 0
+
+
+def greedy_policy(cfg: DQNConfig, state: dict, obs_space: gym.Space, act_space: gym.Space):
+    """argmax Q of a checkpoint's online network."""
+    q = QNetwork(obs_space, int(act_space.n), cfg.hidden_sizes, cfg.activation)
+    q.load_state_dict(state["model"])
+    return torch_policy(lambda x: q(x).argmax(-1))

@@ -6,50 +6,91 @@ peers by the learner (one flat all-reduce), so N peers behave like one peer with
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import gymnasium as gym
 import numpy as np
 import torch
 
-from p2prl.algos import EpisodeTable, IterationResult
+from p2prl import config as check
+from p2prl.algos.base import Algorithm, Peer, Sample
 from p2prl.algos.returns import gae
-from p2prl.comm import Communicator
-from p2prl.config import PPOConfig
 from p2prl.data import Rollout, allocate_rollout
 from p2prl.envs import load_vec_env_state, vec_env_state
-from p2prl.learner import Learner
 from p2prl.metrics import EpisodeCounter
 from p2prl.nets import ActorCritic
-from p2prl.normalize import Moments, RunningNormalizer, global_moments, moments_of
-from p2prl.optim import FlatAdam, FlatOptimizer, FlatRMSprop
+from p2prl.normalize import RunningNormalizer, global_moments, moments_of
+from p2prl.optim import FlatAdam, FlatRMSprop
 
-# Per-minibatch scalars averaged across peers in the gradient bucket's extra slots.
-EXTRAS = ("approx_kl", "loss_policy", "loss_value", "entropy", "clip_frac")
-
-
-def make_optimizer(cfg: PPOConfig, param: torch.nn.Parameter) -> FlatOptimizer:
-    if cfg.optimizer == "adam":
-        return FlatAdam(param, lr=cfg.lr, eps=cfg.eps)
-    return FlatRMSprop(param, lr=cfg.lr, alpha=0.99, eps=cfg.eps)
+TERMS = ("approx_kl", "loss_policy", "loss_value", "entropy", "clip_frac")
 
 
-class PPO:
-    def __init__(self, cfg: PPOConfig, envs: gym.vector.VectorEnv, first_obs: np.ndarray,
-                 comm: Communicator) -> None:
-        self.cfg, self.envs, self.comm = cfg, envs, comm
+@dataclass
+class PPOConfig:
+    """The `algo` section of ppo and a2c (conf/algo/ppo.yaml, a2c.yaml: the defaults, commented)."""
+
+    name: str
+    lr: float
+    anneal_lr: bool
+    gamma: float
+    gae_lambda: float
+    num_envs: int
+    num_steps: int
+    num_minibatches: int
+    update_epochs: int
+    clip_coef: Optional[float]
+    anneal_clip: bool
+    clip_vloss: bool
+    vf_coef: float
+    ent_coef: float
+    max_grad_norm: Optional[float]
+    target_kl: Optional[float]
+    norm_adv: bool
+    norm_obs: bool
+    norm_reward: bool
+    clip_reward: Optional[float]
+    hidden_sizes: list
+    activation: str
+    optimizer: str
+    eps: float
+
+    def __post_init__(self) -> None:
+        p = "algo."
+        check.positive(p + "lr", self.lr)
+        check.unit(p + "gamma", self.gamma, low_open=True)
+        check.unit(p + "gae_lambda", self.gae_lambda)
+        for k in ("num_envs", "num_steps", "num_minibatches", "update_epochs"):
+            check.positive(p + k, getattr(self, k), integer=True)
+        batch = self.num_envs * self.num_steps
+        if batch % self.num_minibatches:
+            raise check.ConfigError(p + "num_minibatches", self.num_minibatches,
+                                    f"must divide the per-peer batch algo.num_envs*algo.num_steps={batch}")
+        for k in ("clip_coef", "max_grad_norm", "target_kl", "clip_reward"):
+            check.optional(check.positive, p + k, getattr(self, k))
+        check.nonneg(p + "vf_coef", self.vf_coef)
+        check.nonneg(p + "ent_coef", self.ent_coef)
+        check.positive(p + "eps", self.eps)
+        for k in ("anneal_lr", "anneal_clip", "clip_vloss", "norm_adv", "norm_obs", "norm_reward"):
+            check.boolean(p + k, getattr(self, k))
+        check.net(p, self.hidden_sizes, self.activation)
+        check.choice(p + "optimizer", self.optimizer, ("adam", "rmsprop"))
+
+
+class PPO(Algorithm):
+    def __init__(self, cfg: PPOConfig, envs: gym.vector.VectorEnv, first_obs: np.ndarray, peer: Peer) -> None:
+        self.cfg, self.envs, self.comm = cfg, envs, peer.comm
         obs_space, act_space = envs.single_observation_space, envs.single_action_space
-        self.model = ActorCritic(obs_space, act_space, cfg.hidden_sizes, cfg.activation).to(comm.device)
-        self.learner = Learner(list(self.model.parameters()), lambda p: make_optimizer(cfg, p), comm,
-                               cfg.max_grad_norm, n_extras=len(EXTRAS))
+        self.model = ActorCritic(obs_space, act_space, cfg.hidden_sizes, cfg.activation).to(self.comm.device)
+        optimizer = (lambda p: FlatAdam(p, lr=cfg.lr, eps=cfg.eps)) if cfg.optimizer == "adam" else \
+            (lambda p: FlatRMSprop(p, lr=cfg.lr, alpha=0.99, eps=cfg.eps))
+        self.learner = peer.learner(list(self.model.parameters()), optimizer, cfg.max_grad_norm, TERMS)
         self.discrete = isinstance(act_space, gym.spaces.Discrete)
         if not self.discrete:
             self.act_low, self.act_high = act_space.low, act_space.high
         self.obs_norm = RunningNormalizer(obs_space.shape) if cfg.norm_obs else None
         self.ret_norm = RunningNormalizer((1,), center=False) if cfg.norm_reward else None
-        # Running discounted return per env, whose std scales rewards (norm_reward).
-        self.disc_return = np.zeros(cfg.num_envs, dtype=np.float64)
-        self.disc_returns = np.zeros((cfg.num_steps, cfg.num_envs), dtype=np.float64)
+        self.disc_return = np.zeros(cfg.num_envs, dtype=np.float64)  # whose std scales rewards (norm_reward)
         self.rollout = allocate_rollout(cfg.num_steps, cfg.num_envs, obs_space.shape,
                                         () if self.discrete else act_space.shape,
                                         torch.int64 if self.discrete else torch.float32)
@@ -58,8 +99,6 @@ class PPO:
         self.next_valid = np.ones(cfg.num_envs, dtype=bool)
         self.episodes = EpisodeCounter(cfg.num_envs)
         self.num_envs = cfg.num_envs
-        self.steps_per_iteration = cfg.num_envs * cfg.num_steps
-        self.learner.broadcast_parameters()
 
     def shared_tensors(self) -> list[torch.Tensor]:
         return list(self.model.parameters())
@@ -69,127 +108,93 @@ class PPO:
         return self.obs_norm(raw) if self.obs_norm is not None else raw
 
     @torch.inference_mode()
-    def collect(self) -> Rollout:
+    def sample(self, progress: float) -> Sample:
         r, cfg = self.rollout, self.cfg
         self.comm.phase = "sampling"
         for t in range(cfg.num_steps):
-            raw = self.next_obs
+            raw, valid = self.next_obs, self.next_valid
+            if self.obs_norm is not None:
+                self.obs_norm.observe(raw[torch.from_numpy(valid)])  # statistics first, as VecNormalize
             obs = self._policy_input(raw)
             action, logp, value = self.model.act(obs.to(self.comm.device))
-            r.raw_obs[t] = raw
-            r.obs[t] = obs
-            r.actions[t] = action
-            r.logprobs[t] = logp
-            r.values[t] = value
+            r.raw_obs[t], r.obs[t], r.actions[t], r.logprobs[t], r.values[t] = raw, obs, action, logp, value
             a = action.cpu().numpy()
             if not self.discrete:
                 a = np.clip(a, self.act_low, self.act_high)  # the Gaussian is unbounded; the env is not
             next_obs, reward, term, trunc, _ = self.envs.step(a)
             done = term | trunc
-            valid = self.next_valid
             self.episodes.step(t, reward, done, valid)
-            r.rewards[t] = torch.from_numpy(np.asarray(reward, dtype=np.float32))
-            r.terminated[t] = torch.from_numpy(term)
-            r.dones[t] = torch.from_numpy(done)
-            r.valid[t] = torch.from_numpy(valid)
-            if self.ret_norm is not None:
-                self.disc_return = self.disc_return * cfg.gamma + reward
-                self.disc_returns[t] = self.disc_return
-                self.disc_return[done] = 0.0
+            r.rewards[t] = torch.from_numpy(self._scaled(np.asarray(reward, dtype=np.float64), valid, done))
+            r.terminated[t], r.dones[t], r.valid[t] = (torch.from_numpy(x) for x in (term, done, valid))
             self.next_valid = ~done
             self.next_obs = torch.as_tensor(next_obs, dtype=torch.float32)
-        return r
+        return Sample(cfg.num_envs * cfg.num_steps, self.episodes.take())
+
+    def _scaled(self, reward: np.ndarray, valid: np.ndarray, done: np.ndarray) -> np.ndarray:
+        """norm_reward: reward / std of the discounted return, its statistics including this step."""
+        if self.ret_norm is None:
+            return reward.astype(np.float32)
+        self.disc_return = self.disc_return * self.cfg.gamma + reward
+        self.ret_norm.observe(self.disc_return[valid, None])
+        scaled = reward / self.ret_norm.std.item()
+        self.disc_return[done] = 0.0
+        clip = self.cfg.clip_reward
+        return (scaled if clip is None else np.clip(scaled, -clip, clip)).astype(np.float32)
 
     # -- learning --------------------------------------------------------------------------------
-    def _advantages(self, r: Rollout, rows: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """GAE and returns (T, N), normalization moments merged across peers; one collective, which
-        also sums `rows` (the return window's episode table) in place."""
+    def _advantages(self, r: Rollout) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """GAE and returns (T, N); advantage statistics merged across peers in one collective, which
+        also merges what the normalizers observed during the rollout."""
         cfg = self.cfg
-        rewards = r.rewards
-        if self.ret_norm is not None:
-            rewards = rewards / self.ret_norm.std  # scale by the std of discounted returns so far
         with torch.inference_mode():
             next_value = self.model.value(self._policy_input(self.next_obs).to(self.comm.device)).cpu()
-        adv = gae(rewards, r.values, next_value, r.terminated, r.dones, cfg.gamma, cfg.gae_lambda)
-        adv = adv * r.valid
+        adv = gae(r.rewards, r.values, next_value, r.terminated, r.dones, cfg.gamma, cfg.gae_lambda) * r.valid
         returns = adv + r.values
-        valid = r.valid.reshape(-1)
-        local = [moments_of(adv.reshape(-1, 1)[valid])]
-        if self.obs_norm is not None:
-            local.append(moments_of(r.raw_obs.reshape(-1, *r.raw_obs.shape[2:])[valid]))
-        if self.ret_norm is not None:
-            local.append(moments_of(torch.from_numpy(self.disc_returns).reshape(-1, 1)[valid]))
-        merged = global_moments(self.comm, *local, rows=rows)
-        adv_stats = merged[0]
-        if self.obs_norm is not None:
-            self.obs_norm.update(merged[1])
-        if self.ret_norm is not None:
-            self.ret_norm.update(merged[-1])
-        n_valid = int(adv_stats.count)
+        norms = [n for n in (self.obs_norm, self.ret_norm) if n is not None]
+        merged = global_moments(self.comm, moments_of(adv.reshape(-1, 1)[r.valid.reshape(-1)]),
+                                *(n.pending() for n in norms))
+        for norm, m in zip(norms, merged[1:]):
+            norm.update(m)
+        adv_stats, n_valid = merged[0], int(merged[0].count)
         if cfg.norm_adv and n_valid > 1:
             std = torch.sqrt(adv_stats.m2 / (n_valid - 1)).float()
             adv = (adv - adv_stats.mean.float()) / (std + 1e-8) * r.valid
         return adv, returns, n_valid
 
-    def update(self, r: Rollout, progress: float, rows: Optional[torch.Tensor] = None) -> dict:
-        """Epochs of minibatch updates on this peer's rollout; progress in [0, 1] anneals lr / clip.
-        `rows` is summed over peers in place, in the collective that merges the advantage statistics."""
-        cfg = self.cfg
+    def learn(self, progress: float) -> dict[str, float]:
+        """Epochs of minibatch updates on this peer's rollout; progress in [0, 1] anneals lr / clip."""
+        cfg, r, learner = self.cfg, self.rollout, self.learner
         self.comm.phase = "update"
-        adv, returns, n_valid = self._advantages(r, rows)
+        adv, returns, n_valid = self._advantages(r)
         frac = 1.0 - progress
         if cfg.anneal_lr:
-            self.learner.set_lr(cfg.lr * frac)
+            learner.set_lr(cfg.lr * frac)
         clip = cfg.clip_coef * frac if (cfg.clip_coef is not None and cfg.anneal_clip) else cfg.clip_coef
-        B = cfg.num_envs * cfg.num_steps
-        M = cfg.num_minibatches
-        flat = lambda x: x.reshape(B, *x.shape[2:]).to(self.comm.device)
-        b_obs, b_act, b_logp, b_val = flat(r.obs), flat(r.actions), flat(r.logprobs), flat(r.values)
-        b_adv, b_ret = flat(adv), flat(returns)
+        B, M = cfg.num_envs * cfg.num_steps, cfg.num_minibatches
+        flat = lambda x: x.reshape(B, *x.shape[2:]).to(self.comm.device)  # noqa: E731
+        batch = [flat(x) for x in (r.obs, r.actions, r.logprobs, r.values, adv, returns)]
         # Sum of per-sample terms x weight, averaged over peers = mean over the global minibatch;
         # reset steps weigh 0. Exact for one minibatch: 2 peers with half the data = 1 peer with all.
-        b_w = flat(r.valid.float()) * (M * self.comm.world_size / max(n_valid, 1))
-        sums = torch.zeros(len(EXTRAS))
-        n_applied = 0
+        weight = flat(r.valid.float()) * (M * self.comm.world_size / max(n_valid, 1))
+        # The KL is averaged over peers before the learner's veto, so every peer stops alike.
+        veto = None if cfg.target_kl is None else (lambda t: t["approx_kl"] > 1.5 * cfg.target_kl)
         stopped = False
-        learner = self.learner
-        kl_limit = None if cfg.target_kl is None else 1.5 * cfg.target_kl
         for _ in range(cfg.update_epochs):
             perm = torch.randperm(B)
             for start in range(0, B, B // M):
                 idx = perm[start:start + B // M]
-                extras, loss = self._loss(b_obs[idx], b_act[idx], b_logp[idx], b_val[idx], b_adv[idx],
-                                          b_ret[idx], b_w[idx], clip)
-                if learner.overlap:
-                    # The step applied now is the previous one. Its KL stops the epochs as in the
-                    # plain path, but that step is already applied (one step later than without overlap).
-                    averaged = learner.backward_overlapped(loss, extras)
-                    applied = averaged is not None and learner.last_applied
-                else:
-                    averaged = learner.backward(loss, extras)
-                    applied = None
-                # The KL is averaged over peers, so every peer takes the same early-stop decision.
-                if averaged is not None and kl_limit is not None and float(averaged[0]) > kl_limit:
+                loss, terms = self.loss(*(x[idx] for x in batch), weight[idx], clip)
+                update = learner.step(loss, terms, veto)
+                if update is not None and update.vetoed:
                     stopped = True
                     break
-                if applied is None:
-                    applied = learner.apply()
-                if applied:
-                    sums += averaged.detach().cpu()
-                    n_applied += 1
             if stopped:
                 break
-        if learner.overlap:  # the last gradient is still in flight: apply it, or drop it after a stop
-            averaged = learner.finish(apply=not stopped)
-            if averaged is not None and learner.last_applied:
-                sums += averaged.cpu()
-                n_applied += 1
-        logs = {k: float(v) / max(n_applied, 1) for k, v in zip(EXTRAS, sums)}
-        logs.update(lr=self.learner.optimizer.param_groups[0]["lr"], early_stop=int(stopped),
-                    updates=self.learner.updates, skipped_updates=self.learner.skipped)
-        return logs
+        learner.finish(veto, discard=stopped)  # comm.overlap: the last gradient is still in flight
+        return {**learner.take_means(), "lr": learner.lr, "early_stop": int(stopped), "updates": learner.updates}
 
-    def _loss(self, obs, act, old_logp, old_val, adv, ret, w, clip):
+    def loss(self, obs, act, old_logp, old_val, adv, ret, w, clip) -> tuple[torch.Tensor, dict]:
+        """The clipped surrogate, value and entropy losses of a minibatch, weighted by `w` (B,)."""
         cfg = self.cfg
         dist = self.model.dist(obs)
         logp = self.model.log_prob(dist, act)
@@ -210,36 +215,23 @@ class PPO:
         with torch.no_grad():
             kl = (((ratio - 1) - logratio) * w).sum()
             clipped = ((ratio - 1).abs() > clip).float() if clip is not None else torch.zeros_like(ratio)
-            clip_frac = (clipped * w).sum()
-        return (kl, loss_pg, loss_v, ent_m, clip_frac), loss
-
-    def iteration(self, progress: float, episode_table: Optional[EpisodeTable] = None) -> IterationResult:
-        rollout = self.collect()
-        episodes = self.episodes.take()
-        table = None if episode_table is None else episode_table(episodes)
-        logs = self.update(rollout, progress, table)
-        return IterationResult(self.steps_per_iteration, episodes, logs, table)
+            terms = {"approx_kl": kl, "loss_policy": loss_pg, "loss_value": loss_v, "entropy": ent_m,
+                     "clip_frac": (clipped * w).sum()}
+        return loss, terms
 
     # -- checkpoint state ------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        s = {"model": self.model.state_dict(), "optimizer": self.learner.optimizer.state_dict(),
-             "updates": self.learner.updates, "skipped": self.learner.skipped,
-             "skipped_in_a_row": self.learner.skipped_in_a_row}
-        if self.obs_norm is not None:
-            s["obs_norm"] = self.obs_norm.state_dict()
-        if self.ret_norm is not None:
-            s["ret_norm"] = self.ret_norm.state_dict()
+        s = {"model": self.model.state_dict()}
+        for key, norm in (("obs_norm", self.obs_norm), ("ret_norm", self.ret_norm)):
+            if norm is not None:
+                s[key] = norm.state_dict()
         return s
 
     def load_state_dict(self, s: dict) -> None:
         self.model.load_state_dict(s["model"])
-        self.learner.optimizer.load_state_dict(s["optimizer"])
-        self.learner.updates, self.learner.skipped = int(s["updates"]), int(s["skipped"])
-        self.learner.skipped_in_a_row = int(s.get("skipped_in_a_row", 0))
-        if self.obs_norm is not None:
-            self.obs_norm.load_state_dict(s["obs_norm"])
-        if self.ret_norm is not None:
-            self.ret_norm.load_state_dict(s["ret_norm"])
+        for key, norm in (("obs_norm", self.obs_norm), ("ret_norm", self.ret_norm)):
+            if norm is not None:
+                norm.load_state_dict(s[key])
 
     def rank_state_dict(self, replay: bool = False) -> dict:
         """This peer's own state at a rollout boundary: its envs and what the sampler carries over."""
@@ -253,3 +245,23 @@ class PPO:
         self.next_valid = s["next_valid"].numpy().copy()
         self.episodes.load_state_dict(s["episodes"])
         self.disc_return = s["disc_return"].numpy().copy()
+
+
+def greedy_policy(cfg: PPOConfig, state: dict, obs_space: gym.Space, act_space: gym.Space):
+    """The distribution's mode (argmax, or the Gaussian mean clipped to the bounds) of a checkpoint."""
+    from p2prl.algos.base import torch_policy
+    model = ActorCritic(obs_space, act_space, cfg.hidden_sizes, cfg.activation)
+    model.load_state_dict(state["model"])
+    norm = None
+    if "obs_norm" in state:
+        norm = RunningNormalizer(obs_space.shape)
+        norm.load_state_dict(state["obs_norm"])
+
+    def mode(x: torch.Tensor) -> torch.Tensor:
+        out = model.actor(norm(x) if norm is not None else x)
+        return out.argmax(-1) if model.discrete else out
+
+    act = torch_policy(mode)
+    if model.discrete:
+        return act
+    return lambda obs: np.clip(act(obs), act_space.low, act_space.high)

@@ -24,15 +24,46 @@ besides `env.step`); `shared_tensors` and the checkpoint see it through a zero-c
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import gymnasium as gym
 import numpy as np
 import torch
 
-from p2prl.algos import IterationResult, load_sampler_state, sampler_state
+from p2prl import config as check
+from p2prl.algos.base import Algorithm, Peer, Sample, load_sampler_state, sampler_state
 from p2prl.algos.schedules import decayed_epsilon, linear, peer_epsilon
-from p2prl.comm import Communicator
-from p2prl.config import QLearningConfig
 from p2prl.metrics import EpisodeCounter
+
+
+@dataclass
+class QLearningConfig:
+    """The `algo` section of qlearning (conf/algo/qlearning.yaml: the defaults, commented)."""
+
+    name: str
+    alpha: float
+    alpha_end: float
+    gamma: float
+    num_envs: int
+    sync: str
+    sync_every: int
+    eps_start: float
+    eps_end: float
+    exploration_fraction: float
+    apex_alpha: Optional[float]
+
+    def __post_init__(self) -> None:
+        p = "algo."
+        check.unit(p + "alpha", self.alpha, low_open=True)
+        check.unit(p + "alpha_end", self.alpha_end, low_open=True)
+        check.unit(p + "gamma", self.gamma, low_open=True)
+        check.positive(p + "num_envs", self.num_envs, integer=True)
+        check.choice(p + "sync", self.sync, ("sum", "average"))
+        check.positive(p + "sync_every", self.sync_every, integer=True)
+        for k in ("eps_start", "eps_end", "exploration_fraction"):
+            check.unit(p + k, getattr(self, k))
+        check.optional(check.nonneg, p + "apex_alpha", self.apex_alpha)
 
 
 def apply_td_sums(q: np.ndarray, delta_sum: np.ndarray, counts: np.ndarray, alpha: float) -> np.ndarray:
@@ -52,19 +83,18 @@ def td_errors(q: np.ndarray, s: np.ndarray, a: np.ndarray, r: np.ndarray, s2: np
     return r + gamma * bootstrap - q[s, a]
 
 
-class QLearning:
-    """The Algorithm protocol for tabular Q-learning; the table is `q` (n_states, n_actions)."""
+class QLearning(Algorithm):
+    """Tabular Q-learning; the table is `q` (n_states, n_actions)."""
 
-    def __init__(self, cfg: QLearningConfig, envs: gym.vector.VectorEnv, first_obs: np.ndarray,
-                 comm: Communicator, seed: int) -> None:
-        self.cfg, self.envs, self.comm = cfg, envs, comm
+    def __init__(self, cfg: QLearningConfig, envs: gym.vector.VectorEnv, first_obs: np.ndarray, peer: Peer) -> None:
+        self.cfg, self.envs, self.comm = cfg, envs, peer.comm
         self.n_states = int(envs.single_observation_space.n)
         self.n_actions = int(envs.single_action_space.n)
         self.num_envs = cfg.num_envs
-        self.rng = np.random.default_rng(seed)  # this peer's exploration only
+        self.rng = peer.rng("explore")  # this peer's exploration only
         self.q = np.zeros((self.n_states, self.n_actions), dtype=np.float64)
         self.q_view = torch.from_numpy(self.q)  # shares memory: collectives update self.q in place
-        comm.broadcast(self.q_view, src=0)
+        self.comm.broadcast(self.q_view, src=0)
         sa = self.n_states * self.n_actions
         # sum mode: [delta sums (S*A) | visit counts (S*A) | sum |delta|]; average mode: [Q | sum |delta| | n].
         self.sync_buf = torch.zeros(2 * sa + 1 if cfg.sync == "sum" else sa + 2, dtype=torch.float64)
@@ -77,6 +107,7 @@ class QLearning:
         self.next_valid = np.ones(E, dtype=bool)  # False on the reset step after an episode ended
         self.episodes = EpisodeCounter(E)
         self.epsilon = cfg.eps_start
+        self._abs_sum = 0.0  # average mode: this peer's sum |delta| over the last sample
 
     def shared_tensors(self) -> list[torch.Tensor]:
         return [self.q_view]
@@ -115,14 +146,7 @@ class QLearning:
             self.obs = np.asarray(next_obs, dtype=np.int64)
         return abs_sum
 
-    # -- learning --------------------------------------------------------------------------------
-    def learn(self, alpha: float, abs_sum: float = 0.0) -> tuple[float, float]:
-        """Sync the table after sampling (a collective); returns (sum |delta|, transitions) over peers.
-
-        Uses the transitions recorded in self.s, a, r, s2, term, valid (each (sync_every, num_envs)).
-        """
-        return self._sync_sum(alpha) if self.cfg.sync == "sum" else self._sync_average(abs_sum)
-
+    # -- learning: the transitions recorded in self.s, a, r, s2, term, valid (sync_every, num_envs) -----
     def _sync_sum(self, alpha: float) -> tuple[float, float]:
         """One all-reduce of per-(s, a) delta sums and counts, then the identical update everywhere."""
         m = self.valid
@@ -149,17 +173,26 @@ class QLearning:
         self.q.reshape(-1)[:] = buf[:sa] / self.comm.world_size  # same arithmetic on every peer
         return float(buf[sa]), float(buf[sa + 1])
 
-    def iteration(self, progress: float, episode_table=None) -> IterationResult:
+    def _schedules(self, progress: float) -> tuple[float, float]:
+        """(this peer's epsilon, alpha) at `progress`."""
         cfg = self.cfg
         eps = decayed_epsilon(cfg.eps_start, cfg.eps_end, cfg.exploration_fraction, progress)
-        self.epsilon = peer_epsilon(eps, self.comm.rank, self.comm.world_size, cfg.apex_alpha)
-        alpha = linear(cfg.alpha, cfg.alpha_end, progress)
+        return peer_epsilon(eps, self.comm.rank, self.comm.world_size, cfg.apex_alpha), \
+            linear(cfg.alpha, cfg.alpha_end, progress)
+
+    def sample(self, progress: float) -> Sample:
+        self.epsilon, alpha = self._schedules(progress)
         self.comm.phase = "sampling"
-        abs_sum = self._sample(alpha)
+        self._abs_sum = self._sample(alpha)
+        return Sample(self.cfg.sync_every * self.num_envs, self.episodes.take())
+
+    def learn(self, progress: float) -> dict[str, float]:
+        cfg = self.cfg
+        _, alpha = self._schedules(progress)
         self.comm.phase = "update"
-        abs_total, n = self.learn(alpha, abs_sum)
-        logs = {"epsilon": eps, "alpha": alpha, "td_abs_mean": abs_total / max(n, 1.0)}
-        return IterationResult(cfg.sync_every * self.num_envs, self.episodes.take(), logs)
+        abs_total, n = self._sync_sum(alpha) if cfg.sync == "sum" else self._sync_average(self._abs_sum)
+        eps = decayed_epsilon(cfg.eps_start, cfg.eps_end, cfg.exploration_fraction, progress)
+        return {"epsilon": eps, "alpha": alpha, "td_abs_mean": abs_total / max(n, 1.0)}
 
     # -- checkpoint state ------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -170,7 +203,13 @@ class QLearning:
 
     def rank_state_dict(self, replay: bool = False) -> dict:
         """This peer's own state: envs, sampler carry-over and exploration RNG (exact resume)."""
-        return sampler_state(self)
+        return sampler_state(self.envs, self.obs, self.next_valid, self.episodes, self.rng)
 
     def load_rank_state_dict(self, s: dict) -> None:
-        load_sampler_state(self, s)
+        self.obs, self.next_valid = load_sampler_state(self.envs, self.episodes, self.rng, s)
+
+
+def greedy_policy(cfg: QLearningConfig, state: dict, obs_space: gym.Space, act_space: gym.Space):
+    """argmax Q of a checkpoint's table."""
+    table = state["q_table"].numpy()
+    return lambda obs: int(np.argmax(table[int(obs)]))

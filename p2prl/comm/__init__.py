@@ -1,9 +1,18 @@
-"""All communication between peers. The only package that imports torch.distributed."""
-from p2prl.comm.allreduce import GradientAllReduce
-from p2prl.comm.base import Communicator
-from p2prl.comm.local import LocalComm
-from p2prl.comm.peers import (PeerFailure, agree_before_start, agree_on_config, check_identical, open_comm,
-                              pin_cores, resolve_backend, torchrun_world)
+"""All communication between peers. The only package that imports torch.distributed.
 
-__all__ = ["Communicator", "LocalComm", "GradientAllReduce", "PeerFailure", "agree_before_start",
-           "agree_on_config", "check_identical", "open_comm", "pin_cores", "resolve_backend", "torchrun_world"]
+base.py (the Communicator interface), local.py (a world of one), process_group.py (gloo/NCCL and
+`open_comm`), shm.py (sums through shared memory on one node), allreduce.py (the flat gradient bucket),
+launcher.py (torchrun's environment: ranks, cores, run id), store.py (heartbeats, start-up exchange),
+agreement.py (same config everywhere), digest.py (same parameters everywhere).
+"""
+from p2prl.comm.agreement import agree_before_start, agree_on_config
+from p2prl.comm.allreduce import GradientBucket
+from p2prl.comm.base import Communicator
+from p2prl.comm.digest import check_identical, parameter_digest
+from p2prl.comm.launcher import Placement, is_rank0, pin, place, resolve_backend, run_id, torchrun_world
+from p2prl.comm.local import LocalComm
+from p2prl.comm.process_group import PeerFailure, open_comm
+
+__all__ = ["Communicator", "LocalComm", "GradientBucket", "PeerFailure", "Placement", "agree_before_start",
+           "agree_on_config", "check_identical", "is_rank0", "open_comm", "parameter_digest", "pin", "place",
+           "resolve_backend", "run_id", "torchrun_world"]

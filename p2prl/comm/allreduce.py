@@ -14,7 +14,7 @@ import torch
 from p2prl.comm.base import Communicator
 
 
-class GradientAllReduce:
+class GradientBucket:
     """The flat gradient bucket of a model, and the model's parameters as one flat tensor.
 
     `flat_param` is a single Parameter whose storage the model's parameters are views of, and whose

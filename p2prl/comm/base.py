@@ -1,7 +1,8 @@
 """The Communicator interface: the only way the rest of p2prl talks to other peers.
 
-Subclasses provide four primitives; everything else (means, agreement, timing) is built on them here,
-so a world of one (`LocalComm`) and a process group (`ProcessGroupComm`) behave the same upstream.
+Subclasses provide four primitives; everything else (several tensors in one sum, means, agreement,
+timing) is built on them here, so a world of one (`LocalComm`) and a process group
+(`ProcessGroupComm`) behave the same upstream.
 """
 from __future__ import annotations
 
@@ -16,20 +17,21 @@ class Communicator(ABC):
     """Collectives among the peers of one run.
 
     Every method is a collective: all peers must call it, in the same order, or they hang.
-    `seconds` accumulates wall time spent inside collectives (for `comm_frac`); `phase` names
-    what the peer is doing (sampling, update, checkpoint) so a timeout can say where it happened.
+    `seconds` accumulates wall time spent inside collectives (for `comm_frac`), `calls` and `bytes`
+    count them; `phase` names what the peer is doing (sampling, update, checkpoint) so a timeout can
+    say where it happened.
     """
 
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
-    overlap: bool = False  # comm.overlap: learners average each gradient behind the next computation
 
     def __init__(self) -> None:
         self.seconds = 0.0
         self.calls = 0
         self.bytes = 0
         self._phase = "startup"
+        self._riders: list[torch.Tensor] = []
 
     @property
     def phase(self) -> str:
@@ -58,12 +60,46 @@ class Communicator(ABC):
         """Release the transport (a no-op for a world of one)."""
 
     # -- the interface ---------------------------------------------------------------------------
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum `tensor` over all peers, in place; returns it."""
+    def all_reduce_sum(self, *tensors: torch.Tensor) -> torch.Tensor:
+        """Sum each tensor over all peers, in place, in ONE collective; returns the first.
+
+        The tensors must share dtype and device. Tensors queued with `sum_with_next` that match the
+        first one's dtype and device are summed in the same collective.
+        """
+        group = [*tensors, *self._take_riders(tensors[0])]
         start = time.perf_counter()
-        self._all_reduce_sum(tensor)
-        self._account(start, tensor)
-        return tensor
+        if len(group) == 1:
+            self._all_reduce_sum(group[0])
+        else:
+            first = group[0]
+            assert all(t.dtype == first.dtype and t.device == first.device for t in group), \
+                "one sum takes tensors of one dtype and device"
+            flat = torch.cat([t.reshape(-1) for t in group])
+            self._all_reduce_sum(flat)
+            offset = 0
+            for t in group:
+                t.copy_(flat[offset:offset + t.numel()].view(t.shape))
+                offset += t.numel()
+        self._account(start, sum(t.numel() * t.element_size() for t in group))
+        return tensors[0]
+
+    def sum_with_next(self, tensor: torch.Tensor) -> None:
+        """Sum `tensor` over all peers, in place, within the next `all_reduce_sum` of the same dtype
+        and device (saving a collective), or at `settle()` at the latest. Every peer must queue the
+        same tensors at the same point: then every peer sums them in the same collective."""
+        self._riders.append(tensor)
+
+    def settle(self) -> None:
+        """Sum what `sum_with_next` queued and no collective has taken yet (one sum per dtype)."""
+        while self._riders:
+            self.all_reduce_sum(self._riders.pop(0))
+
+    def _take_riders(self, like: torch.Tensor) -> list[torch.Tensor]:
+        if not self._riders:
+            return []
+        taken = [t for t in self._riders if t.dtype == like.dtype and t.device == like.device]
+        self._riders = [t for t in self._riders if not any(t is x for x in taken)]
+        return taken
 
     def all_reduce_mean_async(self, tensor: torch.Tensor) -> "PendingReduce":
         """Start averaging `tensor` in the background; `wait()` on the result finishes it in place.
@@ -89,15 +125,14 @@ class Communicator(ABC):
         """Overwrite `tensor` on every peer with `src`'s copy, in place; returns it."""
         start = time.perf_counter()
         self._broadcast(tensor, src)
-        self._account(start, tensor)
+        self._account(start, tensor.numel() * tensor.element_size())
         return tensor
 
     def all_gather_object(self, obj: Any) -> list:
         """Every peer's `obj`, indexed by rank (small picklable objects only: config, paths)."""
         start = time.perf_counter()
         out = self._all_gather_object(obj)
-        self.seconds += time.perf_counter() - start
-        self.calls += 1
+        self._account(start, 0)
         return out
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
@@ -108,10 +143,10 @@ class Communicator(ABC):
         t = torch.tensor([1.0 if flag else 0.0], dtype=torch.float64)
         return bool(self.all_reduce_sum(t).item() > 0)
 
-    def _account(self, start: float, tensor: torch.Tensor) -> None:
+    def _account(self, start: float, nbytes: int) -> None:
         self.seconds += time.perf_counter() - start
         self.calls += 1
-        self.bytes += tensor.numel() * tensor.element_size()
+        self.bytes += nbytes
 
 
 class PendingReduce:
@@ -123,7 +158,7 @@ class PendingReduce:
     def wait(self) -> torch.Tensor:
         start = time.perf_counter()
         self.waiter()
-        self.comm._account(start, self.tensor)
+        self.comm._account(start, self.tensor.numel() * self.tensor.element_size())
         if self.comm.world_size > 1:
             self.tensor.div_(self.comm.world_size)
         return self.tensor

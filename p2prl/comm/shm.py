@@ -13,6 +13,15 @@ at call k because every other peer has finished reading call k - 2 from it: a pe
 earlier call before it publishes the next one (a sum started in the background is completed first),
 so having published call k - 1 means having finished call k - 2.
 
+Beside its sequence number each peer publishes, per slot, the call number, byte count and dtype of
+the tensor in it. Every peer compares them before summing: peers whose calls differ (a sum of 4 floats
+against one of 8, float32 against float64) stop with an error naming both calls instead of adding
+unrelated bytes, as gloo would refuse them too.
+
+The segment has no name anywhere: rank 0 creates it with memfd_create and the other peers open it
+through /proc/<pid>/fd/<fd>. It lives as long as some peer maps it, so no file outlives the job,
+whatever is killed when (kill -9 included).
+
 The ordering argument needs stores seen in program order and loads done in program order (x86-64's
 memory model): the data written before a sequence number is visible before it. Python cannot issue
 the fences other architectures need, so elsewhere the peers keep to gloo.
@@ -22,35 +31,44 @@ from __future__ import annotations
 import mmap
 import os
 import platform
-import tempfile
 import time
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 
-LINE = 64  # one cache line per peer's counter: no false sharing
+LINE = 64  # one cache line per peer's header: no false sharing
+# A peer's header, in int64 words: sequence number, pid, then per slot (call, bytes, dtype).
+SEQ, PID, META = 0, 1, 2
+DTYPES = (torch.float32, torch.float64, torch.int64, torch.int32, torch.float16, torch.bfloat16, torch.uint8,
+          torch.bool)
 SLOT_BYTES = 1 << 20  # per slot; larger tensors go through gloo (there, bandwidth dominates anyway)
 CHECK_S = 0.02  # while waiting, how often to check the clock and the awaited peer's process
 
 
 class SumFailed(RuntimeError):
-    """A peer did not publish in time, its process exited, or the peers' calls are out of step."""
+    """A peer did not publish in time, its process exited, or (`mismatch`) the peers' calls differ."""
+
+    def __init__(self, message: str, mismatch: bool = False) -> None:
+        super().__init__(message)
+        self.mismatch = mismatch
 
 
 def supported() -> bool:
-    """Whether this machine orders memory the way the protocol needs (x86-64), and has /dev/shm."""
-    return platform.machine().lower() in ("x86_64", "amd64") and os.path.isdir("/dev/shm")
+    """Whether this machine orders memory the way the protocol needs (x86-64), and has memfd_create."""
+    return platform.machine().lower() in ("x86_64", "amd64") and hasattr(os, "memfd_create")
 
 
 class SharedMemorySum:
-    """The peers' shared segment: a header (per peer, a sequence counter and a pid) and the slots."""
+    """The peers' shared segment: a header per peer (sequence number, pid, what each slot holds) and
+    the slots."""
 
     def __init__(self, mm: mmap.mmap, rank: int, world_size: int) -> None:
         self.rank, self.world_size = rank, world_size
         self._mm = mm
-        self.seq = np.ndarray((world_size,), np.int64, buffer=mm, offset=0, strides=(LINE,))
-        self.pids = np.ndarray((world_size,), np.int64, buffer=mm, offset=LINE * world_size, strides=(LINE,))
+        self.header = np.ndarray((world_size, LINE // 8), np.int64, buffer=mm, offset=0)
+        self.seq = self.header[:, SEQ]
+        self.pids = self.header[:, PID]
         data = torch.frombuffer(mm, dtype=torch.uint8, offset=_header_bytes(world_size))
         self.slots = data.view(world_size, 2, SLOT_BYTES)
         self.calls = 0  # calls published by this peer
@@ -79,7 +97,8 @@ class SharedMemorySum:
             self.finish(self._pending[1])
         k = self.calls + 1
         self._slot(self.rank, k, tensor).copy_(tensor)
-        self.seq[self.rank] = k  # after the data: the stores become visible in this order
+        self.header[self.rank, META + 3 * (k % 2):META + 3 * (k % 2) + 3] = _describe(k, tensor)
+        self.seq[self.rank] = k  # after the data and its description: the stores become visible in this order
         self.calls = k
         self._pending = (tensor, k, timeout_s)
         return k
@@ -94,6 +113,7 @@ class SharedMemorySum:
         tensor, _, timeout_s = self._pending
         self._await_all(k, timeout_s)
         self._pending = None
+        self._check_calls(k, tensor)
         torch.add(self._slot(0, k, tensor), self._slot(1, k, tensor), out=tensor)
         for q in range(2, self.world_size):
             tensor.add_(self._slot(q, k, tensor))
@@ -111,57 +131,80 @@ class SharedMemorySum:
                         raise SumFailed(f"rank {q}'s process exited")
                     if now - started > timeout_s:
                         raise SumFailed(f"rank {q} did not reach shared-memory sum {k} within {timeout_s:g} s")
-            # A peer can be at most one call ahead (it waits for this one's k + 1 before k + 2).
-            if seq > k + 1:
-                raise SumFailed(f"rank {q} is at shared-memory sum {seq}, this peer at {k}: peers out of step")
+            assert seq <= k + 1, "a peer can be at most one call ahead: it waits for call k + 1 before k + 2"
+
+    def _check_calls(self, k: int, tensor: torch.Tensor) -> None:
+        """Every peer's slot for call `k` holds a tensor of this peer's size and dtype, or stop."""
+        mine = _describe(k, tensor)
+        offset = META + 3 * (k % 2)
+        calls = [tuple(int(x) for x in self.header[q, offset:offset + 3]) for q in range(self.world_size)]
+        if any(c != mine for c in calls):
+            what = "; ".join(f"rank {q}: {_show(c)}" for q, c in enumerate(calls))
+            raise SumFailed(f"the peers' shared-memory sum {k} differs ({what})", mismatch=True)
+
+
+def _describe(k: int, tensor: torch.Tensor) -> tuple[int, int, int]:
+    code = DTYPES.index(tensor.dtype) + 1 if tensor.dtype in DTYPES else 0
+    return k, tensor.numel() * tensor.element_size(), code
+
+
+def _show(call: tuple[int, int, int]) -> str:
+    k, nbytes, code = call
+    dtype = DTYPES[code - 1] if 0 < code <= len(DTYPES) else None
+    if dtype is None:
+        return f"call {k} of {nbytes} bytes"
+    size = torch.empty((), dtype=dtype).element_size()
+    return f"call {k}: {nbytes // size} x {str(dtype).replace('torch.', '')}"
 
 
 def _header_bytes(world_size: int) -> int:
-    return -(-2 * LINE * world_size // 4096) * 4096
+    return -(-LINE * world_size // 4096) * 4096
 
 
 def open_shared_sum(rank: int, world_size: int, all_gather: Callable[[object], list]) -> Optional[SharedMemorySum]:
     """Map one segment on every peer (a collective: every peer calls it); None on every peer if any
-    of them could not (no space in /dev/shm, another pid namespace), and the peers keep to gloo.
+    of them could not (no memory, another pid namespace, /proc/<pid>/fd not readable), and the peers
+    keep to gloo.
 
-    The file is unlinked as soon as every peer has mapped it (or failed to): nothing is left behind.
+    Rank 0 holds the segment's descriptor open until every peer has mapped it (or failed to); then
+    only the mappings keep it alive, and it is freed with the last of them.
     """
     size = _header_bytes(world_size) + world_size * 2 * SLOT_BYTES
-    path = _create(size) if rank == 0 else None
+    fd = _create(size) if rank == 0 else None
     try:
-        path = all_gather(path)[0]
-        shared = _map(path, size, rank, world_size) if path is not None else None
+        where = all_gather(None if fd is None else (os.getpid(), fd))[0]
+        shared = _map(where, size, rank, world_size) if where is not None else None
         pids = all_gather(None if shared is None else os.getpid())
     finally:
-        if rank == 0 and path is not None:
-            os.unlink(path)
+        if fd is not None:
+            os.close(fd)
     ok = all(p is not None and _alive(p) for p in pids)
     # One verdict for all: a peer summing here while another uses gloo would hang both.
     return shared if all(all_gather(ok)) else None
 
 
-def _create(size: int) -> Optional[str]:
+def _create(size: int) -> Optional[int]:
+    """An anonymous memory file of `size` bytes (reserved now: running out later would be a SIGBUS)."""
     try:
-        fd, path = tempfile.mkstemp(prefix="p2prl-", dir="/dev/shm")
+        fd = os.memfd_create("p2prl-sum", os.MFD_CLOEXEC)
     except OSError:
         return None
     try:
-        os.posix_fallocate(fd, 0, size)  # reserve now: running out later would be a SIGBUS
-        return path
+        os.posix_fallocate(fd, 0, size)
+        return fd
     except OSError:
-        os.unlink(path)
-        return None
-    finally:
         os.close(fd)
+        return None
 
 
-def _map(path: str, size: int, rank: int, world_size: int) -> Optional[SharedMemorySum]:
+def _map(where: tuple[int, int], size: int, rank: int, world_size: int) -> Optional[SharedMemorySum]:
+    pid, fd = where
     try:
-        fd = os.open(path, os.O_RDWR)
+        own = os.dup(fd) if pid == os.getpid() else os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR)
         try:
-            mm = mmap.mmap(fd, size)
+            mm = mmap.mmap(own, size)
         finally:
-            os.close(fd)
+            os.close(own)
     except (OSError, ValueError):
         return None
     shared = SharedMemorySum(mm, rank, world_size)

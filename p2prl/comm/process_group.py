@@ -1,12 +1,11 @@
-"""Peer start-up and tear-down from torchrun's environment; the process-group Communicator.
+"""The process-group Communicator (gloo on CPU, NCCL on GPU) and `open_comm`, which joins the peers.
 
-torchrun sets RANK (global identity), LOCAL_RANK (which GPU on this node) and WORLD_SIZE. Without
-them, `open_comm` returns a world of one, and the rest of p2prl runs the same code path.
+Peers that all share one node and each own their cores sum small tensors through shared memory
+(`p2prl.comm.shm`) instead of gloo.
 """
 from __future__ import annotations
 
 import atexit
-import hashlib
 import logging
 import os
 from datetime import timedelta
@@ -16,10 +15,11 @@ import torch
 import torch.distributed as dist
 
 from p2prl.comm.base import Communicator
+from p2prl.comm.launcher import torchrun_world
 from p2prl.comm.local import LocalComm
 from p2prl.comm.shm import SharedMemorySum, SumFailed, open_shared_sum, supported
-from p2prl.comm.store import Heartbeat, attempt_store, gather_before_start
-from p2prl.config import CommConfig, ConfigError
+from p2prl.comm.store import Heartbeat, attempt_store
+from p2prl.config import CommConfig
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +33,16 @@ def _start_sum(tensor: torch.Tensor):
 
 
 class ProcessGroupComm(Communicator):
-    """Collectives over the default torch.distributed process group (gloo on CPU, NCCL on GPU).
+    """Collectives over the default torch.distributed process group.
 
-    With `shared`, sums that fit go through shared memory instead (peers on one node, each pinned).
+    `shared` (set by open_comm when every peer may use it): sums that fit go through shared memory.
+    `spin`: wait for gloo collectives by polling, for a peer that owns its cores.
     """
 
     def __init__(self, backend: str, device: torch.device, timeout_s: float, spin: bool = False) -> None:
         super().__init__()
         self.spin = spin and backend == "gloo"
-        self.shared: Optional[SharedMemorySum] = None  # set by open_comm when every peer may use it
+        self.shared: Optional[SharedMemorySum] = None
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.backend = backend
@@ -56,10 +57,12 @@ class ProcessGroupComm(Communicator):
         if hasattr(self, "heartbeat"):
             self.heartbeat.poke()
 
-    def _failure(self, e: BaseException) -> PeerFailure:
+    def failure(self, e: BaseException) -> PeerFailure:
         """Name the peer(s) that stopped responding, and the phase each was in, from their heartbeats."""
         text = str(e).strip()
         detail = text.splitlines()[0] if text else type(e).__name__
+        if isinstance(e, SumFailed) and e.mismatch:
+            return PeerFailure(f"peers out of step during {self.phase}: {detail}")
         stalled = self.heartbeat.stalled()
         if stalled is None and self.world_size == 2:
             stalled = {1 - self.rank: "unknown"}
@@ -82,7 +85,7 @@ class ProcessGroupComm(Communicator):
         try:
             return start(tensor)
         except RuntimeError as e:  # gloo raises on timeout or a dead peer
-            raise self._failure(e) from e
+            raise self.failure(e) from e
 
     def _wait(self, work) -> None:
         """Wait for a collective; with `spin`, by polling and yielding the core rather than sleeping.
@@ -97,7 +100,7 @@ class ProcessGroupComm(Communicator):
                     os.sched_yield()
             work.wait()
         except RuntimeError as e:
-            raise self._failure(e) from e
+            raise self.failure(e) from e
 
     def _in_memory(self, tensor: torch.Tensor) -> bool:
         return self.shared is not None and self.shared.fits(tensor)
@@ -111,8 +114,8 @@ class ProcessGroupComm(Communicator):
     def _shared(self, step: Callable[[], Any]) -> Any:
         try:
             return step()
-        except SumFailed as e:  # a peer froze past the timeout, or its process exited
-            raise self._failure(e) from e
+        except SumFailed as e:  # a peer froze past the timeout, its process exited, or calls differ
+            raise self.failure(e) from e
 
     def _broadcast(self, tensor: torch.Tensor, src: int) -> None:
         self._run(lambda t: dist.broadcast(t, src=src, async_op=True), tensor)
@@ -130,63 +133,17 @@ class ProcessGroupComm(Communicator):
         try:
             dist.all_gather_object(out, obj)
         except RuntimeError as e:
-            raise self._failure(e) from e
+            raise self.failure(e) from e
         return out
 
 
-def torchrun_world() -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) from torchrun's environment; (0, 0, 1) without torchrun."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
-            int(os.environ.get("WORLD_SIZE", 1)))
-
-
-def pin_cores(threads: int) -> Optional[list[int]]:
-    """Pin this peer to its own `threads` cores of the ones it may use, if there are enough for every
-    peer on this node; returns them (None: not pinned).
-
-    Each peer then owns its cores: its gloo threads wake up next to the thread that waits for them,
-    and never on a core where another peer computes (where a wake-up can wait for a scheduler tick).
-    """
-    if "LOCAL_RANK" not in os.environ or "LOCAL_WORLD_SIZE" not in os.environ:
-        return None  # not started by torchrun: where the other local peers run is unknown
-    local_rank, local_peers = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
-    try:
-        allowed = sorted(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        return None
-    mine = allowed[local_rank * threads:(local_rank + 1) * threads]
-    if local_peers * threads > len(allowed) or len(mine) < threads:
-        return None
-    os.sched_setaffinity(0, mine)
-    return mine
-
-
-def resolve_backend(backend: str) -> str:
-    """`auto` means NCCL when CUDA is available, else gloo; `nccl` without CUDA is a config error."""
-    # NCCL puts each local peer on its own GPU (cuda:LOCAL_RANK): it needs one GPU per local peer.
-    local_peers = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    enough = torch.cuda.is_available() and torch.cuda.device_count() >= local_peers
-    if backend == "auto":
-        return "nccl" if enough else "gloo"
-    if backend == "nccl" and not enough:
-        raise ConfigError("comm.backend", backend, f"nccl needs one CUDA GPU per local peer ({local_peers}), "
-                                                   f"found {torch.cuda.device_count() if torch.cuda.is_available() else 0}; "
-                                                   "allowed here: auto, gloo")
-    return backend
-
-
-def open_comm(cfg: CommConfig, spin: bool = False) -> Communicator:
+def open_comm(cfg: CommConfig, backend: str, spin: bool = False) -> Communicator:
     """Join the peers started by torchrun (once per process), or return a world of one.
 
-    `spin`: wait for gloo collectives by polling (for a peer pinned to its own cores)."""
-    comm = _open(cfg, spin)
-    comm.overlap = cfg.overlap
-    return comm
-
-
-def _open(cfg: CommConfig, spin: bool) -> Communicator:
+    `backend` is comm.backend resolved for this machine (`p2prl.comm.resolve_backend`); `spin`: this
+    peer owns its cores, so it may wait for collectives by polling (and sum through shared memory).
+    """
     rank, local_rank, world_size = torchrun_world()
-    backend = resolve_backend(cfg.backend)
     device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
     if world_size == 1:
         return LocalComm(device)
@@ -213,7 +170,7 @@ _SHARED: Optional[SharedMemorySum] = None
 
 
 def _shared_memory(comm: ProcessGroupComm, spin: bool) -> Optional[SharedMemorySum]:
-    """The shared-memory segment for sums, if every peer is on this node and pinned, else None.
+    """The shared-memory segment for sums, if every peer is on this node and owns its cores, else None.
 
     All peers must agree: one peer summing through memory while another uses gloo would hang both.
     Mapped once per process, like the process group; Hydra multirun jobs reuse it, and each job
@@ -225,7 +182,7 @@ def _shared_memory(comm: ProcessGroupComm, spin: bool) -> Optional[SharedMemoryS
     if not all(want for want, _ in everyone):
         return None
     if len({calls for _, calls in everyone}) > 1:
-        raise comm._failure(SumFailed(f"shared-memory sums out of step between jobs: {everyone}"))
+        raise comm.failure(SumFailed(f"shared-memory sums out of step between jobs: {everyone}", mismatch=True))
     if _SHARED is None:
         _SHARED = open_shared_sum(comm.rank, comm.world_size, comm.all_gather_object)
         if _SHARED is not None:
@@ -236,64 +193,3 @@ def _shared_memory(comm: ProcessGroupComm, spin: bool) -> Optional[SharedMemoryS
 def _destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def differing_keys(everyone: list[dict[str, Any]]) -> list[str]:
-    """Keys whose value is not the same in every peer's flat config."""
-    diffs: set[str] = set()
-    for other in everyone:
-        keys = set(other) | set(everyone[0])
-        diffs |= {k for k in keys if other.get(k) != everyone[0].get(k)}
-    return sorted(diffs)
-
-
-def _differs(keys: list[str]) -> ConfigError:
-    return ConfigError("config", "differs between peers",
-                       f"every peer must compose the same config; differing keys: {', '.join(keys[:8])}")
-
-
-def agree_on_config(comm: Communicator, flat: dict[str, Any]) -> None:
-    """Fail on every peer, naming the keys, if the peers did not compose the same config."""
-    keys = differing_keys(comm.all_gather_object(flat))
-    if keys:
-        raise _differs(keys)
-
-
-def agree_before_start(error: Optional[str], configs: list[dict[str, Any]], timeout_s: float) -> Optional[str]:
-    """The one error every peer stops with before training, or None: the lowest rank's own validation
-    error, else the keys in which the peers' configs (one flat dict per job) differ.
-
-    Runs through the launcher's store, before any process group exists, so every peer exits alike.
-    """
-    rank, _, world_size = torchrun_world()
-    if world_size == 1:
-        return error
-    everyone = gather_before_start(rank, world_size, {"error": error, "configs": configs}, timeout_s)
-    if everyone is None:
-        return error
-    for r, peer in enumerate(everyone):
-        if peer["error"]:
-            return peer["error"] if r == 0 else f"rank {r}: {peer['error']}"
-    for job in range(len(configs)):
-        keys = differing_keys([peer["configs"][job] for peer in everyone])
-        if keys:
-            return str(_differs(keys))
-    return None
-
-
-def parameter_digest(tensors: list[torch.Tensor]) -> int:
-    """A 63-bit digest of the exact bits of `tensors` (order matters)."""
-    h = hashlib.blake2b(digest_size=8)
-    for t in tensors:
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return int.from_bytes(h.digest(), "little") >> 1
-
-
-def check_identical(comm: Communicator, tensors: list[torch.Tensor], what: str = "parameters") -> None:
-    """Stop with a clear error if any peer's `tensors` differ bit-wise from rank 0's."""
-    digests = torch.zeros(comm.world_size, dtype=torch.int64)
-    digests[comm.rank] = parameter_digest(tensors)
-    comm.all_reduce_sum(digests)
-    bad = [r for r in range(comm.world_size) if digests[r] != digests[0]]
-    if bad:
-        raise PeerFailure(f"{what} diverged between peers: rank(s) {bad} differ from rank 0")

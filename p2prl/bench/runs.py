@@ -1,8 +1,8 @@
-"""Side-by-side benchmark: `python -m p2prl.bench [options]` (see `--help`).
+"""Side-by-side benchmark runs: `python -m p2prl.bench [options]` (see `--help`).
 
 Time and steps to the target return, and steps/s, for p2prl on 1 peer (`python -m p2prl.train`) and on
 2 peers (torchrun with a loopback rendezvous) and, when Stable-Baselines3 is installed
-(`pip install -e ".[bench]"`), for SB3 with rl-baselines3-zoo's hyperparameters (`p2prl.bench_sb3`).
+(`pip install -e ".[bench]"`), for SB3 with rl-baselines3-zoo's hyperparameters (`p2prl.bench.sb3`).
 Every run is a fresh process, timed from launch to exit. Runs are interleaved (seed 0 of every task
 and system, then seed 1, ...) so that noise from the machine hits every system alike.
 
@@ -11,7 +11,7 @@ train.target_return=null`, N steps on 1 peer and 2N on 2 peers; efficiency = sps
 
 Writes OUT/bench.json (settings, host, every run, aggregates; rewritten after each run), OUT/bench.png
 (or scaling.png), the runs under OUT/runs/<task>/<system>/seed<N>/ and their output under OUT/logs/.
-The columns are defined in `p2prl.bench_report`.
+The columns are defined in `p2prl.bench.report`.
 """
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ import importlib.util
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,7 +28,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional
 
-from p2prl import bench_report as report
+from p2prl.bench import report
 from p2prl.plot import bar_chart
 
 log = logging.getLogger("p2prl.bench")
@@ -101,6 +100,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 def free_port() -> int:
+    import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -131,7 +131,7 @@ def plan(a: argparse.Namespace, out: Path) -> list[Job]:
             target = t.target if a.target is None else a.target
             for system in a.systems:
                 if system == "sb3":
-                    cmd = [sys.executable, "-m", "p2prl.bench_sb3", "--algo", t.algo, "--env", t.gym_id,
+                    cmd = [sys.executable, "-m", "p2prl.bench.sb3", "--algo", t.algo, "--env", t.gym_id,
                            "--seed", str(seed), "--target", str(target),
                            "--out", str(out / "runs" / name / system / f"seed{seed}" / "result.json"),
                            *(["--steps", str(a.sb3_steps)] if a.sb3_steps else [])]
@@ -152,7 +152,7 @@ def plan_scaling(a: argparse.Namespace, out: Path) -> list[Job]:
 def child_env() -> dict[str, str]:
     """The children import this same p2prl, draw no progress bars, and start one OpenMP thread each."""
     env = dict(os.environ, P2PRL_NO_PROGRESS="1", OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
                                                       env.get("PYTHONPATH")]))
     return env
 
@@ -218,7 +218,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     a = parse_args(argv)
     out = a.out or Path("bench") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     if (out / "runs").exists():  # p2prl would resume from the old runs' checkpoints
-        raise SystemExit(f"p2prl.bench: {out} already holds runs; choose a fresh --out")
+        log.error("p2prl.bench: %s already holds runs; choose a fresh --out", out)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
     jobs = plan_scaling(a, out) if a.scaling else plan(a, out)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
@@ -240,7 +241,3 @@ def main(argv: Optional[list[str]] = None) -> int:
     report.write_json(out / "bench.json", doc)
     emit(f"{text}\n\nwrote {out / 'bench.json'} and {png}")
     return 1 if any(r["error"] for r in doc["runs"]) else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

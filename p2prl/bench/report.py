@@ -24,6 +24,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
+from p2prl.atomic import write_json_atomic
 from p2prl.plot import read_metrics
 
 TO_TARGET = ("launch_to_target_s", "time_to_target_s", "first_step_to_target_s", "steps_to_target")
@@ -165,18 +166,5 @@ def host() -> dict[str, Any]:
             **versions}
 
 
-def jsonable(x: Any) -> Any:
-    """Non-finite floats (a miss in a min-max) become null: JSON has no infinity."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [jsonable(v) for v in x]
-    return x
-
-
 def write_json(path: Path, doc: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(jsonable(doc), indent=2))
-    os.replace(tmp, path)
+    write_json_atomic(path, doc)

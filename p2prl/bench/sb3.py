@@ -1,6 +1,6 @@
 """One Stable-Baselines3 baseline run for `p2prl.bench`, in its own process.
 
-`python -m p2prl.bench_sb3 --algo ppo --env CartPole-v1 --seed 0 --target 475 --out run.json`
+`python -m p2prl.bench.sb3 --algo ppo --env CartPole-v1 --seed 0 --target 475 --out run.json`
 trains SB3 with rl-baselines3-zoo's hyperparameters for the env and stops as soon as the mean return
 of the 20 most recently finished training episodes reaches the target (p2prl's `episode_return_mean`),
 when the step budget is spent, or at the wall-clock deadline. It writes a JSON summary with the same
@@ -9,12 +9,12 @@ fields p2prl's summary.json uses where they mean the same thing.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Optional
+
+from p2prl.atomic import write_json_atomic
 
 # rl-baselines3-zoo's tuned settings (hyperparams/ppo.yml, hyperparams/dqn.yml): CartPole-v1, and
 # LunarLander-v2 (run on gymnasium's LunarLander-v3, the same task). "horizon" is the zoo's
@@ -124,7 +124,7 @@ def train(algo: str, env_id: str, seed: int, target: Optional[float], steps: Opt
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m p2prl.bench_sb3", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m p2prl.bench.sb3", description=__doc__.split("\n")[0])
     p.add_argument("--algo", choices=("ppo", "dqn"), required=True)
     p.add_argument("--env", required=True, choices=sorted({env for _, env in ZOO}))
     p.add_argument("--seed", type=int, default=0)
@@ -133,10 +133,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--deadline", type=float, default=None, help="time.time() at which to stop training")
     p.add_argument("--out", type=Path, required=True, help="where to write the JSON summary")
     a = p.parse_args(argv)
-    summary = train(a.algo, a.env, a.seed, a.target, a.steps, a.deadline)
-    tmp = a.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, a.out)
+    write_json_atomic(a.out, train(a.algo, a.env, a.seed, a.target, a.steps, a.deadline))
 
 
 if __name__ == "__main__":
