@@ -20,7 +20,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import pytest
 
@@ -121,10 +121,10 @@ class Torchrun:
         self.jobs: list[subprocess.Popen] = []
 
     def start(self, args: list[str], nproc: int = 2, restarts: int = 0, cwd: Path = ROOT,
-              launcher: tuple[str, ...] = ()) -> subprocess.Popen:
+              launcher: tuple[str, ...] = (), env: Optional[dict] = None) -> subprocess.Popen:
         """torchrun with a loopback c10d rendezvous; stdout and stderr merged into `.stdout` (text)."""
         job = subprocess.Popen(torchrun_cmd(nproc, args, restarts, launcher), cwd=cwd, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+                               stderr=subprocess.STDOUT, text=True, env=None if env is None else {**os.environ, **env})
         self.jobs.append(job)
         return job
 

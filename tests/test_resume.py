@@ -167,3 +167,22 @@ def _tensors(tree) -> list[torch.Tensor]:
     if isinstance(tree, (list, tuple)):
         return [t for v in tree for t in _tensors(v)]
     return []
+
+
+def test_a_changed_learning_rate_holds_after_resume(tmp_path, small):
+    # Without annealing the learning rate comes only from the config: the checkpoint's must not win.
+    run_dir = tmp_path / "run"
+    run(small(128, *PPO, "algo.anneal_lr=false", "algo.lr=1e-3"), run_dir)
+    summary = run(small(256, *PPO, "algo.anneal_lr=false", "algo.lr=5e-4"), run_dir)
+    assert summary["resumed_at_step"] == 128
+    after = [r for r in rows(run_dir) if r["step"] > 128]
+    assert after and all(r["lr"] == 5e-4 for r in after), [r["lr"] for r in after]
+
+
+def test_another_number_of_envs_resumes_the_shared_state_only(tmp_path, small, caplog):
+    run_dir = tmp_path / "run"
+    run(small(128, *PPO), run_dir)
+    with caplog.at_level(logging.INFO):
+        summary = run(small(256, *PPO, "algo.num_envs=4"), run_dir)
+    assert summary["resumed_at_step"] == 128 and summary["final_step"] == 256
+    assert "only the shared state carries over" in caplog.text and "algo.num_envs=4" in caplog.text
