@@ -79,6 +79,25 @@ def optional(check, key: str, value: Any, **kw: Any) -> None:
         check(key, value, **kw)
 
 
+RULES = {
+    "positive": positive, "positive_int": lambda k, v: positive(k, v, integer=True),
+    "nonneg": nonneg, "nonneg_int": lambda k, v: nonneg(k, v, integer=True),
+    "unit": unit, "unit_open": lambda k, v: unit(k, v, low_open=True), "boolean": boolean,
+    "optional_positive": lambda k, v: optional(positive, k, v),
+    "optional_positive_int": lambda k, v: optional(positive, k, v, integer=True),
+    "optional_nonneg": lambda k, v: optional(nonneg, k, v),
+}
+
+
+def fields(obj: Any, prefix: str, **rules: tuple[str, ...]) -> None:
+    """Check `obj`'s fields by rule: `fields(cfg, "algo.", positive=("lr",), boolean=("norm_adv",))`.
+    Rules: positive, positive_int, nonneg, nonneg_int, unit ([0, 1]), unit_open ((0, 1]), boolean,
+    optional_positive, optional_positive_int, optional_nonneg (None allowed)."""
+    for rule, names in rules.items():
+        for name in names:
+            RULES[rule](prefix + name, getattr(obj, name))
+
+
 def net(prefix: str, hidden_sizes: Any, activation: Any) -> None:
     """A network's `hidden_sizes` (list of positive integers) and `activation`."""
     if not isinstance(hidden_sizes, (list, tuple)) or not all(_number(h, True) and h > 0 for h in hidden_sizes):
@@ -100,7 +119,7 @@ class EnvConfig:
             raise ConfigError("env.kwargs", self.kwargs, "must be a mapping of gymnasium.make keyword arguments")
         if not isinstance(self.id, str) or not self.id:
             raise ConfigError("env.id", self.id, "must be a gymnasium env id such as CartPole-v1")
-        optional(positive, "env.max_episode_steps", self.max_episode_steps, integer=True)
+        fields(self, "env.", optional_positive_int=("max_episode_steps",))
 
 
 @dataclass
@@ -115,9 +134,8 @@ class TrainConfig:
     max_skipped_updates: int
 
     def __post_init__(self) -> None:
-        for k in ("total_steps", "return_window", "log_every_steps", "torch_threads", "max_skipped_updates"):
-            positive("train." + k, getattr(self, k), integer=True)
-        boolean("train.pin_cores", self.pin_cores)
+        fields(self, "train.", boolean=("pin_cores",), positive_int=(
+            "total_steps", "return_window", "log_every_steps", "torch_threads", "max_skipped_updates"))
         if not isinstance(self.resume, str) or not self.resume.strip():
             raise ConfigError("train.resume", self.resume, "allowed: auto, never, or the path of a run dir "
                                                            "or checkpoint")
@@ -134,11 +152,9 @@ class CommConfig:
     overlap: bool
 
     def __post_init__(self) -> None:
-        boolean("comm.overlap", self.overlap)
+        fields(self, "comm.", boolean=("overlap",), positive=("timeout_s",), positive_int=("check_every",))
         choice("comm.strategy", self.strategy, ("allreduce",))
         choice("comm.backend", self.backend, ("auto", "gloo", "nccl"))
-        positive("comm.timeout_s", self.timeout_s)
-        positive("comm.check_every", self.check_every, integer=True)
 
 
 @dataclass
@@ -148,12 +164,11 @@ class CheckpointConfig:
     replay: bool
 
     def __post_init__(self) -> None:
-        optional(positive, "checkpoint.every_steps", self.every_steps, integer=True)
+        fields(self, "checkpoint.", optional_positive_int=("every_steps",), boolean=("replay",))
         if not _number(self.keep, True) or self.keep < 2:
             # Rank 0 prunes without waiting for the other ranks' files of the newest set: keeping one
             # more guarantees a complete set survives a crash during a save.
             raise ConfigError("checkpoint.keep", self.keep, "must be an integer >= 2")
-        boolean("checkpoint.replay", self.replay)
 
 
 @dataclass

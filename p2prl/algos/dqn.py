@@ -55,22 +55,14 @@ class DQNConfig:
     activation: str
 
     def __post_init__(self) -> None:
-        p = "algo."
-        check.positive(p + "lr", self.lr)
-        check.unit(p + "gamma", self.gamma, low_open=True)
-        for k in ("num_envs", "buffer_size", "batch_size", "train_freq", "gradient_steps",
-                  "target_update_interval", "n_step"):
-            check.positive(p + k, getattr(self, k), integer=True)
-        check.nonneg(p + "learning_starts", self.learning_starts, integer=True)
-        check.unit(p + "tau", self.tau, low_open=True)
-        for k in ("eps_start", "eps_end", "exploration_fraction"):
-            check.unit(p + k, getattr(self, k))
-        check.optional(check.nonneg, p + "apex_alpha", self.apex_alpha)
-        check.optional(check.positive, p + "max_grad_norm", self.max_grad_norm)
-        check.boolean(p + "double_dqn", self.double_dqn)
-        check.net(p, self.hidden_sizes, self.activation)
+        check.fields(self, "algo.", positive=("lr",), unit_open=("gamma", "tau"), nonneg_int=("learning_starts",),
+                     positive_int=("num_envs", "buffer_size", "batch_size", "train_freq", "gradient_steps",
+                                   "target_update_interval", "n_step"),
+                     unit=("eps_start", "eps_end", "exploration_fraction"), optional_nonneg=("apex_alpha",),
+                     optional_positive=("max_grad_norm",), boolean=("double_dqn",))
+        check.net("algo.", self.hidden_sizes, self.activation)
         if self.batch_size > self.buffer_size:
-            raise check.ConfigError(p + "batch_size", self.batch_size, f"must be <= algo.buffer_size={self.buffer_size}")
+            raise check.ConfigError("algo.batch_size", self.batch_size, f"must be <= algo.buffer_size={self.buffer_size}")
 
 
 class DQN(Algorithm):

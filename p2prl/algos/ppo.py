@@ -56,25 +56,17 @@ class PPOConfig:
     eps: float
 
     def __post_init__(self) -> None:
-        p = "algo."
-        check.positive(p + "lr", self.lr)
-        check.unit(p + "gamma", self.gamma, low_open=True)
-        check.unit(p + "gae_lambda", self.gae_lambda)
-        for k in ("num_envs", "num_steps", "num_minibatches", "update_epochs"):
-            check.positive(p + k, getattr(self, k), integer=True)
+        check.fields(self, "algo.", positive=("lr", "eps"), unit_open=("gamma",), unit=("gae_lambda",),
+                     positive_int=("num_envs", "num_steps", "num_minibatches", "update_epochs"),
+                     optional_positive=("clip_coef", "max_grad_norm", "target_kl", "clip_reward"),
+                     nonneg=("vf_coef", "ent_coef"),
+                     boolean=("anneal_lr", "anneal_clip", "clip_vloss", "norm_adv", "norm_obs", "norm_reward"))
         batch = self.num_envs * self.num_steps
         if batch % self.num_minibatches:
-            raise check.ConfigError(p + "num_minibatches", self.num_minibatches,
+            raise check.ConfigError("algo.num_minibatches", self.num_minibatches,
                                     f"must divide the per-peer batch algo.num_envs*algo.num_steps={batch}")
-        for k in ("clip_coef", "max_grad_norm", "target_kl", "clip_reward"):
-            check.optional(check.positive, p + k, getattr(self, k))
-        check.nonneg(p + "vf_coef", self.vf_coef)
-        check.nonneg(p + "ent_coef", self.ent_coef)
-        check.positive(p + "eps", self.eps)
-        for k in ("anneal_lr", "anneal_clip", "clip_vloss", "norm_adv", "norm_obs", "norm_reward"):
-            check.boolean(p + k, getattr(self, k))
-        check.net(p, self.hidden_sizes, self.activation)
-        check.choice(p + "optimizer", self.optimizer, ("adam", "rmsprop"))
+        check.net("algo.", self.hidden_sizes, self.activation)
+        check.choice("algo.optimizer", self.optimizer, ("adam", "rmsprop"))
 
 
 class PPO(Algorithm):

@@ -54,16 +54,9 @@ class QLearningConfig:
     apex_alpha: Optional[float]
 
     def __post_init__(self) -> None:
-        p = "algo."
-        check.unit(p + "alpha", self.alpha, low_open=True)
-        check.unit(p + "alpha_end", self.alpha_end, low_open=True)
-        check.unit(p + "gamma", self.gamma, low_open=True)
-        check.positive(p + "num_envs", self.num_envs, integer=True)
-        check.choice(p + "sync", self.sync, ("sum", "average"))
-        check.positive(p + "sync_every", self.sync_every, integer=True)
-        for k in ("eps_start", "eps_end", "exploration_fraction"):
-            check.unit(p + k, getattr(self, k))
-        check.optional(check.nonneg, p + "apex_alpha", self.apex_alpha)
+        check.fields(self, "algo.", unit_open=("alpha", "alpha_end", "gamma"), positive_int=("num_envs", "sync_every"),
+                     unit=("eps_start", "eps_end", "exploration_fraction"), optional_nonneg=("apex_alpha",))
+        check.choice("algo.sync", self.sync, ("sum", "average"))
 
 
 def apply_td_sums(q: np.ndarray, delta_sum: np.ndarray, counts: np.ndarray, alpha: float) -> np.ndarray:
