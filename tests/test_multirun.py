@@ -16,6 +16,6 @@ def test_two_peer_sweep_writes_one_dir_per_job(tmp_path, cli):
     lrs = []
     for job in ("0", "1"):
         s = json.loads((sweep / job / "summary.json").read_text())
-        assert s["world_size"] == 2 and s["final_step"] == 256
+        assert s["world_size"] == 2 and s["final_step"] == s["config"]["train"]["total_steps"]
         lrs.append(s["config"]["algo"]["lr"])
     assert lrs == [1e-3, 3e-4]

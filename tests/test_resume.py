@@ -85,17 +85,18 @@ def test_run_dir_id_is_the_torchrun_agents_start_time_without_a_run_id(monkeypat
 
 def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog, small):
     run_dir = tmp_path / "run"
-    run(small(256), run_dir)
-    assert checkpoint.list_steps(run_dir / "checkpoints") == [192, 256]
-    newest = run_dir / "checkpoints" / "step_256.pt"
+    first = run(small(256), run_dir)
+    kept = checkpoint.list_steps(run_dir / "checkpoints")
+    assert len(kept) == 2 and kept[-1] == first["final_step"]  # checkpoint.keep=2
+    previous, newest = kept[0], checkpoint.shared_path(run_dir / "checkpoints", kept[1])
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
     with caplog.at_level(logging.INFO):
         summary = run(small(320), run_dir)
-    assert "step_256.pt is unreadable" in caplog.text
-    assert f"resumed from {run_dir / 'checkpoints' / 'step_192.pt'} at step 192" in caplog.text
-    assert summary["resumed_at_step"] == 192 and summary["final_step"] == 320
+    assert f"{newest.name} is unreadable" in caplog.text
+    assert f"resumed from {checkpoint.shared_path(run_dir / 'checkpoints', previous)} at step {previous}" in caplog.text
+    assert summary["resumed_at_step"] == previous and summary["final_step"] == summary["config"]["train"]["total_steps"]
     steps = [r["step"] for r in rows(run_dir)]
-    assert steps == sorted(set(steps)) and steps[-1] == 320
+    assert steps == sorted(set(steps)) and steps[-1] == summary["final_step"]
 
 
 def _resume_on_two(rank: int, cfg, run_dir: Path):

@@ -3,6 +3,8 @@
 Each peer samples `num_envs x num_steps` transitions from its own vector env, computes GAE, then runs
 `update_epochs` epochs of `num_minibatches` minibatches. Every minibatch gradient is averaged across
 peers by the learner (one flat all-reduce), so N peers behave like one peer with N times the envs.
+The file reads top to bottom as the whole algorithm (config, sampling, advantages, losses, checkpoint
+state, greedy policy), which is why it stays one file a little over 250 lines.
 """
 from __future__ import annotations
 
