@@ -24,6 +24,14 @@ class ConfigError(ValueError):
         self.key, self.value, self.allowed = key, value, allowed
         super().__init__(f"{key}={show(value)}: {allowed}")
 
+    @classmethod
+    def line(cls, text: str) -> "ConfigError":
+        """An error whose one line is already written (e.g. agreed between peers)."""
+        e = cls.__new__(cls)
+        ValueError.__init__(e, text)
+        e.key = e.value = e.allowed = None
+        return e
+
 
 def show(value: Any) -> str:
     if value is None:

@@ -33,10 +33,6 @@ class FlatOptimizer:
                 **{k: v.clone() for k, v in self._state().items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        if "param_groups" in state:  # torch.optim's format (checkpoints of earlier p2prl versions)
-            per_param = state["state"].get(0, {})
-            state = {"step": int(per_param.get("step", 0)), "lr": state["param_groups"][0]["lr"],
-                     **{k: per_param.get(k, torch.zeros_like(self.param)) for k in self._state()}}
         self.step_count = int(state["step"])
         self.param_groups[0]["lr"] = float(state["lr"])
         for k, v in self._state().items():

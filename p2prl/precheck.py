@@ -32,7 +32,7 @@ class Preflight(NamedTuple):
     """What the precheck established about one job, for the run to use instead of checking again."""
 
     backend: str  # comm.backend resolved on this machine (auto -> gloo or nccl)
-    source_checked: bool  # the checkpoint to resume from was found to fit (single runs)
+    checkpoint: Optional[Path]  # the checkpoint to resume from, found to fit this config (None: none checked)
 
 
 def to_run_config(cfg: DictConfig | dict) -> RunConfig:
@@ -60,9 +60,8 @@ def preflight(cfg: RunConfig, run_dir: Optional[Path], dir_key: str = DIR_KEYS[0
     backend = resolve_backend(cfg.comm.backend)
     _check_writable(dir_key, out_dir or run_dir or Path("."))
     explicit = cfg.train.resume not in ("auto", "never")  # a path: the same source for every job
-    if run_dir is not None or explicit:
-        check_source(cfg, run_dir or out_dir or Path("."))
-    return Preflight(backend, source_checked=run_dir is not None or explicit)
+    checked = check_source(cfg, run_dir or out_dir or Path(".")) if run_dir is not None or explicit else None
+    return Preflight(backend, checked)
 
 
 def _check_writable(key: str, path: Path) -> None:

@@ -39,6 +39,7 @@ class Progress:
 
 # A change of these keeps the shared state but restarts every rank's own (envs, windows, replay).
 RANK_KEYS = ("algo.num_envs", "algo.n_step", "env.max_episode_steps")
+FORMAT = 2  # of the shared checkpoint; 1 (no "format" key): before the learner kept its own state
 
 
 def fixed_keys(algo_name: str) -> tuple[str, ...]:
@@ -66,14 +67,18 @@ def _identity(config: Any) -> str:
                      "env=" + (env if isinstance(env, str) else "?"), f"({env_id if isinstance(env_id, str) else '?'})"])
 
 
-def check_resumable(saved_config: Any, cfg: RunConfig, where: Path) -> None:
-    """A checkpoint of another run (algo, env), or whose model another config would not fit, cannot
-    be resumed: say which key differs and what the checkpoint has."""
-    now = cfg.to_dict()
+def check_resumable(checkpoint: dict, cfg: RunConfig, where: Path) -> None:
+    """A checkpoint of another run (algo, env), of an earlier format, or whose model another config
+    would not fit, cannot be resumed: say which key differs and what the checkpoint has."""
+    saved_config, now = checkpoint.get("config"), cfg.to_dict()
     if _identity(saved_config) != _identity(now):
         raise ConfigError("train.resume", cfg.train.resume,
                           f"{where} belongs to another run ({_identity(saved_config)}; this run is "
                           f"{_identity(now)}); resume with the same algo and env, or choose another hydra.run.dir")
+    if checkpoint.get("format", 1) != FORMAT:
+        raise ConfigError("train.resume", cfg.train.resume,
+                          f"{where} holds checkpoints of an earlier p2prl version (format {checkpoint.get('format', 1)}, "
+                          f"this version reads {FORMAT}); start afresh: train.resume=never or another hydra.run.dir")
     for key in fixed_keys(cfg.algo.name):
         saved = _get(saved_config, key)
         if saved is not _MISSING and saved != _get(now, key):
@@ -99,15 +104,17 @@ def candidates(resume: str, run_dir: Path) -> list[Path]:
     raise ConfigError("train.resume", resume, f"{what}; allowed: auto, never, a run dir or a checkpoint file")
 
 
-def check_source(cfg: RunConfig, run_dir: Path) -> None:
-    """Before training, on each peer alone: the checkpoint to resume is readable and fits this config."""
+def check_source(cfg: RunConfig, run_dir: Path) -> Optional[Path]:
+    """Before training, on each peer alone: the checkpoint to resume is readable and fits this config;
+    returns it (None: there is none, the run starts afresh)."""
     for path in candidates(cfg.train.resume, run_dir):
         checkpoint = load(path, mmap=True, warn=False)
         if checkpoint is not None:
-            check_resumable(checkpoint.get("config"), cfg, path.parent)
-            return
+            check_resumable(checkpoint, cfg, path.parent)
+            return path
     if cfg.train.resume not in ("auto", "never"):
         raise ConfigError("train.resume", cfg.train.resume, "no readable checkpoint there (truncated or corrupt)")
+    return None
 
 
 def _rank_file(shared: Path, rank: int) -> Path:
@@ -121,10 +128,10 @@ def _same_ranks(shared: dict, cfg: RunConfig, world_size: int) -> bool:
 
 
 def restore(comm: Communicator, cfg: RunConfig, run_dir: Path, algo: algos.Algorithm, window: ReturnWindow,
-            source_checked: bool = False) -> tuple[Progress, Optional[Path]]:
+            checked: Optional[Path] = None) -> tuple[Progress, Optional[Path]]:
     """Load the newest checkpoint every peer can read (a collective); (Progress(), None) if there is none.
 
-    `source_checked`: the precheck already ran `check_source` on this run dir (no second check).
+    `checked`: the checkpoint `check_source` already found to fit (the precheck's; not checked again).
     """
     comm.phase = "resume"
     paths = comm.broadcast_object([str(p) for p in candidates(cfg.train.resume, run_dir)])
@@ -136,8 +143,8 @@ def restore(comm: Communicator, cfg: RunConfig, run_dir: Path, algo: algos.Algor
         if comm.agree(shared is None or (exact and own is None)):
             log.warning("checkpoint %s is incomplete or unreadable on some peer; trying the previous one", path)
             continue
-        if not source_checked:
-            check_resumable(shared.get("config"), cfg, path.parent)
+        if checked is None or path.resolve() != Path(checked).resolve():
+            check_resumable(shared, cfg, path.parent)
         _load(comm, cfg, algo, window, shared, own)
         progress = Progress(int(shared["step"]), int(shared["iteration"]), float(shared["time_s"]))
         log.info("resumed from %s at step %d", path, progress.step)
@@ -193,7 +200,8 @@ class Checkpointer:
 
     def _shared(self, p: Progress) -> dict:
         learner = self.algo.learner
-        return {"step": p.step, "iteration": p.iteration, "time_s": p.time_s, "world_size": self.comm.world_size,
+        return {"format": FORMAT, "step": p.step, "iteration": p.iteration, "time_s": p.time_s,
+                "world_size": self.comm.world_size,
                 "config": self.config, "config_hash": self.hash, "return_window": self.window.state_dict(),
                 **({} if learner is None else {"learner": learner.state_dict()}), **self.algo.state_dict()}
 

@@ -14,8 +14,9 @@ import torch
 
 from p2prl import algos
 from p2prl.atomic import write_json_atomic
-from p2prl.comm import Communicator, PeerFailure, agree_on_config, check_identical, open_comm, pin, place
-from p2prl.config import RunConfig
+from p2prl.comm import (Communicator, PeerFailure, agree_before_start, agree_on_config, check_identical, open_comm,
+                        pin, place)
+from p2prl.config import ConfigError, RunConfig, config_hash
 from p2prl.envs import make_vec_env
 from p2prl.faults import Interrupted, NonFiniteUpdates
 from p2prl.metrics import MetricsWriter, ReturnWindow
@@ -39,6 +40,20 @@ def build_algorithm(cfg: RunConfig, comm: Communicator) -> algos.Algorithm:
     return algo
 
 
+def _agreed_preflight(cfg: RunConfig, run_dir: Path) -> Preflight:
+    """`preflight` for a job the precheck did not compose (a sweeper's), with every peer's verdict
+    compared through torchrun's store, so a bad job stops every peer alike."""
+    error, checked = None, None
+    try:
+        checked = preflight(cfg, run_dir)
+    except ConfigError as e:
+        error = str(e)
+    error = agree_before_start(error, [cfg.flat()], cfg.comm.timeout_s, tag=config_hash(cfg.to_dict()))
+    if error is not None:
+        raise ConfigError.line(error)
+    return checked
+
+
 def run(cfg: RunConfig, run_dir: Path, checked: Optional[Preflight] = None) -> dict:
     """Train until the target return or the global step budget; returns the summary (all ranks).
 
@@ -48,18 +63,18 @@ def run(cfg: RunConfig, run_dir: Path, checked: Optional[Preflight] = None) -> d
     iteration boundary to checkpoints/interrupted.pt.
     """
     t_start = time.perf_counter()
-    checked = checked or preflight(cfg, run_dir)
+    checked = checked or _agreed_preflight(cfg, run_dir)
     torch.set_num_threads(cfg.train.torch_threads)
     affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     placement = place(cfg.train.torch_threads) if cfg.train.pin_cores else None
     if placement is not None:
         pin(placement)
-    comm = open_comm(cfg.comm, checked.backend, spin=placement is not None and placement.spin)
+    comm = open_comm(cfg.comm, checked.backend, cores=placement.cores if placement else None)
     if comm.world_size > 1:
-        log.info("%s: %s", f"pinned to cores {placement.cores}" if placement and placement.spin else "not pinned",
+        log.info("%s: %s", f"pinned to cores {placement.cores}" if placement and placement.cores else "not pinned",
                  placement.reason if placement else "train.pin_cores=false")
     try:
-        return _train(cfg, run_dir, comm, t_start, checked.source_checked)
+        return _train(cfg, run_dir, comm, t_start, checked.checkpoint)
     finally:
         # A multirun's next job (or an in-process caller) gets back the cores the process had before.
         if placement is not None and placement.cores is not None:
@@ -67,14 +82,14 @@ def run(cfg: RunConfig, run_dir: Path, checked: Optional[Preflight] = None) -> d
         comm.close()
 
 
-def _train(cfg: RunConfig, run_dir: Path, comm: Communicator, t_start: float, source_checked: bool) -> dict:
+def _train(cfg: RunConfig, run_dir: Path, comm: Communicator, t_start: float, checked: Optional[Path]) -> dict:
     agree_on_config(comm, cfg.flat())
     run_dir = Path(comm.broadcast_object(str(run_dir)))  # rank 0 chooses the run dir
     is_main = comm.rank == 0
     algo = build_algorithm(cfg, comm)
     shared, learner = algo.shared_tensors(), algo.learner
     window = ReturnWindow(cfg.train.return_window)
-    p, resumed_from = restore(comm, cfg, run_dir, algo, window, source_checked)
+    p, resumed_from = restore(comm, cfg, run_dir, algo, window, checked)
     p_start = Progress(p.step, p.iteration, p.time_s)  # where this attempt started
     saver = Checkpointer(comm, cfg, run_dir, algo, window)
     writer = MetricsWriter(run_dir, cfg.train.total_steps, enabled=is_main, start_step=p.step)
@@ -135,9 +150,14 @@ def _train(cfg: RunConfig, run_dir: Path, comm: Communicator, t_start: float, so
         check_identical(comm, shared)
         if saver.saved_step != p.step:
             saver.save(p)
-    except (Interrupted, PeerFailure) as e:
+    except BaseException as e:
         interrupted = isinstance(e, Interrupted)
-        saver.save_interrupted(str(e))
+        if isinstance(e, (Interrupted, PeerFailure)):
+            try:
+                saver.save_interrupted(str(e))
+            except Interrupted:  # torchrun's SIGTERM to the survivors of a failure, landing here
+                interrupted = True
+                raise
         raise
     finally:
         gc.unfreeze()  # a multirun's next job starts from a collectable heap

@@ -15,7 +15,7 @@ SMALL = ("seed=3", "algo.num_envs=2", "algo.num_steps=16", "algo.num_minibatches
 
 
 def _train_iterations(rank: int, cfg, iterations: int, shared: bool):
-    comm = open_comm(cfg.comm, "gloo", spin=shared)
+    comm = open_comm(cfg.comm, "gloo", cores=[rank] if shared else None)
     assert (getattr(comm, "shared", None) is not None) == shared
     algo = build_algorithm(cfg, comm)
     initial = parameter_digest(list(algo.model.parameters()))

@@ -36,7 +36,7 @@ def _reference(world: int, step: int, key: str) -> torch.Tensor:
 
 
 def _sums(rank: int, cfg, world: int, steps: int):
-    comm = open_comm(cfg, "gloo", spin=True)
+    comm = open_comm(cfg, "gloo", cores=[rank])
     assert comm.shared is not None, "peers on one node that spin did not map the shared segment"
     results = []
     for step in range(steps):
@@ -66,7 +66,7 @@ def test_shared_memory_sums_are_exact_and_identical_on_every_peer(world, comm_cf
 
 
 def _background_then_blocking(rank: int, cfg, rounds: int):
-    comm = open_comm(cfg, "gloo", spin=True)
+    comm = open_comm(cfg, "gloo", cores=[rank])
     assert comm.shared is not None
     for step in range(rounds):
         x = [torch.full((64,), 10.0 * (3 * step + i) + rank) for i in range(3)]
@@ -88,26 +88,31 @@ def test_blocking_sums_while_a_background_sum_is_pending_keep_every_call_apart(c
 
 
 def _reopen_and_disagree(rank: int, cfg):
-    first = open_comm(cfg, "gloo", spin=True)
+    first = open_comm(cfg, "gloo", cores=[rank])
     first.all_reduce_sum(torch.ones(3))
-    again = open_comm(cfg, "gloo", spin=True)  # a multirun's next job: the same segment
+    again = open_comm(cfg, "gloo", cores=[rank])  # a multirun's next job: the same segment
     assert again.shared is first.shared and again.shared.calls == 1
     again.all_reduce_sum(torch.ones(3))
     # One peer not pinned: nobody may sum through memory, or the pinned one would wait there forever.
-    mixed = open_comm(cfg, "gloo", spin=rank == 0)
+    mixed = open_comm(cfg, "gloo", cores=[0] if rank == 0 else None)
     assert mixed.shared is None
     t = torch.full((5,), float(rank + 1))
     mixed.all_reduce_sum(t)
     assert torch.equal(t, torch.full((5,), 3.0))
+    # Both peers on the same core (each chose alone): neither spins, nobody sums through memory.
+    crowded = open_comm(cfg, "gloo", cores=[0])
+    assert crowded.shared is None and not crowded.spin
+    crowded.all_reduce_sum(t)
+    assert torch.equal(t, torch.full((5,), 6.0))
     return again.shared.calls
 
 
-def test_the_segment_serves_later_jobs_and_is_used_only_when_every_peer_is_pinned(comm_cfg, peers):
+def test_the_segment_serves_later_jobs_and_is_used_only_when_every_peer_owns_its_cores(comm_cfg, peers):
     assert peers(_reopen_and_disagree, 2, comm_cfg) == [2, 2]
 
 
 def _mismatched(rank: int, cfg, mine: torch.Tensor):
-    comm = open_comm(cfg, "gloo", spin=True)
+    comm = open_comm(cfg, "gloo", cores=[rank])
     assert comm.shared is not None
     comm.all_reduce_sum(torch.ones(2))  # one good call first
     with pytest.raises(PeerFailure) as e:
@@ -126,7 +131,7 @@ def test_calls_that_differ_between_peers_stop_both_naming_each_call(rank0, comm_
 
 
 def _absent_peer(rank: int, cfg):
-    comm = open_comm(cfg, "gloo", spin=True)
+    comm = open_comm(cfg, "gloo", cores=[rank])
     assert comm.shared is not None
     store = connect()
     if rank == 1:  # never joins the sum; waits until rank 0 gave up
@@ -148,7 +153,7 @@ def test_a_peer_that_never_arrives_ends_the_sum_after_the_timeout(compose, peers
 
 
 def _dead_peer(rank: int, cfg):
-    comm = open_comm(cfg, "gloo", spin=True)
+    comm = open_comm(cfg, "gloo", cores=[rank])
     assert comm.shared is not None
     if rank == 1:
         return None  # exits without joining the sum

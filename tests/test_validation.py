@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from p2prl.checkpoint import save_atomic
+from p2prl.resume import FORMAT
 from p2prl.precheck import check_command_line
 
 pytestmark = pytest.mark.timeout(120)
@@ -63,6 +64,8 @@ BAD = [
      ["algo.optimizer=rmsprop: cannot change on resume", "was trained with adam"]),
     (["hydra.run.dir={tmp}/cartpole_run", "+env.kwargs.sutton_barto_reward=true"],
      ["env.kwargs={'sutton_barto_reward': True}: cannot change on resume", "was trained with {}"]),
+    (["hydra.run.dir={tmp}/old_run"], ["train.resume=auto", "holds checkpoints of an earlier p2prl version",
+                                       "train.resume=never"]),
 ]
 
 
@@ -72,8 +75,10 @@ def fixtures(tmp: Path) -> None:
     save_atomic(acrobot, tmp / "acrobot_run" / "checkpoints" / "step_64.pt")
     (tmp / "corrupt.pt").write_bytes(b"PK\x03\x04 not a zip")
     cartpole = {"config": {"algo": {"name": "ppo", "hidden_sizes": [64, 64], "norm_obs": False, "optimizer": "adam"},
-                           "env": {"name": "cartpole", "id": "CartPole-v1", "kwargs": {}}}, "step": 64}
+                           "env": {"name": "cartpole", "id": "CartPole-v1", "kwargs": {}}}, "step": 64,
+                "format": FORMAT}
     save_atomic(cartpole, tmp / "cartpole_run" / "checkpoints" / "step_64.pt")
+    save_atomic({**cartpole, "format": 1}, tmp / "old_run" / "checkpoints" / "step_64.pt")
 
 
 @pytest.mark.parametrize("args,expected", BAD, ids=[" ".join(a) for a, _ in BAD])

@@ -184,7 +184,8 @@ class PPO(Algorithm):
                     break
             if stopped:
                 break
-        learner.finish(veto, discard=stopped)  # comm.overlap: the last gradient is still in flight
+        last = learner.finish(veto, discard=stopped)  # comm.overlap: the last gradient is still in flight
+        stopped = stopped or (last is not None and last.vetoed)
         return {**learner.take_means(), "lr": learner.lr, "early_stop": int(stopped), "updates": learner.updates}
 
     def loss(self, obs, act, old_logp, old_val, adv, ret, w, clip) -> tuple[torch.Tensor, dict]:

@@ -30,16 +30,18 @@ def agree_on_config(comm: Communicator, flat: dict[str, Any]) -> None:
         raise _differs(keys)
 
 
-def agree_before_start(error: Optional[str], configs: list[dict[str, Any]], timeout_s: float) -> Optional[str]:
+def agree_before_start(error: Optional[str], configs: list[dict[str, Any]], timeout_s: float,
+                       tag: str = "command-line") -> Optional[str]:
     """The one error every peer stops with before training, or None: the lowest rank's own validation
     error, else the keys in which the peers' configs (one flat dict per job) differ.
 
-    Runs through the launcher's store, before any process group exists, so every peer exits alike.
+    Runs through the launcher's store, before any process group exists, so every peer exits alike;
+    `tag` names the exchange (each one once per attempt).
     """
     rank, _, world_size = torchrun_world()
     if world_size == 1:
         return error
-    everyone = gather_before_start(rank, world_size, {"error": error, "configs": configs}, timeout_s)
+    everyone = gather_before_start(rank, world_size, {"error": error, "configs": configs}, timeout_s, tag)
     if everyone is None:
         return error
     for r, peer in enumerate(everyone):

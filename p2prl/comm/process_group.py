@@ -137,11 +137,13 @@ class ProcessGroupComm(Communicator):
         return out
 
 
-def open_comm(cfg: CommConfig, backend: str, spin: bool = False) -> Communicator:
+def open_comm(cfg: CommConfig, backend: str, cores: Optional[list[int]] = None) -> Communicator:
     """Join the peers started by torchrun (once per process), or return a world of one.
 
-    `backend` is comm.backend resolved for this machine (`p2prl.comm.resolve_backend`); `spin`: this
-    peer owns its cores, so it may wait for collectives by polling (and sum through shared memory).
+    `backend` is comm.backend resolved for this machine (`p2prl.comm.resolve_backend`); `cores`: the
+    cores this peer is pinned to (`p2prl.comm.place`). A peer whose cores no other peer shares may
+    wait for collectives by polling; when every peer on the node owns its cores, they sum through
+    shared memory.
     """
     rank, local_rank, world_size = torchrun_world()
     device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
@@ -160,16 +162,24 @@ def open_comm(cfg: CommConfig, backend: str, spin: bool = False) -> Communicator
             dist.init_process_group(backend, timeout=timeout)
         atexit.register(_destroy)
     log.debug("rank %d/%d joined with %s", rank, world_size, backend)
-    comm = ProcessGroupComm(backend, device, cfg.timeout_s, spin)
+    comm = ProcessGroupComm(backend, device, cfg.timeout_s, spin=False)
+    # Every peer chose its cores alone: check that no two peers of this node took the same ones.
+    node = os.uname().nodename
+    everyone = comm.all_gather_object((node, cores, _SHARED and _SHARED.calls))
+    shared_cores = {c for r, (n, cs, _) in enumerate(everyone) if r != rank and n == node for c in cs or ()}
+    own = cores is not None and not shared_cores & set(cores)
+    if cores is not None and not own:
+        log.warning("rank %d: another peer of this node is pinned to some of cores %s: waiting by sleeping", rank, cores)
+    comm.spin = own and backend == "gloo"
     if backend == "gloo":
-        comm.shared = _shared_memory(comm, spin)
+        comm.shared = _shared_memory(comm, everyone, own)
     return comm
 
 
 _SHARED: Optional[SharedMemorySum] = None
 
 
-def _shared_memory(comm: ProcessGroupComm, spin: bool) -> Optional[SharedMemorySum]:
+def _shared_memory(comm: ProcessGroupComm, everyone: list, own: bool) -> Optional[SharedMemorySum]:
     """The shared-memory segment for sums, if every peer is on this node and owns its cores, else None.
 
     All peers must agree: one peer summing through memory while another uses gloo would hang both.
@@ -178,11 +188,12 @@ def _shared_memory(comm: ProcessGroupComm, spin: bool) -> Optional[SharedMemoryS
     """
     global _SHARED
     local = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) == comm.world_size
-    everyone = comm.all_gather_object((spin and local and supported(), _SHARED and _SHARED.calls))
-    if not all(want for want, _ in everyone):
+    verdicts = comm.all_gather_object(own and local and supported())
+    if not all(verdicts):
         return None
-    if len({calls for _, calls in everyone}) > 1:
-        raise comm.failure(SumFailed(f"shared-memory sums out of step between jobs: {everyone}", mismatch=True))
+    if len({calls for _, _, calls in everyone}) > 1:
+        raise comm.failure(SumFailed(f"shared-memory sums out of step between jobs: "
+                                     f"{[calls for _, _, calls in everyone]}", mismatch=True))
     if _SHARED is None:
         _SHARED = open_shared_sum(comm.rank, comm.world_size, comm.all_gather_object)
         if _SHARED is not None:

@@ -32,6 +32,7 @@ import mmap
 import os
 import platform
 import time
+import zlib
 from typing import Callable, Optional
 
 import numpy as np
@@ -40,8 +41,9 @@ import torch
 LINE = 64  # one cache line per peer's header: no false sharing
 # A peer's header, in int64 words: sequence number, pid, then per slot (call, bytes, dtype).
 SEQ, PID, META = 0, 1, 2
-DTYPES = (torch.float32, torch.float64, torch.int64, torch.int32, torch.float16, torch.bfloat16, torch.uint8,
-          torch.bool)
+DTYPES = {zlib.crc32(str(d).encode()): d for d in (
+    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16, torch.int8,
+    torch.uint8, torch.bool, torch.complex64, torch.complex128)}
 SLOT_BYTES = 1 << 20  # per slot; larger tensors go through gloo (there, bandwidth dominates anyway)
 CHECK_S = 0.02  # while waiting, how often to check the clock and the awaited peer's process
 
@@ -73,6 +75,14 @@ class SharedMemorySum:
         self.slots = data.view(world_size, 2, SLOT_BYTES)
         self.calls = 0  # calls published by this peer
         self._pending: Optional[tuple[torch.Tensor, int, float]] = None  # published, not yet summed
+
+    def close(self) -> None:
+        """Unmap the segment (only when no sum will use it again)."""
+        del self.header, self.seq, self.pids, self.slots
+        try:
+            self._mm.close()
+        except BufferError:  # a view is still alive somewhere: the mapping goes with the process
+            pass
 
     @staticmethod
     def fits(tensor: torch.Tensor) -> bool:
@@ -144,15 +154,15 @@ class SharedMemorySum:
 
 
 def _describe(k: int, tensor: torch.Tensor) -> tuple[int, int, int]:
-    code = DTYPES.index(tensor.dtype) + 1 if tensor.dtype in DTYPES else 0
-    return k, tensor.numel() * tensor.element_size(), code
+    """(call, bytes, dtype code): what a slot holds; the code is a hash of the dtype's name."""
+    return k, tensor.numel() * tensor.element_size(), zlib.crc32(str(tensor.dtype).encode())
 
 
 def _show(call: tuple[int, int, int]) -> str:
     k, nbytes, code = call
-    dtype = DTYPES[code - 1] if 0 < code <= len(DTYPES) else None
+    dtype = DTYPES.get(code)
     if dtype is None:
-        return f"call {k} of {nbytes} bytes"
+        return f"call {k}: {nbytes} bytes of dtype code {code}"
     size = torch.empty((), dtype=dtype).element_size()
     return f"call {k}: {nbytes // size} x {str(dtype).replace('torch.', '')}"
 
@@ -180,7 +190,11 @@ def open_shared_sum(rank: int, world_size: int, all_gather: Callable[[object], l
             os.close(fd)
     ok = all(p is not None and _alive(p) for p in pids)
     # One verdict for all: a peer summing here while another uses gloo would hang both.
-    return shared if all(all_gather(ok)) else None
+    if all(all_gather(ok)):
+        return shared
+    if shared is not None:
+        shared.close()
+    return None
 
 
 def _create(size: int) -> Optional[int]:

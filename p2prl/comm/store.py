@@ -53,7 +53,7 @@ def attempt_store(timeout_s: float) -> Optional[dist.Store]:
     return None if store is None else dist.PrefixStore(f"{_namespace()}/pg", store)
 
 
-def gather_before_start(rank: int, world_size: int, value: Any, timeout_s: float) -> Optional[list]:
+def gather_before_start(rank: int, world_size: int, value: Any, timeout_s: float, tag: str) -> Optional[list]:
     """Every peer's JSON-able `value`, by rank, through the store: no process group is needed yet.
 
     Used to check every peer's configuration before any of them starts. None unless torchrun's agent
@@ -64,7 +64,7 @@ def gather_before_start(rank: int, world_size: int, value: Any, timeout_s: float
     store = connect(timeout_s)
     if store is None:
         return None
-    keys = [f"{_namespace()}/start/{r}" for r in range(world_size)]
+    keys = [f"{_namespace()}/start/{tag}/{r}" for r in range(world_size)]
     store.set(keys[rank], json.dumps(value))
     store.wait(keys, timedelta(seconds=timeout_s))
     return [json.loads(store.get(k)) for k in keys]
