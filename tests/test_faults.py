@@ -42,7 +42,10 @@ def test_workers_exit_when_the_torchrun_agent_is_killed(tmp_path, torchrun):
     job.kill()
     torchrun.wait_until(lambda: not any(torchrun.alive(p) for p in pids.values()), 30, "the orphaned workers to exit")
     saved = checkpoint.load(run_dir / "checkpoints" / "interrupted.pt")
-    assert saved is not None and "model" in saved and "SIGTERM" in saved["interrupted_by"]
+    assert saved is not None and "model" in saved
+    # Rank 0 stops on its own SIGTERM, or first notices that rank 1 (which got its own) has gone.
+    why = saved["interrupted_by"]
+    assert "SIGTERM" in why or "peer rank 1" in why, why
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

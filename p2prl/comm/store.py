@@ -21,6 +21,9 @@ from typing import Any, Callable, Optional
 import torch.distributed as dist
 
 BEAT_S = 1.0  # a beat at least this often
+# How long naming a silent peer may wait for the store. Short: the store's host (torchrun's agent) may be
+# the one that died, and a signal cannot interrupt the connection attempt while it lasts.
+STALLED_CONNECT_S = 1.0
 MIN_GAP_S = 0.05  # and at most this often: a phase change is published within this delay
 
 
@@ -114,7 +117,9 @@ class Heartbeat:
 
     def stalled(self) -> Optional[dict[int, str]]:
         """{rank: phase it was last in} for peers whose beat stopped; None if the store cannot tell."""
-        store = connect()
+        if self._store is None:
+            return None
+        store = connect(STALLED_CONNECT_S)
         if store is None or self._store is None:
             return None
         try:
