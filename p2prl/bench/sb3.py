@@ -84,7 +84,7 @@ def train(algo: str, env_id: str, seed: int, target: Optional[float], steps: Opt
     budget = budget_for(algo, env_id, steps)
     spec = ZOO[(algo, env_id)]
     envs = make_vec_env(env_id, n_envs=spec["n_envs"], seed=seed)  # Monitor-wrapped: info["episode"]
-    cls = PPO if algo == "ppo" else DQN
+    cls = {"ppo": PPO, "dqn": DQN}[algo]
     model = cls("MlpPolicy", envs, seed=seed, device="cpu", verbose=0, **model_kwargs(algo, env_id, budget))
     state: dict[str, Any] = {"t_first": None, "reached_at": None, "timed_out": False, "episodes": 0}
     returns: deque[float] = deque(maxlen=window)
