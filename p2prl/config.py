@@ -158,10 +158,12 @@ class CommConfig:
     timeout_s: float
     check_every: int
     overlap: bool
+    topology: str
 
     def __post_init__(self) -> None:
         fields(self, "comm.", boolean=("overlap",), positive=("timeout_s",), positive_int=("check_every",))
         choice("comm.strategy", self.strategy, ("allreduce",))
+        choice("comm.topology", self.topology, ("auto", "flat", "hierarchical"))
         choice("comm.backend", self.backend, ("auto", "gloo", "nccl"))
 
 

@@ -1,8 +1,9 @@
 """Shared fixtures: composed configs, real gloo peers, the command line, torchrun jobs.
 
 - `compose(*overrides)`: the RunConfig `python -m p2prl.train <overrides>` would run (conf/'s defaults).
-- `peers(fn, n, *args, timeout=60)`: calls `fn(rank, *args)` in n spawned processes that share one
-  process group (torchrun's environment variables, p2prl's own `open_comm`); each rank's return value.
+- `peers(fn, n, *args, timeout=60, per_node=0)`: calls `fn(rank, *args)` in n spawned processes that
+  share one process group (torchrun's environment variables, p2prl's own `open_comm`; `per_node`
+  groups them into pretend nodes); each rank's return value.
   A hang or crash fails the test within `timeout` seconds instead of blocking the suite.
 - `cli(args, nproc=1, timeout=120)`: `python -m p2prl.train` (or torchrun with nproc peers) to the end.
 - `torchrun`: starts `torchrun ... -m p2prl.train` in the background and finds, stops or kills its
@@ -49,9 +50,10 @@ def compose() -> Callable[..., Any]:
 
 
 # -- real peers ----------------------------------------------------------------------------------
-def _entry(fn: Callable, rank: int, world: int, port: int, out: str, args: tuple) -> None:
+def _entry(fn: Callable, rank: int, world: int, port: int, out: str, args: tuple, env: dict) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(env)
     import torch
     torch.set_num_threads(1)
     try:
@@ -65,12 +67,16 @@ def _entry(fn: Callable, rank: int, world: int, port: int, out: str, args: tuple
         dist.destroy_process_group()
 
 
-def run_peers(fn: Callable, world: int, *args: Any, timeout: float = 60.0) -> list:
+def run_peers(fn: Callable, world: int, *args: Any, timeout: float = 60.0, per_node: int = 0) -> list:
+    """`per_node`: pretend the peers sit on nodes of that many peers each (torchrun's GROUP_RANK,
+    LOCAL_RANK, LOCAL_WORLD_SIZE); 0: all on one node."""
     ctx = mp.get_context("spawn")
     port = free_port()
+    envs = [{} if not per_node else {"GROUP_RANK": str(r // per_node), "LOCAL_RANK": str(r % per_node),
+                                     "LOCAL_WORLD_SIZE": str(per_node)} for r in range(world)]
     with tempfile.TemporaryDirectory() as tmp:
         outs = [str(Path(tmp) / f"rank{r}.pkl") for r in range(world)]
-        procs = [ctx.Process(target=_entry, args=(fn, r, world, port, outs[r], args), daemon=True)
+        procs = [ctx.Process(target=_entry, args=(fn, r, world, port, outs[r], args, envs[r]), daemon=True)
                  for r in range(world)]
         for p in procs:
             p.start()

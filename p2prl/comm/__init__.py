@@ -1,7 +1,8 @@
 """All communication between peers. The only package that imports torch.distributed.
 
-base.py (the Communicator interface), local.py (a world of one), process_group.py (gloo/NCCL and
-`open_comm`), shm.py (sums through shared memory on one node), allreduce.py (the flat gradient bucket),
+base.py (the Communicator interface), local.py (a world of one), process_group.py (gloo/NCCL),
+hierarchical.py (node, leaders, node), connect.py (`open_comm`: joining, flat or hierarchical),
+shm.py (sums through shared memory on one node), allreduce.py (the flat gradient bucket),
 launcher.py (torchrun's environment: ranks, cores, run id), store.py (heartbeats, start-up exchange),
 agreement.py (same config everywhere), digest.py (same parameters everywhere).
 """
@@ -11,7 +12,8 @@ from p2prl.comm.base import Communicator
 from p2prl.comm.digest import check_identical, parameter_digest
 from p2prl.comm.launcher import Placement, is_rank0, pin, place, resolve_backend, run_id, torchrun_world
 from p2prl.comm.local import LocalComm
-from p2prl.comm.process_group import PeerFailure, open_comm
+from p2prl.comm.connect import open_comm
+from p2prl.comm.process_group import PeerFailure
 
 __all__ = ["Communicator", "LocalComm", "GradientBucket", "PeerFailure", "Placement", "agree_before_start",
            "agree_on_config", "check_identical", "is_rank0", "open_comm", "parameter_digest", "pin", "place",

@@ -1,25 +1,20 @@
-"""The process-group Communicator (gloo on CPU, NCCL on GPU) and `open_comm`, which joins the peers.
+"""The process-group Communicator: collectives over torch.distributed (gloo on CPU, NCCL on GPU).
 
 Peers that all share one node and each own their cores sum small tensors through shared memory
-(`p2prl.comm.shm`) instead of gloo.
+(`p2prl.comm.shm`) instead of gloo; `p2prl.comm.connect.open_comm` decides.
 """
 from __future__ import annotations
 
-import atexit
 import logging
 import os
-from datetime import timedelta
 from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 
 from p2prl.comm.base import Communicator
-from p2prl.comm.launcher import torchrun_world
-from p2prl.comm.local import LocalComm
-from p2prl.comm.shm import SharedMemorySum, SumFailed, open_shared_sum, supported
-from p2prl.comm.store import Heartbeat, attempt_store
-from p2prl.config import CommConfig
+from p2prl.comm.shm import SharedMemorySum, SumFailed
+from p2prl.comm.store import Heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -135,72 +130,3 @@ class ProcessGroupComm(Communicator):
         except RuntimeError as e:
             raise self.failure(e) from e
         return out
-
-
-def open_comm(cfg: CommConfig, backend: str, cores: Optional[list[int]] = None) -> Communicator:
-    """Join the peers started by torchrun (once per process), or return a world of one.
-
-    `backend` is comm.backend resolved for this machine (`p2prl.comm.resolve_backend`); `cores`: the
-    cores this peer is pinned to (`p2prl.comm.place`). A peer whose cores no other peer shares may
-    wait for collectives by polling; when every peer on the node owns its cores, they sum through
-    shared memory.
-    """
-    rank, local_rank, world_size = torchrun_world()
-    device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
-    if world_size == 1:
-        return LocalComm(device)
-    if backend == "nccl":
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        # The timeout bounds both connection set-up and every collective, so a dead or frozen peer
-        # ends the job instead of hanging it. Created once per process: Hydra multirun jobs reuse it.
-        timeout = timedelta(seconds=cfg.timeout_s)
-        store = attempt_store(cfg.timeout_s)
-        if store is not None:
-            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
-        else:
-            dist.init_process_group(backend, timeout=timeout)
-        atexit.register(_destroy)
-    log.debug("rank %d/%d joined with %s", rank, world_size, backend)
-    comm = ProcessGroupComm(backend, device, cfg.timeout_s, spin=False)
-    # Every peer chose its cores alone: check that no two peers of this node took the same ones.
-    node = os.uname().nodename
-    everyone = comm.all_gather_object((node, cores, _SHARED and _SHARED.calls))
-    shared_cores = {c for r, (n, cs, _) in enumerate(everyone) if r != rank and n == node for c in cs or ()}
-    own = cores is not None and not shared_cores & set(cores)
-    if cores is not None and not own:
-        log.warning("rank %d: another peer of this node is pinned to some of cores %s: waiting by sleeping", rank, cores)
-    comm.spin = own and backend == "gloo"
-    if backend == "gloo":
-        comm.shared = _shared_memory(comm, everyone, own)
-    return comm
-
-
-_SHARED: Optional[SharedMemorySum] = None
-
-
-def _shared_memory(comm: ProcessGroupComm, everyone: list, own: bool) -> Optional[SharedMemorySum]:
-    """The shared-memory segment for sums, if every peer is on this node and owns its cores, else None.
-
-    All peers must agree: one peer summing through memory while another uses gloo would hang both.
-    Mapped once per process, like the process group; Hydra multirun jobs reuse it, and each job
-    checks that every peer's count of calls through it is the same.
-    """
-    global _SHARED
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) == comm.world_size
-    verdicts = comm.all_gather_object(own and local and supported())
-    if not all(verdicts):
-        return None
-    if len({calls for _, _, calls in everyone}) > 1:
-        raise comm.failure(SumFailed(f"shared-memory sums out of step between jobs: "
-                                     f"{[calls for _, _, calls in everyone]}", mismatch=True))
-    if _SHARED is None:
-        _SHARED = open_shared_sum(comm.rank, comm.world_size, comm.all_gather_object)
-        if _SHARED is not None:
-            log.info("peers on this node sum through shared memory")
-    return _SHARED
-
-
-def _destroy() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()

@@ -8,6 +8,11 @@ it polls until every peer has published and sums the slots in rank order: the sa
 same order, so every peer gets a bit-identical result. No kernel, no thread hand-off: ~25 µs per call
 on the same machine.
 
+For sums over several nodes (`p2prl.comm.hierarchical`) one segment serves the peers of each node, and
+`finish(k, across)` lets the node's first peer alone add the slots, hand the node's sum to `across`
+(the leaders' all-reduce between nodes) and publish the result in a result slot, which the node's
+other peers copy: the same bytes on every peer of every node.
+
 Each peer has two slots, used alternately (call k uses slot k % 2). A peer may overwrite slot k % 2
 at call k because every other peer has finished reading call k - 2 from it: a peer completes every
 earlier call before it publishes the next one (a sum started in the background is completed first),
@@ -65,20 +70,23 @@ class SharedMemorySum:
     """The peers' shared segment: a header per peer (sequence number, pid, what each slot holds) and
     the slots."""
 
-    def __init__(self, mm: mmap.mmap, rank: int, world_size: int) -> None:
+    def __init__(self, mm: mmap.mmap, rank: int, world_size: int, names: Optional[list[int]] = None) -> None:
         self.rank, self.world_size = rank, world_size
+        self.names = names or list(range(world_size))  # the peers' ranks in the run, for messages
         self._mm = mm
-        self.header = np.ndarray((world_size, LINE // 8), np.int64, buffer=mm, offset=0)
-        self.seq = self.header[:, SEQ]
-        self.pids = self.header[:, PID]
+        # One line per peer, then one for the result sequence number (sums shared by the first peer).
+        self.header = np.ndarray((world_size + 1, LINE // 8), np.int64, buffer=mm, offset=0)
+        self.seq = self.header[:world_size, SEQ]
+        self.pids = self.header[:world_size, PID]
         data = torch.frombuffer(mm, dtype=torch.uint8, offset=_header_bytes(world_size))
-        self.slots = data.view(world_size, 2, SLOT_BYTES)
+        self.slots = data[:world_size * 2 * SLOT_BYTES].view(world_size, 2, SLOT_BYTES)
+        self.results = data[world_size * 2 * SLOT_BYTES:].view(2, SLOT_BYTES)
         self.calls = 0  # calls published by this peer
         self._pending: Optional[tuple[torch.Tensor, int, float]] = None  # published, not yet summed
 
     def close(self) -> None:
         """Unmap the segment (only when no sum will use it again)."""
-        del self.header, self.seq, self.pids, self.slots
+        del self.header, self.seq, self.pids, self.slots, self.results
         try:
             self._mm.close()
         except BufferError:  # a view is still alive somewhere: the mapping goes with the process
@@ -114,34 +122,59 @@ class SharedMemorySum:
         return k
 
     @torch.no_grad()
-    def finish(self, k: int) -> None:
+    def finish(self, k: int, across: Optional[Callable[[torch.Tensor], None]] = None) -> None:
         """Wait until every peer published call `k`, then write the sum (in rank order) into the
-        tensor published with it; a no-op if call `k` is already complete."""
+        tensor published with it; a no-op if call `k` is already complete.
+
+        With `across` (every peer passes one, or none does): only the first peer sums, calls
+        `across(sum)` to reduce it further in place (between nodes), and shares the result.
+        """
         if self._pending is None or self._pending[1] != k:
             assert k <= self.calls, f"shared-memory sum {k} was never published"
             return
         tensor, _, timeout_s = self._pending
+        if across is not None and self.rank != 0:
+            self._pending = None
+            self._await(0, k, timeout_s, lambda: int(self.header[self.world_size, SEQ]), "the sum of its node")
+            tensor.copy_(self._result(k, tensor))
+            return
         self._await_all(k, timeout_s)
         self._pending = None
         self._check_calls(k, tensor)
-        torch.add(self._slot(0, k, tensor), self._slot(1, k, tensor), out=tensor)
+        if self.world_size == 1:
+            tensor.copy_(self._slot(0, k, tensor))
+        else:
+            torch.add(self._slot(0, k, tensor), self._slot(1, k, tensor), out=tensor)
         for q in range(2, self.world_size):
             tensor.add_(self._slot(q, k, tensor))
+        if across is not None:
+            across(tensor)
+            self._result(k, tensor).copy_(tensor)
+            self.header[self.world_size, SEQ] = k  # after the result: visible in this order
+
+    def _result(self, k: int, like: torch.Tensor) -> torch.Tensor:
+        nbytes = like.numel() * like.element_size()
+        return self.results[k % 2, :nbytes].view(like.dtype).view(like.shape)
 
     def _await_all(self, k: int, timeout_s: float) -> None:
+        for q in range(self.world_size):
+            seq = self._await(q, k, timeout_s, lambda q=q: int(self.seq[q]), f"shared-memory sum {k}")
+            assert seq <= k + 1, "a peer can be at most one call ahead: it waits for call k + 1 before k + 2"
+
+    def _await(self, q: int, k: int, timeout_s: float, read: Callable[[], int], what: str) -> int:
+        """Poll `read()` until it reaches `k`; peer q (local index) is the one it waits for."""
         started = time.monotonic()
         check = started + CHECK_S
-        for q in range(self.world_size):
-            while (seq := int(self.seq[q])) < k:
-                os.sched_yield()  # the core is this peer's own, but let its other threads run
-                now = time.monotonic()
-                if now >= check:
-                    check = now + CHECK_S
-                    if not _alive(int(self.pids[q])):
-                        raise SumFailed(f"rank {q}'s process exited")
-                    if now - started > timeout_s:
-                        raise SumFailed(f"rank {q} did not reach shared-memory sum {k} within {timeout_s:g} s")
-            assert seq <= k + 1, "a peer can be at most one call ahead: it waits for call k + 1 before k + 2"
+        while (seq := read()) < k:
+            os.sched_yield()  # the core is this peer's own, but let its other threads run
+            now = time.monotonic()
+            if now >= check:
+                check = now + CHECK_S
+                if not _alive(int(self.pids[q])):
+                    raise SumFailed(f"rank {self.names[q]}'s process exited")
+                if now - started > timeout_s:
+                    raise SumFailed(f"rank {self.names[q]} did not reach {what} within {timeout_s:g} s")
+        return seq
 
     def _check_calls(self, k: int, tensor: torch.Tensor) -> None:
         """Every peer's slot for call `k` holds a tensor of this peer's size and dtype, or stop."""
@@ -149,7 +182,7 @@ class SharedMemorySum:
         offset = META + 3 * (k % 2)
         calls = [tuple(int(x) for x in self.header[q, offset:offset + 3]) for q in range(self.world_size)]
         if any(c != mine for c in calls):
-            what = "; ".join(f"rank {q}: {_show(c)}" for q, c in enumerate(calls))
+            what = "; ".join(f"rank {self.names[q]}: {_show(c)}" for q, c in enumerate(calls))
             raise SumFailed(f"the peers' shared-memory sum {k} differs ({what})", mismatch=True)
 
 
@@ -168,10 +201,15 @@ def _show(call: tuple[int, int, int]) -> str:
 
 
 def _header_bytes(world_size: int) -> int:
-    return -(-LINE * world_size // 4096) * 4096
+    return -(-LINE * (world_size + 1) // 4096) * 4096
 
 
-def open_shared_sum(rank: int, world_size: int, all_gather: Callable[[object], list]) -> Optional[SharedMemorySum]:
+def _segment_bytes(world_size: int) -> int:
+    return _header_bytes(world_size) + (world_size + 1) * 2 * SLOT_BYTES
+
+
+def open_shared_sum(rank: int, world_size: int, all_gather: Callable[[object], list],
+                    names: Optional[list[int]] = None) -> Optional[SharedMemorySum]:
     """Map one segment on every peer (a collective: every peer calls it); None on every peer if any
     of them could not (no memory, another pid namespace, /proc/<pid>/fd not readable), and the peers
     keep to gloo.
@@ -179,11 +217,11 @@ def open_shared_sum(rank: int, world_size: int, all_gather: Callable[[object], l
     Rank 0 holds the segment's descriptor open until every peer has mapped it (or failed to); then
     only the mappings keep it alive, and it is freed with the last of them.
     """
-    size = _header_bytes(world_size) + world_size * 2 * SLOT_BYTES
+    size = _segment_bytes(world_size)
     fd = _create(size) if rank == 0 else None
     try:
         where = all_gather(None if fd is None else (os.getpid(), fd))[0]
-        shared = _map(where, size, rank, world_size) if where is not None else None
+        shared = _map(where, size, rank, world_size, names) if where is not None else None
         pids = all_gather(None if shared is None else os.getpid())
     finally:
         if fd is not None:
@@ -211,7 +249,8 @@ def _create(size: int) -> Optional[int]:
         return None
 
 
-def _map(where: tuple[int, int], size: int, rank: int, world_size: int) -> Optional[SharedMemorySum]:
+def _map(where: tuple[int, int], size: int, rank: int, world_size: int,
+         names: Optional[list[int]]) -> Optional[SharedMemorySum]:
     pid, fd = where
     try:
         own = os.dup(fd) if pid == os.getpid() else os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR)
@@ -221,7 +260,7 @@ def _map(where: tuple[int, int], size: int, rank: int, world_size: int) -> Optio
             os.close(own)
     except (OSError, ValueError):
         return None
-    shared = SharedMemorySum(mm, rank, world_size)
+    shared = SharedMemorySum(mm, rank, world_size, names)
     shared.pids[rank] = os.getpid()
     return shared
 

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One torchrun per node, all meeting at a c10d rendezvous on the head node:
+#   NNODES=2 HEAD_ADDR=10.0.0.1 IFNAME=eth1 bash launch/multinode.sh algo=ppo env=lunarlander   (on every node)
+#
+# Environment (the same on every node, but for NODE_RANK and IFNAME where interfaces differ):
+#   NNODES          number of nodes, or MIN:MAX for elastic membership (required)
+#   HEAD_ADDR       address of the node that hosts the rendezvous; it must stay up for the whole job (required)
+#   PORT            rendezvous port on HEAD_ADDR (default 29500)
+#   RUN_ID          rendezvous id, also the run dir's name; the same on every node (default p2prl)
+#   NODE_RANK       optional: 0 marks the rendezvous host; without it the node whose address is HEAD_ADDR hosts.
+#                   torchrun's c10d rendezvous assigns the nodes' ranks itself: RANK 0 may live on another node.
+#   IFNAME          network interface the peers use (gloo and NCCL); its IPv4 address becomes this node's
+#                   address. Interface names differ between clusters: check `ip -4 addr`.
+#   LOCAL_ADDR      this node's address, if IFNAME does not say it (default: the first of `hostname -I`).
+#                   Needed because nodes may share a hostname that resolves elsewhere (then workers would dial
+#                   the wrong address for the store).
+#   NPROC_PER_NODE  peers on this node (default 1; one per GPU on GPU nodes)
+#   MAX_RESTARTS    torchrun restarts of all peers after a failure or a membership change (default 0; elastic: > 0)
+#   RDZV_CONF       extra --rdzv-conf entries, e.g. join_timeout=600,last_call_timeout=30
+#   TORCHRUN        the torchrun command (default torchrun)
+# Everything after the environment is passed to p2prl.train as Hydra overrides.
+# Trusted networks only: torchrun's rendezvous store listens on all interfaces without authentication.
+set -euo pipefail
+: "${NNODES:?set NNODES (a number, or MIN:MAX)}"
+: "${HEAD_ADDR:?set HEAD_ADDR (the address of the rendezvous host)}"
+PORT=${PORT:-29500}
+RUN_ID=${RUN_ID:-p2prl}
+NPROC_PER_NODE=${NPROC_PER_NODE:-1}
+if [ -n "${IFNAME:-}" ]; then
+  export GLOO_SOCKET_IFNAME="$IFNAME" NCCL_SOCKET_IFNAME="$IFNAME"
+  if [ -z "${LOCAL_ADDR:-}" ]; then
+    LOCAL_ADDR=$(ip -4 -o addr show dev "$IFNAME" | awk '{split($4, a, "/"); print a[1]; exit}')
+  fi
+fi
+if [ -z "${LOCAL_ADDR:-}" ]; then
+  LOCAL_ADDR=$(hostname -I | awk '{print $1}')
+fi
+: "${LOCAL_ADDR:?cannot tell the address of this node: set IFNAME or LOCAL_ADDR}"
+# torchrun guesses whether it hosts the rendezvous by comparing HEAD_ADDR with this host's names; an
+# address on a secondary interface defeats the guess, so say it.
+if [ -n "${NODE_RANK:-}" ]; then
+  is_host=$([ "$NODE_RANK" = 0 ] && echo 1 || echo 0)
+else
+  is_host=$([ "$LOCAL_ADDR" = "$HEAD_ADDR" ] && echo 1 || echo 0)
+fi
+conf="is_host=$is_host${RDZV_CONF:+,$RDZV_CONF}"
+exec ${TORCHRUN:-torchrun} --nnodes="$NNODES" --nproc-per-node="$NPROC_PER_NODE" --max-restarts="${MAX_RESTARTS:-0}" \
+  --rdzv-backend=c10d --rdzv-endpoint="$HEAD_ADDR:$PORT" --rdzv-id="$RUN_ID" --rdzv-conf="$conf" \
+  --local-addr="$LOCAL_ADDR" -m p2prl.train "$@"
