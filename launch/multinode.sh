@@ -17,6 +17,11 @@
 #   NPROC_PER_NODE  peers on this node (default 1; one per GPU on GPU nodes)
 #   MAX_RESTARTS    torchrun restarts of all peers after a failure or a membership change (default 0; elastic: > 0)
 #   RDZV_CONF       extra --rdzv-conf entries, e.g. join_timeout=600,last_call_timeout=30
+#   TORCH_DISABLE_SHARE_RDZV_TCP_STORE
+#                   1 (the default for elastic NNODES=MIN:MAX or MAX_RESTARTS > 0): each rendezvous round gets a
+#                   fresh store, hosted by that round's RANK 0. torchrun's shared store cannot admit a node that
+#                   joins a running job (it waits forever for the new round's MASTER_ADDR), and keeps keys of
+#                   earlier rounds.
 #   TORCHRUN        the torchrun command (default torchrun)
 # Everything after the environment is passed to p2prl.train as Hydra overrides.
 # Trusted networks only: torchrun's rendezvous store listens on all interfaces without authentication.
@@ -44,6 +49,9 @@ else
   is_host=$([ "$LOCAL_ADDR" = "$HEAD_ADDR" ] && echo 1 || echo 0)
 fi
 conf="is_host=$is_host${RDZV_CONF:+,$RDZV_CONF}"
+if [[ "$NNODES" == *:* || "${MAX_RESTARTS:-0}" != 0 ]]; then
+  export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+fi
 exec ${TORCHRUN:-torchrun} --nnodes="$NNODES" --nproc-per-node="$NPROC_PER_NODE" --max-restarts="${MAX_RESTARTS:-0}" \
   --rdzv-backend=c10d --rdzv-endpoint="$HEAD_ADDR:$PORT" --rdzv-id="$RUN_ID" --rdzv-conf="$conf" \
   --local-addr="$LOCAL_ADDR" -m p2prl.train "$@"

@@ -171,7 +171,7 @@ def _load(comm: Communicator, cfg: RunConfig, algo: algos.Algorithm, window: Ret
         log.warning("resuming a run of %s peer(s) on %d (%s): only the shared state carries over; every peer's "
                     "envs, RNGs and replay start afresh", shared.get("world_size"), comm.world_size,
                     ", ".join(f"{k}={show(now.get(k))}" for k in RANK_KEYS if saved.get(k) != now.get(k))
-                    or "same settings")
+                    or "another number of peers")
 
 
 def _clone(x: Any) -> Any:

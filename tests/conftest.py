@@ -39,6 +39,12 @@ def free_port() -> int:
 
 
 @pytest.fixture
+def port() -> int:
+    """A TCP port free on loopback now."""
+    return free_port()
+
+
+@pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
     return tmp_path / "run"
 

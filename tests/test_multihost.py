@@ -72,10 +72,10 @@ def finish_all(jobs: list[subprocess.Popen], timeout: float) -> list[str]:
     return outs
 
 
-def test_two_hosts_train_ppo_cartpole_to_its_target(hosts, tmp_path):
+def test_two_hosts_train_ppo_cartpole_to_its_target(hosts, tmp_path, port):
     run_dir = tmp_path / "run"
     head = hosts[0][2]
-    jobs = [start_host(ns, dev, head, 29531, "two-hosts", ["algo=ppo", "env=cartpole", f"hydra.run.dir={run_dir}"])
+    jobs = [start_host(ns, dev, head, port, "two-hosts", ["algo=ppo", "env=cartpole", f"hydra.run.dir={run_dir}"])
             for ns, dev, _ in hosts]
     outs = finish_all(jobs, 200)
     assert [j.returncode for j in jobs] == [0, 0], "\n".join(o[-3000:] for o in outs)

@@ -6,8 +6,7 @@ frozen (SIGSTOP) or dead peer stops. After a failed collective the survivors rea
 and name the ranks whose beat did not move, with the phase each was last in.
 
 The store is the one torchrun's agent hosts (MASTER_ADDR:MASTER_PORT; with plain env:// start-up,
-rank 0 hosts it). Keys are namespaced by TORCHELASTIC_RESTART_COUNT: the agent's store outlives
-restarts.
+rank 0 hosts it). Keys are namespaced by attempt (`_namespace`): the agent's store outlives restarts.
 """
 from __future__ import annotations
 
@@ -28,7 +27,10 @@ MIN_GAP_S = 0.05  # and at most this often: a phase change is published within t
 
 
 def _namespace() -> str:
-    return f"p2prl/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    """The keys of this attempt. torchrun's agent keeps one store across restarts; it counts restarts
+    after failures (TORCHELASTIC_RESTART_COUNT) but not those after a membership change, which change
+    the world size instead: together they tell the attempts apart."""
+    return f"p2prl/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}-{os.environ.get('WORLD_SIZE', '1')}"
 
 
 def connect(timeout_s: float = 5.0) -> Optional[dist.Store]:
