@@ -71,9 +71,11 @@ def load(path: Path, mmap: bool = False, warn: bool = True) -> Optional[dict]:
 
 # -- RNG states as plain values ------------------------------------------------------------------
 def rng_state() -> dict:
-    """This process's global torch, numpy and python RNG states."""
+    """This process's global torch (CPU, and this peer's GPU once CUDA is in use), numpy and python
+    RNG states."""
     _, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
+    cuda = {"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() and torch.cuda.is_initialized() else {}
+    return {"torch": torch.get_rng_state(), **cuda,
             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
             "python": random.getstate()}
@@ -81,6 +83,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])  # the current device: this peer's GPU
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     version, internal, gauss = state["python"]

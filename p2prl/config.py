@@ -184,6 +184,7 @@ class CheckpointConfig:
 @dataclass
 class RunConfig:
     seed: int
+    device: str  # auto | cpu | cuda
     algo: Any  # the algorithm's own section, by algo.name (see p2prl.algos.REGISTRY)
     env: EnvConfig
     train: TrainConfig
@@ -225,10 +226,11 @@ def build_config(raw: Mapping[str, Any], algo_sections: Mapping[str, type]) -> R
     algo = raw.get("algo") or {}
     name = algo.get("name") if isinstance(algo, dict) else None
     choice("algo.name", name, tuple(sorted(algo_sections)))
-    unknown = sorted(set(raw) - {"seed", "algo", *SECTIONS})
+    unknown = sorted(set(raw) - {"seed", "device", "algo", *SECTIONS})
     if unknown:
-        raise ConfigError(unknown[0], raw[unknown[0]], f"unknown key; allowed: seed, algo, {', '.join(SECTIONS)}")
-    return RunConfig(seed=seed, algo=section(algo_sections[name], "algo", algo),
+        raise ConfigError(unknown[0], raw[unknown[0]], f"unknown key; allowed: seed, device, algo, {', '.join(SECTIONS)}")
+    choice("device", raw.get("device"), ("auto", "cpu", "cuda"))
+    return RunConfig(seed=seed, device=raw["device"], algo=section(algo_sections[name], "algo", algo),
                      **{k: section(cls, k, raw.get(k)) for k, cls in SECTIONS.items()})
 
 

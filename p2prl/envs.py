@@ -26,6 +26,11 @@ def spec_of(cfg: EnvConfig) -> gym.envs.registration.EnvSpec:
         raise ConfigError("env.id", cfg.id, f"not a registered gymnasium env ({str(e).splitlines()[0]})")
 
 
+def is_image(space: gym.Space) -> bool:
+    """An image observation: a uint8 Box of height x width x channels, or stacked channels x H x W."""
+    return isinstance(space, gym.spaces.Box) and space.dtype == np.uint8 and len(space.shape) == 3
+
+
 def zero_based(env: gym.Env) -> gym.Env:
     """`env` with Discrete action and observation spaces starting at 0 (unchanged if they do)."""
     act, obs = env.action_space, env.observation_space

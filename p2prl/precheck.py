@@ -15,12 +15,15 @@ import itertools
 import os
 import re
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import TYPE_CHECKING, NamedTuple, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
 from p2prl import algos
 from p2prl.config import ConfigError, RunConfig, build_config, conf_dir, config_hash
+
+if TYPE_CHECKING:
+    from p2prl.comm import Devices
 
 GROUPS = ("algo", "env", "comm", "checkpoint")
 DIR_KEYS = ("hydra.run.dir", "hydra.sweep.dir")
@@ -31,7 +34,7 @@ START_TIMEOUT_S = 60.0  # the start-up exchange's wait when the command line did
 class Preflight(NamedTuple):
     """What the precheck established about one job, for the run to use instead of checking again."""
 
-    backend: str  # comm.backend resolved on this machine (auto -> gloo or nccl)
+    devices: "Devices"  # the device and comm.backend resolved on this machine, and why
     checkpoint: Optional[Path]  # the checkpoint to resume from, found to fit this config (None: none checked)
 
 
@@ -49,19 +52,20 @@ def preflight(cfg: RunConfig, run_dir: Optional[Path], dir_key: str = DIR_KEYS[0
               out_dir: Optional[Path] = None) -> Preflight:
     """Check what needs the outside world; `run_dir` None: a sweep's job dir, numbered at launch, whose
     resume source the run checks itself."""
-    from p2prl.comm import resolve_backend
-    from p2prl.envs import make_single_env
+    from p2prl.comm import resolve_devices
+    from p2prl.envs import is_image, make_single_env
     from p2prl.resume import check_source
     env = make_single_env(cfg.env)
     try:
         algos.check_spaces(cfg.algo.name, env.observation_space, env.action_space)
+        image = is_image(env.observation_space)
     finally:
         env.close()
-    backend = resolve_backend(cfg.comm.backend)
+    devices = resolve_devices(cfg.device, cfg.comm.backend, image)
     _check_writable(dir_key, out_dir or run_dir or Path("."))
     explicit = cfg.train.resume not in ("auto", "never")  # a path: the same source for every job
     checked = check_source(cfg, run_dir or out_dir or Path(".")) if run_dir is not None or explicit else None
-    return Preflight(backend, checked)
+    return Preflight(devices, checked)
 
 
 def _check_writable(key: str, path: Path) -> None:

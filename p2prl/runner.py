@@ -69,7 +69,9 @@ def run(cfg: RunConfig, run_dir: Path, checked: Optional[Preflight] = None) -> d
     placement = place(cfg.train.torch_threads) if cfg.train.pin_cores else None
     if placement is not None:
         pin(placement)
-    comm = open_comm(cfg.comm, checked.backend, cores=placement.cores if placement else None)
+    devices = checked.devices
+    comm = open_comm(cfg.comm, devices.backend, cores=placement.cores if placement else None, device=devices.device)
+    log.info("device %s, %s sums: %s", devices.device, devices.backend, devices.reason)
     if comm.world_size > 1:
         log.info("%s: %s", f"pinned to cores {placement.cores}" if placement and placement.cores else "not pinned",
                  placement.reason if placement else "train.pin_cores=false")

@@ -1,5 +1,6 @@
 """Where a peer runs: its own cores when the node has enough free ones within the cgroup's CPU quota
-(cgroup v1 and v2), never cores another job is pinned to, and spinning only on cores of its own."""
+(cgroup v1 and v2), never cores another job is pinned to, and spinning only on cores of its own; and
+which device and backend `device` and `comm.backend` resolve to."""
 import os
 import signal
 import subprocess
@@ -9,7 +10,8 @@ from pathlib import Path
 import pytest
 
 import p2prl.comm.launcher as launcher
-from p2prl.comm.launcher import cores_pinned_by_others, cpu_quota, place
+from p2prl.comm.launcher import choose_devices, cores_pinned_by_others, cpu_quota, place
+from p2prl.config import ConfigError
 
 
 @pytest.fixture
@@ -102,3 +104,34 @@ def test_a_process_pinned_to_a_core_is_seen():
         job.send_signal(signal.SIGKILL)
         job.wait()
     assert job.pid not in cores_pinned_by_others(allowed).values()
+
+
+# -- device and backend ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device, backend, gpus, peers, image, expected", [
+    ("auto", "auto", 0, 2, False, ("cpu", "gloo")),
+    ("auto", "auto", 0, 2, True, ("cpu", "gloo")),        # no GPU: images too on the CPU
+    ("auto", "auto", 2, 2, False, ("cpu", "gloo")),       # small MLPs stay on the CPU
+    ("auto", "auto", 2, 2, True, ("cuda", "nccl")),       # image encoders on the GPUs
+    ("auto", "auto", 1, 2, True, ("cpu", "gloo")),        # not a GPU per peer
+    ("auto", "nccl", 2, 2, False, ("cuda", "nccl")),
+    ("cpu", "auto", 8, 2, True, ("cpu", "gloo")),         # cpu forces gloo even with CUDA
+    ("cuda", "auto", 2, 2, False, ("cuda", "nccl")),
+    ("cuda", "auto", 1, 2, False, ("cuda", "gloo")),      # two peers on one GPU: gloo over CUDA tensors
+    ("cuda", "gloo", 4, 2, False, ("cuda", "gloo")),
+])
+def test_device_and_backend_choice(device, backend, gpus, peers, image, expected):
+    d = choose_devices(device, backend, gpus, peers, image)
+    assert (d.device, d.backend) == expected and d.reason
+
+
+@pytest.mark.parametrize("device, backend, gpus, peers, key", [
+    ("cuda", "auto", 0, 1, "device=cuda"),
+    ("cpu", "nccl", 4, 1, "comm.backend=nccl"),
+    ("cuda", "nccl", 1, 2, "comm.backend=nccl"),          # NCCL refuses two ranks on one GPU
+    ("auto", "nccl", 0, 1, "comm.backend=nccl"),
+])
+def test_device_and_backend_refusals(device, backend, gpus, peers, key):
+    with pytest.raises(ConfigError, match=key):
+        choose_devices(device, backend, gpus, peers, False)

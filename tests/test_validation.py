@@ -22,7 +22,10 @@ BAD = [
     (["algo=nosuchalgo"], ["algo=nosuchalgo", "allowed: a2c, dqn, ppo"]),
     (["comm=nosuchcomm"], ["comm=nosuchcomm", "allowed: allreduce"]),
     (["checkpoint=nosuch"], ["checkpoint=nosuch", "allowed: default"]),
-    (["+nosuchsection=1"], ["nosuchsection=1", "unknown key; allowed: seed, algo, env, train, comm, checkpoint"]),
+    (["device=tpu"], ["device=tpu", "allowed: auto, cpu, cuda"]),
+    (["device=cuda"], ["device=cuda", "needs a CUDA GPU, found none; allowed here: auto, cpu"]),
+    (["comm.topology=ring"], ["comm.topology=ring", "allowed: auto, flat, hierarchical"]),
+    (["+nosuchsection=1"], ["nosuchsection=1", "unknown key; allowed: seed, device, algo, env, train, comm, checkpoint"]),
     (["comm.backend=mpi"], ["comm.backend=mpi", "allowed: auto, gloo, nccl"]),
     (["env.id=NoSuchEnv-v9"], ["env.id=NoSuchEnv-v9", "not a registered gymnasium env"]),
     (["algo.nosuchkey=1"], ["algo.nosuchkey=1", "unknown key; allowed:"]),
@@ -83,8 +86,8 @@ def fixtures(tmp: Path) -> None:
 
 @pytest.mark.parametrize("args,expected", BAD, ids=[" ".join(a) for a, _ in BAD])
 def test_bad_input_is_one_line_before_anything_is_written(args, expected, tmp_path):
-    if "comm.backend=nccl" in args and torch.cuda.is_available():
-        pytest.skip("nccl is valid here")
+    if ("comm.backend=nccl" in args or "device=cuda" in args) and torch.cuda.is_available():
+        pytest.skip("valid on a machine with CUDA")
     fixtures(tmp_path)
     args = [a.format(tmp=tmp_path) for a in args]
     if not any(a.startswith("hydra.") for a in args):

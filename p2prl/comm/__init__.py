@@ -10,11 +10,11 @@ from p2prl.comm.agreement import agree_before_start, agree_on_config
 from p2prl.comm.allreduce import GradientBucket
 from p2prl.comm.base import Communicator
 from p2prl.comm.digest import check_identical, parameter_digest
-from p2prl.comm.launcher import Placement, is_rank0, pin, place, resolve_backend, run_id, torchrun_world
+from p2prl.comm.launcher import Devices, Placement, is_rank0, pin, place, resolve_devices, run_id, torchrun_world
 from p2prl.comm.local import LocalComm
 from p2prl.comm.connect import open_comm
 from p2prl.comm.process_group import PeerFailure
 
 __all__ = ["Communicator", "LocalComm", "GradientBucket", "PeerFailure", "Placement", "agree_before_start",
            "agree_on_config", "check_identical", "is_rank0", "open_comm", "parameter_digest", "pin", "place",
-           "resolve_backend", "run_id", "torchrun_world"]
+           "resolve_devices", "run_id", "torchrun_world", "Devices"]

@@ -40,20 +40,23 @@ def node_key() -> str:
     return os.environ.get("GROUP_RANK") or os.uname().nodename
 
 
-def open_comm(cfg: CommConfig, backend: str, cores: Optional[list[int]] = None) -> Communicator:
+def open_comm(cfg: CommConfig, backend: str, cores: Optional[list[int]] = None, device: str = "cpu") -> Communicator:
     """Join the peers started by torchrun (once per process), or return a world of one.
 
-    `backend` is comm.backend resolved for this machine (`p2prl.comm.resolve_backend`); `cores`: the
+    `backend` and `device` (cpu, or cuda: this peer's GPU cuda:LOCAL_RANK, shared round-robin under
+    gloo when there are fewer GPUs than local peers) as resolved for this
+    machine (`p2prl.comm.resolve_devices`); `cores`: the
     cores this peer is pinned to (`p2prl.comm.place`). A peer whose cores no other peer of its node
     shares may wait for collectives by polling; the peers of a node that all own their cores sum
     through shared memory.
     """
     rank, local_rank, world_size = torchrun_world()
-    device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
+    assert backend != "nccl" or device == "cuda", "NCCL reduces GPU tensors only"
+    where = torch.device("cuda", local_rank % torch.cuda.device_count()) if device == "cuda" else torch.device("cpu")
+    if device == "cuda":
+        torch.cuda.set_device(where)
     if world_size == 1:
-        return LocalComm(device)
-    if backend == "nccl":
-        torch.cuda.set_device(device)
+        return LocalComm(where)
     if not dist.is_initialized():
         # The timeout bounds both connection set-up and every collective, so a dead or frozen peer
         # ends the job instead of hanging it.
@@ -76,10 +79,10 @@ def open_comm(cfg: CommConfig, backend: str, cores: Optional[list[int]] = None) 
     if hierarchical and len(layout.nodes) > 1:
         if layout not in _GROUPS:
             _GROUPS[layout] = make_groups(layout, rank)
-        comm: ProcessGroupComm = HierarchicalComm(backend, device, cfg.timeout_s, layout, _GROUPS[layout])
+        comm: ProcessGroupComm = HierarchicalComm(backend, where, cfg.timeout_s, layout, _GROUPS[layout])
         peers = layout.node_of(rank)
     else:
-        comm = ProcessGroupComm(backend, device, cfg.timeout_s)
+        comm = ProcessGroupComm(backend, where, cfg.timeout_s)
         peers = tuple(range(world_size))
     # Every peer chose its cores alone: make sure no two peers of one node took the same ones.
     mine = layout.node_of(rank)

@@ -29,17 +29,51 @@ def is_rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def resolve_backend(backend: str) -> str:
-    """`auto` means NCCL when there is a CUDA GPU for every local peer, else gloo; `nccl` without
-    them is a config error."""
-    local_peers = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # NCCL puts each local peer on cuda:LOCAL_RANK
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+class Devices(NamedTuple):
+    """Where a peer computes and how the peers sum, and why."""
+
+    device: str  # cpu | cuda (this peer's GPU is cuda:LOCAL_RANK)
+    backend: str  # gloo | nccl
+    reason: str
+
+
+def choose_devices(device: str, backend: str, gpus: int, local_peers: int, image_obs: bool) -> Devices:
+    """Resolve the top-level `device` (auto|cpu|cuda) and `comm.backend` (auto|gloo|nccl).
+
+    `auto` puts image encoders on a GPU and small MLP policies on the CPU, where they are usually
+    faster (every step's tiny kernels and host-device copies cost more than the math). NCCL reduces GPU
+    tensors only and refuses two ranks on one GPU, so it needs `cuda` and one GPU per local peer; gloo
+    sums CPU or GPU tensors, so with gloo several peers may share a GPU (cuda:LOCAL_RANK % GPUs).
+    Raises ConfigError for a combination that cannot run here.
+    """
+    per_peer = gpus >= local_peers and gpus > 0
+    if device == "cuda" and gpus == 0:
+        raise ConfigError("device", device, "needs a CUDA GPU, found none; allowed here: auto, cpu")
+    if backend == "nccl" and (device == "cpu" or not per_peer):
+        why = "device=cpu" if device == "cpu" else f"{gpus} CUDA GPU(s) for {local_peers} local peer(s)"
+        raise ConfigError("comm.backend", backend, f"nccl needs one CUDA GPU per local peer and device=cuda or "
+                                                   f"auto, here {why}; allowed here: auto, gloo")
+    if device == "auto":
+        if backend == "nccl":
+            device, reason = "cuda", "comm.backend=nccl reduces GPU tensors"
+        elif per_peer and image_obs:
+            device, reason = "cuda", "image observations: the encoder runs on this peer's GPU"
+        elif per_peer:
+            device, reason = "cpu", "a small MLP policy: faster on the CPU than on the GPU"
+        else:
+            device, reason = "cpu", f"{gpus} CUDA GPU(s) for {local_peers} local peer(s)"
+    else:
+        reason = f"device={device}"
     if backend == "auto":
-        return "nccl" if gpus >= local_peers else "gloo"
-    if backend == "nccl" and gpus < local_peers:
-        raise ConfigError("comm.backend", backend, f"nccl needs one CUDA GPU per local peer ({local_peers}), "
-                                                   f"found {gpus}; allowed here: auto, gloo")
-    return backend
+        backend = "nccl" if device == "cuda" and per_peer else "gloo"
+    return Devices(device, backend, reason)
+
+
+def resolve_devices(device: str, backend: str, image_obs: bool) -> Devices:
+    """`choose_devices` for this machine and torchrun's local layout."""
+    local_peers = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return choose_devices(device, backend, gpus, local_peers, image_obs)
 
 
 # -- the run id ------------------------------------------------------------------------------------
