@@ -8,11 +8,10 @@ sum), so every peer skips that update alike; a non-finite loss rides along in th
 flag, so it skips the update even where its gradient happens to be finite. `skipped_in_a_row`
 (identical on every peer) lets the runner stop a run that only produces NaNs.
 
-With `overlap` (comm.overlap) each gradient is averaged in the background while the next one is
-computed: `step` then starts this gradient's average and finishes and applies the previous one, so an
-update is one step stale. Every peer still applies the same averaged gradients in the same order, so
-parameters stay bit-identical. Callers see no difference but that `step` may return None (nothing
-finished yet) and that `finish()` applies the last one.
+How the peers share the update is the sync strategy's job (`comm=`, `p2prl.comm.strategy`): the
+all-reduce (default; with `comm.overlap` each gradient is averaged in the background while the next
+is computed, one step stale), a parameter server, local SGD or gossip. Callers see no difference but
+that `step` may return None (nothing finished yet) and that `finish()` completes the last one.
 """
 from __future__ import annotations
 
@@ -20,7 +19,8 @@ from typing import Callable, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 
-from p2prl.comm import Communicator, GradientBucket
+from p2prl.comm import Communicator, GradientBucket, make_strategy
+from p2prl.config import CommConfig
 from p2prl.optim import FlatOptimizer
 
 Veto = Callable[[dict[str, float]], bool]
@@ -37,20 +37,17 @@ class Update(NamedTuple):
 class Learner:
     def __init__(self, params: Sequence[torch.nn.Parameter],
                  make_optimizer: Callable[[torch.nn.Parameter], FlatOptimizer], comm: Communicator,
-                 max_grad_norm: Optional[float], terms: Sequence[str], overlap: bool) -> None:
-        self.comm, self.max_grad_norm, self.overlap = comm, max_grad_norm, overlap
+                 max_grad_norm: Optional[float], terms: Sequence[str], sync: CommConfig) -> None:
+        self.comm, self.max_grad_norm = comm, max_grad_norm
         self.term_names = tuple(terms)
-        self.bucket = GradientBucket(comm, params, len(self.term_names) + 1)  # + the loss's finiteness flag
+        self.bucket = GradientBucket(comm, params, len(self.term_names) + 1)  # + the finiteness flag
         # The optimizer sees one flat parameter (the model's parameters are views of it).
         self.optimizer = make_optimizer(self.bucket.flat_param)
+        self.strategy = make_strategy(comm, sync, self.bucket)
         self.updates = 0  # applied
         self.skipped = 0  # non-finite
         self.vetoed = 0
         self.skipped_in_a_row = 0
-        # overlap: two send buffers, so one gradient is averaged while the next is computed.
-        self._spares = [torch.zeros_like(self.bucket.flat) for _ in range(2)] if overlap else []
-        self._pending = None
-        self._calls = 0
         self._sums = [0.0] * len(self.term_names)
         self._summed = 0
         self.bucket.broadcast_parameters()
@@ -62,11 +59,11 @@ class Learner:
 
     def step(self, loss: torch.Tensor, terms: Mapping[str, torch.Tensor], veto: Optional[Veto] = None
              ) -> Optional[Update]:
-        """Backward `loss`, average the gradient and `terms` (scalars) over the peers, clip and step.
+        """Backward `loss`, share the gradient and `terms` (scalars) with the peers, clip and step.
 
-        `veto(averaged_terms)`, taken on the averaged terms (so on every peer alike), may refuse the
-        update. Returns the finished update: this one, or with overlap the previous one (None on the
-        first call).
+        `veto(averaged_terms)`, taken on the terms averaged over all peers (so on every peer alike), may
+        refuse the update. Returns the finished update: this one, or with overlap the previous one
+        (None on the first call).
         """
         assert set(terms) == set(self.term_names), f"terms {sorted(terms)} != {sorted(self.term_names)}"
         self.bucket.zero_grad()
@@ -74,38 +71,24 @@ class Learner:
         extras = self.bucket.extras
         for i, name in enumerate(self.term_names):
             extras[i] = terms[name].detach()
-        extras[-1] = loss.detach() * 0  # 0 if finite, NaN for NaN or inf
-        if not self.overlap:
-            self.comm.all_reduce_mean(self.bucket.flat)
-            return self._apply(self.bucket.flat, veto)
-        self._calls += 1
-        send = self._spares[self._calls % 2]  # the other one may still be in flight
-        send.copy_(self.bucket.flat)
-        previous = self.finish(veto)
-        self._pending = self.comm.all_reduce_mean_async(send)
-        return previous
+        # 0 if finite, NaN for NaN or inf: for the loss, and where peers step alone their gradients too.
+        flag = loss.detach() * 0
+        extras[-1] = flag + self.bucket.grads.sum() * 0 if self.strategy.local else flag
+        return self.strategy.step(self._apply, self._follow, veto)
 
     def finish(self, veto: Optional[Veto] = None, discard: bool = False) -> Optional[Update]:
-        """Wait for the gradient still being averaged (overlap) and apply it, or only drop it with
+        """Complete the update still in flight (comm.overlap) and apply it, or only drop it with
         `discard` (after an early stop); None when nothing is in flight."""
-        if self._pending is None:
-            return None
-        flat, self._pending = self._pending.wait(), None
-        if discard:
-            return None
-        return self._apply(flat, veto)
+        return self.strategy.finish(self._apply, veto, discard)
 
     def _apply(self, flat: torch.Tensor, veto: Optional[Veto]) -> Update:
         n = self.bucket.grads.numel()
         averaged = flat[n:].tolist()
         terms = dict(zip(self.term_names, averaged))
         if not bool(torch.isfinite(flat).all()):
-            self.skipped += 1
-            self.skipped_in_a_row += 1
-            return Update(False, False, terms)
+            return self._follow(flat[n:], False, False)
         if veto is not None and veto(terms):
-            self.vetoed += 1
-            return Update(False, True, terms)
+            return self._follow(flat[n:], False, True)
         self.skipped_in_a_row = 0
         grads = flat[:n]
         if self.max_grad_norm is not None:
@@ -116,10 +99,23 @@ class Learner:
         param.grad = grads  # the averaged gradient may live in an overlap send buffer
         self.optimizer.step()
         param.grad = self.bucket.grads
-        self.updates += 1
-        self._sums = [a + b for a, b in zip(self._sums, averaged)]
-        self._summed += 1
-        return Update(True, False, terms)
+        return self._follow(flat[n:], True, False)
+
+    def _follow(self, extras: torch.Tensor, applied: bool, vetoed: bool) -> Update:
+        """Count an update (applied here, or by the parameter server) and keep its terms' sums."""
+        averaged = extras.tolist()
+        terms = dict(zip(self.term_names, averaged))
+        if applied:
+            self.updates += 1
+            self.skipped_in_a_row = 0
+            self._sums = [a + b for a, b in zip(self._sums, averaged)]
+            self._summed += 1
+        elif vetoed:
+            self.vetoed += 1
+        else:
+            self.skipped += 1
+            self.skipped_in_a_row += 1
+        return Update(applied, vetoed, terms)
 
     def take_means(self) -> dict[str, float]:
         """The mean of each term over the updates applied since the last call (empty if none)."""
@@ -140,7 +136,8 @@ class Learner:
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "updates": self.updates, "skipped": self.skipped,
-                "vetoed": self.vetoed, "skipped_in_a_row": self.skipped_in_a_row}
+                "vetoed": self.vetoed, "skipped_in_a_row": self.skipped_in_a_row,
+                "strategy": self.strategy.state_dict()}
 
     def load_state_dict(self, s: dict) -> None:
         """Restore the optimizer's moments and the counters. The learning rate stays this run's: it
@@ -150,3 +147,18 @@ class Learner:
         self.set_lr(lr)
         self.updates, self.skipped, self.vetoed = int(s["updates"]), int(s["skipped"]), int(s["vetoed"])
         self.skipped_in_a_row = int(s["skipped_in_a_row"])
+        self.strategy.load_state_dict(s.get("strategy", {}))
+
+    # -- where peers' parameters differ (local_sgd, gossip): each rank keeps its own -----------------
+    def rank_state_dict(self) -> dict:
+        if not self.strategy.differs:
+            return {}
+        return {"params": self.bucket.flat_param.detach().clone(), "optimizer": self.optimizer.state_dict()}
+
+    def load_rank_state_dict(self, s: dict) -> None:
+        if "params" in s:
+            with torch.no_grad():
+                self.bucket.flat_param.copy_(s["params"])
+            lr = self.lr
+            self.optimizer.load_state_dict(s["optimizer"])
+            self.set_lr(lr)

@@ -79,3 +79,15 @@ class FlatRMSprop(FlatOptimizer):
         self.square_avg.mul_(self.alpha).addcmul_(grad, grad, value=1 - self.alpha)
         avg = torch.sqrt(self.square_avg, out=self._buf).add_(self.eps)
         self.param.addcdiv_(grad, avg, value=-lr)
+
+
+class FlatSGD(FlatOptimizer):
+    """Plain SGD, p <- p - lr * g (what the strategies' equivalences are stated for)."""
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.step_count += 1
+        self.param.add_(self.param.grad, alpha=-self.param_groups[0]["lr"])

@@ -167,6 +167,8 @@ def _load(comm: Communicator, cfg: RunConfig, algo: algos.Algorithm, window: Ret
     if own is not None:
         set_rng_state(own["rng"])
         algo.load_rank_state_dict(own)
+        if algo.learner is not None:
+            algo.learner.load_rank_state_dict(own.get("learner", {}))
     elif comm.rank == 0:
         log.warning("resuming a run of %s peer(s) on %d (%s): only the shared state carries over; every peer's "
                     "envs, RNGs and replay start afresh", shared.get("world_size"), comm.world_size,
@@ -198,23 +200,38 @@ class Checkpointer:
         self.boundary: Optional[dict] = None
         self.saved_step: Optional[int] = None
 
-    def _shared(self, p: Progress) -> dict:
+    def _shared(self, p: Progress, mean: Optional[torch.Tensor] = None) -> dict:
+        """Rank 0's checkpoint contents; with `mean`, the peers' mean parameters stand in for its own."""
         learner = self.algo.learner
+        if mean is not None:
+            own = learner.bucket.flat_param.detach().clone()
+            with torch.no_grad():
+                learner.bucket.flat_param.copy_(mean)
+            try:
+                return _clone(self._shared(p))  # the model's tensors are views of the parameters
+            finally:
+                with torch.no_grad():
+                    learner.bucket.flat_param.copy_(own)
         return {"format": FORMAT, "step": p.step, "iteration": p.iteration, "time_s": p.time_s,
                 "world_size": self.comm.world_size,
                 "config": self.config, "config_hash": self.hash, "return_window": self.window.state_dict(),
                 **({} if learner is None else {"learner": learner.state_dict()}), **self.algo.state_dict()}
 
     def save(self, p: Progress) -> None:
-        """Every rank writes its own file, rank 0 also the shared one; no collective."""
+        """Every rank writes its own file, rank 0 also the shared one. No collective, but where the
+        peers' parameters differ (local_sgd, gossip): then the shared file holds their average (one
+        all-reduce, on every peer alike: they save at the same steps) and each rank's file its own."""
         self.comm.phase = "checkpoint"
-        rank = self.comm.rank
+        rank, learner = self.comm.rank, self.algo.learner
         own_state = self.algo.rank_state_dict(self.replay)
+        if learner is not None:
+            own_state["learner"] = learner.rank_state_dict()
         own = {"step": p.step, "rank": rank, "world_size": self.comm.world_size, "rng": rng_state(), **own_state}
         save_atomic(own, rank_path(self.folder, rank, p.step))
         prune(self.folder / f"rank{rank}", self.keep)
+        mean = learner.strategy.average_parameters() if learner is not None else None
         if rank == 0:
-            save_atomic(self._shared(p), shared_path(self.folder, p.step))
+            save_atomic(self._shared(p, mean), shared_path(self.folder, p.step))
             prune(self.folder, self.keep)
             log.info("checkpoint at step %d", p.step)
         self.saved_step = p.step

@@ -32,7 +32,7 @@ def build_algorithm(cfg: RunConfig, comm: Communicator) -> algos.Algorithm:
     num_envs = cfg.algo.num_envs
     envs, obs = make_vec_env(cfg.env, num_envs, env_seed(cfg.seed, comm.rank, num_envs))
     torch.manual_seed(cfg.seed)  # the model seed is shared; rank 0's weights are broadcast anyway
-    algo = algos.spec(cfg.algo.name).build(cfg.algo, envs, obs, algos.Peer(comm, cfg.seed, cfg.comm.overlap))
+    algo = algos.spec(cfg.algo.name).build(cfg.algo, envs, obs, algos.Peer(comm, cfg.seed, cfg.comm))
     # Per-peer sampling randomness: different actions and minibatches on every peer.
     torch.manual_seed(cfg.seed + comm.rank)
     np.random.seed(cfg.seed + comm.rank)
@@ -90,6 +90,8 @@ def _train(cfg: RunConfig, run_dir: Path, comm: Communicator, t_start: float, ch
     is_main = comm.rank == 0
     algo = build_algorithm(cfg, comm)
     shared, learner = algo.shared_tensors(), algo.learner
+    # local_sgd and gossip keep the peers' parameters apart on purpose: nothing to check there.
+    identical = learner is None or not learner.strategy.differs
     window = ReturnWindow(cfg.train.return_window)
     p, resumed_from = restore(comm, cfg, run_dir, algo, window, checked)
     p_start = Progress(p.step, p.iteration, p.time_s)  # where this attempt started
@@ -127,7 +129,7 @@ def _train(cfg: RunConfig, run_dir: Path, comm: Communicator, t_start: float, ch
                     f"{streak} updates in a row were skipped because a loss or gradient was NaN or infinite on "
                     f"some peer (train.max_skipped_updates={cfg.train.max_skipped_updates}); stopping. The last "
                     f"good checkpoint is the newest in {run_dir / 'checkpoints'}")
-            if p.iteration % cfg.comm.check_every == 0:
+            if identical and p.iteration % cfg.comm.check_every == 0:
                 comm.phase = "check"
                 check_identical(comm, shared)
             done = reached or p.step >= cfg.train.total_steps
@@ -135,10 +137,11 @@ def _train(cfg: RunConfig, run_dir: Path, comm: Communicator, t_start: float, ch
             if p.step >= next_log or done:
                 next_log = (p.step // log_every + 1) * log_every
                 elapsed = max(time.perf_counter() - t_loop, 1e-9)
+                if learner is not None:  # a collective for some strategies; every peer logs the same rows
+                    logs.update(learner.strategy.logs(), skipped_updates=learner.skipped)
                 writer.write({"step": p.step, "time_s": p.time_s, "episode_return_mean": mean,
                               "episodes": window.episodes, "sps": (p.step - p_start.step) / elapsed,
-                              "comm_frac": (comm.seconds - comm_s0) / elapsed, **logs,
-                              **({} if learner is None else {"skipped_updates": learner.skipped})})
+                              "comm_frac": (comm.seconds - comm_s0) / elapsed, **logs})
             # At a rollout boundary, when the global step crosses a multiple; never while updates are
             # being skipped, so that the checkpoints before a run of NaNs are kept.
             if every is not None and p.step // every > start_step // every and not done and streak == 0:
@@ -148,8 +151,9 @@ def _train(cfg: RunConfig, run_dir: Path, comm: Communicator, t_start: float, ch
                 steps_to_target, time_to_target = p.step, p.time_s
         loop_s, comm_s = time.perf_counter() - t_loop, comm.seconds - comm_s0
         comm_bytes, comm_calls = comm.bytes - bytes0, comm.calls - calls0
-        comm.phase = "check"
-        check_identical(comm, shared)
+        if identical:
+            comm.phase = "check"
+            check_identical(comm, shared)
         if saver.saved_step != p.step:
             saver.save(p)
     except BaseException as e:

@@ -81,7 +81,7 @@ def _chain_tables(rank: int, limits_by_rank: list[list[int]]) -> list[np.ndarray
     comm = open_comm(cfg.comm, "gloo") if len(limits_by_rank) > 1 else LocalComm()
     envs = gym.vector.SyncVectorEnv([partial(gym.wrappers.TimeLimit, Chain(), n) for n in limits])
     obs, _ = envs.reset(seed=0)
-    algo = QLearning(cfg.algo, envs, obs, Peer(comm, seed=rank, overlap=False))
+    algo = QLearning(cfg.algo, envs, obs, Peer(comm, seed=rank, sync=cfg.comm))
     return [(iterate(algo, 0.0), algo.q.copy())[1] for _ in range(2)]
 
 

@@ -36,6 +36,7 @@ class AlgorithmSpec:
     # algo.* keys that fix what a checkpoint holds (shapes, optimizer state): a resume may not change them.
     fixed_on_resume: tuple[str, ...]
     hint: str  # appended to a refusal of the env's spaces
+    strategies: tuple[str, ...] = ("allreduce", "param_server", "local_sgd", "gossip")  # comm= it works with
 
 
 _PPO = AlgorithmSpec(PPOConfig, PPO, (Box,), (Discrete, Box), ppo_greedy,
@@ -45,7 +46,9 @@ REGISTRY: dict[str, AlgorithmSpec] = {
     "a2c": _PPO,  # PPO's code with one epoch, one minibatch and no clipping (conf/algo/a2c.yaml)
     "dqn": AlgorithmSpec(DQNConfig, DQN, (Box,), (Discrete,), dqn_greedy, ("hidden_sizes", "activation"),
                          "; use algo=ppo"),
-    "qlearning": AlgorithmSpec(QLearningConfig, QLearning, (Discrete,), (Discrete,), qlearning_greedy, (), ""),
+    # Exact tabular Q-learning sums its own table's TD errors: no gradient for a strategy to share.
+    "qlearning": AlgorithmSpec(QLearningConfig, QLearning, (Discrete,), (Discrete,), qlearning_greedy, (), "",
+                               strategies=("allreduce",)),
 }
 
 
@@ -66,6 +69,14 @@ def algo_sections() -> dict[str, type]:
     return {name: s.config for name, s in REGISTRY.items()}
 
 
+def check_strategy(name: str, strategy: str) -> None:
+    """Refuse an algorithm/strategy pair that cannot work."""
+    allowed = spec(name).strategies
+    if strategy not in allowed:
+        raise ConfigError("comm", strategy, f"algo={name} cannot share its updates this way; allowed: "
+                                            f"{', '.join(allowed)}")
+
+
 def check_spaces(name: str, obs_space: gym.Space, action_space: gym.Space) -> None:
     """Refuse an algorithm/env pair that cannot work, before any training starts."""
     s = spec(name)
@@ -76,4 +87,4 @@ def check_spaces(name: str, obs_space: gym.Space, action_space: gym.Space) -> No
 
 
 __all__ = ["Algorithm", "AlgorithmSpec", "Peer", "Policy", "REGISTRY", "Sample", "algo_sections",
-           "check_spaces", "register", "spec"]
+           "check_spaces", "check_strategy", "register", "spec"]

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from p2prl.comm import Communicator
+from p2prl.config import CommConfig
 from p2prl.learner import Learner
 from p2prl.metrics import Episode
 from p2prl.optim import FlatOptimizer
@@ -45,7 +46,7 @@ class Peer:
 
     comm: Communicator
     seed: int  # the run's seed
-    overlap: bool  # comm.overlap: the learner averages each gradient behind the next computation
+    sync: CommConfig  # how the learner shares its updates (comm.strategy and its settings)
 
     def rng(self, purpose: str) -> np.random.Generator:
         """This peer's own numpy stream for `purpose` (see p2prl.seeding)."""
@@ -55,7 +56,7 @@ class Peer:
                 optimizer: Callable[[torch.nn.Parameter], FlatOptimizer], max_grad_norm: Optional[float],
                 terms: Sequence[str]) -> Learner:
         """The learner that averages this model's gradients over the peers (see p2prl.learner)."""
-        return Learner(params, optimizer, self.comm, max_grad_norm, terms, overlap=self.overlap)
+        return Learner(params, optimizer, self.comm, max_grad_norm, terms, sync=self.sync)
 
 
 class Algorithm:

@@ -1,57 +1,51 @@
 """The default strategy: average every gradient with one flat all-reduce per optimizer step.
 
-Each parameter's `.grad` is a view into one preallocated flat buffer, so backward writes straight
-into the bucket: no per-step flatten/unflatten copies and exactly one collective per step, whatever
-the number of parameter tensors. A few extra slots at the end carry per-step scalars (KL, losses)
-that must be averaged too, for free.
+With `comm.overlap` the gradient is averaged in the background while the next one is computed: each
+step then starts this gradient's average and finishes and applies the previous one (one step stale);
+every peer still applies the same averaged gradients in the same order. With `comm.compress=bf16` the
+sum travels as bfloat16 (half the bytes; every peer gets the same rounded sum).
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Optional
 
 import torch
 
-from p2prl.comm.base import Communicator
+from p2prl.comm.strategy import Apply, Follow, Strategy
 
 
-class GradientBucket:
-    """The flat gradient bucket of a model, and the model's parameters as one flat tensor.
+class AllReduce(Strategy):
+    def __init__(self, comm, cfg, bucket) -> None:
+        super().__init__(comm, cfg, bucket)
+        self.overlap = cfg.overlap
+        # overlap: two send buffers, so one gradient is averaged while the next is computed.
+        self._spares = [torch.zeros_like(bucket.flat) for _ in range(2)] if self.overlap else []
+        self._pending = None
+        self._calls = 0
+        self._half = torch.zeros_like(bucket.flat, dtype=torch.bfloat16) if cfg.compress == "bf16" else None
 
-    `flat_param` is a single Parameter whose storage the model's parameters are views of, and whose
-    `.grad` is the gradient part of the bucket: an optimizer over [flat_param] updates the whole model
-    with a handful of tensor ops instead of a handful per layer.
-    """
+    def _average(self, flat: torch.Tensor) -> None:
+        if self._half is None:
+            self.comm.all_reduce_mean(flat)
+            return
+        self._half.copy_(flat)
+        self.comm.all_reduce_sum(self._half)
+        flat.copy_(self._half).div_(self.comm.world_size)
 
-    def __init__(self, comm: Communicator, params: Iterable[torch.nn.Parameter], n_extras: int = 0) -> None:
-        self.comm = comm
-        self.params = [p for p in params if p.requires_grad]
-        dtypes = {p.dtype for p in self.params}
-        assert len(dtypes) == 1, f"one flat bucket needs one parameter dtype, got {dtypes}"
-        dtype, device = dtypes.pop(), self.params[0].device
-        n = sum(p.numel() for p in self.params)
-        self.flat = torch.zeros(n + n_extras, dtype=dtype, device=device)
-        self.grads = self.flat[:n]
-        self.extras = self.flat[n:]
-        with torch.no_grad():
-            self.flat_param = torch.nn.Parameter(torch.cat([p.reshape(-1) for p in self.params]))
-        self.flat_param.grad = self.grads
-        offset = 0
-        for p in self.params:
-            k = p.numel()
-            p.data = self.flat_param.data[offset:offset + k].view_as(p)
-            p.grad = self.grads[offset:offset + k].view_as(p)
-            offset += k
+    def step(self, apply: Apply, follow: Follow, veto: Any) -> Optional[Any]:
+        flat = self.bucket.flat
+        if not self.overlap:
+            self._average(flat)
+            return apply(flat, veto)
+        self._calls += 1
+        send = self._spares[self._calls % 2]  # the other one may still be in flight
+        send.copy_(flat)
+        previous = self.finish(apply, veto, discard=False)
+        self._pending = self.comm.all_reduce_mean_async(send)
+        return previous
 
-    def zero_grad(self) -> None:
-        # Never optimizer.zero_grad(): set_to_none would detach .grad from the bucket.
-        self.flat.zero_()
-
-    def sync(self) -> torch.Tensor:
-        """Average gradients and extras over all peers, in place; returns the averaged extras."""
-        self.comm.all_reduce_mean(self.flat)
-        return self.extras
-
-    def broadcast_parameters(self, src: int = 0) -> None:
-        """Copy `src`'s parameters to every peer (once at start: identical models by construction)."""
-        with torch.no_grad():
-            self.comm.broadcast(self.flat_param.data, src)
+    def finish(self, apply: Apply, veto: Any, discard: bool) -> Optional[Any]:
+        if self._pending is None:
+            return None
+        flat, self._pending = self._pending.wait(), None
+        return None if discard else apply(flat, veto)

@@ -138,6 +138,34 @@ class Communicator(ABC):
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
         return self.all_gather_object(obj)[src]
 
+    # -- point to point (the parameter server, gossip) ----------------------------------------------
+    def send_all(self, tensor: torch.Tensor, dsts: list[int]) -> None:
+        """Send `tensor` to each of `dsts`, one after another (the other side calls `recv_all`)."""
+        start = time.perf_counter()
+        self._send_all(tensor, dsts)
+        self._account(start, tensor.numel() * tensor.element_size() * len(dsts))
+
+    def recv_all(self, tensors: list[torch.Tensor], srcs: list[int]) -> None:
+        """Receive `tensors[i]` from `srcs[i]`, in place."""
+        start = time.perf_counter()
+        self._recv_all(tensors, srcs)
+        self._account(start, sum(t.numel() * t.element_size() for t in tensors))
+
+    def exchange(self, mine: torch.Tensor, theirs: torch.Tensor, peer: int) -> None:
+        """Send `mine` to `peer` and receive its tensor into `theirs`, both at once."""
+        start = time.perf_counter()
+        self._exchange(mine, theirs, peer)
+        self._account(start, 2 * mine.numel() * mine.element_size())
+
+    def _send_all(self, tensor: torch.Tensor, dsts: list[int]) -> None:
+        raise NotImplementedError("a world of one has no one to send to")
+
+    def _recv_all(self, tensors: list[torch.Tensor], srcs: list[int]) -> None:
+        raise NotImplementedError("a world of one has no one to receive from")
+
+    def _exchange(self, mine: torch.Tensor, theirs: torch.Tensor, peer: int) -> None:
+        raise NotImplementedError("a world of one has no one to exchange with")
+
     def agree(self, flag: bool) -> bool:
         """True on every peer if `flag` is true on any peer (for stop/skip decisions)."""
         t = torch.tensor([1.0 if flag else 0.0], dtype=torch.float64)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any, Callable, Optional
 
 import torch
@@ -91,7 +92,8 @@ class ProcessGroupComm(Communicator):
         """
         try:
             if self.spin:
-                while not work.is_completed():
+                deadline = time.monotonic() + self.timeout_s
+                while not work.is_completed() and time.monotonic() < deadline:
                     os.sched_yield()
             work.wait()
         except RuntimeError as e:
@@ -122,6 +124,28 @@ class ProcessGroupComm(Communicator):
             return lambda: self._shared(lambda: self.shared.finish(k))
         work = self._start(_start_sum, tensor)
         return lambda: self._wait(work)
+
+    def _p2p(self, ops: list) -> None:
+        """Start point-to-point operations together, then wait for all of them."""
+        try:
+            works = dist.batch_isend_irecv(ops)
+        except RuntimeError as e:
+            raise self.failure(e) from e
+        for work in works:  # a gloo send's or receive's is_completed() stays False until wait(): no polling
+            try:
+                work.wait()
+            except RuntimeError as e:
+                raise self.failure(e) from e
+
+    def _send_all(self, tensor: torch.Tensor, dsts: list[int]) -> None:
+        for dst in dsts:  # one after another, as a single server's link would carry them
+            self._p2p([dist.P2POp(dist.isend, tensor, dst)])
+
+    def _recv_all(self, tensors: list[torch.Tensor], srcs: list[int]) -> None:
+        self._p2p([dist.P2POp(dist.irecv, t, src) for t, src in zip(tensors, srcs)])
+
+    def _exchange(self, mine: torch.Tensor, theirs: torch.Tensor, peer: int) -> None:
+        self._p2p([dist.P2POp(dist.isend, mine, peer), dist.P2POp(dist.irecv, theirs, peer)])
 
     def _all_gather_object(self, obj: Any) -> list:
         out: list = [None] * self.world_size

@@ -1,0 +1,62 @@
+"""Local SGD, and DiLoCo's outer optimizer on top of it.
+
+Every peer applies its own gradient with its own optimizer; only the named terms (and the finiteness
+flag) are averaged each update, so collective decisions stay shared. Every `comm.average_every`
+updates the peers average their parameters. With `comm.outer_lr != 1` or `comm.outer_momentum > 0`
+the average goes through an outer optimizer instead (DiLoCo): the pseudo-gradient
+delta = anchor - mean(params) (anchor: the parameters after the previous average) takes a Nesterov
+momentum step, v <- mu v + delta, params <- anchor - outer_lr (delta + mu v), on every peer alike.
+outer_lr=1 and outer_momentum=0 is plain parameter averaging.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from p2prl.comm.strategy import Apply, Follow, Strategy, _local_terms
+
+
+class LocalSGD(Strategy):
+    differs = True
+    local = True
+
+    def __init__(self, comm, cfg, bucket) -> None:
+        super().__init__(comm, cfg, bucket)
+        self.calls = 0  # identical on every peer
+        self.outer = cfg.outer_lr != 1.0 or cfg.outer_momentum > 0
+        param = bucket.flat_param.detach()
+        self.anchor = param.clone() if self.outer else None
+        self.momentum = torch.zeros_like(param) if self.outer else None
+
+    def step(self, apply: Apply, follow: Follow, veto: Any) -> Optional[Any]:
+        update = _local_terms(self, apply, veto)
+        self.calls += 1
+        if self.calls % self.cfg.average_every == 0:
+            self.sync()
+        return update
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Average the peers' parameters (through the outer optimizer, if any); a collective."""
+        param = self.bucket.flat_param.data
+        mean = self.comm.all_reduce_mean(param.clone())
+        if not self.outer:
+            param.copy_(mean)
+            return
+        mu, delta = self.cfg.outer_momentum, self.anchor - mean
+        self.momentum.mul_(mu).add_(delta)
+        param.copy_(self.anchor - self.cfg.outer_lr * (delta + mu * self.momentum))
+        self.anchor.copy_(param)
+
+    def state_dict(self) -> dict:
+        s = {"calls": self.calls}
+        if self.outer:
+            s.update(anchor=self.anchor.clone(), momentum=self.momentum.clone())
+        return s
+
+    def load_state_dict(self, state: dict) -> None:
+        self.calls = int(state["calls"])
+        if self.outer and "anchor" in state:
+            self.anchor.copy_(state["anchor"])
+            self.momentum.copy_(state["momentum"])

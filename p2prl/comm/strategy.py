@@ -1,0 +1,88 @@
+"""How a learner's local gradient becomes an update on every peer: the sync strategies behind `comm=`.
+
+The learner fills its bucket (`bucket.flat` = [gradient | named terms | finiteness flag]) and hands the
+step to its strategy, which owns the communication and calls back:
+- `apply(flat, veto)`: check the terms (finite, not vetoed), clip the gradient part of `flat`, step
+  the optimizer on this peer's parameters; returns the learner's Update;
+- `follow(extras, applied, vetoed)`: count an update another peer applied (parameter server).
+
+| strategy | per update | parameters |
+|---|---|---|
+| allreduce | one all-reduce of the gradient (+ terms) | identical |
+| param_server | every peer sends its gradient to rank 0, which steps and sends the parameters back | identical |
+| local_sgd | a small all-reduce of the terms; parameters averaged every `comm.average_every` updates (optionally through an outer Nesterov step, DiLoCo) | differ between averages |
+| gossip | a small all-reduce of the terms; parameters averaged with one partner | differ |
+
+Every decision that changes the schedule (NaN skip, KL early stop) is taken on terms averaged over all
+peers, so every peer takes it alike under every strategy.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+
+from p2prl.comm.base import Communicator
+from p2prl.comm.bucket import GradientBucket
+from p2prl.config import CommConfig
+
+Apply = Callable[[torch.Tensor, Any], Any]
+Follow = Callable[[torch.Tensor, bool, bool], Any]
+
+
+class Strategy:
+    differs = False  # True: peers' parameters differ between syncs (no bit-identity check)
+    local = False  # True: each peer applies its own gradient (its finiteness must ride in the flag)
+
+    def __init__(self, comm: Communicator, cfg: CommConfig, bucket: GradientBucket) -> None:
+        self.comm, self.cfg, self.bucket = comm, cfg, bucket
+
+    def step(self, apply: Apply, follow: Follow, veto: Any) -> Optional[Any]:
+        """Turn the local gradient in `bucket.flat` into an update on every peer; the finished Update
+        (None if none finished in this call)."""
+        raise NotImplementedError
+
+    def finish(self, apply: Apply, veto: Any, discard: bool) -> Optional[Any]:
+        """Complete an update still in flight (None: none is)."""
+        return None
+
+    def average_parameters(self) -> Optional[torch.Tensor]:
+        """The peers' mean parameters (a collective), where they differ; None where they are identical."""
+        if not self.differs:
+            return None
+        mean = self.bucket.flat_param.detach().clone()
+        return self.comm.all_reduce_mean(mean)
+
+    def logs(self) -> dict[str, float]:
+        """Scalars for metrics.jsonl (a collective: every peer calls it at the same rows). Where the
+        parameters differ: `consensus_distance`, the root mean square distance of the peers'
+        parameters from their mean."""
+        if not self.differs:
+            return {}
+        param = self.bucket.flat_param.detach()
+        mean = self.average_parameters()
+        sq = torch.tensor([float((param - mean).pow(2).sum())], dtype=torch.float64)
+        return {"consensus_distance": float(self.comm.all_reduce_mean(sq)) ** 0.5}
+
+    def state_dict(self) -> dict:
+        """Shared state (identical on every peer): schedule counters, outer optimizer state."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def _local_terms(strategy: Strategy, apply: Apply, veto: Any):
+    """For strategies whose peers step alone: average only the terms (and the finiteness flag, which
+    covers every peer's gradient), then apply this peer's own gradient with them."""
+    strategy.comm.all_reduce_mean(strategy.bucket.extras)
+    return apply(strategy.bucket.flat, veto)
+
+
+def make_strategy(comm: Communicator, cfg: CommConfig, bucket: GradientBucket) -> Strategy:
+    from p2prl.comm.allreduce import AllReduce
+    from p2prl.comm.gossip import Gossip
+    from p2prl.comm.local_sgd import LocalSGD
+    from p2prl.comm.param_server import ParamServer
+    return {"allreduce": AllReduce, "param_server": ParamServer, "local_sgd": LocalSGD,
+            "gossip": Gossip}[cfg.strategy](comm, cfg, bucket)

@@ -1,0 +1,133 @@
+"""The sync strategies' math on real peers: the parameter server and local SGD (averaging every update,
+no outer optimizer) equal the all-reduce for plain SGD; DiLoCo's outer Nesterov step by hand; gossip
+keeps the mean of the parameters and follows its pairing schedule; collective decisions stay shared."""
+import dataclasses
+
+import pytest
+import torch
+
+from p2prl.comm import open_comm
+from p2prl.comm.gossip import partner
+from p2prl.learner import Learner
+from p2prl.optim import FlatSGD
+
+pytestmark = pytest.mark.timeout(120)
+LR = 0.1
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+
+
+def _sgd_steps(rank: int, cfg, steps: int, nan_at: int = -1):
+    """`steps` plain-SGD updates of a small model on this rank's own data; the parameters after each."""
+    comm = open_comm(cfg, "gloo", cores=None)
+    model = _model()
+    learner = Learner(list(model.parameters()), lambda p: FlatSGD(p, lr=LR), comm, None, ("loss",), sync=cfg)
+    g = torch.Generator().manual_seed(10 + rank)
+    out = []
+    for i in range(steps):
+        x, y = torch.randn(16, 3, generator=g), torch.randn(16, 1, generator=g)
+        loss = ((model(x) - y) ** 2).mean()
+        if i == nan_at and rank == 1:
+            loss = loss * float("nan")
+        learner.step(loss, {"loss": loss.detach()})
+        learner.finish()
+        out.append(learner.bucket.flat_param.detach().clone())
+    return out, learner.updates, learner.skipped
+
+
+@pytest.mark.parametrize("strategy", ["param_server", "local_sgd"])
+def test_equals_allreduce_for_plain_sgd(strategy, compose, peers):
+    base = compose("comm.timeout_s=30").comm
+    ref = peers(_sgd_steps, 2, base, 5)
+    cfg = dataclasses.replace(compose(f"comm={strategy}", "comm.timeout_s=30").comm, average_every=1)
+    got = peers(_sgd_steps, 2, cfg, 5)
+    moved = (ref[0][0][-1] - ref[0][0][0]).abs().max()
+    assert moved > 1e-3
+    for step in range(5):
+        assert torch.equal(got[0][0][step], got[1][0][step]), "peers differ"
+        torch.testing.assert_close(got[0][0][step], ref[0][0][step], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("strategy", ["param_server", "local_sgd", "gossip"])
+def test_a_nan_on_one_peer_is_skipped_by_every_peer(strategy, compose, peers):
+    cfg = compose(f"comm={strategy}", "comm.timeout_s=30").comm
+    (_, u0, s0), (_, u1, s1) = peers(_sgd_steps, 2, cfg, 4, 2)
+    assert (u0, s0) == (u1, s1) == (3, 1)
+
+
+def _gossip_once(rank: int, cfg):
+    comm = open_comm(cfg, "gloo")
+    torch.manual_seed(100 + rank)  # a different model on every peer
+    model = torch.nn.Linear(5, 3)
+    learner = Learner(list(model.parameters()), lambda p: FlatSGD(p, lr=LR), comm, None, ("loss",), sync=cfg)
+    with torch.no_grad():  # undo the start-up broadcast: the peers' parameters differ, as mid-run
+        learner.bucket.flat_param.normal_(generator=torch.Generator().manual_seed(rank))
+    before = learner.bucket.flat_param.detach().clone()
+    learner.strategy.mix(t=0)
+    after = learner.bucket.flat_param.detach().clone()
+    distance = learner.strategy.logs()["consensus_distance"]
+    return before, after, distance
+
+
+def test_gossip_keeps_the_mean_of_the_parameters(compose, peers):
+    cfg = compose("comm=gossip", "comm.timeout_s=30").comm
+    out = peers(_gossip_once, 4, cfg)
+    before, after = torch.stack([o[0] for o in out]), torch.stack([o[1] for o in out])
+    torch.testing.assert_close(after.mean(0), before.mean(0), rtol=0, atol=1e-6)
+    # t = 0 pairs (0, 1) and (2, 3): each pair holds the same bytes, its two peers' mean
+    assert torch.equal(after[0], after[1]) and torch.equal(after[2], after[3]) and not torch.equal(after[1], after[2])
+    torch.testing.assert_close(after[0], (before[0] + before[1]) / 2)
+    mean = after.mean(0)
+    want = float(((after - mean) ** 2).sum(1).mean()) ** 0.5
+    assert all(o[2] == pytest.approx(want, rel=1e-5) for o in out)
+
+
+@pytest.mark.parametrize("world, t, topology, expected", [
+    (4, 0, "ring", [1, 0, 3, 2]),
+    (4, 1, "ring", [3, 2, 1, 0]),         # the odd edges: 1-2, 3-0
+    (3, 0, "ring", [1, 0, None]),         # an odd ring: one peer sits out
+    (3, 1, "ring", [None, 2, 1]),
+    (2, 7, "ring", [1, 0]),
+    (4, 0, "hypercube", [1, 0, 3, 2]),
+    (4, 1, "hypercube", [2, 3, 0, 1]),
+    (8, 2, "hypercube", [4, 5, 6, 7, 0, 1, 2, 3]),
+])
+def test_gossip_partners(world, t, topology, expected):
+    got = [partner(r, world, t, topology) for r in range(world)]
+    assert got == expected
+    assert all(p is None or got[p] == r for r, p in enumerate(got))  # pairs are mutual
+
+
+def _diloco(rank: int, cfg):
+    comm = open_comm(cfg, "gloo")
+    model = torch.nn.Linear(2, 1, bias=False)
+    learner = Learner(list(model.parameters()), lambda p: FlatSGD(p, lr=LR), comm, None, ("loss",), sync=cfg)
+    s = learner.strategy
+    with torch.no_grad():
+        s.anchor.copy_(torch.tensor([1.0, 2.0]))
+        learner.bucket.flat_param.copy_(torch.tensor([0.0, 1.0]) if rank == 0 else torch.tensor([0.5, 2.0]))
+    s.sync()
+    first = learner.bucket.flat_param.detach().clone()
+    with torch.no_grad():
+        learner.bucket.flat_param.copy_(first - torch.tensor([0.2, 0.4]))  # both peers move alike
+    s.sync()
+    return first, learner.bucket.flat_param.detach().clone()
+
+
+def test_diloco_outer_nesterov_step_by_hand(compose, peers):
+    cfg = compose("comm=local_sgd", "comm.outer_lr=0.7", "comm.outer_momentum=0.9", "comm.timeout_s=30").comm
+    (f0, s0), (f1, s1) = peers(_diloco, 2, cfg)
+    lr, mu = 0.7, 0.9
+    anchor, mean = torch.tensor([1.0, 2.0]), torch.tensor([0.25, 1.5])
+    delta = anchor - mean                   # pseudo-gradient (0.75, 0.5)
+    v = delta                               # v = mu * 0 + delta
+    first = anchor - lr * (delta + mu * v)
+    delta2 = first - (first - torch.tensor([0.2, 0.4]))
+    v2 = mu * v + delta2
+    second = first - lr * (delta2 + mu * v2)
+    for f, s in ((f0, s0), (f1, s1)):
+        torch.testing.assert_close(f, first)
+        torch.testing.assert_close(s, second)
