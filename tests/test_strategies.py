@@ -131,3 +131,26 @@ def test_diloco_outer_nesterov_step_by_hand(compose, peers):
     for f, s in ((f0, s0), (f1, s1)):
         torch.testing.assert_close(f, first)
         torch.testing.assert_close(s, second)
+
+
+def _run(rank: int, cfg, run_dir):
+    from p2prl.runner import run
+    return run(cfg, run_dir)
+
+
+def test_where_parameters_differ_rank_0_saves_their_mean_and_each_rank_its_own(tmp_path, compose, peers):
+    from p2prl import checkpoint
+    # 16 updates, averaged every 3: the last one leaves the peers apart.
+    cfg = compose("comm=local_sgd", "comm.average_every=3", "algo.num_envs=2", "algo.num_steps=16", "algo.num_minibatches=2",
+                  "algo.update_epochs=2", "train.total_steps=256", "train.target_return=null",
+                  "train.log_every_steps=64", "comm.timeout_s=30")
+    run_dir = tmp_path / "run"
+    summary, _ = peers(_run, 2, cfg, run_dir)
+    folder, step = run_dir / "checkpoints", summary["final_step"]
+    shared = checkpoint.load(checkpoint.shared_path(folder, step))
+    own = [checkpoint.load(checkpoint.rank_path(folder, r, step))["learner"]["params"] for r in range(2)]
+    flat = torch.cat([t.reshape(-1) for t in shared["model"].values()])
+    assert not torch.equal(own[0], own[1])
+    torch.testing.assert_close(flat, (own[0] + own[1]) / 2)
+    rows = [__import__("json").loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["consensus_distance"] >= 0 for r in rows) and any(r["consensus_distance"] > 0 for r in rows)

@@ -25,6 +25,13 @@ BAD = [
     (["device=tpu"], ["device=tpu", "allowed: auto, cpu, cuda"]),
     (["device=cuda"], ["device=cuda", "needs a CUDA GPU, found none; allowed here: auto, cpu"]),
     (["comm.topology=ring"], ["comm.topology=ring", "allowed: auto, flat, hierarchical"]),
+    (["algo=qlearning", "env=taxi", "comm=gossip"],
+     ["comm=gossip", "algo=qlearning cannot share its updates this way; allowed: allreduce"]),
+    (["comm=gossip", "comm.overlap=true"], ["comm.overlap=true", "only comm=allreduce overlaps", "allowed: false"]),
+    (["comm=param_server", "comm.compress=bf16"], ["comm.compress=bf16", "allowed here: none"]),
+    (["comm=gossip", "comm.topology=flat"], ["comm.topology=flat", "allowed: ring, hypercube"]),
+    (["comm.outer_momentum=1"], ["comm.outer_momentum=1", "must be in [0, 1)"]),
+    (["comm.straggler_frac=0"], ["comm.straggler_frac=0", "must be in (0, 1]"]),
     (["+nosuchsection=1"], ["nosuchsection=1", "unknown key; allowed: seed, device, algo, env, train, comm, checkpoint"]),
     (["comm.backend=mpi"], ["comm.backend=mpi", "allowed: auto, gloo, nccl"]),
     (["env.id=NoSuchEnv-v9"], ["env.id=NoSuchEnv-v9", "not a registered gymnasium env"]),
@@ -138,3 +145,9 @@ def test_configs_that_differ_between_peers_are_refused_naming_the_keys(tmp_path,
     assert out.count("p2prl: error: config=differs between peers") == 1, out
     assert "differing keys: seed" in out and out.count("exitcode  : 2") == 2, out
     assert not (tmp_path / "run").exists()
+
+
+def test_hypercube_gossip_needs_a_power_of_two_peers(monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    error, _ = check_command_line(["comm=gossip", "comm.topology=hypercube", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert error == "comm.topology=hypercube: needs a power of two peers, here 3; allowed: ring"
