@@ -70,28 +70,31 @@ class ReturnWindow:
         self.episodes = 0
 
     def local_table(self, rank: int, world_size: int, start_step: int, num_envs: int,
-                    episodes: list[Episode]) -> torch.Tensor:
-        """A float64 (world_size, 1 + 3 * size) table, zero but for this peer's row: its episode count
-        and its `size` most recent episodes (global step at the end, env index, return)."""
+                    episodes: list[Episode], steps: int) -> torch.Tensor:
+        """A float64 (world_size, 2 + 3 * size) table, zero but for this peer's row: its env steps this
+        iteration, its episode count and its `size` most recent episodes (global step at the end, env
+        index, return)."""
         recent = episodes[-self.size:]
-        table = torch.zeros(world_size, 1 + 3 * self.size, dtype=torch.float64)
+        table = torch.zeros(world_size, 2 + 3 * self.size, dtype=torch.float64)
         row = table[rank]
-        row[0] = len(episodes)
+        row[0], row[1] = steps, len(episodes)
         for j, e in enumerate(recent):
-            row[1 + 3 * j: 4 + 3 * j] = torch.tensor(
+            row[2 + 3 * j: 5 + 3 * j] = torch.tensor(
                 [start_step + (e.t + 1) * num_envs * world_size, e.env, e.ret], dtype=torch.float64)
         return table
 
-    def merge(self, table: torch.Tensor) -> None:
-        """Add the episodes of a summed table, rank by rank, and keep the `size` most recent."""
+    def merge(self, table: torch.Tensor) -> list[int]:
+        """Add the episodes of a summed table, rank by rank, and keep the `size` most recent; returns
+        every rank's env steps of the iteration."""
         for rank in range(table.shape[0]):
-            n = int(table[rank, 0])
+            n = int(table[rank, 1])
             self.episodes += n
             for j in range(min(n, self.size)):
-                step, env, ret = table[rank, 1 + 3 * j: 4 + 3 * j].tolist()
+                step, env, ret = table[rank, 2 + 3 * j: 5 + 3 * j].tolist()
                 self.items.append((int(step), rank, int(env), ret))
         self.items.sort()
         del self.items[:-self.size]
+        return [int(x) for x in table[:, 0].tolist()]
 
     @property
     def mean(self) -> Optional[float]:

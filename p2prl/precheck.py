@@ -55,7 +55,7 @@ def preflight(cfg: RunConfig, run_dir: Optional[Path], dir_key: str = DIR_KEYS[0
     from p2prl.comm import resolve_devices
     from p2prl.envs import is_image, make_single_env
     from p2prl.resume import check_source
-    algos.check_strategy(cfg.algo.name, cfg.comm.strategy)
+    algos.check_strategy(cfg.algo.name, cfg.comm.strategy, cfg.comm.straggler_frac)
     world = int(os.environ.get("WORLD_SIZE", 1))
     if cfg.comm.strategy == "gossip" and cfg.comm.topology == "hypercube" and world & (world - 1):
         raise ConfigError("comm.topology", "hypercube", f"needs a power of two peers, here {world}; allowed: ring")

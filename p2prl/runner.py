@@ -14,8 +14,17 @@ import torch
 
 from p2prl import algos
 from p2prl.atomic import write_json_atomic
-from p2prl.comm import (Communicator, PeerFailure, agree_before_start, agree_on_config, check_identical, open_comm,
-                        pin, place)
+from p2prl.comm import (
+    Communicator,
+    PeerFailure,
+    agree_before_start,
+    agree_on_config,
+    check_identical,
+    open_comm,
+    pin,
+    place,
+)
+from p2prl.comm.preemption import preemption
 from p2prl.config import ConfigError, RunConfig, config_hash
 from p2prl.envs import make_vec_env
 from p2prl.faults import Interrupted, NonFiniteUpdates
@@ -27,12 +36,15 @@ from p2prl.seeding import env_seed
 log = logging.getLogger(__name__)
 
 
-def build_algorithm(cfg: RunConfig, comm: Communicator) -> algos.Algorithm:
-    """Per-peer envs (seeded seed + rank * num_envs + i) and the algorithm with a shared model."""
+def build_algorithm(cfg: RunConfig, comm: Communicator, tag: str = "") -> algos.Algorithm:
+    """Per-peer envs (seeded seed + rank * num_envs + i) and the algorithm with a shared model; `tag`
+    names the run among others sharing torchrun's store (for straggler preemption)."""
     num_envs = cfg.algo.num_envs
     envs, obs = make_vec_env(cfg.env, num_envs, env_seed(cfg.seed, comm.rank, num_envs))
     torch.manual_seed(cfg.seed)  # the model seed is shared; rank 0's weights are broadcast anyway
-    algo = algos.spec(cfg.algo.name).build(cfg.algo, envs, obs, algos.Peer(comm, cfg.seed, cfg.comm))
+    c = cfg.comm
+    peer = algos.Peer(comm, cfg.seed, c, preemption(comm, c.straggler_frac, c.min_rollout_frac, tag or "run"))
+    algo = algos.spec(cfg.algo.name).build(cfg.algo, envs, obs, peer)
     # Per-peer sampling randomness: different actions and minibatches on every peer.
     torch.manual_seed(cfg.seed + comm.rank)
     np.random.seed(cfg.seed + comm.rank)
@@ -88,7 +100,7 @@ def _train(cfg: RunConfig, run_dir: Path, comm: Communicator, t_start: float, ch
     agree_on_config(comm, cfg.flat())
     run_dir = Path(comm.broadcast_object(str(run_dir)))  # rank 0 chooses the run dir
     is_main = comm.rank == 0
-    algo = build_algorithm(cfg, comm)
+    algo = build_algorithm(cfg, comm, tag=config_hash({"run_dir": str(run_dir), "config": cfg.to_dict()}))
     shared, learner = algo.shared_tensors(), algo.learner
     # local_sgd and gossip keep the peers' parameters apart on purpose: nothing to check there.
     identical = learner is None or not learner.strategy.differs
@@ -110,16 +122,19 @@ def _train(cfg: RunConfig, run_dir: Path, comm: Communicator, t_start: float, ch
     t_loop, comm_s0, bytes0, calls0 = time.perf_counter(), comm.seconds, comm.bytes, comm.calls  # the loop's only
     saver.mark_boundary(p)
     interrupted = False
+    steps_by_rank = [0] * comm.world_size  # this attempt's
     try:
         while p.step < cfg.train.total_steps and not reached:
             start_step, progress = p.step, p.step / cfg.train.total_steps
             sample = algo.sample(progress)
-            table = window.local_table(comm.rank, comm.world_size, start_step, algo.num_envs, sample.episodes)
+            table = window.local_table(comm.rank, comm.world_size, start_step, algo.num_envs, sample.episodes,
+                                       sample.steps)
             comm.sum_with_next(table)  # rides in the algorithm's first collective of the same dtype
             logs = algo.learn(progress)
             comm.settle()
-            window.merge(table)
-            p.step += sample.steps * comm.world_size
+            steps = window.merge(table)  # every peer's own steps: they differ when stragglers are cut short
+            steps_by_rank = [a + b for a, b in zip(steps_by_rank, steps)]
+            p.step += sum(steps)
             p.iteration += 1
             mean = window.mean
             reached = target is not None and mean is not None and mean >= target
@@ -175,7 +190,8 @@ def _train(cfg: RunConfig, run_dir: Path, comm: Communicator, t_start: float, ch
         "wall_s": time.perf_counter() - t_start, "loop_s": loop_s, "comm_s": comm_s,
         "comm_frac": comm_s / max(loop_s, 1e-9), "comm_calls": comm_calls, "comm_bytes": comm_bytes,
         "updates": learner.updates if learner is not None else p.iteration - p_start.iteration,
-        "sps": (p.step - p_start.step) / max(loop_s, 1e-9), "episodes": window.episodes,
+        "sps": (p.step - p_start.step) / max(loop_s, 1e-9), "steps_by_rank": steps_by_rank,
+        "episodes": window.episodes,
         "episode_return_mean": window.mean, "run_dir": str(run_dir),
         "resumed_from": None if resumed_from is None else str(resumed_from),
         "resumed_at_step": p_start.step if resumed_from is not None else None,

@@ -116,7 +116,7 @@ def _windows(rank: int, cfg):
     step, calls = 0, []
     for i in range(4):
         sample = algo.sample(i / 4)
-        table = carried.local_table(comm.rank, comm.world_size, step, algo.num_envs, sample.episodes)
+        table = carried.local_table(comm.rank, comm.world_size, step, algo.num_envs, sample.episodes, sample.steps)
         alone = table.clone()
         before = comm.calls
         comm.sum_with_next(table)

@@ -37,10 +37,11 @@ class AlgorithmSpec:
     fixed_on_resume: tuple[str, ...]
     hint: str  # appended to a refusal of the env's spaces
     strategies: tuple[str, ...] = ("allreduce", "param_server", "local_sgd", "gossip")  # comm= it works with
+    stragglers: bool = False  # whether it can cut a rollout short (comm.straggler_frac)
 
 
 _PPO = AlgorithmSpec(PPOConfig, PPO, (Box,), (Discrete, Box), ppo_greedy,
-                     ("hidden_sizes", "activation", "norm_obs", "norm_reward", "optimizer"), "")
+                     ("hidden_sizes", "activation", "norm_obs", "norm_reward", "optimizer"), "", stragglers=True)
 REGISTRY: dict[str, AlgorithmSpec] = {
     "ppo": _PPO,
     "a2c": _PPO,  # PPO's code with one epoch, one minibatch and no clipping (conf/algo/a2c.yaml)
@@ -69,12 +70,15 @@ def algo_sections() -> dict[str, type]:
     return {name: s.config for name, s in REGISTRY.items()}
 
 
-def check_strategy(name: str, strategy: str) -> None:
-    """Refuse an algorithm/strategy pair that cannot work."""
+def check_strategy(name: str, strategy: str, straggler_frac) -> None:
+    """Refuse an algorithm/strategy pair (or straggler preemption) that cannot work."""
     allowed = spec(name).strategies
     if strategy not in allowed:
         raise ConfigError("comm", strategy, f"algo={name} cannot share its updates this way; allowed: "
                                             f"{', '.join(allowed)}")
+    if straggler_frac is not None and not spec(name).stragglers:
+        raise ConfigError("comm.straggler_frac", straggler_frac, f"algo={name} does not collect rollouts that "
+                                                                 "could be cut short; allowed: null")
 
 
 def check_spaces(name: str, obs_space: gym.Space, action_space: gym.Space) -> None:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from p2prl.comm import Communicator
+from p2prl.comm.preemption import Preemption
 from p2prl.config import CommConfig
 from p2prl.learner import Learner
 from p2prl.metrics import Episode
@@ -47,6 +48,7 @@ class Peer:
     comm: Communicator
     seed: int  # the run's seed
     sync: CommConfig  # how the learner shares its updates (comm.strategy and its settings)
+    preempt: Optional[Preemption] = None  # comm.straggler_frac: when to cut a rollout short
 
     def rng(self, purpose: str) -> np.random.Generator:
         """This peer's own numpy stream for `purpose` (see p2prl.seeding)."""

@@ -93,6 +93,8 @@ class PPO(Algorithm):
         self.next_valid = np.ones(cfg.num_envs, dtype=bool)
         self.episodes = EpisodeCounter(cfg.num_envs)
         self.num_envs = cfg.num_envs
+        self.preempt = peer.preempt
+        self.length = cfg.num_steps  # vector steps of the last rollout (fewer when cut short as a straggler)
 
     def shared_tensors(self) -> list[torch.Tensor]:
         return list(self.model.parameters())
@@ -103,8 +105,10 @@ class PPO(Algorithm):
 
     @torch.inference_mode()
     def sample(self, progress: float) -> Sample:
-        r, cfg = self.rollout, self.cfg
+        r, cfg, pre = self.rollout, self.cfg, self.preempt
         self.comm.phase = "sampling"
+        if pre is not None:
+            pre.begin()
         for t in range(cfg.num_steps):
             raw, valid = self.next_obs, self.next_valid
             if self.obs_norm is not None:
@@ -122,7 +126,12 @@ class PPO(Algorithm):
             r.terminated[t], r.dones[t], r.valid[t] = (torch.from_numpy(x) for x in (term, done, valid))
             self.next_valid = ~done
             self.next_obs = torch.as_tensor(next_obs, dtype=torch.float32)
-        return Sample(cfg.num_envs * cfg.num_steps, self.episodes.take())
+            self.length = t + 1
+            if pre is not None and pre.cut(t + 1, cfg.num_steps):
+                break  # enough peers have finished: learn from what there is (DD-PPO)
+        if pre is not None:
+            pre.finished()
+        return Sample(cfg.num_envs * self.length, self.episodes.take())
 
     def _scaled(self, reward: np.ndarray, valid: np.ndarray, done: np.ndarray) -> np.ndarray:
         """norm_reward: reward / std of the discounted return, its statistics including this step."""
@@ -157,26 +166,24 @@ class PPO(Algorithm):
 
     def learn(self, progress: float) -> dict[str, float]:
         """Epochs of minibatch updates on this peer's rollout; progress in [0, 1] anneals lr / clip."""
-        cfg, r, learner = self.cfg, self.rollout, self.learner
+        cfg, learner = self.cfg, self.learner
+        r = Rollout(*(x[:self.length] for x in self.rollout))
         self.comm.phase = "update"
         adv, returns, n_valid = self._advantages(r)
         frac = 1.0 - progress
         if cfg.anneal_lr:
             learner.set_lr(cfg.lr * frac)
         clip = cfg.clip_coef * frac if (cfg.clip_coef is not None and cfg.anneal_clip) else cfg.clip_coef
-        B, M = cfg.num_envs * cfg.num_steps, cfg.num_minibatches
+        B, M = cfg.num_envs * self.length, cfg.num_minibatches
         flat = lambda x: x.reshape(B, *x.shape[2:]).to(self.comm.device)  # noqa: E731
         batch = [flat(x) for x in (r.obs, r.actions, r.logprobs, r.values, adv, returns)]
-        # Sum of per-sample terms x weight, averaged over peers = mean over the global minibatch;
-        # reset steps weigh 0. Exact for one minibatch: 2 peers with half the data = 1 peer with all.
-        weight = flat(r.valid.float()) * (M * self.comm.world_size / max(n_valid, 1))
+        weight = sample_weights(flat(r.valid), n_valid, M, self.comm.world_size)
         # The KL is averaged over peers before the learner's veto, so every peer stops alike.
         veto = None if cfg.target_kl is None else (lambda t: t["approx_kl"] > 1.5 * cfg.target_kl)
         stopped = False
         for _ in range(cfg.update_epochs):
-            perm = torch.randperm(B)
-            for start in range(0, B, B // M):
-                idx = perm[start:start + B // M]
+            # M minibatches on every peer (the same number of collectives), whatever its rollout's length.
+            for idx in torch.tensor_split(torch.randperm(B), M):
                 loss, terms = self.loss(*(x[idx] for x in batch), weight[idx], clip)
                 update = learner.step(loss, terms, veto)
                 if update is not None and update.vetoed:
@@ -186,7 +193,8 @@ class PPO(Algorithm):
                 break
         last = learner.finish(veto, discard=stopped)  # comm.overlap: the last gradient is still in flight
         stopped = stopped or (last is not None and last.vetoed)
-        return {**learner.take_means(), "lr": learner.lr, "early_stop": int(stopped), "updates": learner.updates}
+        return {**learner.take_means(), "lr": learner.lr, "early_stop": int(stopped), "updates": learner.updates,
+                "rollout_frac": self.length / cfg.num_steps}
 
     def loss(self, obs, act, old_logp, old_val, adv, ret, w, clip) -> tuple[torch.Tensor, dict]:
         """The clipped surrogate, value and entropy losses of a minibatch, weighted by `w` (B,)."""
@@ -240,6 +248,14 @@ class PPO(Algorithm):
         self.next_valid = s["next_valid"].numpy().copy()
         self.episodes.load_state_dict(s["episodes"])
         self.disc_return = s["disc_return"].numpy().copy()
+
+
+def sample_weights(valid: torch.Tensor, n_valid: int, minibatches: int, world_size: int) -> torch.Tensor:
+    """Per-sample loss weights (B,): a minibatch's weighted sum, averaged over the peers, is the mean
+    over the global minibatch, whatever each peer's number of samples (stragglers contribute fewer);
+    reset steps weigh 0. `n_valid`: valid samples over all peers. Exact for one minibatch: 2 peers with
+    half the data each (or 7 and 3 samples) = 1 peer with all of it."""
+    return valid.float() * (minibatches * world_size / max(n_valid, 1))
 
 
 def greedy_policy(cfg: PPOConfig, state: dict, obs_space: gym.Space, act_space: gym.Space):

@@ -6,7 +6,7 @@ frozen (SIGSTOP) or dead peer stops. After a failed collective the survivors rea
 and name the ranks whose beat did not move, with the phase each was last in.
 
 The store is the one torchrun's agent hosts (MASTER_ADDR:MASTER_PORT; with plain env:// start-up,
-rank 0 hosts it). Keys are namespaced by attempt (`_namespace`): the agent's store outlives restarts.
+rank 0 hosts it). Keys are namespaced by attempt (`namespace`): the agent's store outlives restarts.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ STALLED_CONNECT_S = 1.0
 MIN_GAP_S = 0.05  # and at most this often: a phase change is published within this delay
 
 
-def _namespace() -> str:
+def namespace() -> str:
     """The keys of this attempt. torchrun's agent keeps one store across restarts; it counts restarts
     after failures (TORCHELASTIC_RESTART_COUNT) but not those after a membership change, which change
     the world size instead: together they tell the attempts apart."""
@@ -55,7 +55,7 @@ def attempt_store(timeout_s: float) -> Optional[dist.Store]:
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
     store = connect(timeout_s)
-    return None if store is None else dist.PrefixStore(f"{_namespace()}/pg", store)
+    return None if store is None else dist.PrefixStore(f"{namespace()}/pg", store)
 
 
 def gather_before_start(rank: int, world_size: int, value: Any, timeout_s: float, tag: str) -> Optional[list]:
@@ -69,7 +69,7 @@ def gather_before_start(rank: int, world_size: int, value: Any, timeout_s: float
     store = connect(timeout_s)
     if store is None:
         return None
-    keys = [f"{_namespace()}/start/{tag}/{r}" for r in range(world_size)]
+    keys = [f"{namespace()}/start/{tag}/{r}" for r in range(world_size)]
     store.set(keys[rank], json.dumps(value))
     store.wait(keys, timedelta(seconds=timeout_s))
     return [json.loads(store.get(k)) for k in keys]
@@ -89,7 +89,7 @@ class Heartbeat:
             self._thread.start()
 
     def _key(self, rank: int) -> str:
-        return f"{_namespace()}/heartbeat/{rank}"
+        return f"{namespace()}/heartbeat/{rank}"
 
     def _run(self) -> None:
         while not self._stop.is_set():
