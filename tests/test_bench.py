@@ -198,3 +198,21 @@ def test_end_to_end_tiny_budget(tmp_path):
     assert doc["runs"][0]["grad_bytes"] > 0 and doc["runs"][0]["comm_calls"] > 0
     assert {a["system"] for a in doc["aggregates"]} == set(systems) and doc["host"]["cpus"]
     assert (tmp_path / "bench.png").read_bytes()[:8] == PNG
+
+
+def test_plan_strategies_covers_every_strategy_and_peer_count(monkeypatch, tmp_path):
+    monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec())
+    a = bench.parse_args(["--strategies", "--tasks", "cartpole-ppo", "--seeds", "0", "--peers", "2", "4"])
+    jobs = bench.plan_strategies(a, tmp_path)
+    assert [j.system for j in jobs] == [f"{s}_x{n}" for s in bench.STRATEGIES for n in (2, 4)]
+    for j in jobs:
+        strategy, peers = j.system.rsplit("_x", 1)
+        assert f"comm={strategy}" in j.cmd and f"--nproc_per_node={peers}" in j.cmd
+        assert f"hydra.run.dir={j.run_dir.resolve()}" in j.cmd
+
+
+def test_strategy_table_says_when_peers_outnumber_cores():
+    rows = report.aggregate([run("allreduce_x4", 0, True, 3.0, comm_calls=10, updates=5)])
+    text = report.format_strategies(rows, cores=2)
+    assert "allreduce_x4" in text and "4 peers on 2 cores are oversubscribed" in text
+    assert "oversubscribed" not in report.format_strategies(rows, cores=8)

@@ -28,7 +28,8 @@ from p2prl.atomic import write_json_atomic
 from p2prl.plot import read_metrics
 
 TO_TARGET = ("launch_to_target_s", "time_to_target_s", "first_step_to_target_s", "steps_to_target")
-MEASURES = (*TO_TARGET, "sps", "comm_frac", "comm_ms_per_call", "grad_bytes")
+MEASURES = (*TO_TARGET, "sps", "comm_frac", "comm_ms_per_call", "grad_bytes", "calls_per_update",
+            "bytes_per_update")
 SUMMARY_KEYS = ("reached", "steps_to_target", "time_to_target_s", "first_step_to_target_s", "final_step",
                 "world_size", "wall_s", "sps", "comm_frac", "comm_calls", "comm_bytes", "updates",
                 "episode_return_mean", "timed_out")
@@ -55,6 +56,8 @@ def derive(summary: dict[str, Any], launch_to_exit_s: float) -> dict[str, Any]:
     rec["comm_ms_per_call"] = 1000 * comm_s / calls if comm_s is not None and calls else None
     rec["comm_ms_per_update"] = 1000 * comm_s / updates if comm_s is not None and updates else None
     rec["comm_bytes_per_call"] = nbytes / calls if nbytes is not None and calls else None
+    rec["calls_per_update"] = calls / updates if calls is not None and updates else None
+    rec["bytes_per_update"] = nbytes / updates if nbytes is not None and updates else None
     return rec
 
 
@@ -136,6 +139,25 @@ def format_results(rows: Sequence[dict[str, Any]]) -> str:
              fmt(r["launch_to_target_s"]), fmt(r["first_step_to_target_s"]), fmt(r["steps_to_target"], 0),
              fmt(r["sps"], 0), fmt(r["comm_frac"], 3), fmt(r["comm_ms_per_call"], 2)) for r in rows]
     return table(headers, body) + "\nmedian (min-max) over seeds; inf: a run that did not reach the target"
+
+
+def format_strategies(rows: Sequence[dict[str, Any]], cores: Optional[int]) -> str:
+    """The strategy comparison: time and steps to target, and what each update costs in collectives."""
+    headers = ("task", "strategy x peers", "reached", "launch->target s", "steps->target", "comm_frac",
+               "collectives/update", "KiB/update (rank 0)")
+    body = [(r["task"], r["system"], f"{r['reached']}/{r['runs']}" + (f", {r['failed']} failed" if r["failed"] else ""),
+             fmt(r["launch_to_target_s"]), fmt(r["steps_to_target"], 0), fmt(r["comm_frac"], 3),
+             fmt(r["calls_per_update"], 2), fmt(_kib(r["bytes_per_update"]), 1)) for r in rows]
+    peers = [int(r["system"].rsplit("x", 1)[1]) for r in rows]
+    note = ""
+    if cores and peers and max(peers) > cores:
+        note = (f"\n{max(peers)} peers on {cores} cores are oversubscribed: their times say more about the "
+                "machine than about the strategy")
+    return table(headers, body) + "\nmedian (min-max) over seeds; inf: a run that did not reach the target" + note
+
+
+def _kib(s: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
+    return None if s is None else {k: v / 1024 for k, v in s.items()}
 
 
 def scaling(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:

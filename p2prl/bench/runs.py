@@ -50,6 +50,7 @@ TASKS = {
 }
 SYSTEMS = ("p2prl-1", "p2prl-2", "sb3")
 SCALING_TASK = "lunarlander-ppo-fixed-work"
+STRATEGIES = ("allreduce", "param_server", "local_sgd", "gossip")
 SCALING_ARGS = ("algo=ppo", "env=lunarlander", "train.target_return=null")
 SB3_GRACE_S = 60.0  # an SB3 worker stops itself at the deadline; this long more to exit, then it is killed
 PORT = "<port>"  # in a planned torchrun command: replaced by a free port at launch
@@ -84,6 +85,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
                    help="Hydra override for every p2prl run (repeatable), e.g. -o train.total_steps=50000")
     p.add_argument("--scaling", action="store_true", help="run the 1 vs 2 peer scaling measurement instead")
+    p.add_argument("--strategies", action="store_true",
+                   help=f"compare the sync strategies ({', '.join(STRATEGIES)}) on the tasks, on --peers peers")
+    p.add_argument("--peers", nargs="+", type=int, default=[2, 4], help="with --strategies (default: %(default)s)")
     p.add_argument("--scaling-steps", type=int, default=100_000,
                    help="global steps of the 1-peer scaling run (default: %(default)s)")
     p.add_argument("--out", type=Path, default=None, help="output dir (default: bench/<timestamp>)")
@@ -117,7 +121,7 @@ def p2prl_cmd(peers: int, overrides: list[str]) -> list[str]:
 
 def _job(out: Path, task: str, system: str, seed: int, cmd: list[str]) -> Job:
     run_dir = out / "runs" / task / system / f"seed{seed}"
-    if system.startswith("p2prl"):
+    if system != "sb3":
         cmd = [*cmd, f"seed={seed}", f"hydra.run.dir={run_dir.resolve()}"]
     return Job(task, system, seed, tuple(cmd), run_dir, out / "logs" / f"{task}_{system}_seed{seed}.log")
 
@@ -139,6 +143,21 @@ def plan(a: argparse.Namespace, out: Path) -> list[Job]:
                     cmd = p2prl_cmd(int(system[-1]), [f"algo={t.algo}", f"env={t.env}",
                                                       f"train.target_return={target}", *a.override])
                 jobs.append(_job(out, name, system, seed, cmd))
+    return jobs
+
+
+def plan_strategies(a: argparse.Namespace, out: Path) -> list[Job]:
+    """Every task x strategy x number of peers, seed 0 of all before seed 1, ..."""
+    jobs = []
+    for seed in a.seeds:
+        for name in a.tasks:
+            t = TASKS[name]
+            target = t.target if a.target is None else a.target
+            for strategy in STRATEGIES:
+                for peers in a.peers:
+                    cmd = p2prl_cmd(peers, [f"algo={t.algo}", f"env={t.env}", f"train.target_return={target}",
+                                            f"comm={strategy}", *a.override])
+                    jobs.append(_job(out, name, f"{strategy} x{peers}".replace(" ", "_"), seed, cmd))
     return jobs
 
 
@@ -221,7 +240,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         log.error("p2prl.bench: %s already holds runs; choose a fresh --out", out)
         return 2
     out.mkdir(parents=True, exist_ok=True)
-    jobs = plan_scaling(a, out) if a.scaling else plan(a, out)
+    jobs = plan_scaling(a, out) if a.scaling else plan_strategies(a, out) if a.strategies else plan(a, out)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
     doc: dict[str, Any] = {"created": datetime.now().isoformat(timespec="seconds"), "argv": sys.argv,
                            "settings": settings, "host": report.host(), "runs": []}
@@ -235,6 +254,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         doc["scaling"] = report.scaling(doc["runs"])
         text = report.format_scaling(doc["scaling"])
         png = bar_chart(doc["aggregates"], "sps", "global steps/s", out / "scaling.png", annotate=False)
+    elif a.strategies:
+        text = report.format_strategies(doc["aggregates"], os.cpu_count())
+        png = bar_chart(doc["aggregates"], "launch_to_target_s", "seconds to target, launch to exit", out / "bench.png")
     else:
         text = report.format_results(doc["aggregates"])
         png = bar_chart(doc["aggregates"], "launch_to_target_s", "seconds to target, launch to exit", out / "bench.png")
