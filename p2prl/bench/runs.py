@@ -88,6 +88,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--strategies", action="store_true",
                    help=f"compare the sync strategies ({', '.join(STRATEGIES)}) on the tasks, on --peers peers")
     p.add_argument("--peers", nargs="+", type=int, default=[2, 4], help="with --strategies (default: %(default)s)")
+    p.add_argument("--cost-model", action="store_true",
+                   help="time collectives on 2 peers, fit the alpha-beta model, predict up to 256 peers")
     p.add_argument("--scaling-steps", type=int, default=100_000,
                    help="global steps of the 1-peer scaling run (default: %(default)s)")
     p.add_argument("--out", type=Path, default=None, help="output dir (default: bench/<timestamp>)")
@@ -232,6 +234,33 @@ def emit(text: str) -> None:
     sys.stdout.flush()
 
 
+MODEL_SIZES = {"CartPole MLP, 37 KB": 37_000, "Nature CNN, 6.7 MB": 6.7e6}
+
+
+def cost_model(out: Path, max_seconds: float) -> int:
+    """`--cost-model`: time the collectives on 2 peers here, fit, predict, plot."""
+    import json
+
+    from p2prl.bench import cost
+    measured = out / "collectives.json"
+    cmd = [c.replace(PORT, str(free_port())) for c in p2prl_cmd(2, [])]
+    cmd = cmd[:cmd.index("p2prl.train")] + ["p2prl.bench.collectives", str(measured)]
+    rc, _, _ = execute(cmd, out / "collectives.log", max_seconds)
+    if rc != 0:
+        log.error("timing the collectives failed (exit code %d): see %s", rc, out / "collectives.log")
+        return 1
+    m = cost.model(json.loads(measured.read_text()))
+    m["predictions"] = {label: cost.predictions(m, size) for label, size in MODEL_SIZES.items()}
+    m["peers"] = cost.PEERS
+    report.write_json(out / "cost.json", m)
+    png = cost.plot(m, MODEL_SIZES, out / "cost.png")
+    fitted = (f"alpha {1e6 * m['alpha_s']:.1f} us, beta {1e9 * m['beta_s_per_byte']:.3f} ns/byte; shared memory: "
+              f"alpha {1e6 * m['alpha_shm_s']:.1f} us, beta {1e9 * m['beta_shm_s_per_byte']:.3f} ns/byte")
+    tables = "\n\n".join(cost.table(m, size, label) for label, size in MODEL_SIZES.items())
+    emit(f"fitted on this machine: {fitted}\n\n{tables}\n\nwrote {out / 'cost.json'} and {png}")
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     a = parse_args(argv)
@@ -240,6 +269,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         log.error("p2prl.bench: %s already holds runs; choose a fresh --out", out)
         return 2
     out.mkdir(parents=True, exist_ok=True)
+    if a.cost_model:
+        return cost_model(out, a.max_seconds)
     jobs = plan_scaling(a, out) if a.scaling else plan_strategies(a, out) if a.strategies else plan(a, out)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
     doc: dict[str, Any] = {"created": datetime.now().isoformat(timespec="seconds"), "argv": sys.argv,
