@@ -216,3 +216,19 @@ def test_strategy_table_says_when_peers_outnumber_cores():
     text = report.format_strategies(rows, cores=2)
     assert "allreduce_x4" in text and "4 peers on 2 cores are oversubscribed" in text
     assert "oversubscribed" not in report.format_strategies(rows, cores=8)
+
+
+def test_cost_model_fit_and_formulas_by_hand():
+    from p2prl.bench import cost
+    alpha, beta = 1e-4, 1e-9
+    sizes = [1e3, 1e4, 1e5, 1e6]
+    assert cost.fit(sizes, [alpha + beta * s for s in sizes]) == (pytest.approx(alpha), pytest.approx(beta))
+    S = 1e6
+    assert cost.predict("param_server", 2, S, alpha, beta) == pytest.approx(2 * (alpha + beta * S))
+    assert cost.predict("param_server", 8, S, alpha, beta) == pytest.approx(14 * (alpha + beta * S))
+    assert cost.ring(alpha, beta, S, 4) == pytest.approx(6 * (alpha + beta * S / 4))
+    # small messages: recursive doubling (2 rounds for 4 peers) beats the ring's 6 steps
+    assert cost.predict("allreduce", 4, 64, alpha, beta) == pytest.approx(2 * (alpha + beta * 64))
+    assert cost.predict("local_sgd", 4, S, alpha, beta, average_every=4) == pytest.approx(
+        cost.allreduce(alpha, beta, S, 4) / 4 + cost.allreduce(alpha, beta, cost.TERMS_BYTES, 4))
+    assert cost.predict("gossip", 256, S, alpha, beta) < cost.predict("param_server", 256, S, alpha, beta)
