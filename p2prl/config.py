@@ -121,13 +121,24 @@ class EnvConfig:
     kwargs: dict
     max_episode_steps: Optional[int]
     target_return: Optional[float]
+    wrapper: str
+    frame_stack: Optional[int]
+    terminal_on_life_loss: bool
 
     def __post_init__(self) -> None:
         if not isinstance(self.kwargs, dict):
             raise ConfigError("env.kwargs", self.kwargs, "must be a mapping of gymnasium.make keyword arguments")
+        if self.id == "???":
+            raise ConfigError("env.id", self.id, f"env={self.name} needs the gymnasium id to train on, "
+                                                 "e.g. env.id=CarRacing-v3 or env.id=module:EnvId")
         if not isinstance(self.id, str) or not self.id:
             raise ConfigError("env.id", self.id, "must be a gymnasium env id such as CartPole-v1")
-        fields(self, "env.", optional_positive_int=("max_episode_steps",))
+        fields(self, "env.", optional_positive_int=("max_episode_steps", "frame_stack"),
+               boolean=("terminal_on_life_loss",))
+        choice("env.wrapper", self.wrapper, ("none", "atari"))
+        if self.terminal_on_life_loss and self.wrapper != "atari":
+            raise ConfigError("env.terminal_on_life_loss", True, "needs env.wrapper=atari (lives are an Atari notion); "
+                                                                "allowed here: false")
 
 
 @dataclass

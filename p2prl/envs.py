@@ -5,11 +5,14 @@ algorithm sees them (`zero_based`): algorithms index actions and states from 0.
 """
 from __future__ import annotations
 
+import importlib
+
 import gymnasium as gym
 import numpy as np
 import torch
 
 from p2prl.config import ConfigError, EnvConfig
+from p2prl.wrappers import wrap
 
 
 def env_kwargs(cfg: EnvConfig) -> dict:
@@ -19,16 +22,31 @@ def env_kwargs(cfg: EnvConfig) -> dict:
     return kwargs
 
 
+def env_id(cfg: EnvConfig) -> str:
+    """The registered id of `cfg.id`, its module imported first (`module:EnvId`, and ale_py for ALE/)."""
+    module, _, name = cfg.id.rpartition(":")
+    if not module and name.startswith("ALE/"):
+        module = "ale_py"
+    if module:
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as e:
+            extra = ' (the atari extra: pip install -e ".[atari]")' if module == "ale_py" else ""
+            raise ConfigError("env.id", cfg.id, f"needs the module {module}, which does not import{extra}: {e}")
+        if module == "ale_py":
+            gym.register_envs(mod)
+    return name
+
+
 def spec_of(cfg: EnvConfig) -> gym.envs.registration.EnvSpec:
     try:
-        return gym.spec(cfg.id)
+        return gym.spec(env_id(cfg))
     except gym.error.Error as e:
         raise ConfigError("env.id", cfg.id, f"not a registered gymnasium env ({str(e).splitlines()[0]})")
 
 
-def is_image(space: gym.Space) -> bool:
-    """An image observation: a uint8 Box of height x width x channels, or stacked channels x H x W."""
-    return isinstance(space, gym.spaces.Box) and space.dtype == np.uint8 and len(space.shape) == 3
+def _wrapped(cfg: EnvConfig):
+    return lambda env: zero_based(wrap(env, cfg))
 
 
 def zero_based(env: gym.Env) -> gym.Env:
@@ -46,7 +64,7 @@ def make_single_env(cfg: EnvConfig, **extra) -> gym.Env:
     """One env, for space checks and evaluation; a missing extra becomes a one-line config error."""
     spec_of(cfg)
     try:
-        return zero_based(gym.make(cfg.id, **env_kwargs(cfg), **extra))
+        return _wrapped(cfg)(gym.make(env_id(cfg), **env_kwargs(cfg), **extra))
     except gym.error.DependencyNotInstalled as e:
         raise ConfigError(f"env={cfg.name}", cfg.id, f"needs an extra: {str(e).splitlines()[0]}")
     except (TypeError, KeyError, ValueError) as e:  # gymnasium's own complaint about a keyword
@@ -61,10 +79,10 @@ def make_vec_env(cfg: EnvConfig, num_envs: int, seed: int) -> tuple[gym.vector.V
     (gymnasium 1.x default), which the samplers rely on.
     """
     spec = spec_of(cfg)
-    native = spec.vector_entry_point is not None
-    extra = {} if native else {"wrappers": [zero_based]}
+    native = spec.vector_entry_point is not None and cfg.wrapper == "none" and cfg.frame_stack is None
+    extra = {} if native else {"wrappers": [_wrapped(cfg)]}
     try:
-        envs = gym.make_vec(cfg.id, num_envs=num_envs, vectorization_mode="vector_entry_point" if native else "sync",
+        envs = gym.make_vec(env_id(cfg), num_envs=num_envs, vectorization_mode="vector_entry_point" if native else "sync",
                             **extra, **env_kwargs(cfg))
     except gym.error.DependencyNotInstalled as e:
         raise ConfigError(f"env={cfg.name}", cfg.id, f"needs an extra: {str(e).splitlines()[0]}")
@@ -125,6 +143,16 @@ def vec_env_state(envs: gym.vector.VectorEnv) -> dict:
     if copies is not None:
         state["copies"] = [[_plain(layer) for layer in _layers(e)] for e in copies]
     return state
+
+
+def stack_size(envs: gym.vector.VectorEnv) -> int:
+    """k of the FrameStackObservation(k) in each copy's wrapper chain (1 without one, or when the
+    copies live in other processes)."""
+    for env in (getattr(envs.unwrapped, "envs", None) or [])[:1]:
+        for layer in _layers(env):
+            if isinstance(layer, gym.wrappers.FrameStackObservation):
+                return int(layer.stack_size)
+    return 1
 
 
 def load_vec_env_state(envs: gym.vector.VectorEnv, state: dict) -> None:

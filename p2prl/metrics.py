@@ -175,3 +175,9 @@ def drop_rows_after(path: Path, step: int) -> None:
         except (ValueError, KeyError, TypeError):
             pass  # a line torn by a crash
     write_atomic(path, "".join(kept))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory, MiB (Linux reports ru_maxrss in KiB)."""
+    import resource
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

@@ -1,4 +1,5 @@
-"""Networks: an MLP actor-critic (discrete or diagonal-Gaussian actions) and an MLP Q-network."""
+"""Networks: an actor-critic (discrete or diagonal-Gaussian actions) and a Q-network, each on an encoder
+(an MLP of the flattened observation, or the Nature CNN for images: `algo.encoder`)."""
 from __future__ import annotations
 
 import math
@@ -38,28 +39,97 @@ def flat_dim(space: gym.Space) -> int:
     return int(np.prod(space.shape))
 
 
+ENCODERS = ("auto", "mlp", "cnn")
+
+
+def is_image(space: gym.Space) -> bool:
+    """An image observation: a uint8 Box of height x width x channels, or stacked channels x H x W."""
+    return isinstance(space, gym.spaces.Box) and space.dtype == np.uint8 and len(space.shape) == 3
+
+
+def resolve_encoder(choice: str, space: gym.Space) -> str:
+    """`algo.encoder`: auto is cnn for image observations, mlp (flattening) for any other Box."""
+    if choice == "auto":
+        return "cnn" if is_image(space) else "mlp"
+    if choice == "cnn" and not is_image(space):
+        from p2prl.config import ConfigError
+        raise ConfigError("algo.encoder", choice, f"needs uint8 image observations (HxWxC or CxHxW), the env has "
+                                                  f"{space}; allowed: auto, mlp")
+    return choice
+
+
+class NatureCNN(nn.Module):
+    """The Nature-DQN encoder: pixels (uint8, or floats in 0..255) -> 512 features, scaled to [0, 1]
+    inside. Takes channels-first (C, H, W: stacked frames) or channels-last (H, W, C) observations: the
+    smaller of the first and last dimensions is the channels."""
+
+    def __init__(self, shape: Sequence[int]) -> None:
+        super().__init__()
+        self.channels_last = shape[-1] < shape[0]
+        c, h, w = (shape[2], shape[0], shape[1]) if self.channels_last else shape
+        g = math.sqrt(2)
+        self.conv = nn.Sequential(_init(nn.Conv2d(c, 32, 8, stride=4), g), nn.ReLU(),
+                                  _init(nn.Conv2d(32, 64, 4, stride=2), g), nn.ReLU(),
+                                  _init(nn.Conv2d(64, 64, 3, stride=1), g), nn.ReLU(), nn.Flatten())
+        with torch.no_grad():
+            n = self.conv(torch.zeros(1, c, h, w)).shape[1]
+        self.fc = nn.Sequential(_init(nn.Linear(n, 512), g), nn.ReLU())
+        self.out_dim = 512
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float() * (1.0 / 255.0)
+        if self.channels_last:
+            x = x.permute(0, 3, 1, 2)
+        return self.fc(self.conv(x))
+
+
+class Encoder(nn.Module):
+    """obs (B, *shape) -> features (B, out_dim): the CNN, or the observation flattened for MLPs."""
+
+    def __init__(self, space: gym.Space, kind: str) -> None:
+        super().__init__()
+        self.cnn = NatureCNN(space.shape) if kind == "cnn" else None
+        self.out_dim = self.cnn.out_dim if self.cnn is not None else flat_dim(space)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.cnn(obs) if self.cnn is not None else obs.reshape(obs.shape[0], -1).float()
+
+
 class ActorCritic(nn.Module):
-    """Separate actor and critic MLPs. obs: (B, obs_dim) -> distribution over actions, values (B,)."""
+    """Actor and critic on one encoder's features. MLP encoder: separate actor and critic MLPs on the
+    (flattened) observation; CNN: one shared Nature CNN with a linear actor head and a linear critic
+    head (as in the Atari PPO of the literature). obs: (B, *shape) -> action distribution, values (B,)."""
 
     def __init__(self, obs_space: gym.Space, action_space: gym.Space, hidden: Sequence[int],
-                 activation: str) -> None:
+                 activation: str, encoder: str = "mlp") -> None:
         super().__init__()
-        obs_dim = flat_dim(obs_space)
+        self.encoder = Encoder(obs_space, encoder)
+        d = self.encoder.out_dim
+        heads = [] if encoder == "cnn" else hidden  # the CNN ends in its own 512-unit layer
         self.discrete = isinstance(action_space, gym.spaces.Discrete)
-        self.critic = mlp(obs_dim, hidden, 1, activation, out_gain=1.0)
+        self.critic = mlp(d, heads, 1, activation, out_gain=1.0)
         n_out = int(action_space.n) if self.discrete else flat_dim(action_space)
-        self.actor = mlp(obs_dim, hidden, n_out, activation, out_gain=0.01)
+        self.actor = mlp(d, heads, n_out, activation, out_gain=0.01)
         if not self.discrete:
             self.log_std = nn.Parameter(torch.zeros(n_out))
 
     def value(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.critic(obs).squeeze(-1)
+        return self.critic(self.encoder(obs)).squeeze(-1)
 
-    def dist(self, obs: torch.Tensor) -> Distribution:
-        out = self.actor(obs)
+    def _dist(self, out: torch.Tensor) -> Distribution:
         if self.discrete:
             return Categorical(logits=out)
         return Normal(out, self.log_std.exp().expand_as(out))
+
+    def dist_value(self, obs: torch.Tensor) -> tuple[Distribution, torch.Tensor]:
+        """The action distribution and the values, the observation encoded once."""
+        f = self.encoder(obs)
+        return self._dist(self.actor(f)), self.critic(f).squeeze(-1)
+
+    def mode(self, obs: torch.Tensor) -> torch.Tensor:
+        """The greedy action: argmax, or the Gaussian's mean."""
+        out = self.actor(self.encoder(obs))
+        return out.argmax(-1) if self.discrete else out
 
     def log_prob(self, dist: Distribution, actions: torch.Tensor) -> torch.Tensor:
         lp = dist.log_prob(actions)
@@ -71,17 +141,19 @@ class ActorCritic(nn.Module):
 
     def act(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Sample actions: (actions, log_probs (B,), values (B,))."""
-        d = self.dist(obs)
+        d, v = self.dist_value(obs)
         a = d.sample()
-        return a, self.log_prob(d, a), self.value(obs)
+        return a, self.log_prob(d, a), v
 
 
 class QNetwork(nn.Module):
-    """obs: (B, obs_dim) -> Q-values (B, n_actions)."""
+    """obs: (B, *shape) -> Q-values (B, n_actions): an MLP, or the Nature CNN and a linear layer."""
 
-    def __init__(self, obs_space: gym.Space, n_actions: int, hidden: Sequence[int], activation: str) -> None:
+    def __init__(self, obs_space: gym.Space, n_actions: int, hidden: Sequence[int], activation: str,
+                 encoder: str = "mlp") -> None:
         super().__init__()
-        self.net = mlp(flat_dim(obs_space), hidden, n_actions, activation, out_gain=1.0)
+        self.encoder = Encoder(obs_space, encoder)
+        self.net = mlp(self.encoder.out_dim, [] if encoder == "cnn" else hidden, n_actions, activation, out_gain=1.0)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.net(obs)
+        return self.net(self.encoder(obs))

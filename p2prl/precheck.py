@@ -31,6 +31,17 @@ MAX_JOBS = 256
 START_TIMEOUT_S = 60.0  # the start-up exchange's wait when the command line did not even compose
 
 
+def env_label(choice: str, env_id: str) -> str:
+    """The env's part of a run dir's name: the preset's name, or for env=gym the id itself
+    (`ALE/Pong-v5` -> `ALE-Pong-v5`, a `module:` prefix dropped)."""
+    if choice != "gym":
+        return choice
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", str(env_id).rpartition(":")[2]).strip("-") or choice
+
+
+OmegaConf.register_new_resolver("p2prl_env", env_label, replace=True)
+
+
 class Preflight(NamedTuple):
     """What the precheck established about one job, for the run to use instead of checking again."""
 
@@ -53,7 +64,7 @@ def preflight(cfg: RunConfig, run_dir: Optional[Path], dir_key: str = DIR_KEYS[0
     """Check what needs the outside world; `run_dir` None: a sweep's job dir, numbered at launch, whose
     resume source the run checks itself."""
     from p2prl.comm import resolve_devices
-    from p2prl.envs import is_image, make_single_env
+    from p2prl.envs import make_single_env
     from p2prl.resume import check_source
     algos.check_strategy(cfg.algo.name, cfg.comm.strategy, cfg.comm.straggler_frac)
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -62,7 +73,7 @@ def preflight(cfg: RunConfig, run_dir: Optional[Path], dir_key: str = DIR_KEYS[0
     env = make_single_env(cfg.env)
     try:
         algos.check_spaces(cfg.algo.name, env.observation_space, env.action_space)
-        image = is_image(env.observation_space)
+        image = _check_encoder(cfg.algo, env.observation_space)
     finally:
         env.close()
     devices = resolve_devices(cfg.device, cfg.comm.backend, image)
@@ -70,6 +81,18 @@ def preflight(cfg: RunConfig, run_dir: Optional[Path], dir_key: str = DIR_KEYS[0
     explicit = cfg.train.resume not in ("auto", "never")  # a path: the same source for every job
     checked = check_source(cfg, run_dir or out_dir or Path(".")) if run_dir is not None or explicit else None
     return Preflight(devices, checked)
+
+
+def _check_encoder(algo, space) -> bool:
+    """`algo.encoder` against the observations (algorithms without one: none); whether a CNN it is."""
+    from p2prl.nets import resolve_encoder
+    if getattr(algo, "encoder", None) is None:
+        return False
+    cnn = resolve_encoder(algo.encoder, space) == "cnn"
+    if cnn and getattr(algo, "norm_obs", False):
+        raise ConfigError("algo.norm_obs", True, "does not apply to image observations (the CNN scales pixels "
+                                                 "to [0, 1] itself); allowed here: false")
+    return cnn
 
 
 def _check_writable(key: str, path: Path) -> None:
@@ -167,8 +190,8 @@ def compose_jobs(argv: list[str]) -> dict[str, tuple[RunConfig, Preflight]]:
             for overrides in combos:
                 cfg = _compose(list(overrides))
                 HydraConfig.instance().set_config(cfg)  # resolves ${hydra:...} in the output dirs
+                job = to_run_config(cfg)  # first: the output dirs interpolate config values
                 out_dir = Path(OmegaConf.select(cfg, dir_key))
-                job = to_run_config(cfg)
                 # A sweep's job dirs are numbered at launch; each job checks its own resume source then.
                 jobs[config_hash(job.to_dict())] = (job, preflight(job, None if multirun else out_dir, dir_key,
                                                                    out_dir))

@@ -38,14 +38,14 @@ class Progress:
 
 
 # A change of these keeps the shared state but restarts every rank's own (envs, windows, replay).
-RANK_KEYS = ("algo.num_envs", "algo.n_step", "env.max_episode_steps")
+RANK_KEYS = ("algo.num_envs", "algo.n_step", "env.max_episode_steps", "env.terminal_on_life_loss")
 FORMAT = 2  # of the shared checkpoint; 1 (no "format" key): before the learner kept its own state
 
 
 def fixed_keys(algo_name: str) -> tuple[str, ...]:
     """Flat keys a resume may not change: the algorithm, the env, and the algorithm's own
     `fixed_on_resume` keys (the model's shapes, what its optimizer state is)."""
-    return ("algo.name", "env.id", "env.kwargs",
+    return ("algo.name", "env.id", "env.kwargs", "env.wrapper", "env.frame_stack",
             *(f"algo.{k}" for k in algos.spec(algo_name).fixed_on_resume))
 
 

@@ -28,7 +28,7 @@ from p2prl.comm.preemption import preemption
 from p2prl.config import ConfigError, RunConfig, config_hash
 from p2prl.envs import make_vec_env
 from p2prl.faults import Interrupted, NonFiniteUpdates
-from p2prl.metrics import MetricsWriter, ReturnWindow
+from p2prl.metrics import MetricsWriter, ReturnWindow, peak_rss_mb
 from p2prl.precheck import Preflight, preflight
 from p2prl.resume import Checkpointer, Progress, restore
 from p2prl.seeding import env_seed
@@ -171,6 +171,7 @@ def _train(cfg: RunConfig, run_dir: Path, comm: Communicator, t_start: float, ch
             check_identical(comm, shared)
         if saver.saved_step != p.step:
             saver.save(p)
+        max_rss_mb = comm.all_gather_object(peak_rss_mb())  # every rank's peak resident memory
     except BaseException as e:
         interrupted = isinstance(e, Interrupted)
         if isinstance(e, (Interrupted, PeerFailure)):
@@ -191,7 +192,7 @@ def _train(cfg: RunConfig, run_dir: Path, comm: Communicator, t_start: float, ch
         "comm_frac": comm_s / max(loop_s, 1e-9), "comm_calls": comm_calls, "comm_bytes": comm_bytes,
         "updates": learner.updates if learner is not None else p.iteration - p_start.iteration,
         "sps": (p.step - p_start.step) / max(loop_s, 1e-9), "steps_by_rank": steps_by_rank,
-        "episodes": window.episodes,
+        "max_rss_mb": max_rss_mb, "episodes": window.episodes,
         "episode_return_mean": window.mean, "run_dir": str(run_dir),
         "resumed_from": None if resumed_from is None else str(resumed_from),
         "resumed_at_step": p_start.step if resumed_from is not None else None,

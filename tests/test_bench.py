@@ -232,3 +232,32 @@ def test_cost_model_fit_and_formulas_by_hand():
     assert cost.predict("local_sgd", 4, S, alpha, beta, average_every=4) == pytest.approx(
         cost.allreduce(alpha, beta, S, 4) / 4 + cost.allreduce(alpha, beta, cost.TERMS_BYTES, 4))
     assert cost.predict("gossip", 256, S, alpha, beta) < cost.predict("param_server", 256, S, alpha, beta)
+
+
+def test_fixed_budget_tasks_run_their_budget_and_report_the_return(monkeypatch, tmp_path):
+    monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec())
+    a = bench.parse_args(["--tasks", "breakout-ppo", "--seeds", "0", "--budget", "4096"])
+    one, two, sb3 = bench.plan(a, tmp_path)
+    for j in (one, two):
+        assert {"algo=ppo", "env=breakout", "train.target_return=null", "train.total_steps=4096"} <= set(j.cmd)
+    assert "--target" not in sb3.cmd and sb3.cmd[sb3.cmd.index("--steps") + 1] == "4096"
+    assert sb3.cmd[sb3.cmd.index("--env") + 1] == "BreakoutNoFrameskip-v4"
+    rec = report.derive({"final_step": 4096, "sps": 80.0, "episode_return_mean": 1.5, "max_rss_mb": [900.0, 950.5],
+                         "wall_s": 60.0, "loop_s": 51.2}, 70.0)
+    assert rec["max_rss_mb"] == 950.5 and not rec["reached"]
+    rows = report.aggregate([{**rec, "task": "breakout-ppo", "system": "p2prl-2", "seed": 0, "error": None,
+                              "launch_to_exit_s": 70.0}])
+    text = report.format_budget(rows)
+    assert "breakout-ppo" in text and "950" in text and "1.5" in text and "80" in text
+
+
+def test_scaling_on_breakout_and_the_extra_it_needs(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec())
+    a = bench.parse_args(["--scaling", "breakout-dqn", "--seeds", "0"])
+    one, two = bench.plan_scaling(a, tmp_path)
+    assert "train.total_steps=20000" in one.cmd and "train.total_steps=40000" in two.cmd
+    assert {"algo=dqn", "env=breakout", "algo.learning_starts=2000"} <= set(two.cmd)
+    monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec(missing={"ale_py"}))
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--tasks", "breakout-ppo"])
+    assert "atari extra" in capsys.readouterr().err

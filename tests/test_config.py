@@ -31,6 +31,11 @@ def test_every_option_composes_into_the_schema(group, option, compose):
         env = {"qlearning": "taxi"}.get(option, "cartpole")
         cfg = compose(f"algo={option}", f"env={env}")
         assert cfg.algo.name == option
+    elif (group, option) == ("env", "gym"):  # the one option with a required key (env.id: ???)
+        with pytest.raises(ConfigError, match="env.id=.*env=gym needs the gymnasium id"):
+            compose("env=gym")
+        cfg = compose("env=gym", "env.id=Acrobot-v1")
+        assert cfg.env.id == "Acrobot-v1" and cfg.env.target_return is None
     else:
         cfg = compose(f"{group}={option}")
     assert isinstance(cfg, RunConfig)

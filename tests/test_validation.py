@@ -18,7 +18,7 @@ TINY = ["algo.num_envs=2", "algo.num_steps=16", "algo.num_minibatches=2", "algo.
 
 # (overrides, what the line must contain); {tmp} is the test's tmp dir, prepared by `fixtures`.
 BAD = [
-    (["env=nosuchenv"], ["env=nosuchenv", "allowed: acrobot, cartpole"]),
+    (["env=nosuchenv"], ["env=nosuchenv", "allowed: acrobot, breakout, cartpole"]),
     (["algo=nosuchalgo"], ["algo=nosuchalgo", "allowed: a2c, dqn, ppo"]),
     (["comm=nosuchcomm"], ["comm=nosuchcomm", "allowed: allreduce"]),
     (["checkpoint=nosuch"], ["checkpoint=nosuch", "allowed: default"]),
@@ -32,6 +32,17 @@ BAD = [
     (["comm=gossip", "comm.topology=flat"], ["comm.topology=flat", "allowed: ring, hypercube"]),
     (["comm.outer_momentum=1"], ["comm.outer_momentum=1", "must be in [0, 1)"]),
     (["comm.straggler_frac=0"], ["comm.straggler_frac=0", "must be in (0, 1]"]),
+    (["comm.min_rollout_frac=0"], ["comm.min_rollout_frac=0", "must be in (0, 1]"]),
+    (["comm.compress=fp8"], ["comm.compress=fp8", "allowed: none, bf16"]),
+    (["env=gym"], ["env.id=???", "env=gym needs the gymnasium id to train on"]),
+    (["env.wrapper=mujoco"], ["env.wrapper=mujoco", "allowed: none, atari"]),
+    (["env.terminal_on_life_loss=true"], ["env.terminal_on_life_loss=true", "needs env.wrapper=atari"]),
+    (["env.frame_stack=0"], ["env.frame_stack=0", "positive integer"]),
+    (["algo.encoder=cnn"], ["algo.encoder=cnn", "needs uint8 image observations", "allowed: auto, mlp"]),
+    (["algo.encoder=resnet"], ["algo.encoder=resnet", "allowed: auto, mlp, cnn"]),
+    (["env=gym", "env.id=nosuchmodule:Foo-v0"], ["env.id=nosuchmodule:Foo-v0", "needs the module nosuchmodule"]),
+    (["comm.average_every=0"], ["comm.average_every=0", "positive integer"]),
+    (["algo=dqn", "comm.straggler_frac=0.5"], ["comm.straggler_frac=0.5", "algo=dqn does not collect rollouts", "allowed: null"]),
     (["+nosuchsection=1"], ["nosuchsection=1", "unknown key; allowed: seed, device, algo, env, train, comm, checkpoint"]),
     (["comm.backend=mpi"], ["comm.backend=mpi", "allowed: auto, gloo, nccl"]),
     (["env.id=NoSuchEnv-v9"], ["env.id=NoSuchEnv-v9", "not a registered gymnasium env"]),

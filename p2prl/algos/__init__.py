@@ -41,11 +41,11 @@ class AlgorithmSpec:
 
 
 _PPO = AlgorithmSpec(PPOConfig, PPO, (Box,), (Discrete, Box), ppo_greedy,
-                     ("hidden_sizes", "activation", "norm_obs", "norm_reward", "optimizer"), "", stragglers=True)
+                     ("hidden_sizes", "activation", "encoder", "norm_obs", "norm_reward", "optimizer"), "", stragglers=True)
 REGISTRY: dict[str, AlgorithmSpec] = {
     "ppo": _PPO,
     "a2c": _PPO,  # PPO's code with one epoch, one minibatch and no clipping (conf/algo/a2c.yaml)
-    "dqn": AlgorithmSpec(DQNConfig, DQN, (Box,), (Discrete,), dqn_greedy, ("hidden_sizes", "activation"),
+    "dqn": AlgorithmSpec(DQNConfig, DQN, (Box,), (Discrete,), dqn_greedy, ("hidden_sizes", "activation", "encoder"),
                          "; use algo=ppo"),
     # Exact tabular Q-learning sums its own table's TD errors: no gradient for a strategy to share.
     "qlearning": AlgorithmSpec(QLearningConfig, QLearning, (Discrete,), (Discrete,), qlearning_greedy, (), "",

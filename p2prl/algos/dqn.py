@@ -21,9 +21,11 @@ from p2prl import config as check
 from p2prl.algos.base import Algorithm, Peer, Sample, load_sampler_state, sampler_state, torch_policy
 from p2prl.algos.returns import nstep_return, td_targets
 from p2prl.algos.schedules import decayed_epsilon, peer_epsilon
-from p2prl.data import ReplayBatch, ReplayBuffer
+from p2prl.data import FrameReplay, ReplayBatch, ReplayBuffer
+from p2prl.envs import stack_size
 from p2prl.metrics import EpisodeCounter
-from p2prl.nets import QNetwork
+from p2prl.nets import ENCODERS, QNetwork, resolve_encoder
+from p2prl.wrappers import episode_signal
 from p2prl.optim import FlatAdam
 
 TERMS = ("loss_td", "q_mean")
@@ -51,6 +53,7 @@ class DQNConfig:
     exploration_fraction: float
     apex_alpha: Optional[float]
     max_grad_norm: Optional[float]
+    encoder: str
     hidden_sizes: list
     activation: str
 
@@ -61,6 +64,7 @@ class DQNConfig:
                      unit=("eps_start", "eps_end", "exploration_fraction"), optional_nonneg=("apex_alpha",),
                      optional_positive=("max_grad_norm",), boolean=("double_dqn",))
         check.net("algo.", self.hidden_sizes, self.activation)
+        check.choice("algo.encoder", self.encoder, ENCODERS)
         if self.batch_size > self.buffer_size:
             raise check.ConfigError("algo.batch_size", self.batch_size, f"must be <= algo.buffer_size={self.buffer_size}")
 
@@ -71,16 +75,21 @@ class DQN(Algorithm):
         obs_space = envs.single_observation_space
         self.n_actions = int(envs.single_action_space.n)
         dev = self.comm.device
-        self.q = QNetwork(obs_space, self.n_actions, cfg.hidden_sizes, cfg.activation).to(dev)
+        encoder = resolve_encoder(cfg.encoder, obs_space)
+        self.q = QNetwork(obs_space, self.n_actions, cfg.hidden_sizes, cfg.activation, encoder).to(dev)
         self.learner = peer.learner(list(self.q.parameters()), lambda p: FlatAdam(p, lr=cfg.lr),
                                     cfg.max_grad_norm, TERMS)  # broadcasts rank 0's parameters
-        self.target = QNetwork(obs_space, self.n_actions, cfg.hidden_sizes, cfg.activation).to(dev)
+        self.target = QNetwork(obs_space, self.n_actions, cfg.hidden_sizes, cfg.activation, encoder).to(dev)
         self.target.load_state_dict(self.q.state_dict())
         self.target.requires_grad_(False)
         self.rng = peer.rng("explore")  # this peer's exploration and replay sampling
-        self.buffer = ReplayBuffer(cfg.buffer_size, obs_space.shape, self.rng)
+        self.obs_dtype = np.uint8 if encoder == "cnn" else np.float32  # frames stay bytes until the CNN
+        # Images: every frame stored once, keyed by index; else the observations themselves.
+        self.buffer = FrameReplay(cfg.buffer_size, obs_space.shape, cfg.num_envs, stack_size(envs), self.rng) \
+            if encoder == "cnn" else ReplayBuffer(cfg.buffer_size, obs_space.shape, self.rng)
         self.num_envs = cfg.num_envs
-        self.obs = np.asarray(first_obs, dtype=np.float32)
+        self.obs = np.asarray(first_obs, dtype=self.obs_dtype)
+        self.obs_key = self.buffer.begin(self.obs)  # what transitions from self.obs are stored by
         self.next_valid = np.ones(cfg.num_envs, dtype=bool)  # False on next-step autoreset steps
         self.pending = [deque() for _ in range(cfg.num_envs)]  # n-step windows per env
         self.episodes = EpisodeCounter(cfg.num_envs)
@@ -100,7 +109,7 @@ class DQN(Algorithm):
         explore = self.rng.random(self.num_envs) < self.epsilon
         return np.where(explore, self.rng.integers(0, self.n_actions, self.num_envs), greedy)
 
-    def _store(self, actions, rewards, next_obs, term, trunc, valid) -> None:
+    def _store(self, actions, rewards, next_key, term, trunc, valid) -> None:
         """Store this step's valid transitions (n-step windows if n_step > 1).
 
         Under next-step autoreset `next_obs` of an ending step is the true final observation, so a
@@ -109,37 +118,39 @@ class DQN(Algorithm):
         c = self.cfg
         if c.n_step == 1:
             v = valid
-            self.buffer.add(self.obs[v], actions[v], rewards[v], next_obs[v],
+            self.buffer.add(self.obs_key[v], actions[v], rewards[v], next_key[v],
                             np.full(int(v.sum()), c.gamma, dtype=np.float32), term[v].astype(np.float32))
             return
         for i in np.flatnonzero(valid):
             window = self.pending[i]
-            window.append((self.obs[i], int(actions[i]), float(rewards[i])))
+            window.append((self.obs_key[i], int(actions[i]), float(rewards[i])))
             if term[i] or trunc[i]:
                 while window:  # flush: shorter windows, bootstrap only if truncated
-                    self._emit(window, next_obs[i], bool(term[i]))
+                    self._emit(window, next_key[i], bool(term[i]))
                     window.popleft()
             elif len(window) == c.n_step:
-                self._emit(window, next_obs[i], False)
+                self._emit(window, next_key[i], False)
                 window.popleft()
 
-    def _emit(self, window: deque, boot_obs: np.ndarray, terminated: bool) -> None:
+    def _emit(self, window: deque, boot_key: np.ndarray, terminated: bool) -> None:
         ret, disc = nstep_return([w[2] for w in window], self.cfg.gamma)
-        obs, action, _ = window[0]
-        self.buffer.add(obs[None], np.array([action]), np.array([ret], dtype=np.float32), boot_obs[None],
+        key, action, _ = window[0]
+        self.buffer.add(np.asarray(key)[None], np.array([action]), np.array([ret], dtype=np.float32),
+                        np.asarray(boot_key)[None],
                         np.array([disc], dtype=np.float32), np.array([float(terminated)], dtype=np.float32))
 
     def collect(self, vector_steps: int) -> None:
         self.comm.phase = "sampling"
         for t in range(vector_steps):
             actions = self._act()
-            next_obs, rewards, term, trunc, _ = self.envs.step(actions)
-            next_obs = np.asarray(next_obs, dtype=np.float32)
+            next_obs, rewards, term, trunc, infos = self.envs.step(actions)
+            next_obs = np.asarray(next_obs, dtype=self.obs_dtype)
             done = term | trunc
             valid = self.next_valid
-            self.episodes.step(t, rewards, done, valid)
-            self._store(actions, np.asarray(rewards, dtype=np.float32), next_obs, term, trunc, valid)
-            self.obs, self.next_valid = next_obs, ~done
+            self.episodes.step(t, *episode_signal(rewards, done, infos), valid)
+            next_key = self.buffer.observe(next_obs, valid)
+            self._store(actions, np.asarray(rewards, dtype=np.float32), next_key, term, trunc, valid)
+            self.obs, self.obs_key, self.next_valid = next_obs, next_key, ~done
         self.vector_steps += vector_steps
 
     def sample(self, progress: float) -> Sample:
@@ -207,6 +218,7 @@ class DQN(Algorithm):
         s = {**sampler_state(self.envs, self.obs, self.next_valid, self.episodes, self.rng), "windows": windows}
         if replay:
             s["replay"] = self.buffer.state_dict()
+            s["obs_key"] = torch.from_numpy(np.asarray(self.obs_key).copy())
         return s
 
     def load_rank_state_dict(self, s: dict) -> None:
@@ -216,11 +228,17 @@ class DQN(Algorithm):
             d.extend((o.numpy().copy(), int(a), float(r)) for o, a, r in zip(w["obs"], w["actions"], w["rewards"]))
         if "replay" in s:  # checkpoint.replay is one config value: the same branch on every peer
             self.buffer.load_state_dict(s["replay"])
+            self.obs_key = s["obs_key"].numpy().copy()
             self.fill_from = 0
+        else:  # a fresh buffer: keys into the old one (frame indices) mean nothing there
+            self.obs_key = self.buffer.begin(self.obs)
+            if isinstance(self.buffer, FrameReplay):
+                for d in self.pending:
+                    d.clear()
 
 
 def greedy_policy(cfg: DQNConfig, state: dict, obs_space: gym.Space, act_space: gym.Space):
     """argmax Q of a checkpoint's online network."""
-    q = QNetwork(obs_space, int(act_space.n), cfg.hidden_sizes, cfg.activation)
+    q = QNetwork(obs_space, int(act_space.n), cfg.hidden_sizes, cfg.activation, resolve_encoder(cfg.encoder, obs_space))
     q.load_state_dict(state["model"])
     return torch_policy(lambda x: q(x).argmax(-1))

@@ -21,9 +21,10 @@ from p2prl.algos.returns import gae
 from p2prl.data import Rollout, allocate_rollout
 from p2prl.envs import load_vec_env_state, vec_env_state
 from p2prl.metrics import EpisodeCounter
-from p2prl.nets import ActorCritic
+from p2prl.nets import ENCODERS, ActorCritic, resolve_encoder
 from p2prl.normalize import RunningNormalizer, global_moments, moments_of
 from p2prl.optim import FlatAdam, FlatRMSprop
+from p2prl.wrappers import episode_signal
 
 TERMS = ("approx_kl", "loss_policy", "loss_value", "entropy", "clip_frac")
 
@@ -52,6 +53,7 @@ class PPOConfig:
     norm_obs: bool
     norm_reward: bool
     clip_reward: Optional[float]
+    encoder: str
     hidden_sizes: list
     activation: str
     optimizer: str
@@ -68,6 +70,7 @@ class PPOConfig:
             raise check.ConfigError("algo.num_minibatches", self.num_minibatches,
                                     f"must divide the per-peer batch algo.num_envs*algo.num_steps={batch}")
         check.net("algo.", self.hidden_sizes, self.activation)
+        check.choice("algo.encoder", self.encoder, ENCODERS)
         check.choice("algo.optimizer", self.optimizer, ("adam", "rmsprop"))
 
 
@@ -75,7 +78,9 @@ class PPO(Algorithm):
     def __init__(self, cfg: PPOConfig, envs: gym.vector.VectorEnv, first_obs: np.ndarray, peer: Peer) -> None:
         self.cfg, self.envs, self.comm = cfg, envs, peer.comm
         obs_space, act_space = envs.single_observation_space, envs.single_action_space
-        self.model = ActorCritic(obs_space, act_space, cfg.hidden_sizes, cfg.activation).to(self.comm.device)
+        encoder = resolve_encoder(cfg.encoder, obs_space)
+        self.model = ActorCritic(obs_space, act_space, cfg.hidden_sizes, cfg.activation, encoder).to(self.comm.device)
+        self.obs_dtype = torch.uint8 if encoder == "cnn" else torch.float32  # frames stay bytes until the CNN
         optimizer = (lambda p: FlatAdam(p, lr=cfg.lr, eps=cfg.eps)) if cfg.optimizer == "adam" else \
             (lambda p: FlatRMSprop(p, lr=cfg.lr, alpha=0.99, eps=cfg.eps))
         self.learner = peer.learner(list(self.model.parameters()), optimizer, cfg.max_grad_norm, TERMS)
@@ -87,8 +92,9 @@ class PPO(Algorithm):
         self.disc_return = np.zeros(cfg.num_envs, dtype=np.float64)  # whose std scales rewards (norm_reward)
         self.rollout = allocate_rollout(cfg.num_steps, cfg.num_envs, obs_space.shape,
                                         () if self.discrete else act_space.shape,
-                                        torch.int64 if self.discrete else torch.float32)
-        self.next_obs = torch.as_tensor(first_obs, dtype=torch.float32)
+                                        torch.int64 if self.discrete else torch.float32, self.obs_dtype,
+                                        raw=cfg.norm_obs)
+        self.next_obs = torch.as_tensor(first_obs, dtype=self.obs_dtype)
         # False on the step after an episode ended: the env resets then and ignores the action.
         self.next_valid = np.ones(cfg.num_envs, dtype=bool)
         self.episodes = EpisodeCounter(cfg.num_envs)
@@ -119,13 +125,13 @@ class PPO(Algorithm):
             a = action.cpu().numpy()
             if not self.discrete:
                 a = np.clip(a, self.act_low, self.act_high)  # the Gaussian is unbounded; the env is not
-            next_obs, reward, term, trunc, _ = self.envs.step(a)
+            next_obs, reward, term, trunc, infos = self.envs.step(a)
             done = term | trunc
-            self.episodes.step(t, reward, done, valid)
+            self.episodes.step(t, *episode_signal(reward, done, infos), valid)
             r.rewards[t] = torch.from_numpy(self._scaled(np.asarray(reward, dtype=np.float64), valid, done))
             r.terminated[t], r.dones[t], r.valid[t] = (torch.from_numpy(x) for x in (term, done, valid))
             self.next_valid = ~done
-            self.next_obs = torch.as_tensor(next_obs, dtype=torch.float32)
+            self.next_obs = torch.as_tensor(next_obs, dtype=self.obs_dtype)
             self.length = t + 1
             if pre is not None and pre.cut(t + 1, cfg.num_steps):
                 break  # enough peers have finished: learn from what there is (DD-PPO)
@@ -199,9 +205,8 @@ class PPO(Algorithm):
     def loss(self, obs, act, old_logp, old_val, adv, ret, w, clip) -> tuple[torch.Tensor, dict]:
         """The clipped surrogate, value and entropy losses of a minibatch, weighted by `w` (B,)."""
         cfg = self.cfg
-        dist = self.model.dist(obs)
+        dist, value = self.model.dist_value(obs)
         logp = self.model.log_prob(dist, act)
-        value = self.model.value(obs)
         logratio = logp - old_logp
         ratio = logratio.exp()
         pg = -adv * ratio
@@ -261,7 +266,8 @@ def sample_weights(valid: torch.Tensor, n_valid: int, minibatches: int, world_si
 def greedy_policy(cfg: PPOConfig, state: dict, obs_space: gym.Space, act_space: gym.Space):
     """The distribution's mode (argmax, or the Gaussian mean clipped to the bounds) of a checkpoint."""
     from p2prl.algos.base import torch_policy
-    model = ActorCritic(obs_space, act_space, cfg.hidden_sizes, cfg.activation)
+    model = ActorCritic(obs_space, act_space, cfg.hidden_sizes, cfg.activation,
+                        resolve_encoder(cfg.encoder, obs_space))
     model.load_state_dict(state["model"])
     norm = None
     if "obs_norm" in state:
@@ -269,8 +275,7 @@ def greedy_policy(cfg: PPOConfig, state: dict, obs_space: gym.Space, act_space: 
         norm.load_state_dict(state["obs_norm"])
 
     def mode(x: torch.Tensor) -> torch.Tensor:
-        out = model.actor(norm(x) if norm is not None else x)
-        return out.argmax(-1) if model.discrete else out
+        return model.mode(norm(x) if norm is not None else x)
 
     act = torch_policy(mode)
     if model.discrete:

@@ -29,7 +29,7 @@ from p2prl.plot import read_metrics
 
 TO_TARGET = ("launch_to_target_s", "time_to_target_s", "first_step_to_target_s", "steps_to_target")
 MEASURES = (*TO_TARGET, "sps", "comm_frac", "comm_ms_per_call", "grad_bytes", "calls_per_update",
-            "bytes_per_update")
+            "bytes_per_update", "episode_return_mean", "final_step", "max_rss_mb", "launch_to_exit_s")
 SUMMARY_KEYS = ("reached", "steps_to_target", "time_to_target_s", "first_step_to_target_s", "final_step",
                 "world_size", "wall_s", "sps", "comm_frac", "comm_calls", "comm_bytes", "updates",
                 "episode_return_mean", "timed_out")
@@ -41,6 +41,8 @@ def derive(summary: dict[str, Any], launch_to_exit_s: float) -> dict[str, Any]:
     reached = bool(summary.get("reached"))
     rec["reached"] = reached
     rec["launch_to_target_s"] = launch_to_exit_s if reached else None
+    rss = summary.get("max_rss_mb")
+    rec["max_rss_mb"] = max(rss) if rss else None  # the largest peer's peak
     sps = summary.get("sps")
     steps = summary.get("final_step", 0) - (summary.get("resumed_at_step") or 0)
     loop_s = summary.get("loop_s") or (steps / sps if sps else None)
@@ -139,6 +141,16 @@ def format_results(rows: Sequence[dict[str, Any]]) -> str:
              fmt(r["launch_to_target_s"]), fmt(r["first_step_to_target_s"]), fmt(r["steps_to_target"], 0),
              fmt(r["sps"], 0), fmt(r["comm_frac"], 3), fmt(r["comm_ms_per_call"], 2)) for r in rows]
     return table(headers, body) + "\nmedian (min-max) over seeds; inf: a run that did not reach the target"
+
+
+def format_budget(rows: Sequence[dict[str, Any]]) -> str:
+    """The fixed-budget table: the return reached at the budget's end, speed and memory."""
+    headers = ("task", "system", "runs", "global steps", "return at the end", "steps/s", "peak MiB per peer",
+               "launch->exit s")
+    body = [(r["task"], r["system"], f"{r['runs']}" + (f", {r['failed']} failed" if r["failed"] else ""),
+             fmt(r["final_step"], 0), fmt(r["episode_return_mean"], 1), fmt(r["sps"], 0), fmt(r["max_rss_mb"], 0),
+             fmt(r["launch_to_exit_s"], 0)) for r in rows]
+    return table(headers, body) + "\nmedian (min-max) over seeds; return: the mean game score of the last 20 games"
 
 
 def format_strategies(rows: Sequence[dict[str, Any]], cores: Optional[int]) -> str:

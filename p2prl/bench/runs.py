@@ -6,8 +6,11 @@ Time and steps to the target return, and steps/s, for p2prl on 1 peer (`python -
 Every run is a fresh process, timed from launch to exit. Runs are interleaved (seed 0 of every task
 and system, then seed 1, ...) so that noise from the machine hits every system alike.
 
-`--scaling` instead measures global steps/s at fixed per-peer work: `algo=ppo env=lunarlander
-train.target_return=null`, N steps on 1 peer and 2N on 2 peers; efficiency = sps2 / (2 * sps1).
+Fixed-budget tasks (breakout-ppo, breakout-dqn: from pixels) run a step budget instead and report the
+return reached at its end, steps/s and peak memory per peer.
+
+`--scaling [TASK ...]` instead measures global steps/s at fixed per-peer work (LunarLander PPO,
+Breakout PPO or DQN): N steps on 1 peer and 2N on 2 peers; efficiency = sps2 / (2 * sps1).
 
 Writes OUT/bench.json (settings, host, every run, aggregates; rewritten after each run), OUT/bench.png
 (or scaling.png), the runs under OUT/runs/<task>/<system>/seed<N>/ and their output under OUT/logs/.
@@ -39,19 +42,28 @@ class Task:
     algo: str
     env: str      # p2prl's env preset
     gym_id: str   # the same env for SB3
-    target: float
+    target: Optional[float]  # None: a fixed step budget, the return reached at its end is the result
+    budget: Optional[int] = None  # global steps of a fixed-budget task (--budget overrides)
+    extra: str = ""  # the extra it needs
 
 
 TASKS = {
     "cartpole-ppo": Task("ppo", "cartpole", "CartPole-v1", 475),
     "cartpole-dqn": Task("dqn", "cartpole", "CartPole-v1", 475),
-    "lunarlander-ppo": Task("ppo", "lunarlander", "LunarLander-v3", 200),
-    "lunarlander-dqn": Task("dqn", "lunarlander", "LunarLander-v3", 200),
+    "lunarlander-ppo": Task("ppo", "lunarlander", "LunarLander-v3", 200, extra="box2d"),
+    "lunarlander-dqn": Task("dqn", "lunarlander", "LunarLander-v3", 200, extra="box2d"),
+    # From pixels; DQN's first 80k steps (learning_starts) only act, so its budget goes beyond them.
+    "breakout-ppo": Task("ppo", "breakout", "BreakoutNoFrameskip-v4", None, 100_000, "atari"),
+    "breakout-dqn": Task("dqn", "breakout", "BreakoutNoFrameskip-v4", None, 150_000, "atari"),
 }
+EXTRAS = {"box2d": "Box2D", "atari": "ale_py"}  # extra -> the module it installs
 SYSTEMS = ("p2prl-1", "p2prl-2", "sb3")
-SCALING_TASK = "lunarlander-ppo-fixed-work"
 STRATEGIES = ("allreduce", "param_server", "local_sgd", "gossip")
-SCALING_ARGS = ("algo=ppo", "env=lunarlander", "train.target_return=null")
+# --scaling: global steps/s at fixed per-peer work, per task: its overrides and 1-peer steps. DQN learns
+# from its first steps on here, so that both runs spend the same share of their steps updating.
+SCALING = {"lunarlander-ppo": (("algo=ppo", "env=lunarlander", "train.target_return=null"), 100_000),
+           "breakout-ppo": (("algo=ppo", "env=breakout"), 20_000),
+           "breakout-dqn": (("algo=dqn", "env=breakout", "algo.learning_starts=2000"), 20_000)}
 SB3_GRACE_S = 60.0  # an SB3 worker stops itself at the deadline; this long more to exit, then it is killed
 PORT = "<port>"  # in a planned torchrun command: replaced by a free port at launch
 TERM_GRACE_S = 20.0  # after SIGTERM, torchrun's peers save and exit; then SIGKILL
@@ -84,22 +96,29 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="SB3 step budget (default: the zoo's n_timesteps for PPO, 300k for DQN)")
     p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
                    help="Hydra override for every p2prl run (repeatable), e.g. -o train.total_steps=50000")
-    p.add_argument("--scaling", action="store_true", help="run the 1 vs 2 peer scaling measurement instead")
+    p.add_argument("--budget", type=int, default=None,
+                   help="global steps of the fixed-budget tasks (default: breakout-ppo 100k, breakout-dqn 150k)")
+    p.add_argument("--scaling", nargs="*", choices=sorted(SCALING), default=None, metavar="TASK",
+                   help="run the 1 vs 2 peer scaling measurement instead, on these tasks (of "
+                        f"{', '.join(SCALING)}; none named: lunarlander-ppo)")
     p.add_argument("--strategies", action="store_true",
                    help=f"compare the sync strategies ({', '.join(STRATEGIES)}) on the tasks, on --peers peers")
     p.add_argument("--peers", nargs="+", type=int, default=[2, 4], help="with --strategies (default: %(default)s)")
     p.add_argument("--cost-model", action="store_true",
                    help="time collectives on 2 peers, fit the alpha-beta model, predict up to 256 peers")
-    p.add_argument("--scaling-steps", type=int, default=100_000,
-                   help="global steps of the 1-peer scaling run (default: %(default)s)")
+    p.add_argument("--scaling-steps", type=int, default=None,
+                   help="global steps of the 1-peer scaling run (default: 100k on LunarLander, 20k on Breakout)")
     p.add_argument("--out", type=Path, default=None, help="output dir (default: bench/<timestamp>)")
     a = p.parse_args(argv)
     if a.lunarlander:
         a.tasks = list(dict.fromkeys([*a.tasks, "lunarlander-ppo", "lunarlander-dqn"]))
-    needs_box2d = a.scaling or any(TASKS[t].env == "lunarlander" for t in a.tasks)
-    if needs_box2d and importlib.util.find_spec("Box2D") is None:
-        p.error('LunarLander needs box2d: pip install -e ".[box2d]"')
-    if "sb3" in a.systems and not a.scaling and importlib.util.find_spec("stable_baselines3") is None:
+    if a.scaling is not None and not a.scaling:
+        a.scaling = ["lunarlander-ppo"]
+    for name in (a.scaling if a.scaling is not None else a.tasks):
+        extra = TASKS[name].extra
+        if extra and importlib.util.find_spec(EXTRAS[extra]) is None:
+            p.error(f'{name} needs the {extra} extra: pip install -e ".[{extra}]"')
+    if "sb3" in a.systems and a.scaling is None and importlib.util.find_spec("stable_baselines3") is None:
         log.warning('stable-baselines3 is not installed (pip install -e ".[bench]"): skipping sb3')
         a.systems = [s for s in a.systems if s != "sb3"]
     return a
@@ -135,15 +154,18 @@ def plan(a: argparse.Namespace, out: Path) -> list[Job]:
         for name in a.tasks:
             t = TASKS[name]
             target = t.target if a.target is None else a.target
+            budget = None if target is not None else (a.budget or t.budget)
             for system in a.systems:
                 if system == "sb3":
+                    steps = budget or a.sb3_steps
                     cmd = [sys.executable, "-m", "p2prl.bench.sb3", "--algo", t.algo, "--env", t.gym_id,
-                           "--seed", str(seed), "--target", str(target),
+                           "--seed", str(seed), *(["--target", str(target)] if target is not None else []),
                            "--out", str(out / "runs" / name / system / f"seed{seed}" / "result.json"),
-                           *(["--steps", str(a.sb3_steps)] if a.sb3_steps else [])]
+                           *(["--steps", str(steps)] if steps else [])]
                 else:
-                    cmd = p2prl_cmd(int(system[-1]), [f"algo={t.algo}", f"env={t.env}",
-                                                      f"train.target_return={target}", *a.override])
+                    goal = [f"train.target_return={target}"] if budget is None else \
+                        ["train.target_return=null", f"train.total_steps={budget}"]
+                    cmd = p2prl_cmd(int(system[-1]), [f"algo={t.algo}", f"env={t.env}", *goal, *a.override])
                 jobs.append(_job(out, name, system, seed, cmd))
     return jobs
 
@@ -164,10 +186,16 @@ def plan_strategies(a: argparse.Namespace, out: Path) -> list[Job]:
 
 
 def plan_scaling(a: argparse.Namespace, out: Path) -> list[Job]:
-    """1 peer with N global steps and 2 peers with 2N (the same work per peer), interleaved over seeds."""
-    return [_job(out, SCALING_TASK, f"p2prl-{n}", seed,
-                 p2prl_cmd(n, [*SCALING_ARGS, f"train.total_steps={n * a.scaling_steps}", *a.override]))
-            for seed in a.seeds for n in (1, 2)]
+    """Per task, 1 peer with N global steps and 2 peers with 2N (the same work per peer), interleaved
+    over seeds."""
+    jobs = []
+    for seed in a.seeds:
+        for name in a.scaling:
+            args, steps = SCALING[name]
+            steps = a.scaling_steps or steps
+            jobs += [_job(out, f"{name}-fixed-work", f"p2prl-{n}", seed,
+                          p2prl_cmd(n, [*args, f"train.total_steps={n * steps}", *a.override])) for n in (1, 2)]
+    return jobs
 
 
 def child_env() -> dict[str, str]:
@@ -271,25 +299,31 @@ def main(argv: Optional[list[str]] = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if a.cost_model:
         return cost_model(out, a.max_seconds)
-    jobs = plan_scaling(a, out) if a.scaling else plan_strategies(a, out) if a.strategies else plan(a, out)
+    scaling = a.scaling is not None
+    jobs = plan_scaling(a, out) if scaling else plan_strategies(a, out) if a.strategies else plan(a, out)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
     doc: dict[str, Any] = {"created": datetime.now().isoformat(timespec="seconds"), "argv": sys.argv,
                            "settings": settings, "host": report.host(), "runs": []}
     for i, job in enumerate(jobs, 1):
         log.info("[%d/%d] %s %s seed %d ...", i, len(jobs), job.task, job.system, job.seed)
         doc["runs"].append(run_job(job, a.max_seconds))
-        log.info("[%d/%d] %s", i, len(jobs), _describe(doc["runs"][-1], not a.scaling))
+        log.info("[%d/%d] %s", i, len(jobs), _describe(doc["runs"][-1], not scaling and TASKS[job.task].target is not None))
         doc["aggregates"] = report.aggregate(doc["runs"])
         report.write_json(out / "bench.json", doc)  # after every run: a stopped bench keeps what it measured
-    if a.scaling:
-        doc["scaling"] = report.scaling(doc["runs"])
-        text = report.format_scaling(doc["scaling"])
+    if scaling:
+        doc["scaling"] = {name: report.scaling([r for r in doc["runs"] if r["task"] == f"{name}-fixed-work"])
+                          for name in a.scaling}
+        text = "\n\n".join(f"{name}, fixed work per peer:\n{report.format_scaling(s)}"
+                            for name, s in doc["scaling"].items())
         png = bar_chart(doc["aggregates"], "sps", "global steps/s", out / "scaling.png", annotate=False)
     elif a.strategies:
         text = report.format_strategies(doc["aggregates"], os.cpu_count())
         png = bar_chart(doc["aggregates"], "launch_to_target_s", "seconds to target, launch to exit", out / "bench.png")
     else:
-        text = report.format_results(doc["aggregates"])
+        budgeted = {n for n in a.tasks if TASKS[n].target is None and a.target is None}
+        text = "\n\n".join(filter(None, [
+            report.format_results([r for r in doc["aggregates"] if r["task"] not in budgeted]) if set(a.tasks) - budgeted else "",
+            report.format_budget([r for r in doc["aggregates"] if r["task"] in budgeted]) if budgeted else ""]))
         png = bar_chart(doc["aggregates"], "launch_to_target_s", "seconds to target, launch to exit", out / "bench.png")
     report.write_json(out / "bench.json", doc)
     emit(f"{text}\n\nwrote {out / 'bench.json'} and {png}")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from p2prl.atomic import write_json_atomic
+from p2prl.metrics import peak_rss_mb
 
 # rl-baselines3-zoo's tuned settings (hyperparams/ppo.yml, hyperparams/dqn.yml): CartPole-v1, and
 # LunarLander-v2 (run on gymnasium's LunarLander-v3, the same task). "horizon" is the zoo's
@@ -33,6 +34,17 @@ ZOO: dict[tuple[str, str], dict[str, Any]] = {
     ("ppo", "LunarLander-v3"): dict(
         n_envs=16, horizon=1_000_000, linear=(),
         kwargs=dict(n_steps=1024, batch_size=64, gae_lambda=0.98, gamma=0.999, n_epochs=4, ent_coef=0.01)),
+    # The zoo's `atari` entries (AtariWrapper, 4 stacked frames, CnnPolicy), on the v4 NoFrameskip id
+    # that p2prl's ALE/Breakout-v5 preset equals (frameskip 1, no sticky actions).
+    ("ppo", "BreakoutNoFrameskip-v4"): dict(
+        n_envs=8, horizon=10_000_000, linear=("learning_rate", "clip_range"), atari=True,
+        kwargs=dict(n_steps=128, n_epochs=4, batch_size=256, learning_rate=2.5e-4, clip_range=0.1, vf_coef=0.5,
+                    ent_coef=0.01)),
+    ("dqn", "BreakoutNoFrameskip-v4"): dict(
+        n_envs=1, horizon=10_000_000, linear=(), atari=True,
+        kwargs=dict(buffer_size=100_000, learning_rate=1e-4, batch_size=32, learning_starts=100_000,
+                    target_update_interval=1000, train_freq=4, gradient_steps=1, exploration_fraction=0.1,
+                    exploration_final_eps=0.01, optimize_memory_usage=False)),
     ("dqn", "LunarLander-v3"): dict(
         n_envs=1, horizon=100_000, linear=(),
         kwargs=dict(learning_rate=6.3e-4, batch_size=128, buffer_size=50_000, learning_starts=0, gamma=0.99,
@@ -83,9 +95,18 @@ def train(algo: str, env_id: str, seed: int, target: Optional[float], steps: Opt
     torch.set_num_threads(1)  # one intra-op thread, as every p2prl peer uses
     budget = budget_for(algo, env_id, steps)
     spec = ZOO[(algo, env_id)]
-    envs = make_vec_env(env_id, n_envs=spec["n_envs"], seed=seed)  # Monitor-wrapped: info["episode"]
+    if spec.get("atari"):  # Monitor inside AtariWrapper: info["episode"] is the whole game's score
+        import ale_py
+        import gymnasium as gym
+        from stable_baselines3.common.env_util import make_atari_env
+        from stable_baselines3.common.vec_env import VecFrameStack
+        gym.register_envs(ale_py)
+        envs = VecFrameStack(make_atari_env(env_id, n_envs=spec["n_envs"], seed=seed), n_stack=4)
+    else:
+        envs = make_vec_env(env_id, n_envs=spec["n_envs"], seed=seed)  # Monitor-wrapped: info["episode"]
     cls = {"ppo": PPO, "dqn": DQN}[algo]
-    model = cls("MlpPolicy", envs, seed=seed, device="cpu", verbose=0, **model_kwargs(algo, env_id, budget))
+    policy = "CnnPolicy" if spec.get("atari") else "MlpPolicy"
+    model = cls(policy, envs, seed=seed, device="cpu", verbose=0, **model_kwargs(algo, env_id, budget))
     state: dict[str, Any] = {"t_first": None, "reached_at": None, "timed_out": False, "episodes": 0}
     returns: deque[float] = deque(maxlen=window)
 
@@ -119,7 +140,7 @@ def train(algo: str, env_id: str, seed: int, target: Optional[float], steps: Opt
         "final_step": model.num_timesteps, "world_size": 1, "wall_s": t_end - t_start,
         "sps": model.num_timesteps / loop_s, "episodes": state["episodes"],
         "episode_return_mean": sum(returns) / len(returns) if returns else None,
-        "timed_out": state["timed_out"], "budget": budget,
+        "timed_out": state["timed_out"], "budget": budget, "max_rss_mb": [peak_rss_mb()],
     }
 
 
@@ -128,7 +149,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--algo", choices=("ppo", "dqn"), required=True)
     p.add_argument("--env", required=True, choices=sorted({env for _, env in ZOO}))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--target", type=float, default=None, help="stop once the return window reaches this")
+    p.add_argument("--target", type=float, default=None, help="stop once the return window reaches this (default: never)")
     p.add_argument("--steps", type=int, default=None, help="step budget (default: see DEFAULT_BUDGET)")
     p.add_argument("--deadline", type=float, default=None, help="time.time() at which to stop training")
     p.add_argument("--out", type=Path, required=True, help="where to write the JSON summary")

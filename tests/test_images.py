@@ -1,0 +1,289 @@
+"""Learning from pixels: encoders, uint8 storage, frame-stack reconstruction, the Atari wrapper stack,
+any env by id, and a smoke test of every Atari preset (skipped without the atari extra)."""
+import importlib.util
+import json
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from p2prl.comm import LocalComm
+from p2prl.config import ConfigError
+from p2prl.data import FrameReplay, allocate_rollout
+from p2prl.metrics import EpisodeCounter
+from p2prl.nets import ActorCritic, NatureCNN, QNetwork, resolve_encoder
+from p2prl.wrappers import GAME_OVER, SCORE, episode_signal, scored
+
+pytestmark = pytest.mark.timeout(180)
+HAS_ALE = importlib.util.find_spec("ale_py") is not None and importlib.util.find_spec("cv2") is not None
+HAS_BOX2D = importlib.util.find_spec("Box2D") is not None
+
+
+class Frames(gym.Env):
+    """36x36 frames (the smallest the Nature CNN takes) that name themselves: pixel [0, 0] the env's
+    tag, [0, 1] the episode, [0, 2] the step; episodes of 2-6 steps end by termination, chosen by the
+    env's seed, or by the 5-step time limit."""
+
+    observation_space = gym.spaces.Box(0, 255, (36, 36), np.uint8)
+    action_space = gym.spaces.Discrete(2)
+
+    def __init__(self, tag: int = 0) -> None:
+        self.tag, self.episode, self.t, self.length = tag, -1, 0, 0
+
+    def _frame(self) -> np.ndarray:
+        f = np.zeros((36, 36), np.uint8)
+        f[0, :3] = self.tag, self.episode % 256, self.t
+        return f
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        if seed is not None and self.tag == 0:  # copies made by gym.make_vec: named by their seeds
+            self.tag = seed % 250 + 1
+        self.episode, self.t = self.episode + 1, 0
+        self.length = int(self.np_random.integers(2, 7))
+        return self._frame(), {}
+
+    def step(self, action):
+        self.t += 1
+        return self._frame(), float(action), self.t >= self.length, False, {}
+
+
+gym.register("P2prlTestFrames-v0", entry_point=Frames, max_episode_steps=5)  # some episodes truncate
+
+
+def stacked_envs(n: int, k: int = 4) -> gym.vector.VectorEnv:
+    return gym.vector.SyncVectorEnv([lambda i=i: gym.wrappers.FrameStackObservation(
+        gym.wrappers.TimeLimit(Frames(tag=i + 1), 5), k) for i in range(n)])
+
+
+# -- encoders ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(4, 84, 84), (84, 84, 4), (96, 96, 3), (3, 64, 64)])
+def test_cnn_gives_512_features_for_channels_first_and_last(shape):
+    cnn = NatureCNN(shape)
+    x = torch.randint(0, 256, (5, *shape), dtype=torch.uint8)
+    assert cnn(x).shape == (5, 512)
+    assert cnn.channels_last == (shape[-1] < shape[0])
+
+
+def test_hwc_and_chw_of_the_same_pixels_give_the_same_features():
+    chw, hwc = NatureCNN((4, 84, 84)), NatureCNN((84, 84, 4))
+    hwc.load_state_dict(chw.state_dict())
+    x = torch.randint(0, 256, (3, 4, 84, 84), dtype=torch.uint8)
+    assert torch.allclose(chw(x), hwc(x.permute(0, 2, 3, 1)), atol=1e-5)
+    # uint8 and the same values as floats: scaled to [0, 1] inside either way
+    assert torch.allclose(chw(x), chw(x.float()), atol=1e-6)
+
+
+def test_encoder_choice_and_heads():
+    image = gym.spaces.Box(0, 255, (4, 84, 84), np.uint8)
+    vector = gym.spaces.Box(-1, 1, (3, 4), np.float32)
+    assert resolve_encoder("auto", image) == "cnn" and resolve_encoder("auto", vector) == "mlp"
+    assert resolve_encoder("mlp", image) == "mlp"
+    with pytest.raises(ConfigError, match=r"algo.encoder=cnn: needs uint8 image observations.*allowed: auto, mlp"):
+        resolve_encoder("cnn", vector)
+    ac = ActorCritic(image, gym.spaces.Discrete(6), [64, 64], "tanh", "cnn")
+    d, v = ac.dist_value(torch.zeros(2, 4, 84, 84, dtype=torch.uint8))
+    assert d.logits.shape == (2, 6) and v.shape == (2,)
+    assert QNetwork(image, 6, [64], "relu", "cnn")(torch.zeros(7, 4, 84, 84)).shape == (7, 6)
+    flat = ActorCritic(vector, gym.spaces.Discrete(2), [8], "tanh", "mlp")  # multi-dim Box: flattened
+    assert flat.critic[0].in_features == 12 and flat.value(torch.zeros(5, 3, 4)).shape == (5,)
+
+
+# -- uint8 storage ---------------------------------------------------------------------------------
+def test_rollout_keeps_uint8_and_shares_raw_obs_without_normalization():
+    r = allocate_rollout(3, 2, (4, 84, 84), (), torch.int64, torch.uint8, raw=False)
+    assert r.obs.dtype == torch.uint8 and r.raw_obs is r.obs
+    assert allocate_rollout(3, 2, (4,), (), torch.int64).raw_obs is not None
+
+
+def test_ppo_rollout_holds_the_env_frames_as_uint8(compose):
+    from p2prl.runner import build_algorithm
+    cfg = compose("algo=ppo", "env=gym", "env.id=P2prlTestFrames-v0", "env.frame_stack=4", "algo.num_envs=2",
+                  "algo.num_steps=12", "algo.num_minibatches=2")
+    algo = build_algorithm(cfg, LocalComm())
+    assert algo.model.encoder.cnn is not None  # auto: a CNN for uint8 frames
+    seen, step = [algo.next_obs.clone()], algo.envs.step
+
+    def recording(a):
+        out = step(a)
+        seen.append(torch.as_tensor(out[0]))
+        return out
+    algo.envs.step = recording
+    algo.sample(0.0)
+    r = algo.rollout
+    assert r.obs.dtype == torch.uint8 and r.raw_obs is r.obs and r.obs.shape == (12, 2, 4, 36, 36)
+    assert torch.equal(r.obs, torch.stack(seen[:12]))
+    algo.learn(0.0)  # minibatches of bytes through the CNN
+
+
+def test_frame_replay_rebuilds_every_stack_across_episode_ends_and_wraparound():
+    n, k = 3, 4
+    envs = stacked_envs(n, k)
+    obs, _ = envs.reset(seed=0)
+    buf = FrameReplay(capacity=45, obs_shape=obs.shape[1:], num_envs=n, stack=k, rng=np.random.default_rng(0))
+    key, valid = buf.begin(obs), np.ones(n, bool)
+    assert np.array_equal(buf.stacks(key), obs)
+    truth, order = {}, []
+    for t in range(120):
+        a = np.arange(n) % 2
+        nxt, r, term, trunc, _ = envs.step(a)
+        nkey = buf.observe(nxt, valid)
+        assert np.array_equal(buf.stacks(nkey), nxt), t  # incl. the reset frames padding a new episode
+        v = valid
+        buf.add(key[v], a[v], r[v], nkey[v], np.full(int(v.sum()), 0.9, np.float32), term[v].astype(np.float32))
+        for i in np.flatnonzero(v):
+            truth[obs[i].tobytes()] = (nxt[i].tobytes(), int(a[i]), float(term[i]))
+            order.append(obs[i].tobytes())
+        obs, key, valid = nxt, nkey, ~(term | trunc)
+    assert buf.count > 2 * buf.capacity  # wrapped around
+    b = buf.sample(200)
+    recent = set(order[-(buf.capacity - k * n):])
+    for o, a, nx, term in zip(b.obs.numpy(), b.actions.numpy(), b.next_obs.numpy(), b.terminated.numpy()):
+        assert truth[o.tobytes()] == (nx.tobytes(), int(a), float(term))
+    assert {o.tobytes() for o in b.obs.numpy()} <= set(order[-buf.capacity:])
+    assert len({o.tobytes() for o in b.obs.numpy()} & recent) > 10
+    assert b.obs.dtype == torch.uint8 and b.obs.shape == (200, k, 36, 36)
+
+
+def test_frame_replay_of_100k_atari_transitions_stores_each_frame_once():
+    buf = FrameReplay(100_000, (4, 84, 84), 1, 4, np.random.default_rng(0))
+    assert buf.frames.nbytes == 100_000 * 84 * 84  # 0.71 GB, not 2 x 4 frames per transition
+    state = FrameReplay(8, (2, 3, 3), 2, 2, np.random.default_rng(0))
+    state.begin(np.arange(36, dtype=np.uint8).reshape(2, 2, 3, 3))
+    copy = FrameReplay(8, (2, 3, 3), 2, 2, np.random.default_rng(0))
+    copy.load_state_dict(state.state_dict())
+    assert copy.count == state.count and np.array_equal(copy.stacks(np.array([2, 3])), state.stacks(np.array([2, 3])))
+
+
+def test_dqn_replays_the_frames_its_env_gave(compose):
+    """DQN's own sampler on stacked uint8 frames, 2-step returns: every replayed transition is one the
+    env made, its next observation 1 or 2 steps on (fewer at an episode's end)."""
+    from p2prl.runner import build_algorithm
+    cfg = compose("algo=dqn", "env=gym", "env.id=P2prlTestFrames-v0", "env.frame_stack=4", "algo.num_envs=2",
+                  "algo.buffer_size=40", "algo.batch_size=16", "algo.learning_starts=0", "algo.n_step=2")
+    algo = build_algorithm(cfg, LocalComm())
+    assert isinstance(algo.buffer, FrameReplay) and algo.buffer.k == 4 and algo.obs.dtype == np.uint8
+    step = algo.envs.step
+    history = {i: [algo.obs[i].tobytes()] for i in range(2)}
+
+    def recording(a):
+        out = step(a)
+        for i in range(2):
+            history[i].append(np.asarray(out[0][i]).tobytes())
+        return out
+    algo.envs.step = recording
+    for _ in range(30):
+        algo.collect(1)
+    b = algo.buffer.sample(64)
+    for o, nx, disc in zip(b.obs.numpy(), b.next_obs.numpy(), b.discounts.numpy()):
+        i = next(i for i in history if o.tobytes() in history[i])
+        at = history[i].index(o.tobytes())
+        hops = round(float(np.log(disc) / np.log(cfg.algo.gamma)))
+        assert hops in (1, 2) and history[i][at + hops] == nx.tobytes()
+    algo.learn(1.0)  # a CNN update from the frame store
+
+
+# -- the Atari wrapper stack -----------------------------------------------------------------------
+class FakeAle(gym.Env):
+    """An Atari-shaped game: 3 lives, scripted rewards (4s and 7s, as Breakout's upper rows), a life
+    lost every 4 steps, and the actions it was given recorded."""
+
+    observation_space = gym.spaces.Box(0, 255, (4, 4), np.uint8)
+    action_space = gym.spaces.Discrete(4)
+    REWARDS = [0, 4, 0, 7, 1, 0, 4, 0, 7, 7, 0, 1]
+
+    def __init__(self) -> None:
+        self.t, self.lives_left, self.actions = 0, 3, []
+        outer = self
+
+        class Ale:
+            def lives(self):
+                return outer.lives_left
+        self.ale = Ale()
+
+    def get_action_meanings(self):
+        return ["NOOP", "FIRE", "RIGHT", "LEFT"]
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t, self.lives_left = 0, 3
+        return np.zeros((4, 4), np.uint8), {}
+
+    def step(self, action):
+        self.actions.append(int(action))
+        r = self.REWARDS[self.t % len(self.REWARDS)]
+        self.t += 1
+        if self.t % 4 == 0:
+            self.lives_left -= 1
+        return np.zeros((4, 4), np.uint8), float(r), self.lives_left == 0, False, {}
+
+
+def test_learner_sees_clipped_rewards_and_life_ends_while_the_log_counts_whole_games():
+    games = []
+    envs = gym.vector.SyncVectorEnv([lambda: scored(games.append(FakeAle()) or games[-1], True)])
+    envs.reset(seed=0)
+    assert games[0].actions == [1]  # FIRE after the reset
+    counter, valid, learner_rewards, life_ends = EpisodeCounter(1), np.ones(1, bool), [], 0
+    for t in range(40):
+        _, r, term, trunc, infos = envs.step(np.array([2]))
+        counter.step(t, *episode_signal(r, term | trunc, infos), valid)
+        if valid[0]:
+            learner_rewards.append(float(r[0]))
+            life_ends += int(term[0])
+        valid = ~(term | trunc)
+    assert set(learner_rewards) <= {0.0, 1.0} and 4.0 in FakeAle.REWARDS  # clipped for the learner
+    games_done = counter.take()
+    assert len(games_done) >= 2 and life_ends >= 3 * len(games_done) - 1  # every lost life ended an episode
+    # a game is 12 agent steps (3 lives x 4) whose unclipped rewards sum to 31
+    assert [g.ret for g in games_done[:2]] == [31.0, 31.0]
+
+
+def test_without_the_score_the_learners_rewards_are_counted():
+    r, d = np.array([1.0, 2.0]), np.array([True, False])
+    assert episode_signal(r, d, {}) == (r, d)
+    infos = {SCORE: np.array([4.0, 7.0]), GAME_OVER: np.array([False, True])}
+    s, g = episode_signal(r, d, infos)
+    assert s.tolist() == [4.0, 7.0] and g.tolist() == [False, True]
+
+
+# -- any env by id, and the Atari presets ----------------------------------------------------------
+def test_env_gym_needs_an_id_and_names_the_run_by_it(tmp_path, cli):
+    out = cli(["env=gym", f"hydra.run.dir={tmp_path / 'x'}"])
+    assert out.returncode == 2 and "env.id=???: env=gym needs the gymnasium id" in out.stderr
+    from p2prl.precheck import env_label
+    assert env_label("gym", "ale_py:ALE/Pong-v5") == "ALE-Pong-v5" and env_label("cartpole", "X-v1") == "cartpole"
+
+
+def test_env_gym_trains_any_registered_id_with_module_prefix(tmp_path, cli):
+    run = tmp_path / "run"
+    out = cli(["env=gym", "env.id=gymnasium.envs.classic_control:Acrobot-v1", "algo.num_envs=2", "algo.num_steps=16",
+               "algo.num_minibatches=2", "train.total_steps=64", f"hydra.run.dir={run}"])
+    assert out.returncode == 0, out.stderr[-2000:]
+    s = json.loads((run / "summary.json").read_text())
+    assert s["final_step"] == 64 and s["config"]["env"]["target_return"] is None and s["max_rss_mb"][0] > 50
+
+
+@pytest.mark.skipif(not HAS_BOX2D, reason="needs the box2d extra")
+def test_car_racing_trains_from_pixels_on_two_peers(tmp_path, cli):
+    run = tmp_path / "run"
+    out = cli(["env=gym", "env.id=CarRacing-v3", "algo.num_envs=2", "algo.num_steps=16", "algo.num_minibatches=2",
+               "algo.update_epochs=1", "train.total_steps=128", f"hydra.run.dir={run}"], nproc=2, timeout=170)
+    assert out.returncode == 0, out.stderr[-2000:]
+    s = json.loads((run / "summary.json").read_text())
+    assert s["final_step"] == 128 and len(s["max_rss_mb"]) == 2
+
+
+@pytest.mark.skipif(not HAS_ALE, reason="needs the atari extra")
+@pytest.mark.parametrize("algo,env,nproc", [("ppo", "breakout", 2), ("dqn", "breakout", 2), ("ppo", "pong", 1),
+                                            ("dqn", "pong", 1)])
+def test_atari_preset_smoke(algo, env, nproc, tmp_path, cli):
+    run = tmp_path / "run"
+    tiny = {"ppo": ["algo.num_envs=2", "algo.num_steps=16", "algo.num_minibatches=2", "algo.update_epochs=1"],
+            "dqn": ["algo.learning_starts=64", "algo.buffer_size=500"]}[algo]
+    out = cli([f"algo={algo}", f"env={env}", *tiny, "train.total_steps=128", "train.log_every_steps=64",
+               f"hydra.run.dir={run}"], nproc=nproc, timeout=170)
+    assert out.returncode == 0, out.stderr[-2000:]
+    s = json.loads((run / "summary.json").read_text())
+    assert s["final_step"] >= 128 and s["updates"] > 0 and len(s["max_rss_mb"]) == nproc
+    assert s["config"]["env"]["wrapper"] == "atari" and s["config"]["env"]["frame_stack"] == 4
