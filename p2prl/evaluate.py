@@ -20,6 +20,7 @@ from p2prl.atomic import write_json_atomic
 from p2prl.config import ConfigError, RunConfig
 from p2prl.envs import make_single_env
 from p2prl.precheck import to_run_config
+from p2prl.wrappers import GAME_OVER, SCORE
 
 
 def load_run_config(run_dir: Path) -> RunConfig:
@@ -42,14 +43,20 @@ def latest_checkpoint(run_dir: Path) -> Path:
 
 
 def run_episodes(env: gym.Env, policy: algos.Policy, episodes: int, seed: int) -> list[float]:
+    """Returns of whole episodes; on Atari (the wrappers' `score` and `game_over` in the info) the game's
+    own score over every life, an episode being a game: a lost life's reset only continues it."""
     returns = []
     for i in range(episodes):
-        obs, _ = env.reset(seed=seed + i)
-        total, done = 0.0, False
-        while not done:
-            obs, r, term, trunc, _ = env.step(policy(obs))
-            total += float(r)
-            done = term or trunc
+        obs, info = env.reset(seed=seed + i)
+        total = float(info.get(SCORE, 0.0))
+        while True:
+            obs, r, term, trunc, info = env.step(policy(obs))
+            total += float(info.get(SCORE, r))
+            if info.get(GAME_OVER, term or trunc):
+                break
+            if term or trunc:  # a life lost: the same game goes on
+                obs, info = env.reset()
+                total += float(info.get(SCORE, 0.0))
         returns.append(total)
     return returns
 

@@ -287,3 +287,18 @@ def test_atari_preset_smoke(algo, env, nproc, tmp_path, cli):
     s = json.loads((run / "summary.json").read_text())
     assert s["final_step"] >= 128 and s["updates"] > 0 and len(s["max_rss_mb"]) == nproc
     assert s["config"]["env"]["wrapper"] == "atari" and s["config"]["env"]["frame_stack"] == 4
+
+
+def test_evaluation_counts_whole_games_through_lost_lives():
+    from p2prl.evaluate import run_episodes
+    env = scored(FakeAle(), True)
+    assert run_episodes(env, lambda obs: 2, episodes=2, seed=0) == [31.0, 31.0]
+    plain = gym.wrappers.TimeLimit(Frames(), 5)  # no score in the info: the rewards, to the episode's end
+    assert run_episodes(plain, lambda obs: 1, episodes=1, seed=0) == [float(min(5, plain.unwrapped.length))]
+
+
+@pytest.mark.skipif(not HAS_ALE, reason="needs the atari extra")
+def test_observation_normalization_is_refused_for_images(tmp_path):
+    from p2prl.precheck import check_command_line
+    error, _ = check_command_line(["env=breakout", "algo.norm_obs=true", f"hydra.run.dir={tmp_path / 'r'}"])
+    assert error.startswith("algo.norm_obs=true: does not apply to image observations") and "allowed here: false" in error
