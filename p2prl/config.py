@@ -246,6 +246,25 @@ def section(cls: type, key: str, values: Any) -> Any:
     return cls(**values)
 
 
+# Keys added to conf/ after runs were saved, with the value that behaves as those runs did: a saved
+# config (summary.json, a checkpoint's) without them means that value.
+ADDED_KEYS = {"env": {"wrapper": "none", "frame_stack": None, "terminal_on_life_loss": False},
+              "algo": {"encoder": "mlp", "clip_reward": None}}
+
+
+def upgrade(raw: Mapping[str, Any], algo_sections: Mapping[str, type]) -> dict[str, Any]:
+    """`raw` with the ADDED_KEYS its sections lack (where the section's schema has them)."""
+    out = dict(raw)
+    algo = raw.get("algo")
+    schemas = {"env": EnvConfig, "algo": algo_sections.get(algo.get("name")) if isinstance(algo, dict) else None}
+    for key, added in ADDED_KEYS.items():
+        section, schema = out.get(key), schemas[key]
+        if isinstance(section, dict) and schema is not None:
+            names = {f.name for f in dataclasses.fields(schema)}
+            out[key] = {**{k: v for k, v in added.items() if k in names}, **section}
+    return out
+
+
 def build_config(raw: Mapping[str, Any], algo_sections: Mapping[str, type]) -> RunConfig:
     """The typed config of a resolved config dict (no `hydra` key); `algo_sections` maps each
     algorithm name to its section's dataclass (`p2prl.algos.algo_sections()`)."""

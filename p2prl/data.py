@@ -95,6 +95,10 @@ class ReplayBuffer:
         return ReplayBatch(*(torch.from_numpy(a[idx]) for a in (
             self.obs, self.actions, self.rewards, self.next_obs, self.discounts, self.terminated)))
 
+    def fits(self, state: dict) -> bool:
+        """Whether a saved buffer can be loaded (a smaller capacity keeps what fits)."""
+        return True
+
     def state_dict(self) -> dict:
         n = self.size
         return {"obs": torch.from_numpy(self.obs[:n].copy()), "next_obs": torch.from_numpy(self.next_obs[:n].copy()),
@@ -195,6 +199,10 @@ class FrameReplay:
                            torch.from_numpy(self.discounts[s]), torch.from_numpy(self.terminated[s]))
 
     ARRAYS = ("frames", "start", "next", "has", "actions", "rewards", "discounts", "terminated")
+
+    def fits(self, state: dict) -> bool:
+        """Slots are global frame indices modulo the capacity: only the same shape loads."""
+        return tuple(state["frames"].shape) == self.frames.shape
 
     def state_dict(self) -> dict:
         return {**{k: torch.from_numpy(getattr(self, k).copy()) for k in self.ARRAYS},

@@ -145,6 +145,16 @@ def vec_env_state(envs: gym.vector.VectorEnv) -> dict:
     return state
 
 
+def restorable(envs: gym.vector.VectorEnv) -> bool:
+    """Whether `vec_env_state` holds all of the envs' state: not where an emulator (ALE) or frame
+    queues (FrameStackObservation) keep theirs outside plain values."""
+    for env in (getattr(envs.unwrapped, "envs", None) or [])[:1]:
+        for layer in _layers(env):
+            if isinstance(layer, (gym.wrappers.FrameStackObservation, gym.wrappers.AtariPreprocessing)):
+                return False
+    return True
+
+
 def stack_size(envs: gym.vector.VectorEnv) -> int:
     """k of the FrameStackObservation(k) in each copy's wrapper chain (1 without one, or when the
     copies live in other processes)."""

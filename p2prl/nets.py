@@ -47,14 +47,28 @@ def is_image(space: gym.Space) -> bool:
     return isinstance(space, gym.spaces.Box) and space.dtype == np.uint8 and len(space.shape) == 3
 
 
+MIN_SIDE = 36  # the Nature CNN's kernels and strides need frames of at least 36x36
+
+
+def _frame_size(shape: Sequence[int]) -> tuple[int, int]:
+    return (shape[0], shape[1]) if shape[-1] < shape[0] else (shape[1], shape[2])
+
+
 def resolve_encoder(choice: str, space: gym.Space) -> str:
-    """`algo.encoder`: auto is cnn for image observations, mlp (flattening) for any other Box."""
+    """`algo.encoder`: auto is cnn for image observations of at least 36x36, mlp (flattening) for any
+    other Box."""
+    from p2prl.config import ConfigError
+    image = is_image(space)
+    fits = image and min(_frame_size(space.shape)) >= MIN_SIDE
     if choice == "auto":
-        return "cnn" if is_image(space) else "mlp"
-    if choice == "cnn" and not is_image(space):
-        from p2prl.config import ConfigError
+        return "cnn" if fits else "mlp"
+    if choice == "cnn" and not image:
         raise ConfigError("algo.encoder", choice, f"needs uint8 image observations (HxWxC or CxHxW), the env has "
                                                   f"{space}; allowed: auto, mlp")
+    if choice == "cnn" and not fits:
+        h, w = _frame_size(space.shape)
+        raise ConfigError("algo.encoder", choice, f"the Nature CNN needs frames of at least {MIN_SIDE}x{MIN_SIDE}, "
+                                                  f"the env's are {h}x{w}; allowed: auto, mlp")
     return choice
 
 

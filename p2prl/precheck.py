@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, NamedTuple, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from p2prl import algos
-from p2prl.config import ConfigError, RunConfig, build_config, conf_dir, config_hash
+from p2prl.config import ConfigError, RunConfig, build_config, conf_dir, config_hash, upgrade
 
 if TYPE_CHECKING:
     from p2prl.comm import Devices
@@ -56,7 +56,7 @@ def to_run_config(cfg: DictConfig | dict) -> RunConfig:
         if key != "hydra":
             value = cfg[key]
             raw[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-    return build_config(raw, algos.algo_sections())
+    return build_config(upgrade(raw, algos.algo_sections()), algos.algo_sections())
 
 
 def preflight(cfg: RunConfig, run_dir: Optional[Path], dir_key: str = DIR_KEYS[0],
@@ -73,7 +73,7 @@ def preflight(cfg: RunConfig, run_dir: Optional[Path], dir_key: str = DIR_KEYS[0
     env = make_single_env(cfg.env)
     try:
         algos.check_spaces(cfg.algo.name, env.observation_space, env.action_space)
-        image = _check_encoder(cfg.algo, env.observation_space)
+        image = _check_encoder(cfg.algo, cfg.env, env.observation_space)
     finally:
         env.close()
     devices = resolve_devices(cfg.device, cfg.comm.backend, image)
@@ -83,9 +83,13 @@ def preflight(cfg: RunConfig, run_dir: Optional[Path], dir_key: str = DIR_KEYS[0
     return Preflight(devices, checked)
 
 
-def _check_encoder(algo, space) -> bool:
+def _check_encoder(algo, env, space) -> bool:
     """`algo.encoder` against the observations (algorithms without one: none); whether a CNN it is."""
     from p2prl.nets import resolve_encoder
+    if env.frame_stack is not None and len(space.shape or ()) > 3:
+        raise ConfigError("env.frame_stack", env.frame_stack, f"stacks vectors or 2-D (grey) frames; the env's "
+                                                              f"frames are {tuple(space.shape[1:])} (HxWxC); allowed "
+                                                              "here: null")
     if getattr(algo, "encoder", None) is None:
         return False
     cnn = resolve_encoder(algo.encoder, space) == "cnn"

@@ -22,7 +22,7 @@ from p2prl import algos
 from p2prl.checkpoint import (list_steps, load, prune, rank_path, rng_state, save_atomic, set_rng_state,
                               shared_path, step_of)
 from p2prl.comm import Communicator
-from p2prl.config import ConfigError, RunConfig, config_hash, flatten, show
+from p2prl.config import ConfigError, RunConfig, config_hash, flatten, show, upgrade
 from p2prl.metrics import ReturnWindow
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ def _rank_file(shared: Path, rank: int) -> Path:
 
 def _same_ranks(shared: dict, cfg: RunConfig, world_size: int) -> bool:
     """Whether each rank's own file fits this run: same number of peers, same RANK_KEYS."""
-    saved, now = flatten(shared.get("config", {})), cfg.flat()
+    saved, now = flatten(upgrade(shared.get("config", {}), algos.algo_sections())), cfg.flat()
     return shared.get("world_size") == world_size and all(saved.get(k) == now.get(k) for k in RANK_KEYS)
 
 
@@ -156,7 +156,7 @@ def restore(comm: Communicator, cfg: RunConfig, run_dir: Path, algo: algos.Algor
 
 def _load(comm: Communicator, cfg: RunConfig, algo: algos.Algorithm, window: ReturnWindow, shared: dict,
           own: Optional[dict]) -> None:
-    saved, now = flatten(shared.get("config", {})), cfg.flat()
+    saved, now = flatten(upgrade(shared.get("config", {}), algos.algo_sections())), cfg.flat()
     changed = sorted(k for k in set(saved) | set(now) if k != "train.resume" and saved.get(k) != now.get(k))
     if changed:
         log.info("resuming with a changed config (the new values hold): %s", ", ".join(changed[:8]))

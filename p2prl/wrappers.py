@@ -38,7 +38,8 @@ class GameScore(gym.Wrapper):
 
 class LifeLoss(gym.Wrapper):
     """A lost life ends the episode for the learner (terminated); the next reset only continues the
-    game with a no-op step, unless the game was over."""
+    game with a no-op step, unless the game was over. (Should that no-op step end the game, a new one
+    starts at once: the two games are counted as one, a case too rare to be worth a signal.)"""
 
     def __init__(self, env: gym.Env) -> None:
         super().__init__(env)

@@ -22,7 +22,7 @@ from p2prl.algos.base import Algorithm, Peer, Sample, load_sampler_state, sample
 from p2prl.algos.returns import nstep_return, td_targets
 from p2prl.algos.schedules import decayed_epsilon, peer_epsilon
 from p2prl.data import FrameReplay, ReplayBatch, ReplayBuffer
-from p2prl.envs import stack_size
+from p2prl.envs import restorable, stack_size
 from p2prl.metrics import EpisodeCounter
 from p2prl.nets import ENCODERS, QNetwork, resolve_encoder
 from p2prl.wrappers import episode_signal
@@ -85,8 +85,15 @@ class DQN(Algorithm):
         self.rng = peer.rng("explore")  # this peer's exploration and replay sampling
         self.obs_dtype = np.uint8 if encoder == "cnn" else np.float32  # frames stay bytes until the CNN
         # Images: every frame stored once, keyed by index; else the observations themselves.
-        self.buffer = FrameReplay(cfg.buffer_size, obs_space.shape, cfg.num_envs, stack_size(envs), self.rng) \
-            if encoder == "cnn" else ReplayBuffer(cfg.buffer_size, obs_space.shape, self.rng)
+        if encoder == "cnn":
+            k = stack_size(envs)
+            least = (k + cfg.n_step + cfg.train_freq) * cfg.num_envs  # the frames a stored transition reaches
+            if cfg.buffer_size < least:
+                raise check.ConfigError("algo.buffer_size", cfg.buffer_size, f"must hold at least {least} frames "
+                                        "here (frame stack + n_step + train_freq vector steps of every env)")
+            self.buffer = FrameReplay(cfg.buffer_size, obs_space.shape, cfg.num_envs, k, self.rng)
+        else:
+            self.buffer = ReplayBuffer(cfg.buffer_size, obs_space.shape, self.rng)
         self.num_envs = cfg.num_envs
         self.obs = np.asarray(first_obs, dtype=self.obs_dtype)
         self.obs_key = self.buffer.begin(self.obs)  # what transitions from self.obs are stored by
@@ -222,15 +229,23 @@ class DQN(Algorithm):
         return s
 
     def load_rank_state_dict(self, s: dict) -> None:
-        self.obs, self.next_valid = load_sampler_state(self.envs, self.episodes, self.rng, s)
-        for d, w in zip(self.pending, s["windows"]):
-            d.clear()
-            d.extend((o.numpy().copy(), int(a), float(r)) for o, a, r in zip(w["obs"], w["actions"], w["rewards"]))
-        if "replay" in s:  # checkpoint.replay is one config value: the same branch on every peer
+        """Restore what rank_state_dict saved. Envs whose state is not all in Python (an emulator, frame
+        queues: `restorable`) start afresh from their seeds instead, their replay kept."""
+        exact = restorable(self.envs)
+        if exact:
+            self.obs, self.next_valid = load_sampler_state(self.envs, self.episodes, self.rng, s)
+            for d, w in zip(self.pending, s["windows"]):
+                d.clear()
+                d.extend((o.numpy().copy(), int(a), float(r)) for o, a, r in zip(w["obs"], w["actions"], w["rewards"]))
+        else:
+            self.rng.bit_generator.state = s["rng"]
+        # checkpoint.replay and the buffer's size are config values: the same branch on every peer
+        if "replay" in s and self.buffer.fits(s["replay"]):
             self.buffer.load_state_dict(s["replay"])
-            self.obs_key = s["obs_key"].numpy().copy()
             self.fill_from = 0
-        else:  # a fresh buffer: keys into the old one (frame indices) mean nothing there
+            key = s.get("obs_key")
+            self.obs_key = key.numpy().copy() if exact and key is not None else self.buffer.begin(self.obs)
+        else:  # a fresh buffer: the windows' keys (frame indices) pointed into the old one
             self.obs_key = self.buffer.begin(self.obs)
             if isinstance(self.buffer, FrameReplay):
                 for d in self.pending:

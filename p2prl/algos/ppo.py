@@ -19,7 +19,7 @@ from p2prl import config as check
 from p2prl.algos.base import Algorithm, Peer, Sample
 from p2prl.algos.returns import gae
 from p2prl.data import Rollout, allocate_rollout
-from p2prl.envs import load_vec_env_state, vec_env_state
+from p2prl.envs import load_vec_env_state, restorable, vec_env_state
 from p2prl.metrics import EpisodeCounter
 from p2prl.nets import ENCODERS, ActorCritic, resolve_encoder
 from p2prl.normalize import RunningNormalizer, global_moments, moments_of
@@ -248,6 +248,8 @@ class PPO(Algorithm):
                 "disc_return": torch.from_numpy(self.disc_return.copy())}
 
     def load_rank_state_dict(self, s: dict) -> None:
+        if not restorable(self.envs):  # an emulator, frame queues: the envs start afresh from their seeds
+            return
         load_vec_env_state(self.envs, s["env"])
         self.next_obs = s["next_obs"].clone()
         self.next_valid = s["next_valid"].numpy().copy()

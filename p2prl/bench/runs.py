@@ -56,6 +56,25 @@ TASKS = {
     "breakout-ppo": Task("ppo", "breakout", "BreakoutNoFrameskip-v4", None, 100_000, "atari"),
     "breakout-dqn": Task("dqn", "breakout", "BreakoutNoFrameskip-v4", None, 150_000, "atari"),
 }
+HORIZON = 10_000_000  # the Atari presets' (and the zoo's) budget, over which their schedules run
+
+
+def budget_overrides(algo: str, budget: int) -> list[str]:
+    """A fixed budget cut from a 10M-step run: the schedules as the SB3 side pins them to the horizon
+    (p2prl.bench.sb3.model_kwargs): PPO's learning rate nearly constant over the first budget steps,
+    DQN's exploration decaying over min(1, 0.1 x 10M / budget) of the budget."""
+    if algo == "ppo":
+        return ["algo.anneal_lr=false"]
+    return [f"algo.exploration_fraction={min(1.0, 0.1 * HORIZON / budget)}"]
+
+
+def goal(t: Task, a: argparse.Namespace) -> list[str]:
+    """The p2prl overrides that say when a run of task `t` ends: its target, or its fixed budget."""
+    target = t.target if a.target is None else a.target
+    if target is not None:
+        return [f"train.target_return={target}"]
+    budget = a.budget or t.budget
+    return ["train.target_return=null", f"train.total_steps={budget}", *budget_overrides(t.algo, budget)]
 EXTRAS = {"box2d": "Box2D", "atari": "ale_py"}  # extra -> the module it installs
 SYSTEMS = ("p2prl-1", "p2prl-2", "sb3")
 STRATEGIES = ("allreduce", "param_server", "local_sgd", "gossip")
@@ -163,9 +182,7 @@ def plan(a: argparse.Namespace, out: Path) -> list[Job]:
                            "--out", str(out / "runs" / name / system / f"seed{seed}" / "result.json"),
                            *(["--steps", str(steps)] if steps else [])]
                 else:
-                    goal = [f"train.target_return={target}"] if budget is None else \
-                        ["train.target_return=null", f"train.total_steps={budget}"]
-                    cmd = p2prl_cmd(int(system[-1]), [f"algo={t.algo}", f"env={t.env}", *goal, *a.override])
+                    cmd = p2prl_cmd(int(system[-1]), [f"algo={t.algo}", f"env={t.env}", *goal(t, a), *a.override])
                 jobs.append(_job(out, name, system, seed, cmd))
     return jobs
 
@@ -176,11 +193,10 @@ def plan_strategies(a: argparse.Namespace, out: Path) -> list[Job]:
     for seed in a.seeds:
         for name in a.tasks:
             t = TASKS[name]
-            target = t.target if a.target is None else a.target
             for strategy in STRATEGIES:
                 for peers in a.peers:
-                    cmd = p2prl_cmd(peers, [f"algo={t.algo}", f"env={t.env}", f"train.target_return={target}",
-                                            f"comm={strategy}", *a.override])
+                    cmd = p2prl_cmd(peers, [f"algo={t.algo}", f"env={t.env}", *goal(t, a), f"comm={strategy}",
+                                            *a.override])
                     jobs.append(_job(out, name, f"{strategy} x{peers}".replace(" ", "_"), seed, cmd))
     return jobs
 
