@@ -261,3 +261,46 @@ def test_scaling_on_breakout_and_the_extra_it_needs(monkeypatch, tmp_path, capsy
     with pytest.raises(SystemExit):
         bench.parse_args(["--tasks", "breakout-ppo"])
     assert "atari extra" in capsys.readouterr().err
+
+
+def test_cost_model_fits_the_two_peer_allreduce():
+    from p2prl.bench import cost
+    alpha, beta = 2e-4, 7e-10
+    rows = [{"bytes": s, "allreduce_gloo_s": alpha + beta * s, "exchange_s": 5e-3} for s in (256, 4096, 65536, 1 << 20)]
+    m = cost.model({"rows": rows})
+    assert m["alpha_s"] == pytest.approx(alpha) and m["beta_s_per_byte"] == pytest.approx(beta)
+    assert [r["model_s"] for r in m["measured_vs_model"]] == pytest.approx([r["allreduce_gloo_s"] for r in rows])
+    assert m["measured_vs_model"][0]["exchange_s"] == 5e-3  # set beside, not fitted
+
+
+def test_straggler_plan_and_table(monkeypatch, tmp_path):
+    monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec())
+    a = bench.parse_args(["--stragglers", "--seeds", "0"])
+    wait, cut = bench.plan_stragglers(a, tmp_path)
+    assert "env.id=p2prl.bench.straggler:SlowCartPole-v1" in wait.cmd and "--nproc_per_node=2" in wait.cmd
+    assert "comm.straggler_frac=0.5" in cut.cmd and not any("straggler_frac" in c for c in wait.cmd)
+    rec = report.derive({"reached": True, "steps_by_rank": [800, 200], "final_step": 1000, "wall_s": 3.0,
+                         "time_to_target_s": 2.5, "loop_s": 2.0, "steps_to_target": 1000}, 4.0)
+    assert rec["last_rank_share"] == pytest.approx(0.2)
+    rows = report.aggregate([{**rec, "task": "t", "system": cut.system, "seed": 0, "error": None}])
+    assert "0.200" in report.format_stragglers(rows)
+
+
+def test_the_straggler_env_is_slower_on_rank_1_only(monkeypatch):
+    import gymnasium as gym
+    from p2prl.bench import straggler
+    monkeypatch.setenv("P2PRL_BENCH_SLOW_S", "0.25")
+    monkeypatch.setenv("RANK", "1")
+    slow = gym.make(straggler.ENV_ID)
+    monkeypatch.setenv("RANK", "0")
+    fast = gym.make(straggler.ENV_ID)
+    delays = [next(w.delay for w in _chain(e) if isinstance(w, straggler.SlowOnRank1)) for e in (slow, fast)]
+    assert delays == [0.25, 0.0]
+
+
+def _chain(env):
+    while True:
+        yield env
+        if not hasattr(env, "env"):
+            return
+        env = env.env

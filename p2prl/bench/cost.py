@@ -1,8 +1,12 @@
 """An alpha-beta cost model of per-update communication, fitted to collectives measured here.
 
 A message of S bytes costs alpha + beta * S (latency, inverse bandwidth), fitted by least squares to
-the pairwise exchanges `p2prl.bench.collectives` timed between 2 peers; shared-memory sums inside a
-node get their own (alpha_shm, beta_shm). Per update of a model of S bytes on N peers:
+the 2-peer gloo all-reduces `p2prl.bench.collectives` timed (on 2 peers an all-reduce is one exchange
+of the whole message: alpha + beta S); shared-memory sums inside a node get their own (alpha_shm,
+beta_shm). The pairwise send/receive it also times (gossip's and the parameter server's links) is
+set beside the model's alpha + beta S rather than fitted: gloo's point-to-point path jitters by
+milliseconds on a loaded loopback, which the strategies' measured comm_frac shows too. Per update of a
+model of S bytes on N peers:
 
 - all-reduce: the cheaper of a ring, 2 (N - 1) (alpha + beta S / N) (2 (N - 1) steps, each moving a
   1/N chunk: bandwidth-optimal), and recursive doubling, ceil(log2 N) (alpha + beta S) (latency-optimal),
@@ -70,14 +74,14 @@ STRATEGIES = ("allreduce", "hierarchical", "param_server", "gossip", "local_sgd"
 def model(measured: dict) -> dict:
     """Fitted constants and predictions from `p2prl.bench.collectives`' JSON."""
     rows = measured["rows"]
-    alpha, beta = fit([r["bytes"] for r in rows], [r["exchange_s"] for r in rows])
+    alpha, beta = fit([r["bytes"] for r in rows], [r["allreduce_gloo_s"] for r in rows])
     shm = [r for r in rows if "allreduce_shm_s" in r]
     alpha_shm, beta_shm = fit([r["bytes"] for r in shm], [r["allreduce_shm_s"] for r in shm]) if len(shm) > 1 \
         else (0.0, 0.0)
-    check = [{"bytes": r["bytes"], "measured_s": r["allreduce_gloo_s"], "model_s": allreduce(alpha, beta, r["bytes"], 2)}
-             for r in rows]
+    check = [{"bytes": r["bytes"], "allreduce_s": r["allreduce_gloo_s"], "exchange_s": r.get("exchange_s"),
+              "model_s": allreduce(alpha, beta, r["bytes"], 2)} for r in rows]
     return {"alpha_s": alpha, "beta_s_per_byte": beta, "alpha_shm_s": alpha_shm, "beta_shm_s_per_byte": beta_shm,
-            "two_peer_allreduce": check}
+            "measured_vs_model": check}
 
 
 def predictions(m: dict, nbytes: float) -> dict[str, list[float]]:

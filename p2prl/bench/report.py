@@ -29,7 +29,8 @@ from p2prl.plot import read_metrics
 
 TO_TARGET = ("launch_to_target_s", "time_to_target_s", "first_step_to_target_s", "steps_to_target")
 MEASURES = (*TO_TARGET, "sps", "comm_frac", "comm_ms_per_call", "grad_bytes", "calls_per_update",
-            "bytes_per_update", "episode_return_mean", "final_step", "max_rss_mb", "launch_to_exit_s")
+            "bytes_per_update", "episode_return_mean", "final_step", "max_rss_mb", "launch_to_exit_s",
+            "last_rank_share")
 SUMMARY_KEYS = ("reached", "steps_to_target", "time_to_target_s", "first_step_to_target_s", "final_step",
                 "world_size", "wall_s", "sps", "comm_frac", "comm_calls", "comm_bytes", "updates",
                 "episode_return_mean", "timed_out")
@@ -41,6 +42,8 @@ def derive(summary: dict[str, Any], launch_to_exit_s: float) -> dict[str, Any]:
     reached = bool(summary.get("reached"))
     rec["reached"] = reached
     rec["launch_to_target_s"] = launch_to_exit_s if reached else None
+    by_rank = summary.get("steps_by_rank") or []
+    rec["last_rank_share"] = by_rank[-1] / sum(by_rank) if len(by_rank) > 1 and sum(by_rank) else None
     rss = summary.get("max_rss_mb")
     rec["max_rss_mb"] = max(rss) if rss else None  # the largest peer's peak
     sps = summary.get("sps")
@@ -151,6 +154,16 @@ def format_budget(rows: Sequence[dict[str, Any]]) -> str:
              fmt(r["final_step"], 0), fmt(r["episode_return_mean"], 1), fmt(r["sps"], 0), fmt(r["max_rss_mb"], 0),
              fmt(r["launch_to_exit_s"], 0)) for r in rows]
     return table(headers, body) + "\nmedian (min-max) over seeds; return: the mean game score of the last 20 games"
+
+
+def format_stragglers(rows: Sequence[dict[str, Any]]) -> str:
+    """A slowed peer without and with preemption: time to target and the slow peer's share of samples."""
+    headers = ("task", "system", "reached", "launch->target s", "1st step->target s", "steps->target",
+               "slow peer's share of samples")
+    body = [(r["task"], r["system"], f"{r['reached']}/{r['runs']}" + (f", {r['failed']} failed" if r["failed"] else ""),
+             fmt(r["launch_to_target_s"]), fmt(r["first_step_to_target_s"]), fmt(r["steps_to_target"], 0),
+             fmt(r["last_rank_share"], 3)) for r in rows]
+    return table(headers, body) + "\nmedian (min-max) over seeds; 0.500: both peers contributed alike"
 
 
 def format_strategies(rows: Sequence[dict[str, Any]], cores: Optional[int]) -> str:

@@ -123,6 +123,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--strategies", action="store_true",
                    help=f"compare the sync strategies ({', '.join(STRATEGIES)}) on the tasks, on --peers peers")
     p.add_argument("--peers", nargs="+", type=int, default=[2, 4], help="with --strategies (default: %(default)s)")
+    p.add_argument("--stragglers", action="store_true",
+                   help="CartPole PPO on 2 peers, rank 1's env slowed on purpose, without and with "
+                        "comm.straggler_frac=0.5: time to target and the slow peer's share of the samples")
     p.add_argument("--cost-model", action="store_true",
                    help="time collectives on 2 peers, fit the alpha-beta model, predict up to 256 peers")
     p.add_argument("--scaling-steps", type=int, default=None,
@@ -199,6 +202,16 @@ def plan_strategies(a: argparse.Namespace, out: Path) -> list[Job]:
                                             *a.override])
                     jobs.append(_job(out, name, f"{strategy} x{peers}".replace(" ", "_"), seed, cmd))
     return jobs
+
+
+def plan_stragglers(a: argparse.Namespace, out: Path) -> list[Job]:
+    """A slowed rank 1 (p2prl.bench.straggler) on 2 peers, without and with preemption, seed by seed."""
+    from p2prl.bench.straggler import ENV_ID
+    target = 475 if a.target is None else a.target
+    base = ["algo=ppo", "env=cartpole", f"env.id={ENV_ID}", f"train.target_return={target}", *a.override]
+    return [_job(out, "cartpole-ppo-slow-rank1", system, seed, p2prl_cmd(2, [*base, *extra]))
+            for seed in a.seeds for system, extra in (("wait_for_all", []),
+                                                      ("straggler_frac_0.5", ["comm.straggler_frac=0.5"]))]
 
 
 def plan_scaling(a: argparse.Namespace, out: Path) -> list[Job]:
@@ -300,7 +313,11 @@ def cost_model(out: Path, max_seconds: float) -> int:
     png = cost.plot(m, MODEL_SIZES, out / "cost.png")
     fitted = (f"alpha {1e6 * m['alpha_s']:.1f} us, beta {1e9 * m['beta_s_per_byte']:.3f} ns/byte; shared memory: "
               f"alpha {1e6 * m['alpha_shm_s']:.1f} us, beta {1e9 * m['beta_shm_s_per_byte']:.3f} ns/byte")
-    tables = "\n\n".join(cost.table(m, size, label) for label, size in MODEL_SIZES.items())
+    check = report.table(("bytes", "all-reduce ms (fitted)", "send/recv ms", "model ms"), [
+        (str(r["bytes"]), f"{1000 * r['allreduce_s']:.3f}", "-" if r["exchange_s"] is None else f"{1000 * r['exchange_s']:.3f}",
+         f"{1000 * r['model_s']:.3f}") for r in m["measured_vs_model"]])
+    tables = "\n\n".join([f"2 peers, measured (medians) and modelled:\n{check}",
+                            *(cost.table(m, size, label) for label, size in MODEL_SIZES.items())])
     emit(f"fitted on this machine: {fitted}\n\n{tables}\n\nwrote {out / 'cost.json'} and {png}")
     return 0
 
@@ -316,14 +333,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     if a.cost_model:
         return cost_model(out, a.max_seconds)
     scaling = a.scaling is not None
-    jobs = plan_scaling(a, out) if scaling else plan_strategies(a, out) if a.strategies else plan(a, out)
+    jobs = plan_scaling(a, out) if scaling else plan_strategies(a, out) if a.strategies else \
+        plan_stragglers(a, out) if a.stragglers else plan(a, out)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
     doc: dict[str, Any] = {"created": datetime.now().isoformat(timespec="seconds"), "argv": sys.argv,
                            "settings": settings, "host": report.host(), "runs": []}
     for i, job in enumerate(jobs, 1):
         log.info("[%d/%d] %s %s seed %d ...", i, len(jobs), job.task, job.system, job.seed)
         doc["runs"].append(run_job(job, a.max_seconds))
-        log.info("[%d/%d] %s", i, len(jobs), _describe(doc["runs"][-1], not scaling and TASKS[job.task].target is not None))
+        has_target = not scaling and (a.stragglers or TASKS[job.task].target is not None)
+        log.info("[%d/%d] %s", i, len(jobs), _describe(doc["runs"][-1], has_target))
         doc["aggregates"] = report.aggregate(doc["runs"])
         report.write_json(out / "bench.json", doc)  # after every run: a stopped bench keeps what it measured
     if scaling:
@@ -332,6 +351,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         text = "\n\n".join(f"{name}, fixed work per peer:\n{report.format_scaling(s)}"
                             for name, s in doc["scaling"].items())
         png = bar_chart(doc["aggregates"], "sps", "global steps/s", out / "scaling.png", annotate=False)
+    elif a.stragglers:
+        text = report.format_stragglers(doc["aggregates"])
+        png = bar_chart(doc["aggregates"], "launch_to_target_s", "seconds to target, launch to exit", out / "bench.png")
     elif a.strategies:
         text = report.format_strategies(doc["aggregates"], os.cpu_count())
         png = bar_chart(doc["aggregates"], "launch_to_target_s", "seconds to target, launch to exit", out / "bench.png")
