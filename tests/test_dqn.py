@@ -40,7 +40,7 @@ def test_nstep_windows_flush_at_episode_end(terminated, dqn_config):
     # Steps 0..3 with rewards 1..4; step 3 ends the episode; step 4 is the autoreset step (invalid).
     for t in range(5):
         end = np.array([t == 3])
-        algo.obs = o(t)
+        algo.obs = algo.obs_key = o(t)  # the plain buffer keys transitions by the observations
         algo._store(np.array([t % 2]), np.array([t + 1.0], dtype=np.float32), o(t + 1),
                     end & terminated, end & (not terminated), np.array([t != 4]))
     b = algo.buffer
