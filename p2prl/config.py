@@ -4,7 +4,10 @@ Every default lives once, in conf/ (the YAML files, each key commented there). T
 are the schema: they declare each key's type and check its value, but hold no default, so a config can
 only come from composing conf/ (`p2prl.precheck.compose`), or from a dict that names every key.
 Each algorithm's section is declared in its own file (`p2prl.algos`). A user-caused mistake surfaces as
-a one-line `ConfigError` naming the key, the value and what is allowed.
+a one-line `ConfigError` naming the key, the value and what is allowed. The file is a little over 250
+lines because the schema, the checks it shares with the algorithms' sections, the compatibility
+defaults of saved configs and the one flatten/hash belong together: every key's type, check and
+meaning in one place.
 """
 from __future__ import annotations
 

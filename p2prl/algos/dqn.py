@@ -4,7 +4,9 @@ Every peer steps its own envs with its own epsilon, stores into its OWN replay b
 own minibatch; the learner averages the gradients of every update across peers, so all peers keep the
 same online network. Counters that schedule updates (vector steps, updates) advance in lockstep on
 every peer, so each peer makes the same number of updates and syncs its target network on the same
-update: no peer ever waits in a collective another one skipped.
+update: no peer ever waits in a collective another one skipped. Like ppo.py, the file reads top to
+bottom as the whole algorithm (config, sampling into either replay buffer, losses, checkpoint state,
+greedy policy), a little over 250 lines.
 """
 from __future__ import annotations
 

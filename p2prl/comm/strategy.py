@@ -77,12 +77,3 @@ def _local_terms(strategy: Strategy, apply: Apply, veto: Any):
     covers every peer's gradient), then apply this peer's own gradient with them."""
     strategy.comm.all_reduce_mean(strategy.bucket.extras)
     return apply(strategy.bucket.flat, veto)
-
-
-def make_strategy(comm: Communicator, cfg: CommConfig, bucket: GradientBucket) -> Strategy:
-    from p2prl.comm.allreduce import AllReduce
-    from p2prl.comm.gossip import Gossip
-    from p2prl.comm.local_sgd import LocalSGD
-    from p2prl.comm.param_server import ParamServer
-    return {"allreduce": AllReduce, "param_server": ParamServer, "local_sgd": LocalSGD,
-            "gossip": Gossip}[cfg.strategy](comm, cfg, bucket)

@@ -1,0 +1,150 @@
+"""What `p2prl.bench` runs: the tasks, and the plans (the jobs of a bench, interleaved by seed) of its
+modes: time to target (`plan`), strategies, stragglers and scaling. Pure functions of the options;
+`p2prl.bench.runs` launches the jobs."""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class Task:
+    algo: str
+    env: str      # p2prl's env preset
+    gym_id: str   # the same env for SB3
+    target: Optional[float]  # None: a fixed step budget, the return reached at its end is the result
+    budget: Optional[int] = None  # global steps of a fixed-budget task (--budget overrides)
+    extra: str = ""  # the extra it needs
+
+
+TASKS = {
+    "cartpole-ppo": Task("ppo", "cartpole", "CartPole-v1", 475),
+    "cartpole-dqn": Task("dqn", "cartpole", "CartPole-v1", 475),
+    "lunarlander-ppo": Task("ppo", "lunarlander", "LunarLander-v3", 200, extra="box2d"),
+    "lunarlander-dqn": Task("dqn", "lunarlander", "LunarLander-v3", 200, extra="box2d"),
+    # From pixels; DQN's first 80k steps (learning_starts) only act, so its budget goes beyond them.
+    "breakout-ppo": Task("ppo", "breakout", "BreakoutNoFrameskip-v4", None, 100_000, "atari"),
+    "breakout-dqn": Task("dqn", "breakout", "BreakoutNoFrameskip-v4", None, 150_000, "atari"),
+}
+HORIZON = 10_000_000  # the Atari presets' (and the zoo's) budget, over which their schedules run
+
+
+def budget_overrides(algo: str, budget: int) -> list[str]:
+    """A fixed budget cut from a 10M-step run: the schedules as the SB3 side pins them to the horizon
+    (p2prl.bench.sb3.model_kwargs): PPO's learning rate nearly constant over the first budget steps,
+    DQN's exploration decaying over min(1, 0.1 x 10M / budget) of the budget."""
+    if algo == "ppo":
+        return ["algo.anneal_lr=false"]
+    return [f"algo.exploration_fraction={min(1.0, 0.1 * HORIZON / budget)}"]
+
+
+def goal(t: Task, a: argparse.Namespace) -> list[str]:
+    """The p2prl overrides that say when a run of task `t` ends: its target, or its fixed budget."""
+    target = t.target if a.target is None else a.target
+    if target is not None:
+        return [f"train.target_return={target}"]
+    budget = a.budget or t.budget
+    return ["train.target_return=null", f"train.total_steps={budget}", *budget_overrides(t.algo, budget)]
+EXTRAS = {"box2d": "Box2D", "atari": "ale_py"}  # extra -> the module it installs
+SYSTEMS = ("p2prl-1", "p2prl-2", "sb3")
+STRATEGIES = ("allreduce", "param_server", "local_sgd", "gossip")
+# --scaling: global steps/s at fixed per-peer work, per task: its overrides and 1-peer steps. DQN learns
+# from its first steps on here, so that both runs spend the same share of their steps updating.
+SCALING = {"lunarlander-ppo": (("algo=ppo", "env=lunarlander", "train.target_return=null"), 100_000),
+           "breakout-ppo": (("algo=ppo", "env=breakout"), 20_000),
+           "breakout-dqn": (("algo=dqn", "env=breakout", "algo.learning_starts=2000"), 20_000)}
+PORT = "<port>"  # in a planned torchrun command: replaced by a free port at launch
+
+
+@dataclass(frozen=True)
+class Job:
+    task: str
+    system: str
+    seed: int
+    cmd: tuple[str, ...]
+    run_dir: Path
+    log: Path
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def p2prl_cmd(peers: int, overrides: list[str]) -> list[str]:
+    """`python -m p2prl.train`, or torchrun with a loopback rendezvous for several peers (its port,
+    PORT in the command, is chosen at launch: a port free when the bench starts may not be later)."""
+    if peers == 1:
+        return [sys.executable, "-m", "p2prl.train", *overrides]
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={peers}",
+            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{PORT}", "-m", "p2prl.train", *overrides]
+
+
+def _job(out: Path, task: str, system: str, seed: int, cmd: list[str]) -> Job:
+    run_dir = out / "runs" / task / system / f"seed{seed}"
+    if system != "sb3":
+        cmd = [*cmd, f"seed={seed}", f"hydra.run.dir={run_dir.resolve()}"]
+    return Job(task, system, seed, tuple(cmd), run_dir, out / "logs" / f"{task}_{system}_seed{seed}.log")
+
+
+def plan(a: argparse.Namespace, out: Path) -> list[Job]:
+    """Every (task, system) for seed 0, then for seed 1, ...: interleaved."""
+    jobs = []
+    for seed in a.seeds:
+        for name in a.tasks:
+            t = TASKS[name]
+            target = t.target if a.target is None else a.target
+            budget = None if target is not None else (a.budget or t.budget)
+            for system in a.systems:
+                if system == "sb3":
+                    steps = budget or a.sb3_steps
+                    cmd = [sys.executable, "-m", "p2prl.bench.sb3", "--algo", t.algo, "--env", t.gym_id,
+                           "--seed", str(seed), *(["--target", str(target)] if target is not None else []),
+                           "--out", str(out / "runs" / name / system / f"seed{seed}" / "result.json"),
+                           *(["--steps", str(steps)] if steps else [])]
+                else:
+                    cmd = p2prl_cmd(int(system[-1]), [f"algo={t.algo}", f"env={t.env}", *goal(t, a), *a.override])
+                jobs.append(_job(out, name, system, seed, cmd))
+    return jobs
+
+
+def plan_strategies(a: argparse.Namespace, out: Path) -> list[Job]:
+    """Every task x strategy x number of peers, seed 0 of all before seed 1, ..."""
+    jobs = []
+    for seed in a.seeds:
+        for name in a.tasks:
+            t = TASKS[name]
+            for strategy in STRATEGIES:
+                for peers in a.peers:
+                    cmd = p2prl_cmd(peers, [f"algo={t.algo}", f"env={t.env}", *goal(t, a), f"comm={strategy}",
+                                            *a.override])
+                    jobs.append(_job(out, name, f"{strategy} x{peers}".replace(" ", "_"), seed, cmd))
+    return jobs
+
+
+def plan_stragglers(a: argparse.Namespace, out: Path) -> list[Job]:
+    """A slowed rank 1 (p2prl.bench.straggler) on 2 peers, without and with preemption, seed by seed."""
+    from p2prl.bench.straggler import ENV_ID
+    target = 475 if a.target is None else a.target
+    base = ["algo=ppo", "env=cartpole", f"env.id={ENV_ID}", f"train.target_return={target}", *a.override]
+    return [_job(out, "cartpole-ppo-slow-rank1", system, seed, p2prl_cmd(2, [*base, *extra]))
+            for seed in a.seeds for system, extra in (("wait_for_all", []),
+                                                      ("straggler_frac_0.5", ["comm.straggler_frac=0.5"]))]
+
+
+def plan_scaling(a: argparse.Namespace, out: Path) -> list[Job]:
+    """Per task, 1 peer with N global steps and 2 peers with 2N (the same work per peer), interleaved
+    over seeds."""
+    jobs = []
+    for seed in a.seeds:
+        for name in a.scaling:
+            args, steps = SCALING[name]
+            steps = a.scaling_steps or steps
+            jobs += [_job(out, f"{name}-fixed-work", f"p2prl-{n}", seed,
+                          p2prl_cmd(n, [*args, f"train.total_steps={n * steps}", *a.override])) for n in (1, 2)]
+    return jobs
