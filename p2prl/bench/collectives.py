@@ -45,7 +45,7 @@ def main(out: Path) -> None:
     for nbytes in SIZES:
         x, y = torch.ones(nbytes // 4), torch.zeros(nbytes // 4)
         row = {"bytes": nbytes, "allreduce_gloo_s": _time(lambda: gloo.all_reduce_sum(x), REPS)}
-        if shared.shared is not None and shared.shared.fits(x):
+        if shared.shared is not None and shared.shared.takes(x):
             row["allreduce_shm_s"] = _time(lambda: shared.all_reduce_sum(x), REPS)
         if other is not None:
             row["exchange_s"] = _time(lambda: gloo.exchange(x, y, other), REPS)

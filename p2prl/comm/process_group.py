@@ -100,7 +100,7 @@ class ProcessGroupComm(Communicator):
             raise self.failure(e) from e
 
     def _in_memory(self, tensor: torch.Tensor) -> bool:
-        return self.shared is not None and self.shared.fits(tensor)
+        return self.shared is not None and self.shared.takes(tensor)
 
     def _all_reduce_sum(self, tensor: torch.Tensor) -> None:
         if self._in_memory(tensor):
@@ -119,9 +119,12 @@ class ProcessGroupComm(Communicator):
 
     def _start_all_reduce_sum(self, tensor: torch.Tensor):
         assert tensor.device == self.device, "background all-reduces take tensors already on the device"
-        if self._in_memory(tensor):
+        if self._in_memory(tensor) and self.shared.fits(tensor):
             k = self._shared(lambda: self.shared.publish(tensor, self.timeout_s))
             return lambda: self._shared(lambda: self.shared.finish(k))
+        if self._in_memory(tensor):  # larger than a slot: summed in pieces now (still faster than gloo)
+            self._all_reduce_sum(tensor)
+            return lambda: None
         work = self._start(_start_sum, tensor)
         return lambda: self._wait(work)
 
