@@ -256,7 +256,9 @@ def test_scaling_on_breakout_and_the_extra_it_needs(monkeypatch, tmp_path, capsy
     a = bench.parse_args(["--scaling", "breakout-dqn", "--seeds", "0"])
     one, two = bench.plan_scaling(a, tmp_path)
     assert "train.total_steps=20000" in one.cmd and "train.total_steps=40000" in two.cmd
-    assert {"algo=dqn", "env=breakout", "algo.learning_starts=2000"} <= set(two.cmd)
+    # the same share of each peer's steps acts alone: 2,000 per peer
+    assert "algo.learning_starts=2000" in one.cmd and "algo.learning_starts=4000" in two.cmd
+    assert {"algo=dqn", "env=breakout"} <= set(two.cmd)
     monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec(missing={"ale_py"}))
     with pytest.raises(SystemExit):
         bench.parse_args(["--tasks", "breakout-ppo"])

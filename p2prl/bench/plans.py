@@ -51,11 +51,12 @@ def goal(t: Task, a: argparse.Namespace) -> list[str]:
 EXTRAS = {"box2d": "Box2D", "atari": "ale_py"}  # extra -> the module it installs
 SYSTEMS = ("p2prl-1", "p2prl-2", "sb3")
 STRATEGIES = ("allreduce", "param_server", "local_sgd", "gossip")
-# --scaling: global steps/s at fixed per-peer work, per task: its overrides and 1-peer steps. DQN learns
-# from its first steps on here, so that both runs spend the same share of their steps updating.
-SCALING = {"lunarlander-ppo": (("algo=ppo", "env=lunarlander", "train.target_return=null"), 100_000),
-           "breakout-ppo": (("algo=ppo", "env=breakout"), 20_000),
-           "breakout-dqn": (("algo=dqn", "env=breakout", "algo.learning_starts=2000"), 20_000)}
+# --scaling: global steps/s at fixed per-peer work, per task: its overrides, 1-peer steps, and global
+# step counts given per peer (multiplied by the number of peers). DQN learns from its 2,000th step per
+# peer on here, so that both runs act alone and update for the same share of each peer's steps.
+SCALING = {"lunarlander-ppo": (("algo=ppo", "env=lunarlander", "train.target_return=null"), 100_000, {}),
+           "breakout-ppo": (("algo=ppo", "env=breakout"), 20_000, {}),
+           "breakout-dqn": (("algo=dqn", "env=breakout"), 20_000, {"algo.learning_starts": 2000})}
 PORT = "<port>"  # in a planned torchrun command: replaced by a free port at launch
 
 
@@ -143,8 +144,10 @@ def plan_scaling(a: argparse.Namespace, out: Path) -> list[Job]:
     jobs = []
     for seed in a.seeds:
         for name in a.scaling:
-            args, steps = SCALING[name]
+            args, steps, per_peer = SCALING[name]
             steps = a.scaling_steps or steps
-            jobs += [_job(out, f"{name}-fixed-work", f"p2prl-{n}", seed,
-                          p2prl_cmd(n, [*args, f"train.total_steps={n * steps}", *a.override])) for n in (1, 2)]
+            for n in (1, 2):
+                scaled = [f"{key}={n * value}" for key, value in per_peer.items()]
+                jobs.append(_job(out, f"{name}-fixed-work", f"p2prl-{n}", seed,
+                                 p2prl_cmd(n, [*args, *scaled, f"train.total_steps={n * steps}", *a.override])))
     return jobs
