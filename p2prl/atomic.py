@@ -2,7 +2,7 @@
 
 A reader (or a run resumed after a crash or power cut) sees the old file or the new one, never half of
 one. Checkpoints, metrics.jsonl rewrites, summary.json, eval.json and the benchmark's JSON all go
-through `write_atomic`.
+through `write_atomic`; videos, which moviepy writes, reach their place through `move_atomic`.
 """
 from __future__ import annotations
 
@@ -32,7 +32,23 @@ def write_atomic(path: Path, content: Content) -> None:
     except BaseException:  # an interrupted write leaves no temp file behind
         tmp.unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    _sync_dir(path.parent)
+
+
+def move_atomic(src: Path, path: Path) -> None:
+    """Put a finished file that another library wrote (a video) at `path` atomically: fsync, rename.
+    `src` must be on the same filesystem (a temp dir beside `path`)."""
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(src, path)
+    _sync_dir(Path(path).parent)
+
+
+def _sync_dir(directory: Path) -> None:
+    dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # the rename itself survives a power cut
     finally:

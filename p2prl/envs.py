@@ -6,6 +6,7 @@ algorithm sees them (`zero_based`): algorithms index actions and states from 0.
 from __future__ import annotations
 
 import importlib
+from typing import Callable, Optional
 
 import gymnasium as gym
 import numpy as np
@@ -60,11 +61,14 @@ def zero_based(env: gym.Env) -> gym.Env:
     return env
 
 
-def make_single_env(cfg: EnvConfig, **extra) -> gym.Env:
-    """One env, for space checks and evaluation; a missing extra becomes a one-line config error."""
+def make_single_env(cfg: EnvConfig, inner: Optional[Callable[[gym.Env], gym.Env]] = None, **extra) -> gym.Env:
+    """One env, for space checks and evaluation; a missing extra becomes a one-line config error.
+    `inner` wraps the env gymnasium made before p2prl's wrappers do (a video recorder there sees every
+    frame of the game itself, not the 84x84 input); `extra` goes to gymnasium.make (render_mode)."""
     spec_of(cfg)
     try:
-        return _wrapped(cfg)(gym.make(env_id(cfg), **env_kwargs(cfg), **extra))
+        env = gym.make(env_id(cfg), **env_kwargs(cfg), **extra)
+        return _wrapped(cfg)(inner(env) if inner else env)
     except gym.error.DependencyNotInstalled as e:
         raise ConfigError(f"env={cfg.name}", cfg.id, f"needs an extra: {str(e).splitlines()[0]}")
     except (TypeError, KeyError, ValueError) as e:  # gymnasium's own complaint about a keyword

@@ -1,6 +1,8 @@
-"""PNG plots: `python -m p2prl.plot RUN_DIR... [--out FILE] [--x step|time_s]` draws the training return
-curves (`episode_return_mean` from metrics.jsonl) of one or more runs on one chart; `bar_chart` draws
-p2prl.bench's per-task medians with min-max ranges.
+"""PNG plots: `python -m p2prl.plot RUN_DIR|SWEEP_DIR... [--out FILE] [--x step|time_s]` draws the training
+return curves (`episode_return_mean` from metrics.jsonl) on one chart: the runs are grouped by the config
+keys that differ between them (`p2prl.sweep`; seeds do not count), and each group of several runs is
+drawn as its mean with a min-max band; `bar_chart` draws p2prl.bench's per-task medians with min-max
+ranges.
 
 Figures are drawn on matplotlib's Agg canvas without pyplot, so importing this module never switches
 the backend of an interactive session and needs no display.
@@ -14,8 +16,11 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from p2prl.sweep import Group, find_runs, group_runs, saved_config
 
 
 def _figure(ncols: int = 1, width: float = 6.4, height: float = 4.2) -> tuple[Figure, list]:
@@ -49,21 +54,41 @@ def _target(run_dir: Path) -> Optional[float]:
         return None
 
 
-def labels(run_dirs: Sequence[Path]) -> list[str]:
-    """The shortest path tails that tell the runs apart (run dirs are often all called seed0 or a date)."""
-    for k in range(1, max((len(d.parts) for d in run_dirs), default=1) + 1):
-        tails = ["/".join(d.parts[-k:]) for d in run_dirs]
-        if len(set(tails)) == len(tails):
-            return tails
-    return [str(d) for d in run_dirs]
+def curve(run_dir: Path, x: str = "step") -> tuple[np.ndarray, np.ndarray]:
+    """(x, episode_return_mean) of a run's rows that have a return, in the order of x."""
+    rows = [r for r in read_metrics(run_dir) if r.get("episode_return_mean") is not None]
+    rows.sort(key=lambda r: r[x])
+    return (np.array([r[x] for r in rows], dtype=float), np.array([r["episode_return_mean"] for r in rows], dtype=float))
 
 
-def plot_returns(run_dirs: Sequence[Path], out: Path, x: str = "step") -> Path:
-    """One line per run: `episode_return_mean` against `x`; the first run's target as a dashed line."""
+def band(curves: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, ...]:
+    """(grid, mean, min, max) of several curves on the union of their x values, each curve linearly
+    interpolated within its own range. Where a run has ended (it reached its target sooner), the
+    statistics are those of the runs still going. Empty curves are left out."""
+    curves = [(x, y) for x, y in curves if len(x)]
+    if not curves:
+        return (np.empty(0),) * 4
+    grid = np.unique(np.concatenate([x for x, _ in curves]))
+    ys = np.stack([np.interp(grid, x, y, left=np.nan, right=np.nan) for x, y in curves])
+    return grid, np.nanmean(ys, axis=0), np.nanmin(ys, axis=0), np.nanmax(ys, axis=0)
+
+
+def run_groups(run_dirs: Sequence[Path]) -> list[Group]:
+    return group_runs(run_dirs, [saved_config(d) for d in run_dirs])
+
+
+def plot_returns(run_dirs: Sequence[Path], out: Path, x: str = "step",
+                 groups: Optional[Sequence[Group]] = None) -> Path:
+    """`episode_return_mean` against `x`: one line per group (`run_groups`), a group of several runs as
+    their mean with a min-max band; the first run's target as a dashed line."""
     fig, (ax,) = _figure()
-    for d, label in zip(run_dirs, labels(run_dirs)):
-        rows = [r for r in read_metrics(d) if r.get("episode_return_mean") is not None]
-        ax.plot([r[x] for r in rows], [r["episode_return_mean"] for r in rows], marker=".", label=label)
+    for i, g in enumerate(groups if groups is not None else run_groups(run_dirs)):
+        grid, mean, lo, hi = band([curve(d, x) for d in g.runs])
+        if len(g.runs) == 1:
+            ax.plot(grid, mean, marker=".", color=f"C{i}", label=g.label)
+        else:
+            ax.plot(grid, mean, color=f"C{i}", label=f"{g.label} (mean of {len(g.runs)})")
+            ax.fill_between(grid, lo, hi, color=f"C{i}", alpha=0.2, linewidth=0)
     target = _target(run_dirs[0]) if run_dirs else None
     if target is not None:
         ax.axhline(target, color="gray", linestyle="--", linewidth=1, label=f"target {target:g}")
@@ -106,18 +131,31 @@ def bar_chart(rows: Sequence[dict[str, Any]], field: str, ylabel: str, out: Path
     return _save(fig, out)
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m p2prl.plot", description=__doc__.split("\n")[0])
-    p.add_argument("run_dirs", nargs="+", type=Path, help="run dirs holding metrics.jsonl")
-    p.add_argument("--out", type=Path, default=None, help="PNG path (default: RUN_DIR/returns.png of the first)")
+def main(argv: Optional[list[str]] = None, prog: str = "python -m p2prl.plot") -> int:
+    p = argparse.ArgumentParser(
+        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Training return curves of runs or whole sweeps as one PNG: runs that differ only in their seed "
+                    "are one group, drawn as its mean with a min-max band; prints one line per group.",
+        epilog=f"examples:\n  {prog} multirun/<id>                   # a sweep: writes multirun/<id>/curves.png\n"
+               f"  {prog} outputs/ppo-cartpole/<run> --x time_s --out returns.png")
+    p.add_argument("paths", nargs="+", type=Path, metavar="RUN_DIR|SWEEP_DIR",
+                   help="run dirs (holding metrics.jsonl) or dirs with run dirs below them (a Hydra multirun dir)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="PNG path (default: SWEEP_DIR/curves.png for a sweep, else RUN_DIR/returns.png of the first)")
     p.add_argument("--x", choices=("step", "time_s"), default="step", help="x axis: global steps or seconds")
     a = p.parse_args(argv)
-    missing = [str(d) for d in a.run_dirs if not (d / "metrics.jsonl").is_file()]
-    if missing:
-        p.error(f"no metrics.jsonl in {', '.join(missing)}")
-    out = plot_returns(a.run_dirs, a.out or a.run_dirs[0] / "returns.png", a.x)
-    sys.stdout.write(f"{out}\n")  # the CLI's output: where the plot went
+    runs = find_runs(a.paths)
+    empty = [str(d) for d in a.paths if not find_runs([d])]
+    if empty:
+        p.error(f"no metrics.jsonl in or below {', '.join(empty)}")
+    first = a.paths[0]
+    out = a.out or (first / "returns.png" if (first / "metrics.jsonl").is_file() else first / "curves.png")
+    groups = run_groups(runs)
+    for g in groups:
+        sys.stdout.write(f"group {g.label}: {len(g.runs)} run{'s' if len(g.runs) != 1 else ''}\n")
+    sys.stdout.write(f"{plot_returns(runs, out, a.x, groups)}\n")  # the CLI's output: the groups, where the plot went
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from p2prl import plot
+from p2prl import plot, sweep
 from p2prl.bench import report, runs as bench, sb3 as bench_sb3
 
 pytestmark = pytest.mark.timeout(120)
@@ -160,10 +160,11 @@ def test_plot_cli_draws_return_curves(tmp_path, capsys):
         d.mkdir(parents=True)
         rows = [{"step": 64 * k, "time_s": 0.1 * k, "episode_return_mean": 10.0 * k + i} for k in range(1, 5)]
         (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"torn')
-    assert plot.labels(dirs) == ["a/seed0", "b/seed0"]
-    plot.main([*map(str, dirs), "--x", "time_s"])
-    out = Path(capsys.readouterr().out.strip())
-    assert out == dirs[0] / "returns.png" and out.read_bytes()[:8] == PNG
+    assert sweep.labels(dirs) == ["a/seed0", "b/seed0"]
+    assert plot.main([*map(str, dirs), "--x", "time_s"]) == 0
+    *groups, out = capsys.readouterr().out.splitlines()  # runs without a config: a group each, by path
+    assert groups == ["group a/seed0: 1 run", "group b/seed0: 1 run"]
+    assert Path(out) == dirs[0] / "returns.png" and Path(out).read_bytes()[:8] == PNG
 
 
 def test_zoo_schedules_keep_the_zoo_horizon():

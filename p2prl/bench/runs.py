@@ -42,8 +42,11 @@ SB3_GRACE_S = 60.0  # an SB3 worker stops itself at the deadline; this long more
 TERM_GRACE_S = 20.0  # after SIGTERM, torchrun's peers save and exit; then SIGKILL
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m p2prl.bench", description=__doc__.split("\n\n")[1])
+def parse_args(argv: Optional[list[str]] = None, prog: str = "python -m p2prl.bench") -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=f"examples:\n  {prog} --tasks cartpole-ppo --seeds 0 1 --out bench/quick\n"
+                                       f"  {prog} --scaling lunarlander-ppo")
     p.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=["cartpole-ppo", "cartpole-dqn"],
                    metavar="TASK", help=f"of {', '.join(TASKS)} (default: %(default)s)")
     p.add_argument("--lunarlander", action="store_true", help="add lunarlander-ppo and lunarlander-dqn")
@@ -185,9 +188,9 @@ def cost_model(out: Path, max_seconds: float) -> int:
     return 0
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: Optional[list[str]] = None, prog: str = "python -m p2prl.bench") -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    a = parse_args(argv)
+    a = parse_args(argv, prog)
     out = a.out or Path("bench") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     if (out / "runs").exists():  # p2prl would resume from the old runs' checkpoints
         log.error("p2prl.bench: %s already holds runs; choose a fresh --out", out)
