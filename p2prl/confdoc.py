@@ -129,9 +129,18 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+def prose(text: str) -> str:
+    """A comment as Markdown text: a bare <env> would be read as an HTML tag and vanish (inside
+    backticks it is shown as written)."""
+    parts = text.split("`")
+    for i in range(0, len(parts), 2):  # outside code spans
+        parts[i] = parts[i].replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return "`".join(parts)
+
+
 def table(entries: list[Entry], head: tuple[str, str, str] = ("key", "default", "meaning")) -> list[str]:
     rows = [f"| {' | '.join(head)} |", "|---|---|---|"]
-    rows += [f"| `{_cell(e.key)}` | `{_cell(e.value)}` | {_cell(e.comment)} |" for e in entries]
+    rows += [f"| `{_cell(e.key)}` | `{_cell(e.value)}` | {_cell(prose(e.comment))} |" for e in entries]
     return rows
 
 
@@ -153,7 +162,7 @@ def render(conf: Optional[Path] = None) -> str:
            "there is one, then the command line's `key=value` overrides; the later wins. The default column "
            "is the value the file itself sets (`${...}` is an interpolation, `???` a value you must give, "
            "`null` none).", "",
-           "## `conf/config.yaml`", "", root.about, "", "Groups:", "",
+           "## `conf/config.yaml`", "", prose(root.about), "", "Groups:", "",
            *table(root.groups, ("group", "default option", "what it selects")), "", "Keys:", "",
            *table(root.entries)]
     for group, options in groups.items():
@@ -165,7 +174,7 @@ def render(conf: Optional[Path] = None) -> str:
         for option in options:
             out += [f"### {_title(group, option)} (`{option.path.as_posix()}`)", ""]
             if option.about:
-                out += [option.about, ""]
+                out += [prose(option.about), ""]
             if option.bases:
                 out += ["Starts from " + ", ".join(f"`{group}={b}`" for b in option.bases) + " and sets:", ""]
             out += [*table(option.entries), ""]

@@ -52,7 +52,7 @@ def test_the_parse_reads_comments_beside_or_above_and_hashes_inside_quotes():
         "  # and line two",
         "  inner: 'x # not a comment'",
         "  deep:",
-        "    leaf: [1, 2]     # a | pipe",
+        "    leaf: [1, 2]     # a | pipe, <a tag>, `<code>`",
         "b: \"#x\"             # after a quoted hash",
     ])
     option = confdoc.parse(text, "conf/g/o.yaml", "g.")
@@ -60,10 +60,10 @@ def test_the_parse_reads_comments_beside_or_above_and_hashes_inside_quotes():
     assert option.entries == [
         confdoc.Entry("g.a", "1", "beside"),
         confdoc.Entry("g.outer.inner", "'x # not a comment'", "above, line one and line two"),
-        confdoc.Entry("g.outer.deep.leaf", "[1, 2]", "a | pipe"),
+        confdoc.Entry("g.outer.deep.leaf", "[1, 2]", "a | pipe, <a tag>, `<code>`"),
         confdoc.Entry("g.b", '"#x"', "after a quoted hash"),
     ]
-    assert "| `g.outer.deep.leaf` | `[1, 2]` | a \\| pipe |" in confdoc.table(option.entries)
+    assert "| `g.outer.deep.leaf` | `[1, 2]` | a \\| pipe, &lt;a tag&gt;, `<code>` |" in confdoc.table(option.entries)
 
 
 def test_a_key_without_a_comment_stops_the_generator_naming_its_line():
