@@ -4,7 +4,7 @@ Every default lives once, in conf/ (the YAML files, each key commented there). T
 are the schema: they declare each key's type and check its value, but hold no default, so a config can
 only come from composing conf/ (`p2prl.precheck.compose`), or from a dict that names every key.
 Each algorithm's section is declared in its own file (`p2prl.algos`). A user-caused mistake surfaces as
-a one-line `ConfigError` naming the key, the value and what is allowed. The file is a little over 250
+a one-line `ConfigError` naming the key, the value and what is allowed. The file is over 250
 lines because the schema, the checks it shares with the algorithms' sections, the compatibility
 defaults of saved configs and the one flatten/hash belong together: every key's type, check and
 meaning in one place.
@@ -215,6 +215,30 @@ class CheckpointConfig:
 
 
 @dataclass
+class LoggerConfig:
+    name: str  # tensorboard | wandb (metrics.jsonl and TensorBoard are always written)
+    project: str
+    entity: Optional[str]
+    run_name: Optional[str]
+    group: Optional[str]
+    tags: list
+    mode: Optional[str]
+
+    def __post_init__(self) -> None:
+        choice("logger.name", self.name, ("tensorboard", "wandb"))
+        if not isinstance(self.project, str) or not self.project:
+            raise ConfigError("logger.project", self.project, "must be a W&B project name")
+        for key in ("entity", "run_name", "group"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigError(f"logger.{key}", value, "must be a name or null")
+        if not isinstance(self.tags, list) or not all(isinstance(t, str) and t for t in self.tags):
+            raise ConfigError("logger.tags", self.tags, "must be a list of names, e.g. [baseline,cartpole]")
+        if self.mode is not None:
+            choice("logger.mode", self.mode, ("online", "offline", "disabled"))
+
+
+@dataclass
 class RunConfig:
     seed: int
     device: str  # auto | cpu | cuda
@@ -223,6 +247,7 @@ class RunConfig:
     train: TrainConfig
     comm: CommConfig
     checkpoint: CheckpointConfig
+    logger: LoggerConfig
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -231,7 +256,8 @@ class RunConfig:
         return flatten(self.to_dict())
 
 
-SECTIONS = {"env": EnvConfig, "train": TrainConfig, "comm": CommConfig, "checkpoint": CheckpointConfig}
+SECTIONS = {"env": EnvConfig, "train": TrainConfig, "comm": CommConfig, "checkpoint": CheckpointConfig,
+            "logger": LoggerConfig}
 
 
 def section(cls: type, key: str, values: Any) -> Any:
@@ -250,18 +276,23 @@ def section(cls: type, key: str, values: Any) -> Any:
 
 
 # Keys added to conf/ after runs were saved, with the value that behaves as those runs did: a saved
-# config (summary.json, a checkpoint's) without them means that value.
+# config (summary.json, a checkpoint's) without them means that value. A section in ADDED_SECTIONS
+# came later as a whole: a saved config without it gets all of its ADDED_KEYS.
 ADDED_KEYS = {"env": {"wrapper": "none", "frame_stack": None, "terminal_on_life_loss": False},
-              "algo": {"encoder": "mlp", "clip_reward": None}}
+              "algo": {"encoder": "mlp", "clip_reward": None},
+              "logger": {"name": "tensorboard", "project": "p2prl", "entity": None, "run_name": None, "group": None,
+                         "tags": [], "mode": None}}
+ADDED_SECTIONS = ("logger",)
 
 
 def upgrade(raw: Mapping[str, Any], algo_sections: Mapping[str, type]) -> dict[str, Any]:
     """`raw` with the ADDED_KEYS its sections lack (where the section's schema has them)."""
     out = dict(raw)
     algo = raw.get("algo")
-    schemas = {"env": EnvConfig, "algo": algo_sections.get(algo.get("name")) if isinstance(algo, dict) else None}
+    schemas = {"env": EnvConfig, "algo": algo_sections.get(algo.get("name")) if isinstance(algo, dict) else None,
+               "logger": LoggerConfig}
     for key, added in ADDED_KEYS.items():
-        section, schema = out.get(key), schemas[key]
+        section, schema = out.get(key, {} if key in ADDED_SECTIONS else None), schemas[key]
         if isinstance(section, dict) and schema is not None:
             names = {f.name for f in dataclasses.fields(schema)}
             out[key] = {**{k: v for k, v in added.items() if k in names}, **section}

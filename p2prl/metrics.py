@@ -1,4 +1,4 @@
-"""Episode accounting, the global return window, and the run's outputs (rank 0 writes)."""
+"""Episode accounting, the global return window, and the run's metrics rows (rank 0 writes)."""
 from __future__ import annotations
 
 import json
@@ -6,12 +6,13 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
 
 from p2prl.atomic import jsonable, write_atomic
+from p2prl.trackers import Tracker, scalars
 
 log = logging.getLogger(__name__)
 
@@ -112,27 +113,24 @@ class ReturnWindow:
 
 
 class MetricsWriter:
-    """metrics.jsonl (+ TensorBoard under tb/ when available) and a console progress line; rank 0 only.
+    """metrics.jsonl, the trackers (`p2prl.trackers`: TensorBoard, W&B) and a console progress line;
+    rank 0 only.
 
     A run that resumes from step N first drops the rows after N (the interrupted attempt's), so the
     step column stays unique and increasing across restarts.
     """
 
-    def __init__(self, run_dir: Path, total_steps: int, enabled: bool, start_step: int = 0) -> None:
+    def __init__(self, run_dir: Path, total_steps: int, enabled: bool, start_step: int = 0,
+                 trackers: Sequence[Tracker] = ()) -> None:
         self.enabled = enabled
         self.file = None
-        self.tb = None
+        self.trackers = list(trackers)
         self.bar = None
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         drop_rows_after(run_dir / "metrics.jsonl", start_step)
         self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(run_dir / "tb"))
-        except ImportError:  # tensorboard is a dependency, but a missing one must not stop training
-            log.warning("tensorboard is not installed: no tb/ events")
         if sys.stderr.isatty() and not os.environ.get("P2PRL_NO_PROGRESS"):
             from tqdm import tqdm
             self.bar = tqdm(total=total_steps, unit="step", unit_scale=True, dynamic_ncols=True)
@@ -142,10 +140,9 @@ class MetricsWriter:
             return
         row = jsonable(row)
         self.file.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.tb.add_scalar(k, v, row["step"])
+        numbers = scalars(row)
+        for tracker in self.trackers:
+            tracker.log(numbers, row["step"])
         ret = row.get("episode_return_mean")
         shown = "n/a" if ret is None else f"{ret:.1f}"
         if self.bar is not None:
@@ -157,8 +154,8 @@ class MetricsWriter:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
+        for tracker in self.trackers:
+            tracker.close()
         if self.file is not None:
             self.file.close()
 

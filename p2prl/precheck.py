@@ -11,6 +11,7 @@ kept (`Preflight`), so the run does not check it again.
 """
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import os
 import re
@@ -25,7 +26,7 @@ from p2prl.config import ConfigError, RunConfig, build_config, conf_dir, config_
 if TYPE_CHECKING:
     from p2prl.comm import Devices
 
-GROUPS = ("algo", "env", "comm", "checkpoint")
+GROUPS = ("algo", "env", "comm", "checkpoint", "logger")
 DIR_KEYS = ("hydra.run.dir", "hydra.sweep.dir")
 MAX_JOBS = 256
 START_TIMEOUT_S = 60.0  # the start-up exchange's wait when the command line did not even compose
@@ -77,6 +78,10 @@ def preflight(cfg: RunConfig, run_dir: Optional[Path], dir_key: str = DIR_KEYS[0
     finally:
         env.close()
     devices = resolve_devices(cfg.device, cfg.comm.backend, image)
+    if cfg.logger.name == "wandb" and importlib.util.find_spec("wandb") is None:
+        # Checked on every peer: torchrun's rendezvous may place rank 0, the one that logs, on any node.
+        raise ConfigError("logger", "wandb", 'needs the wandb package: pip install -e ".[wandb]" (on every node); '
+                                             "allowed here: tensorboard")
     _check_writable(dir_key, out_dir or run_dir or Path("."))
     explicit = cfg.train.resume not in ("auto", "never")  # a path: the same source for every job
     checked = check_source(cfg, run_dir or out_dir or Path(".")) if run_dir is not None or explicit else None

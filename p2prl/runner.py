@@ -32,6 +32,7 @@ from p2prl.metrics import MetricsWriter, ReturnWindow, peak_rss_mb
 from p2prl.precheck import Preflight, preflight
 from p2prl.resume import Checkpointer, Progress, restore
 from p2prl.seeding import env_seed
+from p2prl.trackers import open_trackers
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,10 @@ def _train(cfg: RunConfig, run_dir: Path, comm: Communicator, t_start: float, ch
     p, resumed_from = restore(comm, cfg, run_dir, algo, window, checked)
     p_start = Progress(p.step, p.iteration, p.time_s)  # where this attempt started
     saver = Checkpointer(comm, cfg, run_dir, algo, window)
-    writer = MetricsWriter(run_dir, cfg.train.total_steps, enabled=is_main, start_step=p.step)
+    # W&B may take seconds to start on rank 0 while the others wait in the next collective: within half
+    # of comm.timeout_s, or the run goes on without it.
+    trackers = open_trackers(cfg.logger, run_dir, cfg.flat(), cfg.comm.timeout_s / 2) if is_main else []
+    writer = MetricsWriter(run_dir, cfg.train.total_steps, enabled=is_main, start_step=p.step, trackers=trackers)
     target, every, log_every = cfg.train.target_return, cfg.checkpoint.every_steps, cfg.train.log_every_steps
     next_log = (p.step // log_every + 1) * log_every
     # Every peer holds the same window, so decisions derived from it are already collective.

@@ -20,7 +20,7 @@ def test_the_schema_holds_no_default(schema):
 
 
 def _groups():
-    return [(group, p.stem) for group in ("algo", "env", "comm", "checkpoint")
+    return [(group, p.stem) for group in ("algo", "env", "comm", "checkpoint", "logger")
             for p in sorted((conf_dir() / group).glob("*.yaml"))]
 
 
@@ -71,6 +71,14 @@ def test_a_config_without_a_key_is_refused_naming_it(compose):
     from p2prl.precheck import to_run_config
     with pytest.raises(ConfigError, match=r"train.return_window=null: missing"):
         to_run_config(raw)
+
+
+def test_a_saved_config_from_before_the_logger_section_reads_as_tensorboard(compose):
+    raw = compose("logger=wandb").to_dict()
+    assert raw["logger"]["name"] == "wandb"
+    del raw["logger"]  # summary.json of a run from before logger existed
+    from p2prl.precheck import to_run_config
+    assert to_run_config(raw).logger == compose().logger
 
 
 def test_the_hash_ignores_where_to_resume_from(compose):

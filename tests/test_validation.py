@@ -43,7 +43,7 @@ BAD = [
     (["env=gym", "env.id=nosuchmodule:Foo-v0"], ["env.id=nosuchmodule:Foo-v0", "needs the module nosuchmodule"]),
     (["comm.average_every=0"], ["comm.average_every=0", "positive integer"]),
     (["algo=dqn", "comm.straggler_frac=0.5"], ["comm.straggler_frac=0.5", "algo=dqn does not collect rollouts", "allowed: null"]),
-    (["+nosuchsection=1"], ["nosuchsection=1", "unknown key; allowed: seed, device, algo, env, train, comm, checkpoint"]),
+    (["+nosuchsection=1"], ["nosuchsection=1", "unknown key; allowed: seed, device, algo, env, train, comm, checkpoint, logger"]),
     (["comm.backend=mpi"], ["comm.backend=mpi", "allowed: auto, gloo, nccl"]),
     (["env.id=NoSuchEnv-v9"], ["env.id=NoSuchEnv-v9", "not a registered gymnasium env"]),
     (["algo.nosuchkey=1"], ["algo.nosuchkey=1", "unknown key; allowed:"]),
@@ -76,6 +76,9 @@ BAD = [
     (["hydra.run.dir={tmp}/acrobot_run"], ["train.resume=auto", "belongs to another run (algo=ppo env=acrobot"]),
     (["train.resume="], ["train.resume=", "allowed: auto, never"]),
     (["algo.lr=1e-3,-1", "-m", "hydra.sweep.dir={tmp}/sweep"], ["algo.lr=-1", "positive number"]),
+    (["logger=nosuch"], ["logger=nosuch", "unknown logger; allowed: tensorboard, wandb"]),
+    (["logger.mode=sometimes"], ["logger.mode=sometimes", "allowed: online, offline, disabled"]),
+    (["logger.tags=notalist"], ["logger.tags=notalist", "must be a list of names"]),
     (["algo.clip_reward=-1"], ["algo.clip_reward=-1", "positive number"]),
     (["hydra.run.dir={tmp}/cartpole_run", "algo.hidden_sizes=[32]"],
      ["algo.hidden_sizes=[32]: cannot change on resume", "was trained with [64, 64]", "train.resume=never"]),
@@ -162,3 +165,10 @@ def test_hypercube_gossip_needs_a_power_of_two_peers(monkeypatch, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "3")
     error, _ = check_command_line(["comm=gossip", "comm.topology=hypercube", f"hydra.run.dir={tmp_path / 'run'}"])
     assert error == "comm.topology=hypercube: needs a power of two peers, here 3; allowed: ring"
+
+
+def test_logger_wandb_needs_the_wandb_package(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # how Python marks a module that cannot be imported
+    error, _ = check_command_line(["logger=wandb", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert error == ('logger=wandb: needs the wandb package: pip install -e ".[wandb]" (on every node); '
+                     "allowed here: tensorboard")
