@@ -106,8 +106,8 @@ def envpool_task(cfg: EnvConfig) -> str:
 def _envpool(cfg: EnvConfig, num_envs: int, seed: int) -> gym.vector.VectorEnv:
     """EnvPool's vector env, env i seeded seed + i; its threads run on this peer's cores (they inherit
     the peer's affinity), one per core, at most one per env."""
-    import envpool
     task = envpool_task(cfg)
+    import envpool
     threads = min(num_envs, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
     try:
         return envpool.make_gymnasium(task, num_envs=num_envs, seed=[seed + i for i in range(num_envs)],
