@@ -113,7 +113,8 @@ def _envpool(cfg: EnvConfig, num_envs: int, seed: int) -> gym.vector.VectorEnv:
         return envpool.make_gymnasium(task, num_envs=num_envs, seed=[seed + i for i in range(num_envs)],
                                       num_threads=threads, **env_kwargs(cfg))
     except (TypeError, KeyError, ValueError, AssertionError, RuntimeError) as e:
-        raise ConfigError("env.kwargs", cfg.kwargs, f"rejected by EnvPool's {task}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError("env.kwargs", cfg.kwargs, f"rejected by EnvPool's {task}: {why}")
 
 
 def check_vectorization(cfg: EnvConfig) -> None:

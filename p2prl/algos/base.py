@@ -64,8 +64,9 @@ class Peer:
 
 class Algorithm:
     """The runner's view of an algorithm. Subclasses set `num_envs` and `envs` (what they were built
-    with; the runner closes them at the end) and implement the five methods that raise here; `learner` is set by those that learn by gradient (the runner then saves its state
-    and watches its non-finite skips, `train.max_skipped_updates`)."""
+    with; the runner closes them at the end) and implement the five methods that raise here; `learner`
+    is set by those that learn by gradient (the runner then saves its state and watches its non-finite
+    skips, `train.max_skipped_updates`)."""
 
     num_envs: int  # envs per peer: one vector step = num_envs local env steps
     envs: "gym.vector.VectorEnv"

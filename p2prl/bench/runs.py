@@ -71,8 +71,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         f"these env presets (none named: {', '.join(stepping.ENVS)})")
     p.add_argument("--stepping-num-envs", nargs="+", type=int, default=list(stepping.NUM_ENVS),
                    help="with --stepping: envs per vector env (default: %(default)s)")
-    p.add_argument("--stepping-seconds", type=float, default=2.0, help="with --stepping: per measurement (default: %(default)s)")
-    p.add_argument("--stepping-cores", type=int, default=1, help="with --stepping: cores to pin to (default: %(default)s)")
+    p.add_argument("--stepping-seconds", type=float, default=2.0,
+                   help="with --stepping: per measurement (default: %(default)s)")
+    p.add_argument("--stepping-cores", type=int, default=1,
+                   help="with --stepping: cores to pin to (default: %(default)s)")
     p.add_argument("--strategies", action="store_true",
                    help=f"compare the sync strategies ({', '.join(STRATEGIES)}) on the tasks, on --peers peers")
     p.add_argument("--peers", nargs="+", type=int, default=[2, 4], help="with --strategies (default: %(default)s)")
@@ -82,7 +84,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--cost-model", action="store_true",
                    help="time collectives on 2 peers, fit the alpha-beta model, predict up to 256 peers")
     p.add_argument("--scaling-steps", type=int, default=None,
-                   help="global steps of the 1-peer scaling run (default: 100k on LunarLander, 20k on HalfCheetah and Breakout)")
+                   help="global steps of the 1-peer scaling run (default: 100k on LunarLander, 20k on HalfCheetah "
+                        "and Breakout)")
     p.add_argument("--out", type=Path, default=None, help="output dir (default: bench/<timestamp>)")
     a = p.parse_args(argv)
     if a.lunarlander:
@@ -95,7 +98,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         extra = TASKS[name].extra
         if extra and importlib.util.find_spec(EXTRAS[extra]) is None:
             p.error(f'{name} needs the {extra} extra: pip install -e ".[{extra}]"')
-    if "sb3" in a.systems and a.scaling is None and a.stepping is None and importlib.util.find_spec("stable_baselines3") is None:
+    runs_sb3 = a.scaling is None and a.stepping is None
+    if "sb3" in a.systems and runs_sb3 and importlib.util.find_spec("stable_baselines3") is None:
         log.warning('stable-baselines3 is not installed (pip install -e ".[bench]"): skipping sb3')
         a.systems = [s for s in a.systems if s != "sb3"]
     return a
