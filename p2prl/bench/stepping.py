@@ -44,6 +44,7 @@ def measure(env_names: list[str], num_envs: list[int], seconds: float, cores: in
     from p2prl.config import ConfigError
     from p2prl.precheck import compose
     allowed = sorted(os.sched_getaffinity(0))
+    cores = min(cores, len(allowed))
     os.sched_setaffinity(0, allowed[:cores])
     try:
         rows = []
@@ -57,7 +58,7 @@ def measure(env_names: list[str], num_envs: list[int], seconds: float, cores: in
                     except ConfigError as e:
                         row[kind] = str(e)
                 rows.append(row)
-        return {"cores": min(cores, len(allowed)), "seconds": seconds, "rows": rows}
+        return {"cores": cores, "seconds": seconds, "rows": rows}
     finally:
         os.sched_setaffinity(0, allowed)
 
