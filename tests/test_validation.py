@@ -180,7 +180,7 @@ def test_envpool_where_it_is_not_installed(monkeypatch, tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("envpool") is None, reason="envpool is not installed")
 def test_envpool_refuses_envs_it_lacks_and_keywords_it_does_not_take(tmp_path):
     run = f"hydra.run.dir={tmp_path / 'run'}"
-    error, _ = check_command_line(["env=cliffwalking", "algo=qlearning", "env.vectorization=envpool", run])
-    assert error == "env.vectorization=envpool: EnvPool has no CliffWalking-v1; allowed here: sync, async"
+    error, _ = check_command_line(["env=taxi", "algo=qlearning", "env.vectorization=envpool", run])
+    assert error == "env.vectorization=envpool: EnvPool has no Taxi-v4; allowed here: sync, async"
     error, _ = check_command_line(["+env.kwargs.sutton_barto_reward=true", "env.vectorization=envpool", run])
     assert error.startswith("env.kwargs={'sutton_barto_reward': True}: rejected by EnvPool's CartPole-v1: "), error
