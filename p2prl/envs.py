@@ -217,9 +217,9 @@ def _in_process(envs: gym.vector.VectorEnv) -> bool:
 
 
 def _copy_layers(envs: gym.vector.VectorEnv) -> list:
-    """The wrapper chain of one copy: the first copy's of a SyncVectorEnv; for an AsyncVectorEnv, whose
-    copies live in its workers, a copy's built here from the same function; none for a native vector env
-    (CartPole's) or EnvPool."""
+    """The wrapper chain of one copy: a SyncVectorEnv's first; for an AsyncVectorEnv, whose copies live
+    in its workers, that of a copy built here from the same function; none for a native vector env
+    (CartPole's) or EnvPool. `restorable` and `stack_size` both read it."""
     u = envs.unwrapped
     if isinstance(u, gym.vector.SyncVectorEnv):
         return _layers(u.envs[0])
