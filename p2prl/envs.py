@@ -212,8 +212,9 @@ def vec_env_state(envs: gym.vector.VectorEnv) -> dict:
 
 def _in_process(envs: gym.vector.VectorEnv) -> bool:
     """Whether the copies' state lives in this process (not in AsyncVectorEnv's workers, nor in EnvPool's C++)."""
-    u = envs.unwrapped
-    return not isinstance(u, gym.vector.AsyncVectorEnv) and not type(u).__module__.startswith("envpool")
+    u = envs.unwrapped  # EnvPool's classes are made by a metaclass in `abc`: their bases say whose they are
+    return not isinstance(u, gym.vector.AsyncVectorEnv) and not any(
+        c.__module__.startswith("envpool.") for c in type(u).__mro__)
 
 
 def _copy_layers(envs: gym.vector.VectorEnv) -> list:
