@@ -78,4 +78,5 @@ def format_stepping(m: dict[str, Any]) -> str:
             if isinstance(r[k], str):
                 reasons.setdefault(f"{r['env']} {k}: {r[k]}")
     notes = "".join(f"\n- {line}" for line in reasons)
-    return f"{m['cores']} core(s), {m['seconds']:g} s per measurement:\n{head}" + (f"\nnot measured:{notes}" if notes else "")
+    text = f"{m['cores']} core(s), {m['seconds']:g} s per measurement:\n{head}"
+    return text + (f"\nnot measured:{notes}" if notes else "")
