@@ -75,6 +75,11 @@ def unit(key: str, value: Any, low_open: bool = False) -> None:
         raise ConfigError(key, value, f"must be in {'(0, 1]' if low_open else '[0, 1]'}")
 
 
+def number(key: str, value: Any) -> None:
+    if not _number(value, False):
+        raise ConfigError(key, value, "must be a number")
+
+
 def choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(key, value, f"allowed: {', '.join(allowed)}")
@@ -93,7 +98,7 @@ def optional(check, key: str, value: Any, **kw: Any) -> None:
 RULES = {
     "positive": positive, "positive_int": lambda k, v: positive(k, v, integer=True),
     "nonneg": nonneg, "nonneg_int": lambda k, v: nonneg(k, v, integer=True),
-    "unit": unit, "unit_open": lambda k, v: unit(k, v, low_open=True), "boolean": boolean,
+    "number": number, "unit": unit, "unit_open": lambda k, v: unit(k, v, low_open=True), "boolean": boolean,
     "optional_positive": lambda k, v: optional(positive, k, v),
     "optional_positive_int": lambda k, v: optional(positive, k, v, integer=True),
     "optional_nonneg": lambda k, v: optional(nonneg, k, v),
@@ -102,7 +107,7 @@ RULES = {
 
 def fields(obj: Any, prefix: str, **rules: tuple[str, ...]) -> None:
     """Check `obj`'s fields by rule: `fields(cfg, "algo.", positive=("lr",), boolean=("norm_adv",))`.
-    Rules: positive, positive_int, nonneg, nonneg_int, unit ([0, 1]), unit_open ((0, 1]), boolean,
+    Rules: number, positive, positive_int, nonneg, nonneg_int, unit ([0, 1]), unit_open ((0, 1]), boolean,
     optional_positive, optional_positive_int, optional_nonneg (None allowed)."""
     for rule, names in rules.items():
         for name in names:
@@ -127,6 +132,7 @@ class EnvConfig:
     wrapper: str
     frame_stack: Optional[int]
     terminal_on_life_loss: bool
+    vectorization: str
 
     def __post_init__(self) -> None:
         if not isinstance(self.kwargs, dict):
@@ -139,6 +145,11 @@ class EnvConfig:
         fields(self, "env.", optional_positive_int=("max_episode_steps", "frame_stack"),
                boolean=("terminal_on_life_loss",))
         choice("env.wrapper", self.wrapper, ("none", "atari"))
+        choice("env.vectorization", self.vectorization, ("sync", "async", "envpool"))
+        if self.vectorization == "envpool" and (self.wrapper != "none" or self.frame_stack is not None):
+            used = f"env.wrapper={self.wrapper}" if self.wrapper != "none" else f"env.frame_stack={self.frame_stack}"
+            raise ConfigError("env.vectorization", "envpool", f"steps EnvPool's own envs, without p2prl's wrappers; "
+                                                             f"allowed here ({used}): sync, async")
         if self.terminal_on_life_loss and self.wrapper != "atari":
             raise ConfigError("env.terminal_on_life_loss", True, "needs env.wrapper=atari (lives are an Atari notion); "
                                                                 "allowed here: false")
@@ -278,8 +289,9 @@ def section(cls: type, key: str, values: Any) -> Any:
 # Keys added to conf/ after runs were saved, with the value that behaves as those runs did: a saved
 # config (summary.json, a checkpoint's) without them means that value. A section in ADDED_SECTIONS
 # came later as a whole: a saved config without it gets all of its ADDED_KEYS.
-ADDED_KEYS = {"env": {"wrapper": "none", "frame_stack": None, "terminal_on_life_loss": False},
-              "algo": {"encoder": "mlp", "clip_reward": None},
+ADDED_KEYS = {"env": {"wrapper": "none", "frame_stack": None, "terminal_on_life_loss": False,
+                      "vectorization": "sync"},
+              "algo": {"encoder": "mlp", "clip_reward": None, "log_std_init": 0.0},
               "logger": {"name": "tensorboard", "project": "p2prl", "entity": None, "run_name": None, "group": None,
                          "tags": [], "mode": None}}
 ADDED_SECTIONS = ("logger",)

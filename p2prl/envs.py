@@ -5,7 +5,11 @@ algorithm sees them (`zero_based`): algorithms index actions and states from 0.
 """
 from __future__ import annotations
 
+import functools
 import importlib
+import importlib.util
+import os
+import signal
 from typing import Callable, Optional
 
 import gymnasium as gym
@@ -61,39 +65,100 @@ def zero_based(env: gym.Env) -> gym.Env:
     return env
 
 
+def _copy(cfg: EnvConfig, inner: Optional[Callable[[gym.Env], gym.Env]] = None, **extra) -> gym.Env:
+    env = gym.make(env_id(cfg), **env_kwargs(cfg), **extra)
+    return _wrapped(cfg)(inner(env) if inner else env)
+
+
 def make_single_env(cfg: EnvConfig, inner: Optional[Callable[[gym.Env], gym.Env]] = None, **extra) -> gym.Env:
     """One env, for space checks and evaluation; a missing extra becomes a one-line config error.
     `inner` wraps the env gymnasium made before p2prl's wrappers do (a video recorder there sees every
     frame of the game itself, not the 84x84 input); `extra` goes to gymnasium.make (render_mode)."""
     spec_of(cfg)
     try:
-        env = gym.make(env_id(cfg), **env_kwargs(cfg), **extra)
-        return _wrapped(cfg)(inner(env) if inner else env)
+        return _copy(cfg, inner, **extra)
     except gym.error.DependencyNotInstalled as e:
         raise ConfigError(f"env={cfg.name}", cfg.id, f"needs an extra: {str(e).splitlines()[0]}")
     except (TypeError, KeyError, ValueError) as e:  # gymnasium's own complaint about a keyword
         raise ConfigError("env.kwargs", cfg.kwargs, f"rejected by {cfg.id}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
 
 
+def _worker_copy(cfg: EnvConfig, peer_pid: int) -> gym.Env:
+    """A copy built inside an AsyncVectorEnv worker, a fork of the peer (AsyncVectorEnv also builds one
+    in the peer itself, to read the spaces). The worker drops the peer's signal handlers, which would
+    raise the peer's `Interrupted` in it: it ignores SIGINT (a Ctrl-C reaches the whole process group;
+    the peer ends its workers) and dies of SIGTERM."""
+    if os.getpid() != peer_pid:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    return _copy(cfg)
+
+
+def envpool_task(cfg: EnvConfig) -> str:
+    """EnvPool's name for the env, which must be gymnasium's own (EnvPool's Atari ids preprocess
+    differently and are not gymnasium's ALE/ ids): EnvPool installed and the env one of its own."""
+    if importlib.util.find_spec("envpool") is None:
+        raise ConfigError("env.vectorization", "envpool", "envpool is not installed (pip install envpool); "
+                                                         "allowed: sync, async")
+    import envpool
+    name = cfg.id.rpartition(":")[2]
+    if name not in envpool.list_all_envs():
+        raise ConfigError("env.vectorization", "envpool", f"EnvPool has no {name}; allowed here: sync, async")
+    return name
+
+
+def _envpool(cfg: EnvConfig, num_envs: int, seed: int) -> gym.vector.VectorEnv:
+    """EnvPool's vector env, env i seeded seed + i; its threads run on this peer's cores (they inherit
+    the peer's affinity), one per core, at most one per env."""
+    task = envpool_task(cfg)
+    import envpool
+    threads = min(num_envs, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+    try:
+        return envpool.make_gymnasium(task, num_envs=num_envs, seed=[seed + i for i in range(num_envs)],
+                                      num_threads=threads, **env_kwargs(cfg))
+    except (TypeError, KeyError, ValueError, AssertionError, RuntimeError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError("env.kwargs", cfg.kwargs, f"rejected by EnvPool's {task}: {why}")
+
+
+def check_vectorization(cfg: EnvConfig) -> None:
+    """What `env.vectorization=envpool` needs beyond the config: EnvPool, the env among its own, the
+    kwargs accepted (a pool of one env is built and closed)."""
+    if cfg.vectorization == "envpool":
+        _envpool(cfg, 1, 0).close()
+
+
+def _vector(cfg: EnvConfig, num_envs: int) -> gym.vector.VectorEnv:
+    if cfg.vectorization == "async":
+        # fork: the workers inherit the peer's imports and env registrations, and its cores (pinned
+        # peers keep their workers on their own cores); observations come back through shared memory.
+        return gym.vector.AsyncVectorEnv([functools.partial(_worker_copy, cfg, os.getpid())] * num_envs,
+                                         shared_memory=True, context="fork")
+    native = spec_of(cfg).vector_entry_point is not None and cfg.wrapper == "none" and cfg.frame_stack is None
+    extra = {} if native else {"wrappers": [_wrapped(cfg)]}
+    return gym.make_vec(env_id(cfg), num_envs=num_envs, vectorization_mode="vector_entry_point" if native else "sync",
+                        **extra, **env_kwargs(cfg))
+
+
 def make_vec_env(cfg: EnvConfig, num_envs: int, seed: int) -> tuple[gym.vector.VectorEnv, np.ndarray]:
     """A vector env of `num_envs` copies, reset with seeds seed, seed+1, ...; returns (envs, first obs).
 
-    Uses gymnasium's native vector env where the env has one (CartPole: one numpy step for all envs,
-    far faster than stepping Python envs in a loop). Every kind autoresets on the *next* step
-    (gymnasium 1.x default), which the samplers rely on.
+    `env.vectorization`: sync steps the copies in this process, through gymnasium's native vector env
+    where the env has one (CartPole: one numpy step for all envs, far faster than stepping Python envs
+    in a loop); async steps each copy in a worker process of its own (AsyncVectorEnv, shared memory);
+    envpool in EnvPool's C++ threads. Every kind autoresets on the *next* step (gymnasium 1.x default),
+    with the same infos and final observations, which the samplers rely on.
     """
-    spec = spec_of(cfg)
-    native = spec.vector_entry_point is not None and cfg.wrapper == "none" and cfg.frame_stack is None
-    extra = {} if native else {"wrappers": [_wrapped(cfg)]}
+    spec_of(cfg)
     try:
-        envs = gym.make_vec(env_id(cfg), num_envs=num_envs, vectorization_mode="vector_entry_point" if native else "sync",
-                            **extra, **env_kwargs(cfg))
+        envs = _envpool(cfg, num_envs, seed) if cfg.vectorization == "envpool" else _vector(cfg, num_envs)
     except gym.error.DependencyNotInstalled as e:
         raise ConfigError(f"env={cfg.name}", cfg.id, f"needs an extra: {str(e).splitlines()[0]}")
     mode_used = envs.metadata.get("autoreset_mode")
     assert mode_used is None or getattr(mode_used, "value", mode_used) == "NextStep", \
         f"p2prl's samplers expect next-step autoreset, {cfg.id} uses {mode_used}"
-    obs, _ = envs.reset(seed=seed)
+    # EnvPool seeds its envs when it builds them and ignores reset's seed
+    obs, _ = envs.reset() if cfg.vectorization == "envpool" else envs.reset(seed=seed)
     envs.action_space.seed(seed)
     return envs, obs
 
@@ -149,27 +214,42 @@ def vec_env_state(envs: gym.vector.VectorEnv) -> dict:
     return state
 
 
+def _in_process(envs: gym.vector.VectorEnv) -> bool:
+    """Whether the copies' state lives in this process (not in AsyncVectorEnv's workers, nor in EnvPool's C++)."""
+    u = envs.unwrapped  # EnvPool's classes are made by a metaclass in `abc`: their bases say whose they are
+    return not isinstance(u, gym.vector.AsyncVectorEnv) and not any(
+        c.__module__.startswith("envpool.") for c in type(u).__mro__)
+
+
+def _copy_layers(envs: gym.vector.VectorEnv) -> list:
+    """The wrapper chain of one copy: a SyncVectorEnv's first; for an AsyncVectorEnv, whose copies live
+    in its workers, that of a copy built here from the same function; none for a native vector env
+    (CartPole's) or EnvPool. `restorable` and `stack_size` both read it."""
+    u = envs.unwrapped
+    if isinstance(u, gym.vector.SyncVectorEnv):
+        return _layers(u.envs[0])
+    if isinstance(u, gym.vector.AsyncVectorEnv):
+        probe = u.env_fns[0]()
+        probe.close()
+        return _layers(probe)
+    return []
+
+
 def restorable(envs: gym.vector.VectorEnv) -> bool:
-    """Whether `vec_env_state` holds all of the envs' state: not where an emulator (ALE) or frame
-    queues (FrameStackObservation) keep theirs outside plain values."""
-    for env in (getattr(envs.unwrapped, "envs", None) or [])[:1]:
-        for layer in _layers(env):
-            if isinstance(layer, (gym.wrappers.FrameStackObservation, gym.wrappers.AtariPreprocessing)):
-                return False
-    return True
+    """Whether `vec_env_state` holds all of the envs' state: not where worker processes (async), EnvPool,
+    an emulator (ALE) or frame queues (FrameStackObservation) keep theirs outside plain values here."""
+    stateful = (gym.wrappers.FrameStackObservation, gym.wrappers.AtariPreprocessing)
+    return _in_process(envs) and not any(isinstance(layer, stateful) for layer in _copy_layers(envs))
 
 
 def stack_size(envs: gym.vector.VectorEnv) -> int:
-    """k of the FrameStackObservation(k) in each copy's wrapper chain (1 without one, or when the
-    copies live in other processes)."""
-    for env in (getattr(envs.unwrapped, "envs", None) or [])[:1]:
-        for layer in _layers(env):
-            if isinstance(layer, gym.wrappers.FrameStackObservation):
-                return int(layer.stack_size)
-    return 1
+    """k of the FrameStackObservation(k) in each copy's wrapper chain (1 without one)."""
+    stacks = [layer for layer in _copy_layers(envs) if isinstance(layer, gym.wrappers.FrameStackObservation)]
+    return int(stacks[0].stack_size) if stacks else 1
 
 
 def load_vec_env_state(envs: gym.vector.VectorEnv, state: dict) -> None:
+    assert _in_process(envs), "the copies' state lives outside this process: check `restorable` first"
     for layer, s in zip(_layers(envs), state["layers"]):
         _load_plain(layer, s)
     _load_plain(envs.action_space, state["action_space"])

@@ -112,10 +112,11 @@ class Encoder(nn.Module):
 class ActorCritic(nn.Module):
     """Actor and critic on one encoder's features. MLP encoder: separate actor and critic MLPs on the
     (flattened) observation; CNN: one shared Nature CNN with a linear actor head and a linear critic
-    head (as in the Atari PPO of the literature). obs: (B, *shape) -> action distribution, values (B,)."""
+    head (as in the Atari PPO of the literature). obs: (B, *shape) -> action distribution, values (B,).
+    Continuous actions: a state-independent log standard deviation per dimension, `log_std_init` at first."""
 
     def __init__(self, obs_space: gym.Space, action_space: gym.Space, hidden: Sequence[int],
-                 activation: str, encoder: str = "mlp") -> None:
+                 activation: str, encoder: str = "mlp", log_std_init: float = 0.0) -> None:
         super().__init__()
         self.encoder = Encoder(obs_space, encoder)
         d = self.encoder.out_dim
@@ -125,7 +126,7 @@ class ActorCritic(nn.Module):
         n_out = int(action_space.n) if self.discrete else flat_dim(action_space)
         self.actor = mlp(d, heads, n_out, activation, out_gain=0.01)
         if not self.discrete:
-            self.log_std = nn.Parameter(torch.zeros(n_out))
+            self.log_std = nn.Parameter(torch.full((n_out,), float(log_std_init)))
 
     def value(self, obs: torch.Tensor) -> torch.Tensor:
         return self.critic(self.encoder(obs)).squeeze(-1)

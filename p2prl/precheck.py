@@ -65,13 +65,14 @@ def preflight(cfg: RunConfig, run_dir: Optional[Path], dir_key: str = DIR_KEYS[0
     """Check what needs the outside world; `run_dir` None: a sweep's job dir, numbered at launch, whose
     resume source the run checks itself."""
     from p2prl.comm import resolve_devices
-    from p2prl.envs import make_single_env
+    from p2prl.envs import check_vectorization, make_single_env
     from p2prl.resume import check_source
     algos.check_strategy(cfg.algo.name, cfg.comm.strategy, cfg.comm.straggler_frac)
     world = int(os.environ.get("WORLD_SIZE", 1))
     if cfg.comm.strategy == "gossip" and cfg.comm.topology == "hypercube" and world & (world - 1):
         raise ConfigError("comm.topology", "hypercube", f"needs a power of two peers, here {world}; allowed: ring")
     env = make_single_env(cfg.env)
+    check_vectorization(cfg.env)
     try:
         algos.check_spaces(cfg.algo.name, env.observation_space, env.action_space)
         image = _check_encoder(cfg.algo, cfg.env, env.observation_space)

@@ -38,7 +38,8 @@ class Progress:
 
 
 # A change of these keeps the shared state but restarts every rank's own (envs, windows, replay).
-RANK_KEYS = ("algo.num_envs", "algo.n_step", "env.max_episode_steps", "env.terminal_on_life_loss")
+RANK_KEYS = ("algo.num_envs", "algo.n_step", "env.max_episode_steps", "env.terminal_on_life_loss",
+             "env.vectorization")
 FORMAT = 2  # of the shared checkpoint; 1 (no "format" key): before the learner kept its own state
 
 

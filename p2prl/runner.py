@@ -189,6 +189,7 @@ def _train(cfg: RunConfig, run_dir: Path, comm: Communicator, t_start: float, ch
         gc.unfreeze()  # a multirun's next job starts from a collectable heap
         if not interrupted:  # a signal may have landed inside the writer: the entry point leaves lock-free
             writer.close()
+        algo.envs.close(terminate=True)  # async workers end with the run, not the process (multirun jobs share it)
     summary = {
         "reached": steps_to_target is not None, "steps_to_target": steps_to_target,
         "time_to_target_s": time_to_target, "final_step": p.step, "world_size": comm.world_size,

@@ -18,7 +18,7 @@ HAS_SB3 = importlib.util.find_spec("stable_baselines3") is not None
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def fake_find_spec(missing=(), present=("Box2D", "stable_baselines3")):
+def fake_find_spec(missing=(), present=("Box2D", "mujoco", "stable_baselines3")):
     """find_spec as if `missing` were not installed and `present` were (whatever this machine has)."""
     real = importlib.util.find_spec
     return lambda name, *a: None if name in missing else object() if name in present else real(name, *a)
@@ -71,9 +71,46 @@ def test_plan_is_interleaved_by_seed(monkeypatch, tmp_path):
 def test_plan_scaling_fixes_per_peer_work(monkeypatch, tmp_path):
     monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec())
     a = bench.parse_args(["--scaling", "--scaling-steps", "1000", "--seeds", "0"])
-    one, two = bench.plan_scaling(a, tmp_path)
-    assert "train.total_steps=1000" in one.cmd and "train.total_steps=2000" in two.cmd
-    assert {"algo=ppo", "env=lunarlander", "train.target_return=null"} <= set(two.cmd)
+    jobs = bench.plan_scaling(a, tmp_path)
+    assert [(j.task, j.system) for j in jobs] == [(f"{t}-fixed-work", s) for t in ("lunarlander-ppo", "halfcheetah-ppo")
+                                                  for s in ("p2prl-1", "p2prl-2")]
+    for one, two, env in ((jobs[0], jobs[1], "lunarlander"), (jobs[2], jobs[3], "halfcheetah")):
+        assert "train.total_steps=1000" in one.cmd and "train.total_steps=2000" in two.cmd
+        assert {"algo=ppo", f"env={env}", "train.target_return=null"} <= set(two.cmd)
+    monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec(missing={"mujoco"}))
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--scaling"])  # halfcheetah-ppo needs the mujoco extra
+
+
+def test_halfcheetah_runs_a_fixed_budget_against_the_zoos_normalized_ppo(monkeypatch, tmp_path):
+    monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec())
+    a = bench.parse_args(["--tasks", "halfcheetah-ppo", "--seeds", "0"])
+    one, two, sb3 = bench.plan(a, tmp_path)
+    assert {"algo=ppo", "env=halfcheetah", "train.target_return=null", "train.total_steps=1000000"} <= set(two.cmd)
+    assert sb3.cmd[sb3.cmd.index("--env") + 1] == "HalfCheetah-v5" and "--target" not in sb3.cmd
+    assert sb3.cmd[sb3.cmd.index("--steps") + 1] == "1000000"
+    spec = bench_sb3.ZOO[("ppo", "HalfCheetah-v5")]
+    kwargs = bench_sb3.model_kwargs("ppo", "HalfCheetah-v5", 1_000_000)
+    assert spec["normalize"] and spec["n_envs"] * kwargs["n_steps"] == 512 and kwargs["batch_size"] == 64
+
+
+@pytest.mark.skipif(not (HAS_SB3 and importlib.util.find_spec("mujoco")), reason="needs stable-baselines3 and mujoco")
+def test_sb3_halfcheetah_trains_with_vecnormalize():
+    out = bench_sb3.train("ppo", "HalfCheetah-v5", 0, None, 512, None)
+    assert out["final_step"] == 512 and out["budget"] == 512 and out["episode_return_mean"] is None
+
+
+def test_stepping_times_every_kind_and_says_why_one_is_missing():
+    from p2prl.bench import stepping
+    m = stepping.measure(["cartpole"], [2], 0.05, 1)
+    (row,) = m["rows"]
+    assert row["env"] == "cartpole" and row["num_envs"] == 2 and m["cores"] == 1
+    assert isinstance(row["sync"], float) and isinstance(row["async"], float) and row["sync"] > 0 < row["async"]
+    assert isinstance(row["envpool"], float) or row["envpool"].startswith("env.vectorization=envpool")
+    fake = {"cores": 1, "seconds": 2.0, "rows": [
+        {"env": "breakout", "num_envs": 4, "sync": 950.0, "async": 700.5, "envpool": "env.vectorization=envpool: no"}]}
+    text = stepping.format_stepping(fake)
+    assert "950" in text and "700" in text and "- breakout envpool: env.vectorization=envpool: no" in text
 
 
 def run(system, seed, reached, t=None, sps=1000.0, **kw):

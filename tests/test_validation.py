@@ -1,5 +1,6 @@
 """Bad input (docs/validation.md): one line naming the key and what is allowed, exit 2, before training,
 on every peer, and nothing of an existing run overwritten."""
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +39,11 @@ BAD = [
     (["env.wrapper=mujoco"], ["env.wrapper=mujoco", "allowed: none, atari"]),
     (["env.terminal_on_life_loss=true"], ["env.terminal_on_life_loss=true", "needs env.wrapper=atari"]),
     (["env.frame_stack=0"], ["env.frame_stack=0", "positive integer"]),
+    (["env.vectorization=threads"], ["env.vectorization=threads", "allowed: sync, async, envpool"]),
+    (["env.vectorization=envpool", "env.frame_stack=4"],
+     ["env.vectorization=envpool: steps EnvPool's own envs, without p2prl's wrappers",
+      "allowed here (env.frame_stack=4): sync, async"]),
+    (["algo.log_std_init=nan"], ["algo.log_std_init=nan", "must be a number"]),
     (["algo.encoder=cnn"], ["algo.encoder=cnn", "needs uint8 image observations", "allowed: auto, mlp"]),
     (["algo.encoder=resnet"], ["algo.encoder=resnet", "allowed: auto, mlp, cnn"]),
     (["env=gym", "env.id=nosuchmodule:Foo-v0"], ["env.id=nosuchmodule:Foo-v0", "needs the module nosuchmodule"]),
@@ -172,3 +178,19 @@ def test_logger_wandb_needs_the_wandb_package(monkeypatch, tmp_path):
     error, _ = check_command_line(["logger=wandb", f"hydra.run.dir={tmp_path / 'run'}"])
     assert error == ('logger=wandb: needs the wandb package: pip install -e ".[wandb]" (on every node); '
                      "allowed here: tensorboard")
+
+
+def test_envpool_where_it_is_not_installed(monkeypatch, tmp_path):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "envpool" else real(name, *a))
+    error, _ = check_command_line(["env.vectorization=envpool", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert error == "env.vectorization=envpool: envpool is not installed (pip install envpool); allowed: sync, async"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("envpool") is None, reason="envpool is not installed")
+def test_envpool_refuses_envs_it_lacks_and_keywords_it_does_not_take(tmp_path):
+    run = f"hydra.run.dir={tmp_path / 'run'}"
+    error, _ = check_command_line(["env=taxi", "algo=qlearning", "env.vectorization=envpool", run])
+    assert error == "env.vectorization=envpool: EnvPool has no Taxi-v4; allowed here: sync, async"
+    error, _ = check_command_line(["+env.kwargs.sutton_barto_reward=true", "env.vectorization=envpool", run])
+    assert error.startswith("env.kwargs={'sutton_barto_reward': True}: rejected by EnvPool's CartPole-v1: "), error

@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional, Sequence
 
+import gymnasium as gym
 import numpy as np
 import torch
 
@@ -62,11 +63,13 @@ class Peer:
 
 
 class Algorithm:
-    """The runner's view of an algorithm. Subclasses set `num_envs` and implement the five methods
-    that raise here; `learner` is set by those that learn by gradient (the runner then saves its state
-    and watches its non-finite skips, `train.max_skipped_updates`)."""
+    """The runner's view of an algorithm. Subclasses set `num_envs` and `envs` (what they were built
+    with; the runner closes them at the end) and implement the five methods that raise here; `learner`
+    is set by those that learn by gradient (the runner then saves its state and watches its non-finite
+    skips, `train.max_skipped_updates`)."""
 
     num_envs: int  # envs per peer: one vector step = num_envs local env steps
+    envs: "gym.vector.VectorEnv"
     learner: Optional[Learner] = None
 
     def sample(self, progress: float) -> Sample:

@@ -56,6 +56,7 @@ class PPOConfig:
     encoder: str
     hidden_sizes: list
     activation: str
+    log_std_init: float
     optimizer: str
     eps: float
 
@@ -63,7 +64,7 @@ class PPOConfig:
         check.fields(self, "algo.", positive=("lr", "eps"), unit_open=("gamma",), unit=("gae_lambda",),
                      positive_int=("num_envs", "num_steps", "num_minibatches", "update_epochs"),
                      optional_positive=("clip_coef", "max_grad_norm", "target_kl", "clip_reward"),
-                     nonneg=("vf_coef", "ent_coef"),
+                     nonneg=("vf_coef", "ent_coef"), number=("log_std_init",),
                      boolean=("anneal_lr", "anneal_clip", "clip_vloss", "norm_adv", "norm_obs", "norm_reward"))
         batch = self.num_envs * self.num_steps
         if batch % self.num_minibatches:
@@ -79,7 +80,8 @@ class PPO(Algorithm):
         self.cfg, self.envs, self.comm = cfg, envs, peer.comm
         obs_space, act_space = envs.single_observation_space, envs.single_action_space
         encoder = resolve_encoder(cfg.encoder, obs_space)
-        self.model = ActorCritic(obs_space, act_space, cfg.hidden_sizes, cfg.activation, encoder).to(self.comm.device)
+        self.model = ActorCritic(obs_space, act_space, cfg.hidden_sizes, cfg.activation, encoder,
+                                 cfg.log_std_init).to(self.comm.device)
         self.obs_dtype = torch.uint8 if encoder == "cnn" else torch.float32  # frames stay bytes until the CNN
         optimizer = (lambda p: FlatAdam(p, lr=cfg.lr, eps=cfg.eps)) if cfg.optimizer == "adam" else \
             (lambda p: FlatRMSprop(p, lr=cfg.lr, alpha=0.99, eps=cfg.eps))

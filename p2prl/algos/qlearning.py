@@ -34,6 +34,7 @@ import torch
 from p2prl import config as check
 from p2prl.algos.base import Algorithm, Peer, Sample, load_sampler_state, sampler_state
 from p2prl.algos.schedules import decayed_epsilon, linear, peer_epsilon
+from p2prl.envs import restorable
 from p2prl.metrics import EpisodeCounter
 
 
@@ -199,7 +200,10 @@ class QLearning(Algorithm):
         return sampler_state(self.envs, self.obs, self.next_valid, self.episodes, self.rng)
 
     def load_rank_state_dict(self, s: dict) -> None:
-        self.obs, self.next_valid = load_sampler_state(self.envs, self.episodes, self.rng, s)
+        if restorable(self.envs):
+            self.obs, self.next_valid = load_sampler_state(self.envs, self.episodes, self.rng, s)
+        else:  # copies in worker processes (async) or EnvPool: the envs start afresh from their seeds
+            self.rng.bit_generator.state = s["rng"]
 
 
 def greedy_policy(cfg: QLearningConfig, state: dict, obs_space: gym.Space, act_space: gym.Space):

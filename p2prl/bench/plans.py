@@ -28,6 +28,8 @@ TASKS = {
     # From pixels; DQN's first 80k steps (learning_starts) only act, so its budget goes beyond them.
     "breakout-ppo": Task("ppo", "breakout", "BreakoutNoFrameskip-v4", None, 100_000, "atari"),
     "breakout-dqn": Task("dqn", "breakout", "BreakoutNoFrameskip-v4", None, 150_000, "atari"),
+    # MuJoCo: the zoo's budget; the mean return at its end is the result.
+    "halfcheetah-ppo": Task("ppo", "halfcheetah", "HalfCheetah-v5", None, 1_000_000, "mujoco"),
 }
 HORIZON = 10_000_000  # the Atari presets' (and the zoo's) budget, over which their schedules run
 
@@ -48,15 +50,17 @@ def goal(t: Task, a: argparse.Namespace) -> list[str]:
         return [f"train.target_return={target}"]
     budget = a.budget or t.budget
     return ["train.target_return=null", f"train.total_steps={budget}", *budget_overrides(t.algo, budget)]
-EXTRAS = {"box2d": "Box2D", "atari": "ale_py"}  # extra -> the module it installs
+EXTRAS = {"box2d": "Box2D", "atari": "ale_py", "mujoco": "mujoco"}  # extra -> the module it installs
 SYSTEMS = ("p2prl-1", "p2prl-2", "sb3")
 STRATEGIES = ("allreduce", "param_server", "local_sgd", "gossip")
 # --scaling: global steps/s at fixed per-peer work, per task: its overrides, 1-peer steps, and global
 # step counts given per peer (multiplied by the number of peers). DQN learns from its 2,000th step per
 # peer on here, so that both runs act alone and update for the same share of each peer's steps.
 SCALING = {"lunarlander-ppo": (("algo=ppo", "env=lunarlander", "train.target_return=null"), 100_000, {}),
+           "halfcheetah-ppo": (("algo=ppo", "env=halfcheetah", "train.target_return=null"), 20_000, {}),
            "breakout-ppo": (("algo=ppo", "env=breakout"), 20_000, {}),
            "breakout-dqn": (("algo=dqn", "env=breakout"), 20_000, {"algo.learning_starts": 2000})}
+SCALING_DEFAULT = ("lunarlander-ppo", "halfcheetah-ppo")  # --scaling without a task
 PORT = "<port>"  # in a planned torchrun command: replaced by a free port at launch
 
 

@@ -15,6 +15,7 @@ A run that did not reach the target counts as +inf in medians and ranges (`null`
 """
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -206,9 +207,9 @@ def host() -> dict[str, Any]:
     import gymnasium
     import torch
     versions = {"python": platform.python_version(), "torch": torch.__version__, "gymnasium": gymnasium.__version__}
-    if find_spec("stable_baselines3") is not None:
-        import stable_baselines3
-        versions["stable_baselines3"] = stable_baselines3.__version__
+    for package in ("stable_baselines3", "mujoco", "envpool"):  # where installed
+        if find_spec(package) is not None:
+            versions[package] = importlib.import_module(package).__version__
     return {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg(),
             **versions}
 

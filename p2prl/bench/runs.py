@@ -6,11 +6,12 @@ Time and steps to the target return, and steps/s, for p2prl on 1 peer (`python -
 Every run is a fresh process, timed from launch to exit. Runs are interleaved (seed 0 of every task
 and system, then seed 1, ...) so that noise from the machine hits every system alike.
 
-Fixed-budget tasks (breakout-ppo, breakout-dqn: from pixels) run a step budget instead and report the
-return reached at its end, steps/s and peak memory per peer.
+Fixed-budget tasks (breakout-ppo, breakout-dqn: from pixels; halfcheetah-ppo) run a step budget instead and
+report the return reached at its end, steps/s and peak memory per peer.
 
 `--scaling [TASK ...]` instead measures global steps/s at fixed per-peer work (LunarLander PPO,
-Breakout PPO or DQN): N steps on 1 peer and 2N on 2 peers; efficiency = sps2 / (2 * sps1).
+HalfCheetah PPO, Breakout PPO or DQN): N steps on 1 peer and 2N on 2 peers; efficiency = sps2 / (2 * sps1).
+`--stepping [ENV ...]` times env steps/s per core by `env.vectorization` (p2prl.bench.stepping).
 
 Writes OUT/bench.json (settings, host, every run, aggregates; rewritten after each run), OUT/bench.png
 (or scaling.png), the runs under OUT/runs/<task>/<system>/seed<N>/ and their output under OUT/logs/.
@@ -30,9 +31,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional
 
-from p2prl.bench import report
-from p2prl.bench.plans import (EXTRAS, PORT, SCALING, STRATEGIES, SYSTEMS, TASKS, Job, free_port, p2prl_cmd, plan,
-                               plan_scaling, plan_strategies, plan_stragglers)
+from p2prl.bench import report, stepping
+from p2prl.bench.plans import (EXTRAS, PORT, SCALING, SCALING_DEFAULT, STRATEGIES, SYSTEMS, TASKS, Job, free_port,
+                               p2prl_cmd, plan, plan_scaling, plan_strategies, plan_stragglers)
 from p2prl.plot import bar_chart
 
 log = logging.getLogger("p2prl.bench")
@@ -63,10 +64,20 @@ def parse_args(argv: Optional[list[str]] = None, prog: str = "python -m p2prl.be
     p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
                    help="Hydra override for every p2prl run (repeatable), e.g. -o train.total_steps=50000")
     p.add_argument("--budget", type=int, default=None,
-                   help="global steps of the fixed-budget tasks (default: breakout-ppo 100k, breakout-dqn 150k)")
+                   help="global steps of the fixed-budget tasks (default: breakout-ppo 100k, breakout-dqn 150k, "
+                        "halfcheetah-ppo 1M)")
     p.add_argument("--scaling", nargs="*", choices=sorted(SCALING), default=None, metavar="TASK",
                    help="run the 1 vs 2 peer scaling measurement instead, on these tasks (of "
-                        f"{', '.join(SCALING)}; none named: lunarlander-ppo)")
+                        f"{', '.join(SCALING)}; none named: {' and '.join(SCALING_DEFAULT)})")
+    p.add_argument("--stepping", nargs="*", choices=stepping.ENVS, default=None, metavar="ENV",
+                   help="time env steps/s per core with env.vectorization=sync, async, envpool instead, on "
+                        f"these env presets (none named: {', '.join(stepping.ENVS)})")
+    p.add_argument("--stepping-num-envs", nargs="+", type=int, default=list(stepping.NUM_ENVS),
+                   help="with --stepping: envs per vector env (default: %(default)s)")
+    p.add_argument("--stepping-seconds", type=float, default=2.0,
+                   help="with --stepping: per measurement (default: %(default)s)")
+    p.add_argument("--stepping-cores", type=int, default=1,
+                   help="with --stepping: cores to pin to (default: %(default)s)")
     p.add_argument("--strategies", action="store_true",
                    help=f"compare the sync strategies ({', '.join(STRATEGIES)}) on the tasks, on --peers peers")
     p.add_argument("--peers", nargs="+", type=int, default=[2, 4], help="with --strategies (default: %(default)s)")
@@ -76,18 +87,22 @@ def parse_args(argv: Optional[list[str]] = None, prog: str = "python -m p2prl.be
     p.add_argument("--cost-model", action="store_true",
                    help="time collectives on 2 peers, fit the alpha-beta model, predict up to 256 peers")
     p.add_argument("--scaling-steps", type=int, default=None,
-                   help="global steps of the 1-peer scaling run (default: 100k on LunarLander, 20k on Breakout)")
+                   help="global steps of the 1-peer scaling run (default: 100k on LunarLander, 20k on HalfCheetah "
+                        "and Breakout)")
     p.add_argument("--out", type=Path, default=None, help="output dir (default: bench/<timestamp>)")
     a = p.parse_args(argv)
     if a.lunarlander:
         a.tasks = list(dict.fromkeys([*a.tasks, "lunarlander-ppo", "lunarlander-dqn"]))
     if a.scaling is not None and not a.scaling:
-        a.scaling = ["lunarlander-ppo"]
-    for name in (a.scaling if a.scaling is not None else a.tasks):
+        a.scaling = list(SCALING_DEFAULT)
+    if a.stepping is not None and not a.stepping:
+        a.stepping = list(stepping.ENVS)
+    for name in (a.scaling if a.scaling is not None else [] if a.stepping is not None else a.tasks):
         extra = TASKS[name].extra
         if extra and importlib.util.find_spec(EXTRAS[extra]) is None:
             p.error(f'{name} needs the {extra} extra: pip install -e ".[{extra}]"')
-    if "sb3" in a.systems and a.scaling is None and importlib.util.find_spec("stable_baselines3") is None:
+    runs_sb3 = a.scaling is None and a.stepping is None
+    if "sb3" in a.systems and runs_sb3 and importlib.util.find_spec("stable_baselines3") is None:
         log.warning('stable-baselines3 is not installed (pip install -e ".[bench]"): skipping sb3')
         a.systems = [s for s in a.systems if s != "sb3"]
     return a
@@ -198,6 +213,11 @@ def main(argv: Optional[list[str]] = None, prog: str = "python -m p2prl.bench") 
     out.mkdir(parents=True, exist_ok=True)
     if a.cost_model:
         return cost_model(out, a.max_seconds)
+    if a.stepping is not None:
+        m = stepping.measure(a.stepping, a.stepping_num_envs, a.stepping_seconds, a.stepping_cores)
+        report.write_json(out / "stepping.json", {"host": report.host(), **m})
+        emit(f"{stepping.format_stepping(m)}\n\nwrote {out / 'stepping.json'}")
+        return 0
     scaling = a.scaling is not None
     jobs = plan_scaling(a, out) if scaling else plan_strategies(a, out) if a.strategies else \
         plan_stragglers(a, out) if a.stragglers else plan(a, out)

@@ -20,6 +20,7 @@ from p2prl.metrics import peak_rss_mb
 # rl-baselines3-zoo's tuned settings (hyperparams/ppo.yml, hyperparams/dqn.yml): CartPole-v1, and
 # LunarLander-v2 (run on gymnasium's LunarLander-v3, the same task). "horizon" is the zoo's
 # n_timesteps: the linear schedules ("lin_X" in the zoo) and the exploration decay run over it.
+# "normalize": the zoo's VecNormalize (observations and rewards, with the algorithm's gamma).
 ZOO: dict[tuple[str, str], dict[str, Any]] = {
     ("ppo", "CartPole-v1"): dict(
         n_envs=8, horizon=100_000, linear=("learning_rate", "clip_range"),
@@ -45,6 +46,14 @@ ZOO: dict[tuple[str, str], dict[str, Any]] = {
         kwargs=dict(buffer_size=100_000, learning_rate=1e-4, batch_size=32, learning_starts=100_000,
                     target_update_interval=1000, train_freq=4, gradient_steps=1, exploration_fraction=0.1,
                     exploration_final_eps=0.01, optimize_memory_usage=False)),
+    # The zoo's tuned HalfCheetah-v4 settings, on v5 (the same task, as p2prl's preset); activation_fn names
+    # a torch.nn class.
+    ("ppo", "HalfCheetah-v5"): dict(
+        n_envs=1, horizon=1_000_000, linear=(), normalize=True,
+        kwargs=dict(n_steps=512, batch_size=64, gamma=0.98, learning_rate=2.0633e-5, ent_coef=0.000401762,
+                    clip_range=0.1, n_epochs=20, gae_lambda=0.92, max_grad_norm=0.8, vf_coef=0.58096,
+                    policy_kwargs=dict(log_std_init=-2, ortho_init=False, activation_fn="ReLU",
+                                       net_arch=dict(pi=[256, 256], vf=[256, 256])))),
     ("dqn", "LunarLander-v3"): dict(
         n_envs=1, horizon=100_000, linear=(),
         kwargs=dict(learning_rate=6.3e-4, batch_size=128, buffer_size=50_000, learning_starts=0, gamma=0.99,
@@ -104,9 +113,16 @@ def train(algo: str, env_id: str, seed: int, target: Optional[float], steps: Opt
         envs = VecFrameStack(make_atari_env(env_id, n_envs=spec["n_envs"], seed=seed), n_stack=4)
     else:
         envs = make_vec_env(env_id, n_envs=spec["n_envs"], seed=seed)  # Monitor-wrapped: info["episode"]
+    kwargs = model_kwargs(algo, env_id, budget)
+    if spec.get("normalize"):  # outside Monitor: the episode returns stay the env's own
+        from stable_baselines3.common.vec_env import VecNormalize
+        envs = VecNormalize(envs, gamma=kwargs["gamma"])
+    if isinstance(kwargs.get("policy_kwargs", {}).get("activation_fn"), str):
+        kwargs["policy_kwargs"] = {**kwargs["policy_kwargs"],
+                                   "activation_fn": getattr(torch.nn, kwargs["policy_kwargs"]["activation_fn"])}
     cls = {"ppo": PPO, "dqn": DQN}[algo]
     policy = "CnnPolicy" if spec.get("atari") else "MlpPolicy"
-    model = cls(policy, envs, seed=seed, device="cpu", verbose=0, **model_kwargs(algo, env_id, budget))
+    model = cls(policy, envs, seed=seed, device="cpu", verbose=0, **kwargs)
     state: dict[str, Any] = {"t_first": None, "reached_at": None, "timed_out": False, "episodes": 0}
     returns: deque[float] = deque(maxlen=window)
 
