@@ -66,8 +66,8 @@ def test_tensorboard_holds_returns_losses_speed_comm_lr_kl_and_skips_of_a_2_peer
     assert all(r >= 1 for r in values(tb, "episode_return_mean"))  # CartPole pays 1 per step
     assert all(v > 0 for v in values(tb, "sps"))
     assert all(0 < v < 1 for v in values(tb, "comm_frac"))  # 2 peers spend some, not all, time in collectives
-    lr, lr0 = values(tb, "lr"), config(run_dir)["algo"]["lr"]  # annealed from algo.lr towards 0
-    assert all(0 < v <= lr0 for v in lr) and lr == sorted(lr, reverse=True) and lr[-1] < lr[0]
+    lr, lr0 = values(tb, "lr"), config(run_dir)["algo"]["lr"]  # annealed from algo.lr (as float32) towards 0
+    assert all(0 <= v <= lr0 * (1 + 1e-6) for v in lr) and lr == sorted(lr, reverse=True) and lr[-1] < lr[0]
     assert all(v >= 0 for v in values(tb, "approx_kl"))  # (r - 1) - log r >= 0
     assert values(tb, "skipped_updates") == [0] * len(metrics)
 
@@ -132,8 +132,9 @@ def test_wandb_offline_writes_a_run_with_the_metrics_and_the_config(run_dir, tmp
     records = wandb_records(log)
     (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert run.display_name == run_dir.name and list(run.tags) == ["test"]
-    config = {u.key: json.loads(u.value_json) for u in run.config.update}
-    assert config["algo.lr"] == 5e-3 and config["train.total_steps"] == 2048 and config["logger.name"] == "wandb"
+    logged = {u.key: json.loads(u.value_json) for u in run.config.update}
+    assert logged["algo.lr"] == config(run_dir)["algo"]["lr"] and logged["train.total_steps"] == 2048
+    assert logged["logger.name"] == "wandb"
     history = [{i.key or ".".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
                for r in records if r.WhichOneof("record_type") == "history"]
     metrics = rows(run_dir)
