@@ -26,6 +26,7 @@ __all__ = ["evaluate", "load_run_config", "main", "run_episodes"]
 def evaluate(run_dir: Path, episodes: int = 20, seed: int = EVAL_SEED, ckpt: Union[str, Path, None] = None) -> dict:
     """Greedy episodes of `ckpt` ("latest" when None, "best", or a file); writes and returns eval.json's
     contents."""
+    run_dir = Path(run_dir)
     policy = load(run_dir, "latest" if ckpt is None else ckpt)
     env = policy.make_env()
     try:

@@ -71,7 +71,7 @@ class PeriodicEval:
         for i in range(comm.rank, self.episodes, comm.world_size):
             returns[i] = run_episodes(self.env, policy, 1, EVAL_SEED + i)[0]
         comm.all_reduce_sum(returns)  # each episode is one peer's: the sum gathers them
-        mean, std = float(returns.mean()), float(returns.std(unbiased=False))
+        mean, std = float(returns.mean()), float(returns.std(correction=0))
         if comm.rank == 0 and mean > self.best:
             self.best = mean
             info = {"step": p.step, "return_mean": mean, "return_std": std, "episodes": self.episodes,

@@ -188,9 +188,9 @@ def _train(cfg: RunConfig, run_dir: Path, comm: Communicator, t_start: float, ch
         raise
     finally:
         gc.unfreeze()  # a multirun's next job starts from a collectable heap
-        evaluator.close()
         if not interrupted:  # a signal may have landed inside the writer: the entry point leaves lock-free
             writer.close()
+            evaluator.close()
     summary = {
         "reached": steps_to_target is not None, "steps_to_target": steps_to_target,
         "time_to_target_s": time_to_target, "final_step": p.step, "world_size": comm.world_size,
