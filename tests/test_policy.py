@@ -78,11 +78,11 @@ def test_load_acts_on_one_observation_and_on_a_batch_as_the_greedy_policy(kind, 
     actions = policy.act(batch)
     space = policy.action_space
     assert isinstance(actions, np.ndarray) and actions.shape == (6, *space.shape)
-    np.testing.assert_allclose(actions, by_hand(run_dir, batch), rtol=1e-6)
+    np.testing.assert_allclose(actions, by_hand(run_dir, batch), rtol=1e-6, atol=1e-6)
     for obs, a in zip(batch, actions):
         one = policy.act(obs)
         assert np.shape(one) == space.shape and space.contains(one)
-        np.testing.assert_allclose(one, a, rtol=1e-6)
+        np.testing.assert_allclose(one, a, rtol=1e-6, atol=1e-6)
     env = policy.make_env()  # the README's lines: an env as trained, stepped with the policy's actions
     obs, _ = env.reset(seed=0)
     env.step(policy.act(obs))
