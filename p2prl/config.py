@@ -102,13 +102,14 @@ RULES = {
     "optional_positive": lambda k, v: optional(positive, k, v),
     "optional_positive_int": lambda k, v: optional(positive, k, v, integer=True),
     "optional_nonneg": lambda k, v: optional(nonneg, k, v),
+    "optional_nonneg_int": lambda k, v: optional(nonneg, k, v, integer=True),
 }
 
 
 def fields(obj: Any, prefix: str, **rules: tuple[str, ...]) -> None:
     """Check `obj`'s fields by rule: `fields(cfg, "algo.", positive=("lr",), boolean=("norm_adv",))`.
     Rules: number, positive, positive_int, nonneg, nonneg_int, unit ([0, 1]), unit_open ((0, 1]), boolean,
-    optional_positive, optional_positive_int, optional_nonneg (None allowed)."""
+    optional_positive, optional_positive_int, optional_nonneg, optional_nonneg_int (None allowed)."""
     for rule, names in rules.items():
         for name in names:
             RULES[rule](prefix + name, getattr(obj, name))
@@ -165,10 +166,13 @@ class TrainConfig:
     pin_cores: bool
     resume: str
     max_skipped_updates: int
+    eval_every_steps: Optional[int]  # null or 0: no evaluation during training
+    eval_episodes: int
 
     def __post_init__(self) -> None:
-        fields(self, "train.", boolean=("pin_cores",), positive_int=(
-            "total_steps", "return_window", "log_every_steps", "torch_threads", "max_skipped_updates"))
+        fields(self, "train.", boolean=("pin_cores",), optional_nonneg_int=("eval_every_steps",), positive_int=(
+            "total_steps", "return_window", "log_every_steps", "torch_threads", "max_skipped_updates",
+            "eval_episodes"))
         if not isinstance(self.resume, str) or not self.resume.strip():
             raise ConfigError("train.resume", self.resume, "allowed: auto, never, or the path of a run dir "
                                                            "or checkpoint")
@@ -292,6 +296,7 @@ def section(cls: type, key: str, values: Any) -> Any:
 ADDED_KEYS = {"env": {"wrapper": "none", "frame_stack": None, "terminal_on_life_loss": False,
                       "vectorization": "sync"},
               "algo": {"encoder": "mlp", "clip_reward": None, "log_std_init": 0.0},
+              "train": {"eval_every_steps": None, "eval_episodes": 10},
               "logger": {"name": "tensorboard", "project": "p2prl", "entity": None, "run_name": None, "group": None,
                          "tags": [], "mode": None}}
 ADDED_SECTIONS = ("logger",)
@@ -301,8 +306,8 @@ def upgrade(raw: Mapping[str, Any], algo_sections: Mapping[str, type]) -> dict[s
     """`raw` with the ADDED_KEYS its sections lack (where the section's schema has them)."""
     out = dict(raw)
     algo = raw.get("algo")
-    schemas = {"env": EnvConfig, "algo": algo_sections.get(algo.get("name")) if isinstance(algo, dict) else None,
-               "logger": LoggerConfig}
+    schemas = {"env": EnvConfig, "train": TrainConfig, "logger": LoggerConfig,
+               "algo": algo_sections.get(algo.get("name")) if isinstance(algo, dict) else None}
     for key, added in ADDED_KEYS.items():
         section, schema = out.get(key, {} if key in ADDED_SECTIONS else None), schemas[key]
         if isinstance(section, dict) and schema is not None:

@@ -1,11 +1,13 @@
-"""Greedy evaluation of a run's latest checkpoint: `python -m p2prl.evaluate RUN_DIR [--episodes N] [--video]`.
+"""Greedy evaluation of a run's checkpoint:
+`python -m p2prl.evaluate RUN_DIR [--episodes N] [--checkpoint C] [--video]`.
 
 Writes RUN_DIR/eval.json (returns of each episode, mean, std, min, max) and prints a one-line result;
 with `--video`, MP4s of the first episodes under RUN_DIR/videos/ (`p2prl.video`), one `video: PATH`
-line each.
-Each algorithm's greedy policy comes from the registry (PPO: the distribution's mode, argmax or the
-Gaussian mean clipped to the bounds; DQN and tabular Q-learning: argmax Q). Evaluation episodes use
-seeds disjoint from training's by default.
+line each. The checkpoint (`--checkpoint`): latest (the newest checkpoints/step_<N>.pt), best
+(checkpoints/best.pt, the best evaluation during training, `train.eval_every_steps`) or a file. The
+policy is the one `p2prl.load` gives (p2prl.policy: PPO's distribution mode, argmax or the Gaussian
+mean clipped to the bounds; DQN and tabular Q-learning: argmax Q). Evaluation episodes use seeds
+disjoint from training's by default, the same as the evaluation during training.
 """
 from __future__ import annotations
 
@@ -13,70 +15,35 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Union
 
-import gymnasium as gym
 import numpy as np
 
-from p2prl import algos, checkpoint, video
+from p2prl import video
 from p2prl.atomic import write_json_atomic
-from p2prl.config import ConfigError, RunConfig
-from p2prl.envs import make_single_env, spec_of
-from p2prl.precheck import to_run_config
-from p2prl.sweep import saved_config
-from p2prl.wrappers import GAME_OVER, SCORE
+from p2prl.config import ConfigError
+from p2prl.envs import spec_of
+from p2prl.policy import EVAL_SEED, load, load_run_config, run_episodes
+
+__all__ = ["evaluate", "load_run_config", "main", "run_episodes"]
 
 
-def load_run_config(run_dir: Path) -> RunConfig:
-    """The run's config: from summary.json when the run finished, else Hydra's saved config."""
-    config = saved_config(run_dir)
-    if config is None:
-        raise ConfigError("run_dir", str(run_dir), "no summary.json or .hydra/config.yaml: not a p2prl run dir")
-    return to_run_config(config)
-
-
-def latest_checkpoint(run_dir: Path) -> Path:
-    steps = checkpoint.list_steps(run_dir / "checkpoints")
-    if not steps:
-        raise ConfigError("run_dir", str(run_dir), "has no checkpoints/step_<N>.pt to evaluate")
-    return checkpoint.shared_path(run_dir / "checkpoints", steps[-1])
-
-
-def run_episodes(env: gym.Env, policy: algos.Policy, episodes: int, seed: int) -> list[float]:
-    """Returns of whole episodes; on Atari (the wrappers' `score` and `game_over` in the info) the game's
-    own score over every life, an episode being a game: a lost life's reset only continues it."""
-    returns = []
-    for i in range(episodes):
-        obs, info = env.reset(seed=seed + i)
-        total = float(info.get(SCORE, 0.0))
-        while True:
-            obs, r, term, trunc, info = env.step(policy(obs))
-            total += float(info.get(SCORE, r))
-            if info.get(GAME_OVER, term or trunc):
-                break
-            if term or trunc:  # a life lost: the same game goes on
-                obs, info = env.reset()
-                total += float(info.get(SCORE, 0.0))
-        returns.append(total)
-    return returns
-
-
-def evaluate(run_dir: Path, episodes: int = 20, seed: int = 1_000_000, ckpt: Path | None = None,
-             videos: int = 0) -> dict:
-    """Greedy returns of `episodes` episodes; the first `videos` of them filmed into RUN_DIR/videos/
-    (the result's `videos`; `video_skipped` says why not, where the env cannot render here)."""
-    cfg = load_run_config(run_dir)
-    path = ckpt or latest_checkpoint(run_dir)
-    state = checkpoint.load(path)
-    if state is None:
-        raise ConfigError("checkpoint", str(path), "is unreadable (truncated or corrupt)")
+def evaluate(run_dir: Union[str, Path], episodes: int = 20, seed: int = EVAL_SEED,
+             ckpt: Union[str, Path, None] = None, videos: int = 0) -> dict:
+    """Greedy episodes of `ckpt` ("latest" when None, "best", or a file); the first `videos` of them
+    filmed into RUN_DIR/videos/ (the result's `videos`; `video_skipped` says why not, where the env
+    cannot render here). Writes and returns eval.json's contents."""
+    run_dir = Path(run_dir)
+    policy = load(run_dir, "latest" if ckpt is None else ckpt)
+    cfg = policy.config
     gl = video.gl_problem(spec_of(cfg.env).entry_point)
     if gl:
         raise ConfigError("MUJOCO_GL", os.environ["MUJOCO_GL"], gl)
-    recorder = video.Recorder(run_dir / "videos", path.stem, min(videos, episodes), video.fps(cfg.env))
+    recorder = video.Recorder(run_dir / "videos", Path(policy.checkpoint).stem, min(videos, episodes),
+                              video.fps(cfg.env))
     filming = {"inner": recorder.wrap, "render_mode": "rgb_array"} if videos else {}
-    env = make_single_env(cfg.env, **filming)
+    env = policy.make_env(**filming)
     try:
-        policy = algos.spec(cfg.algo.name).greedy(cfg.algo, state, env.observation_space, env.action_space)
         returns = run_episodes(env, policy, episodes, seed)
     finally:
         try:
@@ -84,9 +51,9 @@ def evaluate(run_dir: Path, episodes: int = 20, seed: int = 1_000_000, ckpt: Pat
         finally:
             filmed = recorder.finish()
     r = np.asarray(returns)
-    result = {"checkpoint": str(path), "episodes": episodes, "seed": seed, "mean_return": float(r.mean()),
-              "std_return": float(r.std()), "min_return": float(r.min()), "max_return": float(r.max()),
-              "returns": returns}
+    result = {"checkpoint": str(policy.checkpoint), "episodes": episodes, "seed": seed,
+              "mean_return": float(r.mean()), "std_return": float(r.std()), "min_return": float(r.min()),
+              "max_return": float(r.max()), "returns": returns}
     if videos:
         result.update(videos=[str(f) for f in filmed], video_skipped=recorder.skipped)
     write_json_atomic(run_dir / "eval.json", result)
@@ -96,15 +63,18 @@ def evaluate(run_dir: Path, episodes: int = 20, seed: int = 1_000_000, ckpt: Pat
 def main(argv: list[str] | None = None, prog: str = "python -m p2prl.evaluate") -> int:
     p = argparse.ArgumentParser(
         prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Greedy episodes of a run's latest checkpoint: prints the mean return, writes RUN_DIR/eval.json"
+        description="Greedy episodes of a run's checkpoint: prints the mean return, writes RUN_DIR/eval.json"
                     " and, with --video, MP4s under RUN_DIR/videos/.",
-        epilog=f"example:\n  {prog} outputs/ppo-cartpole/<run> --episodes 10 --video\n\n"
+        epilog=f"example:\n  {prog} outputs/ppo-cartpole/<run> --episodes 10 --video\n"
+               f"  {prog} outputs/ppo-cartpole/<run> --checkpoint best\n\n"
                "MuJoCo videos need an offscreen OpenGL: MUJOCO_GL=egl (apt-get install libegl1) or\n"
                "MUJOCO_GL=osmesa (apt-get install libosmesa6); without one the video is skipped.")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--episodes", type=int, default=20, help="evaluation episodes (default 20)")
-    p.add_argument("--seed", type=int, default=1_000_000, help="seed of the first episode (then +1 each)")
-    p.add_argument("--checkpoint", type=Path, default=None, help="a checkpoint file (default: the latest)")
+    p.add_argument("--seed", type=int, default=EVAL_SEED,
+                   help=f"seed of the first episode, then +1 each (default {EVAL_SEED})")
+    p.add_argument("--checkpoint", default="latest",
+                   help="latest (default), best (checkpoints/best.pt, kept by train.eval_every_steps) or a file")
     p.add_argument("--video", action="store_true",
                    help=f"film the first episodes into RUN_DIR/videos/ (the video extra; at most {video.MAX_FRAMES} "
                         "frames each)")

@@ -218,10 +218,16 @@ class Checkpointer:
                 "config": self.config, "config_hash": self.hash, "return_window": self.window.state_dict(),
                 **({} if learner is None else {"learner": learner.state_dict()}), **self.algo.state_dict()}
 
+    def shared_state(self, p: Progress) -> dict:
+        """The shared checkpoint's contents, on every peer. No collective, but where the peers'
+        parameters differ (local_sgd, gossip): their mean then stands in for each one's own (one
+        all-reduce: every peer calls this at the same steps)."""
+        learner = self.algo.learner
+        return self._shared(p, learner.strategy.average_parameters() if learner is not None else None)
+
     def save(self, p: Progress) -> None:
-        """Every rank writes its own file, rank 0 also the shared one. No collective, but where the
-        peers' parameters differ (local_sgd, gossip): then the shared file holds their average (one
-        all-reduce, on every peer alike: they save at the same steps) and each rank's file its own."""
+        """Every rank writes its own file, rank 0 also the shared one (`shared_state`: where the
+        peers' parameters differ, their average) and each rank's file its own."""
         self.comm.phase = "checkpoint"
         rank, learner = self.comm.rank, self.algo.learner
         own_state = self.algo.rank_state_dict(self.replay)
@@ -230,9 +236,9 @@ class Checkpointer:
         own = {"step": p.step, "rank": rank, "world_size": self.comm.world_size, "rng": rng_state(), **own_state}
         save_atomic(own, rank_path(self.folder, rank, p.step))
         prune(self.folder / f"rank{rank}", self.keep)
-        mean = learner.strategy.average_parameters() if learner is not None else None
+        shared = self.shared_state(p)
         if rank == 0:
-            save_atomic(self._shared(p, mean), shared_path(self.folder, p.step))
+            save_atomic(shared, shared_path(self.folder, p.step))
             prune(self.folder, self.keep)
             log.info("checkpoint at step %d", p.step)
         self.saved_step = p.step

@@ -29,7 +29,9 @@ from p2prl.config import ConfigError, RunConfig, config_hash
 from p2prl.envs import make_vec_env
 from p2prl.faults import Interrupted, NonFiniteUpdates
 from p2prl.metrics import MetricsWriter, ReturnWindow, peak_rss_mb
+from p2prl.periodic_eval import PeriodicEval
 from p2prl.precheck import Preflight, preflight
+from p2prl.provenance import provenance
 from p2prl.resume import Checkpointer, Progress, restore
 from p2prl.seeding import env_seed
 from p2prl.trackers import open_trackers
@@ -113,6 +115,8 @@ def _train(cfg: RunConfig, run_dir: Path, comm: Communicator, t_start: float, ch
     # of comm.timeout_s, or the run goes on without it.
     trackers = open_trackers(cfg.logger, run_dir, cfg.flat(), cfg.comm.timeout_s / 2) if is_main else []
     writer = MetricsWriter(run_dir, cfg.train.total_steps, enabled=is_main, start_step=p.step, trackers=trackers)
+    evaluator = PeriodicEval(cfg, comm, saver, resumed=resumed_from is not None)
+    code = provenance() if is_main else {}  # the code that starts the run, not what the tree holds at its end
     target, every, log_every = cfg.train.target_return, cfg.checkpoint.every_steps, cfg.train.log_every_steps
     next_log = (p.step // log_every + 1) * log_every
     # Every peer holds the same window, so decisions derived from it are already collective.
@@ -153,14 +157,15 @@ def _train(cfg: RunConfig, run_dir: Path, comm: Communicator, t_start: float, ch
                 check_identical(comm, shared)
             done = reached or p.step >= cfg.train.total_steps
             p.time_s = p_start.time_s + time.perf_counter() - t_start  # run time over all attempts
-            if p.step >= next_log or done:
+            evals = evaluator(p) if evaluator.due(start_step, p.step) else {}  # a collective, at global steps
+            if p.step >= next_log or done or evals:
                 next_log = (p.step // log_every + 1) * log_every
                 elapsed = max(time.perf_counter() - t_loop, 1e-9)
                 if learner is not None:  # a collective for some strategies; every peer logs the same rows
                     logs.update(learner.strategy.logs(), skipped_updates=learner.skipped)
                 writer.write({"step": p.step, "time_s": p.time_s, "episode_return_mean": mean,
                               "episodes": window.episodes, "sps": (p.step - p_start.step) / elapsed,
-                              "comm_frac": (comm.seconds - comm_s0) / elapsed, **logs})
+                              "comm_frac": (comm.seconds - comm_s0) / elapsed, **logs, **evals})
             # At a rollout boundary, when the global step crosses a multiple; never while updates are
             # being skipped, so that the checkpoints before a run of NaNs are kept.
             if every is not None and p.step // every > start_step // every and not done and streak == 0:
@@ -189,6 +194,7 @@ def _train(cfg: RunConfig, run_dir: Path, comm: Communicator, t_start: float, ch
         gc.unfreeze()  # a multirun's next job starts from a collectable heap
         if not interrupted:  # a signal may have landed inside the writer: the entry point leaves lock-free
             writer.close()
+            evaluator.close()
         algo.envs.close(terminate=True)  # async workers end with the run, not the process (multirun jobs share it)
     summary = {
         "reached": steps_to_target is not None, "steps_to_target": steps_to_target,
@@ -201,7 +207,7 @@ def _train(cfg: RunConfig, run_dir: Path, comm: Communicator, t_start: float, ch
         "episode_return_mean": window.mean, "run_dir": str(run_dir),
         "resumed_from": None if resumed_from is None else str(resumed_from),
         "resumed_at_step": p_start.step if resumed_from is not None else None,
-        "config": cfg.to_dict(),
+        **code, "config": cfg.to_dict(),
     }
     if is_main:
         write_json_atomic(run_dir / "summary.json", summary)

@@ -65,7 +65,8 @@ class MeanReward(Algorithm):
 
 
 TINY = algos.AlgorithmSpec(TinyConfig, MeanReward, observations=(gym.spaces.Box,), actions=(gym.spaces.Discrete,),
-                           greedy=lambda cfg, state, obs_space, act_space: (lambda obs: 0),
+                           policy=lambda cfg, state, obs_space, act_space, device: (
+                               lambda obs, deterministic, rng: np.zeros(len(obs), dtype=np.int64)),
                            fixed_on_resume=(), hint="")
 algos.register("mean_reward", TINY)  # at import: spawned peers import this module too
 

@@ -1,9 +1,10 @@
 """The algorithm registry: one table, name -> what the rest of p2prl needs to know of an algorithm.
 
 config (the `algo` section's schema), precheck (the spaces it accepts, the keys a resume may not
-change), the runner (how to build it) and evaluate (its greedy policy) read this table; nothing else
-branches on an algorithm's name. Adding one is its file (a config dataclass, an `Algorithm` subclass,
-a greedy policy) plus `register(...)` or a line in REGISTRY, and its conf/algo/<name>.yaml.
+change), the runner (how to build it) and p2prl.policy (a checkpoint's policy, for evaluate, the
+evaluation during training and `p2prl.load`) read this table; nothing else branches on an algorithm's
+name. Adding one is its file (a config dataclass, an `Algorithm` subclass, a policy function) plus
+`register(...)` or a line in REGISTRY, and its conf/algo/<name>.yaml.
 """
 from __future__ import annotations
 
@@ -12,17 +13,17 @@ from typing import Any, Callable
 
 import gymnasium as gym
 import numpy as np
+import torch
 
-from p2prl.algos.base import Algorithm, Peer, Sample
+from p2prl.algos.base import ActFn, Algorithm, Peer, Sample
 from p2prl.algos.dqn import DQN, DQNConfig
-from p2prl.algos.dqn import greedy_policy as dqn_greedy
+from p2prl.algos.dqn import policy as dqn_policy
 from p2prl.algos.ppo import PPO, PPOConfig
-from p2prl.algos.ppo import greedy_policy as ppo_greedy
+from p2prl.algos.ppo import policy as ppo_policy
 from p2prl.algos.qlearning import QLearning, QLearningConfig
-from p2prl.algos.qlearning import greedy_policy as qlearning_greedy
+from p2prl.algos.qlearning import policy as qlearning_policy
 from p2prl.config import ConfigError
 
-Policy = Callable[[np.ndarray], Any]
 Box, Discrete = gym.spaces.Box, gym.spaces.Discrete
 
 
@@ -32,7 +33,8 @@ class AlgorithmSpec:
     build: Callable[[Any, gym.vector.VectorEnv, np.ndarray, Peer], Algorithm]  # (algo cfg, envs, first obs, peer)
     observations: tuple[type, ...]  # the gymnasium observation spaces it accepts
     actions: tuple[type, ...]  # and action spaces
-    greedy: Callable[[Any, dict, gym.Space, gym.Space], Policy]  # (algo cfg, shared state, spaces) -> policy
+    # (algo cfg, shared state, obs space, action space, device) -> its policy on a batch (base.ActFn)
+    policy: Callable[[Any, dict, gym.Space, gym.Space, torch.device], ActFn]
     # algo.* keys that fix what a checkpoint holds (shapes, optimizer state): a resume may not change them.
     fixed_on_resume: tuple[str, ...]
     hint: str  # appended to a refusal of the env's spaces
@@ -40,15 +42,15 @@ class AlgorithmSpec:
     stragglers: bool = False  # whether it can cut a rollout short (comm.straggler_frac)
 
 
-_PPO = AlgorithmSpec(PPOConfig, PPO, (Box,), (Discrete, Box), ppo_greedy,
+_PPO = AlgorithmSpec(PPOConfig, PPO, (Box,), (Discrete, Box), ppo_policy,
                      ("hidden_sizes", "activation", "encoder", "norm_obs", "norm_reward", "optimizer"), "", stragglers=True)
 REGISTRY: dict[str, AlgorithmSpec] = {
     "ppo": _PPO,
     "a2c": _PPO,  # PPO's code with one epoch, one minibatch and no clipping (conf/algo/a2c.yaml)
-    "dqn": AlgorithmSpec(DQNConfig, DQN, (Box,), (Discrete,), dqn_greedy, ("hidden_sizes", "activation", "encoder"),
+    "dqn": AlgorithmSpec(DQNConfig, DQN, (Box,), (Discrete,), dqn_policy, ("hidden_sizes", "activation", "encoder"),
                          "; use algo=ppo"),
     # Exact tabular Q-learning sums its own table's TD errors: no gradient for a strategy to share.
-    "qlearning": AlgorithmSpec(QLearningConfig, QLearning, (Discrete,), (Discrete,), qlearning_greedy, (), "",
+    "qlearning": AlgorithmSpec(QLearningConfig, QLearning, (Discrete,), (Discrete,), qlearning_policy, (), "",
                                strategies=("allreduce",)),
 }
 
@@ -90,5 +92,5 @@ def check_spaces(name: str, obs_space: gym.Space, action_space: gym.Space) -> No
             raise ConfigError("algo", name, f"needs {kinds} {what}, the env has {space}{s.hint}")
 
 
-__all__ = ["Algorithm", "AlgorithmSpec", "Peer", "Policy", "REGISTRY", "Sample", "algo_sections",
+__all__ = ["ActFn", "Algorithm", "AlgorithmSpec", "Peer", "REGISTRY", "Sample", "algo_sections",
            "check_spaces", "check_strategy", "register", "spec"]

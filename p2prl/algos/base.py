@@ -119,10 +119,17 @@ def load_sampler_state(envs, episodes, rng: np.random.Generator, s: dict) -> tup
     return s["obs"].numpy().copy(), s["next_valid"].numpy().copy()
 
 
-def torch_policy(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[np.ndarray], np.ndarray]:
-    """A numpy policy obs -> action from a torch function of a batch (for greedy evaluation)."""
-    @torch.inference_mode()
-    def act(obs: np.ndarray) -> np.ndarray:
-        out = fn(torch.as_tensor(np.asarray(obs, dtype=np.float32))[None])[0]
-        return out.item() if out.ndim == 0 else out.numpy()
-    return act
+# What a checkpoint's policy is to p2prl.policy: a batch of observations (B, *obs_shape) ->
+# actions (B, *action_shape); `deterministic` False samples (with the generator) as the algorithm
+# explores, True takes its greedy action.
+ActFn = Callable[[np.ndarray, bool, np.random.Generator], np.ndarray]
+
+
+def epsilon_greedy(values: np.ndarray, deterministic: bool, epsilon: float, rng: np.random.Generator) -> np.ndarray:
+    """Actions (B,) from action values (B, A): the argmax (ties to the lowest index); unless
+    `deterministic`, a uniformly random action instead with probability `epsilon`."""
+    greedy = values.argmax(1)
+    if deterministic:
+        return greedy
+    explore = rng.random(len(greedy)) < epsilon
+    return np.where(explore, rng.integers(0, values.shape[1], len(greedy)), greedy)

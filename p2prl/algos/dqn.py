@@ -6,7 +6,7 @@ same online network. Counters that schedule updates (vector steps, updates) adva
 every peer, so each peer makes the same number of updates and syncs its target network on the same
 update: no peer ever waits in a collective another one skipped. Like ppo.py, the file reads top to
 bottom as the whole algorithm (config, sampling into either replay buffer, losses, checkpoint state,
-greedy policy), a little over 250 lines.
+its policy for evaluation), a little over 250 lines.
 """
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from p2prl import config as check
-from p2prl.algos.base import Algorithm, Peer, Sample, load_sampler_state, sampler_state, torch_policy
+from p2prl.algos.base import (ActFn, Algorithm, Peer, Sample, epsilon_greedy, load_sampler_state,
+                              sampler_state)
 from p2prl.algos.returns import nstep_return, td_targets
 from p2prl.algos.schedules import decayed_epsilon, peer_epsilon
 from p2prl.data import FrameReplay, ReplayBatch, ReplayBuffer
@@ -254,8 +255,16 @@ class DQN(Algorithm):
                     d.clear()
 
 
-def greedy_policy(cfg: DQNConfig, state: dict, obs_space: gym.Space, act_space: gym.Space):
-    """argmax Q of a checkpoint's online network."""
+def policy(cfg: DQNConfig, state: dict, obs_space: gym.Space, act_space: gym.Space,
+           device: torch.device = torch.device("cpu")) -> ActFn:
+    """argmax Q of a checkpoint's online network; not deterministic: epsilon-greedy with the
+    exploration rate training ends with (`algo.eps_end`), as SB3's DQN predicts after training."""
     q = QNetwork(obs_space, int(act_space.n), cfg.hidden_sizes, cfg.activation, resolve_encoder(cfg.encoder, obs_space))
     q.load_state_dict(state["model"])
-    return torch_policy(lambda x: q(x).argmax(-1))
+    q.to(device)
+
+    @torch.inference_mode()
+    def act(obs: np.ndarray, deterministic: bool, rng: np.random.Generator) -> np.ndarray:
+        values = q(torch.as_tensor(obs, dtype=torch.float32, device=device)).cpu().numpy()
+        return epsilon_greedy(values, deterministic, cfg.eps_end, rng)
+    return act

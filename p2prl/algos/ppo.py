@@ -4,7 +4,7 @@ Each peer samples `num_envs x num_steps` transitions from its own vector env, co
 `update_epochs` epochs of `num_minibatches` minibatches. Every minibatch gradient is averaged across
 peers by the learner (one flat all-reduce), so N peers behave like one peer with N times the envs.
 The file reads top to bottom as the whole algorithm (config, sampling, advantages, losses, checkpoint
-state, greedy policy), which is why it stays one file a little over 250 lines.
+state, its policy for evaluation and p2prl.load), which is why it stays one file a little over 250 lines.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from p2prl import config as check
-from p2prl.algos.base import Algorithm, Peer, Sample
+from p2prl.algos.base import ActFn, Algorithm, Peer, Sample
 from p2prl.algos.returns import gae
 from p2prl.data import Rollout, allocate_rollout
 from p2prl.envs import load_vec_env_state, restorable, vec_env_state
@@ -267,21 +267,31 @@ def sample_weights(valid: torch.Tensor, n_valid: int, minibatches: int, world_si
     return valid.float() * (minibatches * world_size / max(n_valid, 1))
 
 
-def greedy_policy(cfg: PPOConfig, state: dict, obs_space: gym.Space, act_space: gym.Space):
-    """The distribution's mode (argmax, or the Gaussian mean clipped to the bounds) of a checkpoint."""
-    from p2prl.algos.base import torch_policy
+def policy(cfg: PPOConfig, state: dict, obs_space: gym.Space, act_space: gym.Space,
+           device: torch.device = torch.device("cpu")) -> ActFn:
+    """A checkpoint's policy on observations normalized as in training (`algo.norm_obs`): the
+    distribution's mode (argmax, or the Gaussian mean), or a sample of it; continuous actions are
+    clipped to the bounds, as the sampler clips them."""
     model = ActorCritic(obs_space, act_space, cfg.hidden_sizes, cfg.activation,
                         resolve_encoder(cfg.encoder, obs_space))
     model.load_state_dict(state["model"])
+    model.to(device)
     norm = None
     if "obs_norm" in state:
         norm = RunningNormalizer(obs_space.shape)
         norm.load_state_dict(state["obs_norm"])
 
-    def mode(x: torch.Tensor) -> torch.Tensor:
-        return model.mode(norm(x) if norm is not None else x)
-
-    act = torch_policy(mode)
-    if model.discrete:
-        return act
-    return lambda obs: np.clip(act(obs), act_space.low, act_space.high)
+    @torch.inference_mode()
+    def act(obs: np.ndarray, deterministic: bool, rng: np.random.Generator) -> np.ndarray:
+        x = torch.as_tensor(obs, dtype=torch.float32)
+        x = (norm(x) if norm is not None else x).to(device)
+        if deterministic:
+            a = model.mode(x)
+        else:  # a sample of the distribution, drawn with the policy's own generator
+            dist, _ = model.dist_value(x)
+            g = torch.Generator(x.device).manual_seed(int(rng.integers(2 ** 62)))
+            a = torch.multinomial(dist.probs, 1, generator=g)[:, 0] if model.discrete else \
+                torch.normal(dist.mean, dist.stddev, generator=g)
+        a = a.cpu().numpy()
+        return a if model.discrete else np.clip(a, act_space.low, act_space.high)
+    return act

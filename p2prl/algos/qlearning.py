@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from p2prl import config as check
-from p2prl.algos.base import Algorithm, Peer, Sample, load_sampler_state, sampler_state
+from p2prl.algos.base import ActFn, Algorithm, Peer, Sample, epsilon_greedy, load_sampler_state, sampler_state
 from p2prl.algos.schedules import decayed_epsilon, linear, peer_epsilon
 from p2prl.envs import restorable
 from p2prl.metrics import EpisodeCounter
@@ -206,7 +206,12 @@ class QLearning(Algorithm):
             self.rng.bit_generator.state = s["rng"]
 
 
-def greedy_policy(cfg: QLearningConfig, state: dict, obs_space: gym.Space, act_space: gym.Space):
-    """argmax Q of a checkpoint's table."""
+def policy(cfg: QLearningConfig, state: dict, obs_space: gym.Space, act_space: gym.Space,
+           device: torch.device = torch.device("cpu")) -> ActFn:
+    """argmax Q of a checkpoint's table (ties to the lowest action); not deterministic: epsilon-greedy
+    with the exploration rate training ends with (`algo.eps_end`)."""
     table = state["q_table"].numpy()
-    return lambda obs: int(np.argmax(table[int(obs)]))
+
+    def act(obs: np.ndarray, deterministic: bool, rng: np.random.Generator) -> np.ndarray:
+        return epsilon_greedy(table[np.asarray(obs, dtype=np.int64)], deterministic, cfg.eps_end, rng)
+    return act
