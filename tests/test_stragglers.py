@@ -35,8 +35,12 @@ def _train(rank: int, cfg, run_dir):
 
 
 def test_a_slowed_peer_contributes_fewer_samples_and_training_still_reaches_475(tmp_path, compose, peers):
+    # Long rollouts (16 envs x 32 steps per peer: rank 1 is ~0.26 s slower each) so that the slow peer
+    # is the slow one in every rollout, whatever the machine's noise; with them the earlier CartPole preset.
+    rollout = ["algo.num_envs=16", "algo.update_epochs=10", "algo.lr=5e-3", "algo.clip_vloss=true",
+               "train.total_steps=200000"]
     cfg = compose("algo=ppo", "env=cartpole", "env.id=p2prl-test/SlowCartPole-v1", "comm.straggler_frac=0.5",
-                  "comm.min_rollout_frac=0.25", "comm.timeout_s=60", "train.log_every_steps=8192")
+                  "comm.min_rollout_frac=0.25", "comm.timeout_s=60", "train.log_every_steps=8192", *rollout)
     full = cfg.algo.num_envs * cfg.algo.num_steps
     summary, _ = peers(_train, 2, cfg, tmp_path / "run", timeout=220)
     fast, slow = summary["steps_by_rank"]
