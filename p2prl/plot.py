@@ -61,16 +61,27 @@ def curve(run_dir: Path, x: str = "step") -> tuple[np.ndarray, np.ndarray]:
     return (np.array([r[x] for r in rows], dtype=float), np.array([r["episode_return_mean"] for r in rows], dtype=float))
 
 
-def band(curves: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, ...]:
+def band(curves: Sequence[tuple[np.ndarray, np.ndarray]],
+         held: Optional[Sequence[bool]] = None) -> tuple[np.ndarray, ...]:
     """(grid, mean, min, max) of several curves on the union of their x values, each curve linearly
-    interpolated within its own range. Where a run has ended (it reached its target sooner), the
-    statistics are those of the runs still going. Empty curves are left out."""
-    curves = [(x, y) for x, y in curves if len(x)]
-    if not curves:
+    interpolated within its own range. A curve marked in `held` (its run stopped because it reached
+    the target) keeps its last value after it ends, so the runs that finished first still count and
+    the mean does not fall back to the slower runs'; where an unheld run has ended, the statistics
+    are those of the runs still going. Empty curves are left out."""
+    held = list(held) if held is not None else [False] * len(curves)
+    pairs = [(x, y, h) for (x, y), h in zip(curves, held) if len(x)]
+    if not pairs:
         return (np.empty(0),) * 4
-    grid = np.unique(np.concatenate([x for x, _ in curves]))
-    ys = np.stack([np.interp(grid, x, y, left=np.nan, right=np.nan) for x, y in curves])
+    grid = np.unique(np.concatenate([x for x, _, _ in pairs]))
+    ys = np.stack([np.interp(grid, x, y, left=np.nan, right=y[-1] if h else np.nan) for x, y, h in pairs])
     return grid, np.nanmean(ys, axis=0), np.nanmin(ys, axis=0), np.nanmax(ys, axis=0)
+
+
+def _reached(run_dir: Path) -> bool:
+    try:
+        return bool(json.loads((run_dir / "summary.json").read_text())["reached"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def run_groups(run_dirs: Sequence[Path]) -> list[Group]:
@@ -80,10 +91,11 @@ def run_groups(run_dirs: Sequence[Path]) -> list[Group]:
 def plot_returns(run_dirs: Sequence[Path], out: Path, x: str = "step",
                  groups: Optional[Sequence[Group]] = None) -> Path:
     """`episode_return_mean` against `x`: one line per group (`run_groups`), a group of several runs as
-    their mean with a min-max band; the first run's target as a dashed line."""
+    their mean with a min-max band (a run that reached its target held at its last value); the first
+    run's target as a dashed line."""
     fig, (ax,) = _figure()
     for i, g in enumerate(groups if groups is not None else run_groups(run_dirs)):
-        grid, mean, lo, hi = band([curve(d, x) for d in g.runs])
+        grid, mean, lo, hi = band([curve(d, x) for d in g.runs], [_reached(d) for d in g.runs])
         if len(g.runs) == 1:
             ax.plot(grid, mean, marker=".", color=f"C{i}", label=g.label)
         else:

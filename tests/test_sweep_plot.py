@@ -50,6 +50,15 @@ def test_band_interpolates_onto_the_union_of_steps_and_keeps_the_runs_still_goin
     assert mean.tolist() == [5.0, 12.5, 10.0, 20.0]
 
 
+def test_band_holds_a_run_that_reached_its_target_at_its_last_value():
+    a = (np.array([0.0, 10.0, 20.0]), np.array([0.0, 10.0, 20.0]))
+    b = (np.array([0.0, 5.0]), np.array([10.0, 20.0]))  # stopped at 5: it reached its target there
+    grid, mean, lo, hi = plot.band([a, b], held=[False, True])
+    assert grid.tolist() == [0.0, 5.0, 10.0, 20.0]
+    assert mean.tolist() == [5.0, 12.5, 15.0, 20.0]
+    assert lo.tolist() == [0.0, 5.0, 10.0, 20.0] and hi.tolist() == [10.0, 20.0, 20.0, 20.0]
+
+
 def test_find_runs_in_natural_order(tmp_path):
     for job in ("10", "2", "1/inner"):
         (tmp_path / job).mkdir(parents=True)
