@@ -344,3 +344,34 @@ def _chain(env):
         if not hasattr(env, "env"):
             return
         env = env.env
+
+
+def test_startup_probes_subtract_the_training_loop_and_name_torchruns_own_cost(tmp_path):
+    from p2prl.bench import startup
+    from p2prl.bench.plans import p2prl_cmd
+    cmds = startup.probes(p2prl_cmd, tmp_path)
+    assert cmds["torchrun alone"][-2:] == ["--no-python", "true"] and "--nproc_per_node=2" in cmds["torchrun alone"]
+    assert "p2prl.train" in cmds["p2prl 1 peer"] and "torch.distributed.run" in cmds["p2prl 2 peers"]
+    launch = {"python": 0.1, "import torch": 1.0, "import p2prl.train": 1.5, "torchrun alone": 1.6,
+              "p2prl 1 peer": 2.5, "p2prl 2 peers": 4.5}
+    calls = []
+
+    def execute(cmd, log, timeout):  # a fake run: the p2prl probes leave a summary with their loop time
+        name = {"pass": "python", "import torch": "import torch", "import p2prl.train": "import p2prl.train",
+                "true": "torchrun alone"}.get(cmd[-1])
+        if name is None:
+            name = "p2prl 2 peers" if "torch.distributed.run" in cmd else "p2prl 1 peer"
+        calls.append(name)
+        if name.startswith("p2prl"):
+            run_dir = Path(next(a for a in cmd if a.startswith("hydra.run.dir="))[len("hydra.run.dir="):])
+            run_dir.mkdir(parents=True)
+            (run_dir / "summary.json").write_text(json.dumps({"loop_s": 0.5}))
+        return 0, launch[name], False
+
+    m = startup.measure(execute, p2prl_cmd, tmp_path, repeats=2)
+    assert calls == list(launch) * 2  # interleaved: every probe, then again
+    med = {r["probe"]: r["median"] for r in m["rows"]}
+    assert med["p2prl 2 peers"] == 4.0 and med["p2prl 1 peer"] == 2.0 and med["torchrun alone"] == 1.6
+    assert m["derived"] == pytest.approx({"two_peers_extra_s": 2.0, "torchrun_own_s": 1.5})
+    text = startup.format_startup(m)
+    assert "2 peers over 1 peer: +2.00 s" in text and "torchrun's own cost (torchrun alone - python): 1.50 s" in text

@@ -12,6 +12,7 @@ report the return reached at its end, steps/s and peak memory per peer.
 `--scaling [TASK ...]` instead measures global steps/s at fixed per-peer work (LunarLander PPO,
 HalfCheetah PPO, Breakout PPO or DQN): N steps on 1 peer and 2N on 2 peers; efficiency = sps2 / (2 * sps1).
 `--stepping [ENV ...]` times env steps/s per core by `env.vectorization` (p2prl.bench.stepping).
+`--startup [REPEATS]` times start-up and shut-down: imports, torchrun alone, 1 and 2 peers (p2prl.bench.startup).
 
 Writes OUT/bench.json (settings, host, every run, aggregates; rewritten after each run), OUT/bench.png
 (or scaling.png), the runs under OUT/runs/<task>/<system>/seed<N>/ and their output under OUT/logs/.
@@ -31,7 +32,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional
 
-from p2prl.bench import report, stepping
+from p2prl.bench import report, startup, stepping
 from p2prl.bench.plans import (EXTRAS, PORT, SCALING, SCALING_DEFAULT, STRATEGIES, SYSTEMS, TASKS, Job, free_port,
                                p2prl_cmd, plan, plan_scaling, plan_strategies, plan_stragglers)
 from p2prl.plot import bar_chart
@@ -78,6 +79,9 @@ def parse_args(argv: Optional[list[str]] = None, prog: str = "python -m p2prl.be
                    help="with --stepping: per measurement (default: %(default)s)")
     p.add_argument("--stepping-cores", type=int, default=1,
                    help="with --stepping: cores to pin to (default: %(default)s)")
+    p.add_argument("--startup", type=int, nargs="?", const=5, default=None, metavar="REPEATS",
+                   help="time start-up and shut-down instead (interpreter, imports, torchrun alone, p2prl on 1 and "
+                        "2 peers), each REPEATS times (default: 5)")
     p.add_argument("--strategies", action="store_true",
                    help=f"compare the sync strategies ({', '.join(STRATEGIES)}) on the tasks, on --peers peers")
     p.add_argument("--peers", nargs="+", type=int, default=[2, 4], help="with --strategies (default: %(default)s)")
@@ -97,11 +101,11 @@ def parse_args(argv: Optional[list[str]] = None, prog: str = "python -m p2prl.be
         a.scaling = list(SCALING_DEFAULT)
     if a.stepping is not None and not a.stepping:
         a.stepping = list(stepping.ENVS)
-    for name in (a.scaling if a.scaling is not None else [] if a.stepping is not None else a.tasks):
+    for name in (a.scaling if a.scaling is not None else [] if a.stepping is not None or a.startup is not None else a.tasks):
         extra = TASKS[name].extra
         if extra and importlib.util.find_spec(EXTRAS[extra]) is None:
             p.error(f'{name} needs the {extra} extra: pip install -e ".[{extra}]"')
-    runs_sb3 = a.scaling is None and a.stepping is None
+    runs_sb3 = a.scaling is None and a.stepping is None and a.startup is None
     if "sb3" in a.systems and runs_sb3 and importlib.util.find_spec("stable_baselines3") is None:
         log.warning('stable-baselines3 is not installed (pip install -e ".[bench]"): skipping sb3')
         a.systems = [s for s in a.systems if s != "sb3"]
@@ -213,6 +217,12 @@ def main(argv: Optional[list[str]] = None, prog: str = "python -m p2prl.bench") 
     out.mkdir(parents=True, exist_ok=True)
     if a.cost_model:
         return cost_model(out, a.max_seconds)
+    if a.startup is not None:
+        prepare = lambda cmd: [c.replace(PORT, str(free_port())) for c in cmd]  # noqa: E731
+        m = startup.measure(execute, p2prl_cmd, out, a.startup, prepare)
+        report.write_json(out / "startup.json", {"host": report.host(), **m})
+        emit(f"{startup.format_startup(m)}\n\nwrote {out / 'startup.json'}")
+        return 0
     if a.stepping is not None:
         m = stepping.measure(a.stepping, a.stepping_num_envs, a.stepping_seconds, a.stepping_cores)
         report.write_json(out / "stepping.json", {"host": report.host(), **m})
