@@ -5,6 +5,7 @@ algorithm sees them (`zero_based`): algorithms index actions and states from 0.
 """
 from __future__ import annotations
 
+import ctypes.util
 import functools
 import importlib
 import importlib.util
@@ -70,11 +71,29 @@ def _copy(cfg: EnvConfig, inner: Optional[Callable[[gym.Env], gym.Env]] = None, 
     return _wrapped(cfg)(inner(env) if inner else env)
 
 
+GL_LIBRARIES = {"egl": ("EGL", "libegl1"), "osmesa": ("OSMesa", "libosmesa6")}  # MUJOCO_GL -> (library, package)
+
+
+def gl_problem(entry_point: str) -> Optional[str]:
+    """Why a MuJoCo env (by its gymnasium entry point) cannot even be made here: MUJOCO_GL names an
+    OpenGL backend whose library is not installed, which fails `import mujoco` itself; or None."""
+    backend = os.environ.get("MUJOCO_GL", "").lower()
+    if "mujoco" not in str(entry_point) or backend not in GL_LIBRARIES:
+        return None
+    library, package = GL_LIBRARIES[backend]
+    if ctypes.util.find_library(library) is None:
+        return (f"needs lib{library}, which is not installed (apt-get install {package}); "
+                "allowed: a backend whose library is here, or unset (no MuJoCo videos then)")
+    return None
+
+
 def make_single_env(cfg: EnvConfig, inner: Optional[Callable[[gym.Env], gym.Env]] = None, **extra) -> gym.Env:
     """One env, for space checks and evaluation; a missing extra becomes a one-line config error.
     `inner` wraps the env gymnasium made before p2prl's wrappers do (a video recorder there sees every
     frame of the game itself, not the 84x84 input); `extra` goes to gymnasium.make (render_mode)."""
-    spec_of(cfg)
+    gl = gl_problem(spec_of(cfg).entry_point)
+    if gl:  # importing mujoco itself fails then, with an AttributeError deep in PyOpenGL
+        raise ConfigError("MUJOCO_GL", os.environ["MUJOCO_GL"], gl)
     try:
         return _copy(cfg, inner, **extra)
     except gym.error.DependencyNotInstalled as e:

@@ -12,7 +12,6 @@ disjoint from training's by default, the same as the evaluation during training.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Union
@@ -22,7 +21,6 @@ import numpy as np
 from p2prl import video
 from p2prl.atomic import write_json_atomic
 from p2prl.config import ConfigError
-from p2prl.envs import spec_of
 from p2prl.policy import EVAL_SEED, load, load_run_config, run_episodes
 
 __all__ = ["evaluate", "load_run_config", "main", "run_episodes"]
@@ -36,20 +34,19 @@ def evaluate(run_dir: Union[str, Path], episodes: int = 20, seed: int = EVAL_SEE
     run_dir = Path(run_dir)
     policy = load(run_dir, "latest" if ckpt is None else ckpt)
     cfg = policy.config
-    gl = video.gl_problem(spec_of(cfg.env).entry_point)
-    if gl:
-        raise ConfigError("MUJOCO_GL", os.environ["MUJOCO_GL"], gl)
     recorder = video.Recorder(run_dir / "videos", Path(policy.checkpoint).stem, min(videos, episodes),
                               video.fps(cfg.env))
     filming = {"inner": recorder.wrap, "render_mode": "rgb_array"} if videos else {}
-    env = policy.make_env(**filming)
+    env = None
     try:
+        env = policy.make_env(**filming)
         returns = run_episodes(env, policy, episodes, seed)
     finally:
         try:
-            env.close()  # writes the last video
+            if env is not None:
+                env.close()  # writes the last video
         finally:
-            filmed = recorder.finish()
+            filmed = recorder.finish()  # and removes its scratch dir, also when the env could not be made
     r = np.asarray(returns)
     result = {"checkpoint": str(policy.checkpoint), "episodes": episodes, "seed": seed,
               "mean_return": float(r.mean()), "std_return": float(r.std()), "min_return": float(r.min()),

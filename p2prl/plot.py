@@ -20,6 +20,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from p2prl.atomic import write_atomic
 from p2prl.sweep import Group, find_runs, group_runs, saved_config
 
 
@@ -31,8 +32,9 @@ def _figure(ncols: int = 1, width: float = 6.4, height: float = 4.2) -> tuple[Fi
 
 
 def _save(fig: Figure, out: Path) -> Path:
+    """The PNG, written atomically: a plot redrawn while a viewer reads it is never half a file."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    write_atomic(out, lambda f: fig.savefig(f, dpi=110, format="png"))
     return out
 
 

@@ -10,7 +10,8 @@
 Gaussian mean clipped to the bounds; DQN and tabular Q-learning: argmax Q, ties to the lowest action),
 on observations normalized as in training (PPO's `algo.norm_obs`). `deterministic=False` explores as
 the algorithm does: PPO samples its distribution; DQN and Q-learning act epsilon-greedily with the
-exploration rate their training ends with (`algo.eps_end`), drawn from the policy's own generator
+final exploration rate `algo.eps_end` (rank 0's; with Ape-X's `algo.apex_alpha` the other peers ended
+lower), drawn from the policy's own generator
 (`load(..., seed=S)`), never from the global random streams.
 
 No process group is involved: a checkpoint's shared state (rank 0's file: the model or the Q table,
@@ -84,12 +85,22 @@ def load(run_dir: Union[str, Path], checkpoint: Union[str, Path] = "latest", see
     state = ckpt.load(path)
     if state is None:
         raise ConfigError("checkpoint", str(path), "is unreadable (truncated or corrupt)")
+    if not isinstance(state.get("config"), dict) or "rank" in state:
+        raise ConfigError("checkpoint", str(path), "is not a shared checkpoint of a p2prl run (a rank's own file "
+                                                   "holds no model); allowed: latest, best or checkpoints/step_<N>.pt")
+    theirs = (state["config"].get("algo", {}).get("name"), state["config"].get("env", {}).get("id"))
+    if theirs != (cfg.algo.name, cfg.env.id):
+        raise ConfigError("checkpoint", str(path), f"was trained with algo={theirs[0]} on {theirs[1]}, this run is "
+                                                   f"algo={cfg.algo.name} on {cfg.env.id}")
     env = make_single_env(cfg.env)
     try:
         spaces = env.observation_space, env.action_space
     finally:
         env.close()
-    return Policy(cfg, state, *spaces, seed=seed, checkpoint=path, device=device)
+    try:
+        return Policy(cfg, state, *spaces, seed=seed, checkpoint=path, device=device)
+    except (KeyError, RuntimeError) as e:  # load_state_dict: missing keys or other shapes
+        raise ConfigError("checkpoint", str(path), f"does not fit this run's model: {str(e).splitlines()[0][:200]}")
 
 
 def load_run_config(run_dir: Path) -> RunConfig:

@@ -129,7 +129,7 @@ def _train(cfg: RunConfig, run_dir: Path, comm: Communicator, t_start: float, ch
     gc.freeze()
     t_loop, comm_s0, bytes0, calls0 = time.perf_counter(), comm.seconds, comm.bytes, comm.calls  # the loop's only
     saver.mark_boundary(p)
-    interrupted = False
+    interrupted, failed = False, True
     steps_by_rank = [0] * comm.world_size  # this attempt's
     try:
         while p.step < cfg.train.total_steps and not reached:
@@ -181,6 +181,7 @@ def _train(cfg: RunConfig, run_dir: Path, comm: Communicator, t_start: float, ch
         if saver.saved_step != p.step:
             saver.save(p)
         max_rss_mb = comm.all_gather_object(peak_rss_mb())  # every rank's peak resident memory
+        failed = False
     except BaseException as e:
         interrupted = isinstance(e, Interrupted)
         if isinstance(e, (Interrupted, PeerFailure)):
@@ -192,10 +193,13 @@ def _train(cfg: RunConfig, run_dir: Path, comm: Communicator, t_start: float, ch
         raise
     finally:
         gc.unfreeze()  # a multirun's next job starts from a collectable heap
-        if not interrupted:  # a signal may have landed inside the writer: the entry point leaves lock-free
+        if failed and not interrupted:  # a signal may have landed inside the writer: the entry point leaves lock-free
             writer.close()
             evaluator.close()
-        algo.envs.close(terminate=True)  # async workers end with the run, not the process (multirun jobs share it)
+        try:
+            algo.envs.close(terminate=True)  # async workers end with the run, not the process (multirun jobs share it)
+        except Exception as e:  # workers killed with the job (scancel): the reason the run ended matters more
+            log.warning("closing the envs failed: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
     summary = {
         "reached": steps_to_target is not None, "steps_to_target": steps_to_target,
         "time_to_target_s": time_to_target, "final_step": p.step, "world_size": comm.world_size,
@@ -214,5 +218,15 @@ def _train(cfg: RunConfig, run_dir: Path, comm: Communicator, t_start: float, ch
         log.info("done: step %d, return %s, reached=%s, %.1f s", p.step, window.mean, summary["reached"],
                  summary["wall_s"])
     comm.phase = "shutdown"
-    comm.agree(False)  # leave together: no peer tears down while another still writes
+    try:
+        comm.agree(False)  # leave together: no peer tears down while another still writes
+    except Interrupted:
+        raise  # the entry point leaves lock-free
+    except BaseException:
+        writer.close()
+        evaluator.close()
+        raise
+    # After the last collective: W&B's upload on rank 0 may outlast comm.timeout_s, and no peer waits for it.
+    writer.close()
+    evaluator.close()
     return summary

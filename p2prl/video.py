@@ -11,7 +11,6 @@ saying so, and the evaluation itself still runs.
 """
 from __future__ import annotations
 
-import ctypes.util
 import importlib.util
 import os
 import re
@@ -26,6 +25,7 @@ import numpy as np
 
 from p2prl.atomic import move_atomic
 from p2prl.config import EnvConfig
+from p2prl.envs import gl_problem  # noqa: F401 (video.gl_problem: part of this module's interface)
 
 # RecordVideo holds every frame of a video in memory until it writes the file: a cap per video keeps
 # that bounded (a minute of Atari play, 360 MB; CartPole's 500 steps and MuJoCo's 1000 fit whole).
@@ -39,22 +39,6 @@ def missing_extra() -> Optional[str]:
     """Why `--video` cannot work in this environment (moviepy missing), or None."""
     if importlib.util.find_spec("moviepy") is None:
         return '--video needs the video extra (moviepy): pip install -e ".[video]"'
-    return None
-
-
-GL_LIBRARIES = {"egl": ("EGL", "libegl1"), "osmesa": ("OSMesa", "libosmesa6")}  # MUJOCO_GL -> (library, package)
-
-
-def gl_problem(entry_point: str) -> Optional[str]:
-    """Why a MuJoCo env (by its gymnasium entry point) cannot even be made here: MUJOCO_GL names an
-    OpenGL backend whose library is not installed, which fails `import mujoco` itself; or None."""
-    backend = os.environ.get("MUJOCO_GL", "").lower()
-    if "mujoco" not in str(entry_point) or backend not in GL_LIBRARIES:
-        return None
-    library, package = GL_LIBRARIES[backend]
-    if ctypes.util.find_library(library) is None:
-        return (f"needs lib{library}, which is not installed (apt-get install {package}); "
-                "allowed: a backend whose library is here, or unset (no MuJoCo videos then)")
     return None
 
 

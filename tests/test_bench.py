@@ -48,6 +48,12 @@ def test_parse_args_rejects(monkeypatch, capsys):
     assert "box2d" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bench.parse_args(["--tasks", "nosuchtask"])
+    for bad, message in ((["--stepping", "--stepping-cores", "0"], "--stepping-cores=0: must be positive"),
+                         (["--stepping", "--stepping-num-envs", "4", "-1"], "--stepping-num-envs=-1: must be positive"),
+                         (["--startup", "0"], "--startup=0: must be positive"), (["--seeds", "-1"], "--seeds=-1")):
+        with pytest.raises(SystemExit):
+            bench.parse_args(bad)
+        assert message in capsys.readouterr().err
 
 
 def test_plan_is_interleaved_by_seed(monkeypatch, tmp_path):

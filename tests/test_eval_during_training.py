@@ -143,6 +143,9 @@ def test_best_checkpoint_survives_a_resume_and_training_is_unchanged_by_evaluati
     # ...but a run started afresh in the same dir keeps its own.
     run(small(256, "train.eval_every_steps=128", "train.eval_episodes=2", "train.resume=never"), run_dir)
     assert best_of(run_dir)["eval"]["return_mean"] < 1e9 and best_of(run_dir)["step"] <= 256
+    # ...and a fresh start without evaluation leaves no earlier attempt's best.pt for `--checkpoint best`.
+    run(small(128, "train.resume=never"), run_dir)
+    assert not path.exists()
 
 
 def test_evaluate_without_a_best_checkpoint_is_one_line_and_exit_2(tmp_path, compose):

@@ -127,6 +127,17 @@ def test_load_refuses_what_it_cannot_load(trained, tmp_path):
         p2prl.load(tmp_path)
     with pytest.raises(ValueError, match=r"obs of shape \(3,\): expected \(4,\)"):
         p2prl.load(run_dir).act(np.zeros(3))
+    rank_file = next((run_dir / "checkpoints" / "rank0").glob("step_*.pt"))
+    with pytest.raises(ConfigError, match="is not a shared checkpoint of a p2prl run"):
+        p2prl.load(run_dir, checkpoint=rank_file)
+    other = next((trained("dqn") / "checkpoints").glob("step_*.pt"))  # another run's: a Q-network
+    with pytest.raises(ConfigError, match="was trained with algo=dqn on CartPole-v1, this run is algo=ppo"):
+        p2prl.load(run_dir, checkpoint=other)
+    wider = torch.load(next((run_dir / "checkpoints").glob("step_*.pt")), weights_only=True)
+    wider["model"] = {k: torch.cat([v, v]) for k, v in wider["model"].items()}  # the same run, other shapes
+    torch.save(wider, tmp_path / "wider.pt")
+    with pytest.raises(ConfigError, match="does not fit this run's model: Error\\(s\\) in loading state_dict"):
+        p2prl.load(run_dir, checkpoint=tmp_path / "wider.pt")
 
 
 def test_import_p2prl_stays_cheap():

@@ -1,5 +1,6 @@
 """`python -m p2prl.evaluate RUN_DIR --video`: MP4s of greedy episodes, the game's own frames, and the
 clean refusals and skips (no video extra; MuJoCo without an offscreen OpenGL)."""
+import ctypes.util
 import importlib.util
 import json
 import os
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from p2prl import evaluate, video
+from p2prl.config import ConfigError
 from p2prl.envs import make_single_env
 
 pytestmark = pytest.mark.timeout(150)
@@ -86,16 +88,21 @@ def test_video_without_the_extra_is_one_line_and_exit_2(tmp_path, monkeypatch, c
     assert err == 'p2prl: error: --video needs the video extra (moviepy): pip install -e ".[video]"'
 
 
-def test_a_mujoco_gl_backend_without_its_library_is_refused_before_mujoco_fails_to_import(monkeypatch):
+def test_a_mujoco_gl_backend_without_its_library_is_refused_before_mujoco_fails_to_import(monkeypatch, compose):
     pendulum = "gymnasium.envs.mujoco.inverted_pendulum_v5:InvertedPendulumEnv"
     monkeypatch.setenv("MUJOCO_GL", "osmesa")
-    monkeypatch.setattr(video.ctypes.util, "find_library", lambda name: None)
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
     assert "needs libOSMesa, which is not installed (apt-get install libosmesa6)" in video.gl_problem(pendulum)
     assert video.gl_problem("gymnasium.envs.classic_control.cartpole:CartPoleEnv") is None  # not MuJoCo
-    monkeypatch.setattr(video.ctypes.util, "find_library", lambda name: f"lib{name}.so")
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: f"lib{name}.so")
     assert video.gl_problem(pendulum) is None
     monkeypatch.delenv("MUJOCO_GL")
     assert video.gl_problem(pendulum) is None  # no backend named: only the video is skipped, later
+    # Wherever an env is made (the precheck, evaluate, p2prl.load): one line, not PyOpenGL's AttributeError.
+    monkeypatch.setenv("MUJOCO_GL", "osmesa")
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    with pytest.raises(ConfigError, match="^MUJOCO_GL=osmesa: needs libOSMesa, which is not installed"):
+        make_single_env(compose("env=halfcheetah").env)
 
 
 def one_skip_line(e: subprocess.CompletedProcess) -> str:

@@ -95,6 +95,14 @@ def parse_args(argv: Optional[list[str]] = None, prog: str = "python -m p2prl.be
                         "and Breakout)")
     p.add_argument("--out", type=Path, default=None, help="output dir (default: bench/<timestamp>)")
     a = p.parse_args(argv)
+    positive = {"--stepping-num-envs": a.stepping_num_envs, "--stepping-cores": [a.stepping_cores],
+                "--stepping-seconds": [a.stepping_seconds], "--startup": [] if a.startup is None else [a.startup]}
+    for flag, values in positive.items():
+        for v in values:
+            if v <= 0:
+                p.error(f"{flag}={v}: must be positive")
+    if any(s < 0 for s in a.seeds):
+        p.error(f"--seeds={min(a.seeds)}: must be >= 0")
     if a.lunarlander:
         a.tasks = list(dict.fromkeys([*a.tasks, "lunarlander-ppo", "lunarlander-dqn"]))
     if a.scaling is not None and not a.scaling:
