@@ -381,3 +381,31 @@ def test_startup_probes_subtract_the_training_loop_and_name_torchruns_own_cost(t
     assert m["derived"] == pytest.approx({"two_peers_extra_s": 2.0, "torchrun_own_s": 1.5})
     text = startup.format_startup(m)
     assert "2 peers over 1 peer: +2.00 s" in text and "torchrun's own cost (torchrun alone - python): 1.50 s" in text
+
+
+def test_presets_run_every_tuned_preset_on_two_peers_with_atari_budgets_cut(monkeypatch, tmp_path, capsys):
+    from p2prl.bench.plans import plan_presets
+    monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec(present=("Box2D", "mujoco", "ale_py")))
+    a = bench.parse_args(["--presets", "--seeds", "0", "1"])
+    names = sorted(p.stem for p in (ROOT / "conf" / "tuned").glob("*.yaml"))
+    assert [p.name for p in a.preset_list] == names and a.max_seconds == 3600
+    by = {p.name: p for p in a.preset_list}
+    assert by["ppo_cartpole"].target == 475 and by["ppo_cartpole"].budget == 100_000 and not by["ppo_cartpole"].cut
+    assert by["ppo_breakout"].cut and by["ppo_breakout"].budget == 100_000 and by["ppo_breakout"].target is None
+    assert by["dqn_pong"].cut and by["dqn_pong"].budget == 150_000
+    jobs = plan_presets(a, tmp_path)
+    assert [(j.task, j.seed) for j in jobs] == [(n, s) for s in (0, 1) for n in names]
+    assert all(j.system == "p2prl-2" and "--nproc_per_node=2" in j.cmd for j in jobs)
+    breakout = next(j for j in jobs if j.task == "ppo_breakout")
+    assert {"train.target_return=null", "train.total_steps=100000", "algo.anneal_lr=false"} <= set(breakout.cmd)
+    cartpole = next(j for j in jobs if j.task == "ppo_cartpole")
+    assert not any(c.startswith("train.total_steps") for c in cartpole.cmd)  # its own budget and target
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--presets", "ppo_nosuchenv"])
+    assert "--presets ppo_nosuchenv: no such preset; allowed: a2c_cartpole" in capsys.readouterr().err
+    monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec(missing={"ale_py"}))
+    assert not any("breakout" in p.name for p in bench.parse_args(["--presets"]).preset_list)  # skipped
+    rows = report.aggregate([run("p2prl-2", s, r, t) | {"task": "ppo_cartpole", "episode_return_mean": 480.0}
+                             for s, r, t in ((0, True, 10.0), (1, False, None))])
+    text = report.format_presets(rows, {"ppo_cartpole": {"target": 475, "budget": 100_000, "cut": False}})
+    assert "ppo_cartpole  475     100,000  1/2" in text and "inf" in text and "480.0" in text

@@ -8,13 +8,13 @@ import math
 import pytest
 from omegaconf import OmegaConf
 
+from p2prl.bench.plans import ENV_EXTRAS, EXTRAS
 from p2prl.config import conf_dir
 from p2prl.runner import run
 
 pytestmark = pytest.mark.timeout(240)
 PRESETS = sorted(p.stem for p in (conf_dir() / "tuned").glob("*.yaml"))
-EXTRA = {"lunarlander": "Box2D", "halfcheetah": "mujoco", "hopper": "mujoco", "walker2d": "mujoco",
-         "breakout": "ale_py", "pong": "ale_py"}  # env preset -> the module its extra installs
+EXTRA = {env: EXTRAS[extra] for env, extra in ENV_EXTRAS.items()}  # env preset -> the module its extra installs
 
 
 def iteration_steps(algo: dict) -> int:

@@ -20,14 +20,15 @@ class Task:
     extra: str = ""  # the extra it needs
 
 
+ATARI_BUDGETS = {"ppo": 100_000, "dqn": 150_000}  # global steps of a pixels run here (DQN's first 80k only act)
 TASKS = {
     "cartpole-ppo": Task("ppo", "cartpole", "CartPole-v1", 475),
     "cartpole-dqn": Task("dqn", "cartpole", "CartPole-v1", 475),
     "lunarlander-ppo": Task("ppo", "lunarlander", "LunarLander-v3", 200, extra="box2d"),
     "lunarlander-dqn": Task("dqn", "lunarlander", "LunarLander-v3", 200, extra="box2d"),
     # From pixels; DQN's first 80k steps (learning_starts) only act, so its budget goes beyond them.
-    "breakout-ppo": Task("ppo", "breakout", "BreakoutNoFrameskip-v4", None, 100_000, "atari"),
-    "breakout-dqn": Task("dqn", "breakout", "BreakoutNoFrameskip-v4", None, 150_000, "atari"),
+    "breakout-ppo": Task("ppo", "breakout", "BreakoutNoFrameskip-v4", None, ATARI_BUDGETS["ppo"], "atari"),
+    "breakout-dqn": Task("dqn", "breakout", "BreakoutNoFrameskip-v4", None, ATARI_BUDGETS["dqn"], "atari"),
     # MuJoCo: the zoo's budget; the mean return at its end is the result.
     "halfcheetah-ppo": Task("ppo", "halfcheetah", "HalfCheetah-v5", None, 1_000_000, "mujoco"),
 }
@@ -62,6 +63,10 @@ SCALING = {"lunarlander-ppo": (("algo=ppo", "env=lunarlander", "train.target_ret
            "breakout-dqn": (("algo=dqn", "env=breakout"), 20_000, {"algo.learning_starts": 2000})}
 SCALING_DEFAULT = ("lunarlander-ppo", "halfcheetah-ppo")  # --scaling without a task
 PORT = "<port>"  # in a planned torchrun command: replaced by a free port at launch
+# env preset -> the extra its env needs (presets of other envs need none)
+ENV_EXTRAS = {"lunarlander": "box2d", "halfcheetah": "mujoco", "hopper": "mujoco", "walker2d": "mujoco",
+              "breakout": "atari", "pong": "atari"}
+PRESET_MAX_STEPS = 2_000_000  # --presets: a longer budget (Atari's 10M, days here) is cut to a fixed one
 
 
 @dataclass(frozen=True)
@@ -154,4 +159,43 @@ def plan_scaling(a: argparse.Namespace, out: Path) -> list[Job]:
                 scaled = [f"{key}={n * value}" for key, value in per_peer.items()]
                 jobs.append(_job(out, f"{name}-fixed-work", f"p2prl-{n}", seed,
                                  p2prl_cmd(n, [*args, *scaled, f"train.total_steps={n * steps}", *a.override])))
+    return jobs
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str  # conf/tuned/<algo>_<env>.yaml's stem
+    algo: str
+    env: str
+    target: Optional[float]  # the env's default target return (None: the budget's end is the result)
+    budget: int  # global steps: the preset's own, or the fixed budget it was cut to
+    cut: bool  # the preset's own budget was longer than PRESET_MAX_STEPS
+
+
+def presets(names: Optional[list[str]] = None, budget: Optional[int] = None) -> list[Preset]:
+    """The tuned presets (all of conf/tuned, or `names`), each with its target and budget as composed."""
+    from p2prl.config import conf_dir
+    from p2prl.precheck import compose
+    found = sorted(p.stem for p in (conf_dir() / "tuned").glob("*.yaml"))
+    out = []
+    for name in names or found:
+        algo, env = name.split("_", 1)
+        cfg = compose(f"algo={algo}", f"env={env}")
+        own = cfg.train.total_steps
+        cut = own > PRESET_MAX_STEPS
+        fixed = budget or ATARI_BUDGETS.get(algo, ATARI_BUDGETS["ppo"])
+        out.append(Preset(name, algo, env, cfg.train.target_return, fixed if cut else own, cut))
+    return out
+
+
+def plan_presets(a: argparse.Namespace, out: Path) -> list[Job]:
+    """Every preset on 2 peers at its own settings, seed 0 of all before seed 1, ...; a budget cut
+    short keeps the schedules of the whole one (`budget_overrides`)."""
+    jobs = []
+    for seed in a.seeds:
+        for p in a.preset_list:
+            cut = ["train.target_return=null", f"train.total_steps={p.budget}", *budget_overrides(p.algo, p.budget)] \
+                if p.cut else []
+            cmd = p2prl_cmd(2, [f"algo={p.algo}", f"env={p.env}", *cut, *a.override])
+            jobs.append(_job(out, p.name, "p2prl-2", seed, cmd))
     return jobs

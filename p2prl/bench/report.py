@@ -157,6 +157,25 @@ def format_budget(rows: Sequence[dict[str, Any]]) -> str:
     return table(headers, body) + "\nmedian (min-max) over seeds; return: the mean game score of the last 20 games"
 
 
+def format_presets(rows: Sequence[dict[str, Any]], presets: dict[str, dict[str, Any]]) -> str:
+    """Every tuned preset on 2 peers: its target and budget, how many seeds reached it, in how many steps
+    and seconds, and the return at the end (at the target, or at the budget's end)."""
+    headers = ("preset", "target", "budget", "reached", "steps->target", "launch->target s", "return at the end",
+               "steps/s")
+    body = []
+    for r in rows:
+        p = presets[r["task"]]
+        target = "-" if p["target"] is None else f"{p['target']:g}"
+        budget = f"{p['budget']:,}" + (" (cut)" if p["cut"] else "")
+        reached = f"{r['reached']}/{r['runs']}" if p["target"] is not None else "-"
+        failed = f", {r['failed']} failed" if r["failed"] else ""
+        body.append((r["task"], target, budget, reached + failed, fmt(r["steps_to_target"], 0) if p["target"] is not None
+                     else "-", fmt(r["launch_to_target_s"]) if p["target"] is not None else "-",
+                     fmt(r["episode_return_mean"], 1), fmt(r["sps"], 0)))
+    return table(headers, body) + ("\nmedian (min-max) over seeds on 2 peers; inf: a run that missed the target; "
+                                   "(cut): a budget longer than 2M steps cut short, schedules as over the whole one")
+
+
 def format_stragglers(rows: Sequence[dict[str, Any]]) -> str:
     """A slowed peer without and with preemption: time to target and the slow peer's share of samples."""
     headers = ("task", "system", "reached", "launch->target s", "1st step->target s", "steps->target",

@@ -33,8 +33,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from p2prl.bench import report, startup, stepping
-from p2prl.bench.plans import (EXTRAS, PORT, SCALING, SCALING_DEFAULT, STRATEGIES, SYSTEMS, TASKS, Job, free_port,
-                               p2prl_cmd, plan, plan_scaling, plan_strategies, plan_stragglers)
+from p2prl.bench.plans import (ENV_EXTRAS, EXTRAS, PORT, SCALING, SCALING_DEFAULT, STRATEGIES, SYSTEMS, TASKS, Job,
+                               free_port, p2prl_cmd, plan, plan_presets, plan_scaling, plan_strategies, plan_stragglers,
+                               presets)
 from p2prl.plot import bar_chart
 
 log = logging.getLogger("p2prl.bench")
@@ -57,9 +58,9 @@ def parse_args(argv: Optional[list[str]] = None, prog: str = "python -m p2prl.be
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="(default: %(default)s)")
     p.add_argument("--target", type=float, default=None,
                    help="target return for every task and system (default: 475 on CartPole, 200 on LunarLander)")
-    p.add_argument("--max-seconds", type=float, default=300.0,
-                   help="wall-clock cap per run from launch (default: %(default)s); a run still going then "
-                        "has not reached the target")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="wall-clock cap per run from launch (default: 300, with --presets 3600); a run still going "
+                        "then has not reached the target")
     p.add_argument("--sb3-steps", type=int, default=None,
                    help="SB3 step budget (default: the zoo's n_timesteps for PPO, 300k for DQN)")
     p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
@@ -79,6 +80,10 @@ def parse_args(argv: Optional[list[str]] = None, prog: str = "python -m p2prl.be
                    help="with --stepping: per measurement (default: %(default)s)")
     p.add_argument("--stepping-cores", type=int, default=1,
                    help="with --stepping: cores to pin to (default: %(default)s)")
+    p.add_argument("--presets", nargs="*", default=None, metavar="PRESET",
+                   help="run tuned presets (conf/tuned/<algo>_<env>) on 2 peers at their own settings instead, "
+                        "to their env's target or their budget (none named: every preset whose extra is installed; "
+                        "budgets over 2M steps, Atari's, cut to --budget or the bench's own)")
     p.add_argument("--startup", type=int, nargs="?", const=5, default=None, metavar="REPEATS",
                    help="time start-up and shut-down instead (interpreter, imports, torchrun alone, p2prl on 1 and "
                         "2 peers), each REPEATS times (default: 5)")
@@ -103,17 +108,34 @@ def parse_args(argv: Optional[list[str]] = None, prog: str = "python -m p2prl.be
                 p.error(f"{flag}={v}: must be positive")
     if any(s < 0 for s in a.seeds):
         p.error(f"--seeds={min(a.seeds)}: must be >= 0")
+    if a.max_seconds is None:
+        a.max_seconds = 3600.0 if a.presets is not None else 300.0
+    if a.presets is not None:
+        from p2prl.config import conf_dir
+        known = sorted(q.stem for q in (conf_dir() / "tuned").glob("*.yaml"))
+        unknown = [n for n in a.presets if n not in known]
+        if unknown:
+            p.error(f"--presets {unknown[0]}: no such preset; allowed: {', '.join(known)}")
+        names = a.presets or known
+        usable = [n for n in names if (e := ENV_EXTRAS.get(n.split("_", 1)[1])) is None
+                  or importlib.util.find_spec(EXTRAS[e]) is not None]
+        for n in sorted(set(names) - set(usable)):
+            if a.presets:
+                p.error(f'{n} needs the {ENV_EXTRAS[n.split("_", 1)[1]]} extra: pip install -e ".[{ENV_EXTRAS[n.split("_", 1)[1]]}]"')
+            log.warning("skipping %s: its env needs the %s extra", n, ENV_EXTRAS[n.split("_", 1)[1]])
+        a.preset_list = presets(usable, a.budget)
     if a.lunarlander:
         a.tasks = list(dict.fromkeys([*a.tasks, "lunarlander-ppo", "lunarlander-dqn"]))
     if a.scaling is not None and not a.scaling:
         a.scaling = list(SCALING_DEFAULT)
     if a.stepping is not None and not a.stepping:
         a.stepping = list(stepping.ENVS)
-    for name in (a.scaling if a.scaling is not None else [] if a.stepping is not None or a.startup is not None else a.tasks):
+    other_mode = a.stepping is not None or a.startup is not None or a.presets is not None
+    for name in (a.scaling if a.scaling is not None else [] if other_mode else a.tasks):
         extra = TASKS[name].extra
         if extra and importlib.util.find_spec(EXTRAS[extra]) is None:
             p.error(f'{name} needs the {extra} extra: pip install -e ".[{extra}]"')
-    runs_sb3 = a.scaling is None and a.stepping is None and a.startup is None
+    runs_sb3 = a.scaling is None and a.stepping is None and a.startup is None and a.presets is None
     if "sb3" in a.systems and runs_sb3 and importlib.util.find_spec("stable_baselines3") is None:
         log.warning('stable-baselines3 is not installed (pip install -e ".[bench]"): skipping sb3')
         a.systems = [s for s in a.systems if s != "sb3"]
@@ -238,14 +260,17 @@ def main(argv: Optional[list[str]] = None, prog: str = "python -m p2prl.bench") 
         return 0
     scaling = a.scaling is not None
     jobs = plan_scaling(a, out) if scaling else plan_strategies(a, out) if a.strategies else \
-        plan_stragglers(a, out) if a.stragglers else plan(a, out)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
+        plan_stragglers(a, out) if a.stragglers else plan_presets(a, out) if a.presets is not None else plan(a, out)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k != "preset_list"}
     doc: dict[str, Any] = {"created": datetime.now().isoformat(timespec="seconds"), "argv": sys.argv,
                            "settings": settings, "host": report.host(), "runs": []}
+    if a.presets is not None:
+        doc["presets"] = {q.name: {"target": q.target, "budget": q.budget, "cut": q.cut} for q in a.preset_list}
     for i, job in enumerate(jobs, 1):
         log.info("[%d/%d] %s %s seed %d ...", i, len(jobs), job.task, job.system, job.seed)
         doc["runs"].append(run_job(job, a.max_seconds))
-        has_target = not scaling and (a.stragglers or TASKS[job.task].target is not None)
+        has_target = not scaling and (a.stragglers or (doc["presets"][job.task]["target"] is not None
+                                                        if a.presets is not None else TASKS[job.task].target is not None))
         log.info("[%d/%d] %s", i, len(jobs), _describe(doc["runs"][-1], has_target))
         doc["aggregates"] = report.aggregate(doc["runs"])
         report.write_json(out / "bench.json", doc)  # after every run: a stopped bench keeps what it measured
@@ -255,6 +280,9 @@ def main(argv: Optional[list[str]] = None, prog: str = "python -m p2prl.bench") 
         text = "\n\n".join(f"{name}, fixed work per peer:\n{report.format_scaling(s)}"
                             for name, s in doc["scaling"].items())
         png = bar_chart(doc["aggregates"], "sps", "global steps/s", out / "scaling.png", annotate=False)
+    elif a.presets is not None:
+        text = report.format_presets(doc["aggregates"], doc["presets"])
+        png = bar_chart(doc["aggregates"], "launch_to_target_s", "seconds to target, launch to exit", out / "bench.png")
     elif a.stragglers:
         text = report.format_stragglers(doc["aggregates"])
         png = bar_chart(doc["aggregates"], "launch_to_target_s", "seconds to target, launch to exit", out / "bench.png")
