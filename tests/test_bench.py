@@ -83,6 +83,10 @@ def test_plan_scaling_fixes_per_peer_work(monkeypatch, tmp_path):
     for one, two, env in ((jobs[0], jobs[1], "lunarlander"), (jobs[2], jobs[3], "halfcheetah")):
         assert "train.total_steps=1000" in one.cmd and "train.total_steps=2000" in two.cmd
         assert {"algo=ppo", f"env={env}", "train.target_return=null"} <= set(two.cmd)
+        # logs and checkpoints as often per peer: counted in global steps, so twice the steps on 2 peers
+        log_every = 4096 if env == "lunarlander" else 8192  # the preset's
+        assert f"train.log_every_steps={log_every}" in one.cmd and f"train.log_every_steps={2 * log_every}" in two.cmd
+        assert "checkpoint.every_steps=10000" in one.cmd and "checkpoint.every_steps=20000" in two.cmd
     monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec(missing={"mujoco"}))
     with pytest.raises(SystemExit):
         bench.parse_args(["--scaling"])  # halfcheetah-ppo needs the mujoco extra

@@ -147,16 +147,27 @@ def plan_stragglers(a: argparse.Namespace, out: Path) -> list[Job]:
                                                       ("straggler_frac_0.5", ["comm.straggler_frac=0.5"]))]
 
 
+def per_peer_work(args: tuple[str, ...], per_peer: dict[str, int]) -> dict[str, int]:
+    """The settings counted in global steps that make a peer's work besides stepping and learning: the
+    task's own `per_peer` ones, plus how often it logs and checkpoints (rank 0 writes a checkpoint with
+    fsync, and the other peers wait for it), as composed for the task."""
+    from p2prl.precheck import compose
+    cfg = compose(*args)
+    every = {"train.log_every_steps": cfg.train.log_every_steps, "checkpoint.every_steps": cfg.checkpoint.every_steps}
+    return {**{k: v for k, v in every.items() if v}, **per_peer}
+
+
 def plan_scaling(a: argparse.Namespace, out: Path) -> list[Job]:
-    """Per task, 1 peer with N global steps and 2 peers with 2N (the same work per peer), interleaved
-    over seeds."""
+    """Per task, 1 peer with N global steps and 2 peers with 2N, and every other setting counted in
+    global steps doubled too (`per_peer_work`): the same work per peer. Interleaved over seeds."""
     jobs = []
+    work = {name: per_peer_work(*SCALING[name][::2]) for name in a.scaling}
     for seed in a.seeds:
         for name in a.scaling:
-            args, steps, per_peer = SCALING[name]
+            args, steps, _ = SCALING[name]
             steps = a.scaling_steps or steps
             for n in (1, 2):
-                scaled = [f"{key}={n * value}" for key, value in per_peer.items()]
+                scaled = [f"{key}={n * value}" for key, value in work[name].items()]
                 jobs.append(_job(out, f"{name}-fixed-work", f"p2prl-{n}", seed,
                                  p2prl_cmd(n, [*args, *scaled, f"train.total_steps={n * steps}", *a.override])))
     return jobs

@@ -54,6 +54,7 @@ SEQ, PID, META = 0, 1, 2
 DTYPES = {zlib.crc32(str(d).encode()): d for d in (
     torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16, torch.int8,
     torch.uint8, torch.bool, torch.complex64, torch.complex128)}
+CODES = {d: code for code, d in DTYPES.items()}
 SLOT_BYTES = 1 << 20  # per slot; a larger tensor is summed in slot-sized pieces, one call each
 CHECK_S = 0.02  # while waiting, how often to check the clock and the awaited peer's process
 
@@ -87,6 +88,7 @@ class SharedMemorySum:
         self.slots = data[:world_size * 2 * SLOT_BYTES].view(world_size, 2, SLOT_BYTES)
         self.results = data[world_size * 2 * SLOT_BYTES:].view(2, SLOT_BYTES)
         self.calls = 0  # calls published by this peer
+        self._views: dict[tuple, torch.Tensor] = {}  # (rank, parity, dtype, shape) -> slot view (`_slot`)
         self._pending: Optional[tuple[torch.Tensor, int, float]] = None  # published, not yet summed
 
     def close(self) -> None:
@@ -110,8 +112,14 @@ class SharedMemorySum:
         return tensor.device.type == "cpu"
 
     def _slot(self, rank: int, k: int, like: torch.Tensor) -> torch.Tensor:
-        nbytes = like.numel() * like.element_size()
-        return self.slots[rank, k % 2, :nbytes].view(like.dtype).view(like.shape)
+        """Peer `rank`'s slot for call `k`, viewed as `like`; the views are kept (a PPO run sums the same
+        bucket hundreds of times per rollout, and building views is most of a small sum's Python time)."""
+        key = (rank, k % 2, like.dtype, like.shape)
+        view = self._views.get(key)
+        if view is None:
+            nbytes = like.numel() * like.element_size()
+            view = self._views[key] = self.slots[rank, k % 2, :nbytes].view(like.dtype).view(like.shape)
+        return view
 
     @torch.no_grad()
     def sum(self, tensor: torch.Tensor, timeout_s: float) -> None:
@@ -119,13 +127,13 @@ class SharedMemorySum:
         pieces of its flat view, one call each (a 6.7 MB CNN gradient: 7 calls, still about 4x faster
         than gloo over loopback on a 2-core CPU machine)."""
         if self.fits(tensor):
-            self.finish(self.publish(tensor, timeout_s))
+            self._finish(self._publish(tensor, timeout_s), None)
             return
         flat = tensor.view(-1) if tensor.is_contiguous() else tensor.contiguous().view(-1)
         step = SLOT_BYTES // tensor.element_size()
         for start in range(0, flat.numel(), step):
             piece = flat[start:start + step]
-            self.finish(self.publish(piece, timeout_s))
+            self._finish(self._publish(piece, timeout_s), None)
         if flat.data_ptr() != tensor.data_ptr():
             tensor.copy_(flat.view(tensor.shape))
 
@@ -134,8 +142,11 @@ class SharedMemorySum:
         """Copy `tensor` into this peer's slot and announce it; returns the call number for `finish`,
         which writes the sum into `tensor` (left untouched until then). A sum still pending from an
         earlier `publish` is completed first."""
+        return self._publish(tensor, timeout_s)
+
+    def _publish(self, tensor: torch.Tensor, timeout_s: float) -> int:
         if self._pending is not None:
-            self.finish(self._pending[1])
+            self._finish(self._pending[1], None)
         k = self.calls + 1
         self._slot(self.rank, k, tensor).copy_(tensor)
         self.header[self.rank, META + 3 * (k % 2):META + 3 * (k % 2) + 3] = _describe(k, tensor)
@@ -152,6 +163,9 @@ class SharedMemorySum:
         With `across` (every peer passes one, or none does): only the first peer sums, calls
         `across(sum)` to reduce it further in place (between nodes), and shares the result.
         """
+        self._finish(k, across)
+
+    def _finish(self, k: int, across: Optional[Callable[[torch.Tensor], None]]) -> None:
         if self._pending is None or self._pending[1] != k:
             assert k <= self.calls, f"shared-memory sum {k} was never published"
             return
@@ -181,7 +195,9 @@ class SharedMemorySum:
 
     def _await_all(self, k: int, timeout_s: float) -> None:
         for q in range(self.world_size):
-            seq = self._await(q, k, timeout_s, lambda q=q: int(self.seq[q]), f"shared-memory sum {k}")
+            seq = int(self.seq[q])
+            if seq < k:  # not published yet: poll (the common case for the other peers, never for this one)
+                seq = self._await(q, k, timeout_s, lambda q=q: int(self.seq[q]), f"shared-memory sum {k}")
             assert seq <= k + 1, "a peer can be at most one call ahead: it waits for call k + 1 before k + 2"
 
     def _await(self, q: int, k: int, timeout_s: float, read: Callable[[], int], what: str) -> int:
@@ -205,15 +221,17 @@ class SharedMemorySum:
         """Every peer's slot for call `k` holds a tensor of this peer's size and dtype, or stop."""
         mine = _describe(k, tensor)
         offset = META + 3 * (k % 2)
-        calls = [tuple(int(x) for x in self.header[q, offset:offset + 3]) for q in range(self.world_size)]
-        if any(c != mine for c in calls):
+        held = self.header[:self.world_size, offset:offset + 3]
+        if not (held == mine).all():
+            calls = [tuple(int(x) for x in held[q]) for q in range(self.world_size)]
             what = "; ".join(f"rank {self.names[q]}: {_show(c)}" for q, c in enumerate(calls))
             raise SumFailed(f"the peers' shared-memory sum {k} differs ({what})", mismatch=True)
 
 
 def _describe(k: int, tensor: torch.Tensor) -> tuple[int, int, int]:
     """(call, bytes, dtype code): what a slot holds; the code is a hash of the dtype's name."""
-    return k, tensor.numel() * tensor.element_size(), zlib.crc32(str(tensor.dtype).encode())
+    code = CODES.get(tensor.dtype)
+    return k, tensor.numel() * tensor.element_size(), code if code is not None else zlib.crc32(str(tensor.dtype).encode())
 
 
 def _show(call: tuple[int, int, int]) -> str:
