@@ -24,6 +24,7 @@ def _inputs(rank: int, step: int) -> dict[str, torch.Tensor]:
     return {"grad": torch.randn(5000, generator=g),  # a float32 gradient bucket
             "moments": torch.randn(7, generator=g, dtype=torch.float64),
             "digest": torch.randint(0, 2 ** 40, (3,), generator=g, dtype=torch.int64),
+            "mean": torch.randn(3000, generator=g),  # a blocking mean: each peer publishes its part / world
             "large": torch.randn(SLOT_BYTES // 4 + 1, generator=g),  # larger than a slot: 2 pieces
             "strided": torch.randn(2, SLOT_BYTES // 4, generator=g).t()}  # 2 MiB, not contiguous: 2 pieces
 
@@ -46,10 +47,16 @@ def _sums(rank: int, cfg, world: int, steps: int):
         results.append(pending.wait().clone())
         for key in ("moments", "digest", "large"):
             results.append(comm.all_reduce_sum(x[key]).clone())
+        mean = comm.all_reduce_mean(x["mean"])
+        scaled = [_inputs(r, step)["mean"] * (1.0 / world) for r in range(world)]  # what each peer publishes
+        assert torch.equal(mean, sum(scaled[1:], scaled[0])), step  # added in rank order
+        plain = _reference(world, step, "mean") / world
+        assert torch.equal(mean, plain) if world == 2 else torch.allclose(mean, plain, rtol=1e-6, atol=1e-6)
+        results.append(mean.clone())
         strided = x["strided"]
         comm.all_reduce_mean_async(strided).wait()  # background form: summed in pieces at once
         results.append(strided.contiguous().clone())
-        for key, got in zip(("grad", "moments", "digest", "large", "strided"), results[-5:]):
+        for key, got in zip(("grad", "moments", "digest", "large", "strided"), results[-6:-2] + results[-1:]):
             want = _reference(world, step, key)
             if key in ("grad", "strided"):
                 want /= world
@@ -61,7 +68,7 @@ def _sums(rank: int, cfg, world: int, steps: int):
 def test_shared_memory_sums_are_exact_and_identical_on_every_peer(world, comm_cfg, peers):
     outs = peers(_sums, world, comm_cfg, world, 40)
     calls = {c for _, c in outs}
-    assert calls == {40 * (3 + 2 + 2)}, calls  # every sum went through memory, the large ones in 2 pieces
+    assert calls == {40 * (3 + 1 + 2 + 2)}, calls  # every sum went through memory, the large ones in 2 pieces
     for got, _ in outs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(outs[0][0], got))
 

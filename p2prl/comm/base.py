@@ -116,10 +116,20 @@ class Communicator(ABC):
 
     def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
         """Average `tensor` over all peers, in place; returns it (bit-identical on every peer)."""
-        self.all_reduce_sum(tensor)
-        if self.world_size > 1:
-            tensor.div_(self.world_size)
+        if self.world_size == 1 or self._riders:  # riders are summed, not averaged: in one sum
+            self.all_reduce_sum(tensor)
+            if self.world_size > 1:
+                tensor.div_(self.world_size)
+            return tensor
+        start = time.perf_counter()
+        self._all_reduce_mean(tensor)
+        self._account(start, tensor.numel() * tensor.element_size())
         return tensor
+
+    def _all_reduce_mean(self, tensor: torch.Tensor) -> None:
+        """Average in place: the sum, divided (a transport may do both in one pass)."""
+        self._all_reduce_sum(tensor)
+        tensor.div_(self.world_size)
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Overwrite `tensor` on every peer with `src`'s copy, in place; returns it."""

@@ -21,9 +21,14 @@ earlier call before it publishes the next one (a sum started in the background i
 so having published call k - 1 means having finished call k - 2.
 
 Beside its sequence number each peer publishes, per slot, the call number, byte count and dtype of
-the tensor in it. Every peer compares them before summing: peers whose calls differ (a sum of 4 floats
-against one of 8, float32 against float64) stop with an error naming both calls instead of adding
-unrelated bytes, as gloo would refuse them too.
+the tensor in it, packed into one word. Every peer compares them before summing: peers whose calls
+differ (a sum of 4 floats against one of 8, float32 against float64) stop with an error naming both
+calls instead of adding unrelated bytes, as gloo would refuse them too.
+
+Between two sums a peer runs a forward and backward pass, which leaves the sum's own code cold: each
+Python-level operation on the way costs several times what it does in a tight loop. So the header is
+read and written as plain machine words (a memoryview, no numpy indexing), the description is one word,
+and a sum is a handful of operations.
 
 The segment has no name anywhere: rank 0 creates it with memfd_create and the other peers open it
 through /proc/<pid>/fd/<fd>. It lives as long as some peer maps it, so no file outlives the job,
@@ -42,20 +47,20 @@ import mmap
 import os
 import platform
 import time
-import zlib
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 
 LINE = 64  # one cache line per peer's header: no false sharing
-# A peer's header, in int64 words: sequence number, pid, then per slot (call, bytes, dtype).
+WORDS = LINE // 8
+# A peer's header, in int64 words: sequence number, pid, then per slot what it holds (`_describe`).
 SEQ, PID, META = 0, 1, 2
-DTYPES = {zlib.crc32(str(d).encode()): d for d in (
-    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16, torch.int8,
-    torch.uint8, torch.bool, torch.complex64, torch.complex128)}
-CODES = {d: code for code, d in DTYPES.items()}
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+          torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128)
+CODES = {d: code for code, d in enumerate(DTYPES)}
+OTHER = 31  # the code of any other dtype
 SLOT_BYTES = 1 << 20  # per slot; a larger tensor is summed in slot-sized pieces, one call each
+BYTES_BITS, CODE_BITS = 21, 5  # a description: call << 26 | bytes (<= SLOT_BYTES) << 5 | dtype code
 CHECK_S = 0.02  # while waiting, how often to check the clock and the awaited peer's process
 
 
@@ -81,9 +86,7 @@ class SharedMemorySum:
         self.names = names or list(range(world_size))  # the peers' ranks in the run, for messages
         self._mm = mm
         # One line per peer, then one for the result sequence number (sums shared by the first peer).
-        self.header = np.ndarray((world_size + 1, LINE // 8), np.int64, buffer=mm, offset=0)
-        self.seq = self.header[:world_size, SEQ]
-        self.pids = self.header[:world_size, PID]
+        self.words = memoryview(mm)[:_header_bytes(world_size)].cast("q")
         data = torch.frombuffer(mm, dtype=torch.uint8, offset=_header_bytes(world_size))
         self.slots = data[:world_size * 2 * SLOT_BYTES].view(world_size, 2, SLOT_BYTES)
         self.results = data[world_size * 2 * SLOT_BYTES:].view(2, SLOT_BYTES)
@@ -93,7 +96,9 @@ class SharedMemorySum:
 
     def close(self) -> None:
         """Unmap the segment (only when no sum will use it again)."""
-        del self.header, self.seq, self.pids, self.slots, self.results
+        self.words.release()
+        del self.slots, self.results
+        self._views.clear()
         try:
             self._mm.close()
         except BufferError:  # a view is still alive somewhere: the mapping goes with the process
@@ -122,18 +127,21 @@ class SharedMemorySum:
         return view
 
     @torch.no_grad()
-    def sum(self, tensor: torch.Tensor, timeout_s: float) -> None:
+    def sum(self, tensor: torch.Tensor, timeout_s: float, scale: Optional[float] = None) -> None:
         """Sum `tensor` over all peers, in place; one larger than a slot is summed in slot-sized
         pieces of its flat view, one call each (a 6.7 MB CNN gradient: 7 calls, still about 4x faster
-        than gloo over loopback on a 2-core CPU machine)."""
+        than gloo over loopback on a 2-core CPU machine).
+
+        With `scale` every peer publishes `tensor * scale` (1 / world size: the mean, in the pass
+        that copies it anyway); every peer still adds the same bytes in the same order."""
         if self.fits(tensor):
-            self._finish(self._publish(tensor, timeout_s), None)
+            self._finish(self._publish(tensor, timeout_s, scale), None)
             return
         flat = tensor.view(-1) if tensor.is_contiguous() else tensor.contiguous().view(-1)
         step = SLOT_BYTES // tensor.element_size()
         for start in range(0, flat.numel(), step):
             piece = flat[start:start + step]
-            self._finish(self._publish(piece, timeout_s), None)
+            self._finish(self._publish(piece, timeout_s, scale), None)
         if flat.data_ptr() != tensor.data_ptr():
             tensor.copy_(flat.view(tensor.shape))
 
@@ -144,13 +152,17 @@ class SharedMemorySum:
         earlier `publish` is completed first."""
         return self._publish(tensor, timeout_s)
 
-    def _publish(self, tensor: torch.Tensor, timeout_s: float) -> int:
+    def _publish(self, tensor: torch.Tensor, timeout_s: float, scale: Optional[float] = None) -> int:
         if self._pending is not None:
             self._finish(self._pending[1], None)
         k = self.calls + 1
-        self._slot(self.rank, k, tensor).copy_(tensor)
-        self.header[self.rank, META + 3 * (k % 2):META + 3 * (k % 2) + 3] = _describe(k, tensor)
-        self.seq[self.rank] = k  # after the data and its description: the stores become visible in this order
+        if scale is None:
+            self._slot(self.rank, k, tensor).copy_(tensor)
+        else:
+            torch.mul(tensor, scale, out=self._slot(self.rank, k, tensor))
+        line = self.rank * WORDS
+        self.words[line + META + k % 2] = _describe(k, tensor)
+        self.words[line + SEQ] = k  # after the data and its description: the stores become visible in this order
         self.calls = k
         self._pending = (tensor, k, timeout_s)
         return k
@@ -172,7 +184,7 @@ class SharedMemorySum:
         tensor, _, timeout_s = self._pending
         if across is not None and self.rank != 0:
             self._pending = None
-            self._await(0, k, timeout_s, lambda: int(self.header[self.world_size, SEQ]), "the sum of its node")
+            self._await(0, k, timeout_s, self.world_size * WORDS + SEQ, "the sum of its node")
             tensor.copy_(self._result(k, tensor))
             return
         self._await_all(k, timeout_s)
@@ -187,58 +199,58 @@ class SharedMemorySum:
         if across is not None:
             across(tensor)
             self._result(k, tensor).copy_(tensor)
-            self.header[self.world_size, SEQ] = k  # after the result: visible in this order
+            self.words[self.world_size * WORDS + SEQ] = k  # after the result: visible in this order
 
     def _result(self, k: int, like: torch.Tensor) -> torch.Tensor:
         nbytes = like.numel() * like.element_size()
         return self.results[k % 2, :nbytes].view(like.dtype).view(like.shape)
 
     def _await_all(self, k: int, timeout_s: float) -> None:
-        for q in range(self.world_size):
-            seq = int(self.seq[q])
-            if seq < k:  # not published yet: poll (the common case for the other peers, never for this one)
-                seq = self._await(q, k, timeout_s, lambda q=q: int(self.seq[q]), f"shared-memory sum {k}")
-            assert seq <= k + 1, "a peer can be at most one call ahead: it waits for call k + 1 before k + 2"
+        words = self.words
+        for line in range(0, self.world_size * WORDS, WORDS):
+            if words[line + SEQ] < k:  # not published yet: poll (the common case for other peers, never for this one)
+                self._await(line // WORDS, k, timeout_s, line + SEQ, f"shared-memory sum {k}")
+            assert words[line + SEQ] <= k + 1, "a peer can be at most one call ahead: it waits for call k + 1 first"
 
-    def _await(self, q: int, k: int, timeout_s: float, read: Callable[[], int], what: str) -> int:
-        """Poll `read()` until it reaches `k`; peer q (local index) is the one it waits for."""
+    def _await(self, q: int, k: int, timeout_s: float, word: int, what: str) -> None:
+        """Poll header word `word` until it reaches `k`; peer q (local index) is the one it waits for."""
+        words = self.words
         started = time.monotonic()
         check = started + CHECK_S
-        while (seq := read()) < k:
+        while words[word] < k:
             os.sched_yield()  # the core is this peer's own, but let its other threads run
             now = time.monotonic()
             if now >= check:
                 check = now + CHECK_S
-                if not _alive(int(self.pids[q])):
-                    if (seq := read()) >= k:  # it published, then exited: what it left is all we need
-                        return seq
+                if not _alive(words[q * WORDS + PID]):
+                    if words[word] >= k:  # it published, then exited: what it left is all we need
+                        return
                     raise SumFailed(f"rank {self.names[q]}'s process exited")
                 if now - started > timeout_s:
                     raise SumFailed(f"rank {self.names[q]} did not reach {what} within {timeout_s:g} s")
-        return seq
 
     def _check_calls(self, k: int, tensor: torch.Tensor) -> None:
         """Every peer's slot for call `k` holds a tensor of this peer's size and dtype, or stop."""
         mine = _describe(k, tensor)
-        offset = META + 3 * (k % 2)
-        held = self.header[:self.world_size, offset:offset + 3]
-        if not (held == mine).all():
-            calls = [tuple(int(x) for x in held[q]) for q in range(self.world_size)]
-            what = "; ".join(f"rank {self.names[q]}: {_show(c)}" for q, c in enumerate(calls))
+        held = self.words[META + k % 2:self.world_size * WORDS:WORDS]
+        if held.tolist().count(mine) != self.world_size:
+            what = "; ".join(f"rank {self.names[q]}: {_show(c)}" for q, c in enumerate(held.tolist()))
             raise SumFailed(f"the peers' shared-memory sum {k} differs ({what})", mismatch=True)
 
 
-def _describe(k: int, tensor: torch.Tensor) -> tuple[int, int, int]:
-    """(call, bytes, dtype code): what a slot holds; the code is a hash of the dtype's name."""
-    code = CODES.get(tensor.dtype)
-    return k, tensor.numel() * tensor.element_size(), code if code is not None else zlib.crc32(str(tensor.dtype).encode())
+def _describe(k: int, tensor: torch.Tensor) -> int:
+    """What a slot holds, as one word: call number, byte count and dtype code."""
+    nbytes = tensor.numel() * tensor.element_size()
+    assert nbytes <= SLOT_BYTES
+    return (k << (BYTES_BITS + CODE_BITS)) | (nbytes << CODE_BITS) | CODES.get(tensor.dtype, OTHER)
 
 
-def _show(call: tuple[int, int, int]) -> str:
-    k, nbytes, code = call
-    dtype = DTYPES.get(code)
-    if dtype is None:
-        return f"call {k}: {nbytes} bytes of dtype code {code}"
+def _show(described: int) -> str:
+    k, nbytes = described >> (BYTES_BITS + CODE_BITS), (described >> CODE_BITS) & ((1 << BYTES_BITS) - 1)
+    code = described & ((1 << CODE_BITS) - 1)
+    if code >= len(DTYPES):
+        return f"call {k}: {nbytes} bytes of another dtype"
+    dtype = DTYPES[code]
     size = torch.empty((), dtype=dtype).element_size()
     return f"call {k}: {nbytes // size} x {str(dtype).replace('torch.', '')}"
 
@@ -304,7 +316,7 @@ def _map(where: tuple[int, int], size: int, rank: int, world_size: int,
     except (OSError, ValueError):
         return None
     shared = SharedMemorySum(mm, rank, world_size, names)
-    shared.pids[rank] = os.getpid()
+    shared.words[rank * WORDS + PID] = os.getpid()
     return shared
 
 
