@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from p2prl import plot, sweep
-from p2prl.bench import report, runs as bench, sb3 as bench_sb3
+from p2prl.bench import plans, report, runs as bench, sb3 as bench_sb3
 
 pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parents[1]
@@ -252,7 +252,7 @@ def test_plan_strategies_covers_every_strategy_and_peer_count(monkeypatch, tmp_p
     monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec())
     a = bench.parse_args(["--strategies", "--tasks", "cartpole-ppo", "--seeds", "0", "--peers", "2", "4"])
     jobs = bench.plan_strategies(a, tmp_path)
-    assert [j.system for j in jobs] == [f"{s}_x{n}" for s in bench.STRATEGIES for n in (2, 4)]
+    assert [j.system for j in jobs] == [f"{s}_x{n}" for s in plans.STRATEGIES for n in (2, 4)]
     for j in jobs:
         strategy, peers = j.system.rsplit("_x", 1)
         assert f"comm={strategy}" in j.cmd and f"--nproc_per_node={peers}" in j.cmd
@@ -397,6 +397,7 @@ def test_presets_run_every_tuned_preset_on_two_peers_with_atari_budgets_cut(monk
     assert by["ppo_cartpole"].target == 475 and by["ppo_cartpole"].budget == 100_000 and not by["ppo_cartpole"].cut
     assert by["ppo_breakout"].cut and by["ppo_breakout"].budget == 100_000 and by["ppo_breakout"].target is None
     assert by["dqn_pong"].cut and by["dqn_pong"].budget == 150_000
+    assert not by["qlearning_frozenlake8x8"].cut and by["qlearning_frozenlake8x8"].budget == 4_000_000
     jobs = plan_presets(a, tmp_path)
     assert [(j.task, j.seed) for j in jobs] == [(n, s) for s in (0, 1) for n in names]
     assert all(j.system == "p2prl-2" and "--nproc_per_node=2" in j.cmd for j in jobs)

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from p2prl import checkpoint
-from p2prl.envs import load_vec_env_state, make_vec_env, vec_env_state
+from p2prl.envs import make_vec_env
+from p2prl.envstate import load_vec_env_state, vec_env_state
 from p2prl.metrics import drop_rows_after
 from p2prl.runner import run
 

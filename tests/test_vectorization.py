@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from p2prl import checkpoint
-from p2prl.envs import make_vec_env, restorable, stack_size
+from p2prl.envs import make_vec_env
+from p2prl.envstate import restorable, stack_size
 from p2prl.runner import run
 
 pytestmark = pytest.mark.timeout(180)

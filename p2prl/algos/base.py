@@ -13,7 +13,7 @@ plain Python values only (they are loaded with `torch.load(weights_only=True)`):
 - shared state, identical on every peer, written once by rank 0: `state_dict()` / `load_state_dict()`
   (the learner's optimizer and counters are saved beside it by the runner);
 - per-rank state, one file per rank: `rank_state_dict(replay)` / `load_rank_state_dict()`: the
-  algorithm's envs (`p2prl.envs.vec_env_state`), sampler carry-over, its own numpy generators and, when
+  algorithm's envs (`p2prl.envstate.vec_env_state`), sampler carry-over, its own numpy generators and, when
   `replay` is true (`checkpoint.replay`), its replay buffer. The runner saves the global torch, numpy
   and python RNG states itself. Without them the per-rank state restarts from the seeds.
 """
@@ -104,7 +104,7 @@ class Algorithm:
 def sampler_state(envs, obs: np.ndarray, next_valid: np.ndarray, episodes, rng: np.random.Generator) -> dict:
     """Per-rank carry-over of a numpy sampler (DQN, Q-learning): its envs, last observation, reset
     flags, episode accumulators and exploration generator, as tensors and plain values."""
-    from p2prl.envs import vec_env_state
+    from p2prl.envstate import vec_env_state
     return {"env": vec_env_state(envs), "obs": torch.from_numpy(obs.copy()),
             "next_valid": torch.from_numpy(next_valid.copy()), "episodes": episodes.state_dict(),
             "rng": rng.bit_generator.state}
@@ -112,7 +112,7 @@ def sampler_state(envs, obs: np.ndarray, next_valid: np.ndarray, episodes, rng: 
 
 def load_sampler_state(envs, episodes, rng: np.random.Generator, s: dict) -> tuple[np.ndarray, np.ndarray]:
     """Restore what `sampler_state` saved into envs, episodes and rng; returns (obs, next_valid)."""
-    from p2prl.envs import load_vec_env_state
+    from p2prl.envstate import load_vec_env_state
     load_vec_env_state(envs, s["env"])
     episodes.load_state_dict(s["episodes"])
     rng.bit_generator.state = s["rng"]

@@ -19,7 +19,7 @@ from p2prl import config as check
 from p2prl.algos.base import ActFn, Algorithm, Peer, Sample
 from p2prl.algos.returns import gae
 from p2prl.data import Rollout, allocate_rollout
-from p2prl.envs import load_vec_env_state, restorable, vec_env_state
+from p2prl.envstate import load_vec_env_state, restorable, vec_env_state
 from p2prl.metrics import EpisodeCounter
 from p2prl.nets import ENCODERS, ActorCritic, resolve_encoder
 from p2prl.normalize import RunningNormalizer, global_moments, moments_of

@@ -34,7 +34,7 @@ import torch
 from p2prl import config as check
 from p2prl.algos.base import ActFn, Algorithm, Peer, Sample, epsilon_greedy, load_sampler_state, sampler_state
 from p2prl.algos.schedules import decayed_epsilon, linear, peer_epsilon
-from p2prl.envs import restorable
+from p2prl.envstate import restorable
 from p2prl.metrics import EpisodeCounter
 
 

@@ -66,7 +66,9 @@ PORT = "<port>"  # in a planned torchrun command: replaced by a free port at lau
 # env preset -> the extra its env needs (presets of other envs need none)
 ENV_EXTRAS = {"lunarlander": "box2d", "halfcheetah": "mujoco", "hopper": "mujoco", "walker2d": "mujoco",
               "breakout": "atari", "pong": "atari"}
-PRESET_MAX_STEPS = 2_000_000  # --presets: a longer budget (Atari's 10M, days here) is cut to a fixed one
+# --presets: a longer budget (Atari's 10M, days here) is cut to a fixed one; FrozenLake 8x8's 4M tabular
+# steps take minutes and run whole
+PRESET_MAX_STEPS = 5_000_000
 
 
 @dataclass(frozen=True)

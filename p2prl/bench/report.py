@@ -173,7 +173,7 @@ def format_presets(rows: Sequence[dict[str, Any]], presets: dict[str, dict[str, 
                      else "-", fmt(r["launch_to_target_s"]) if p["target"] is not None else "-",
                      fmt(r["episode_return_mean"], 1), fmt(r["sps"], 0)))
     return table(headers, body) + ("\nmedian (min-max) over seeds on 2 peers; inf: a run that missed the target; "
-                                   "(cut): a budget longer than 2M steps cut short, schedules as over the whole one")
+                                   "(cut): a budget longer than 5M steps cut short, schedules as over the whole one")
 
 
 def format_stragglers(rows: Sequence[dict[str, Any]]) -> str:

@@ -34,8 +34,8 @@ The segment has no name anywhere: rank 0 creates it with memfd_create and the ot
 through /proc/<pid>/fd/<fd>. It lives as long as some peer maps it, so no file outlives the job,
 whatever is killed when (kill -9 included).
 
-The protocol and its argument are read together, which is why this file stays one, about 300
-lines.
+The protocol and its argument are read together, which is why this file stays one, a little
+over 300 lines.
 
 The ordering argument needs stores seen in program order and loads done in program order (x86-64's
 memory model): the data written before a sequence number is visible before it. Python cannot issue
