@@ -53,6 +53,9 @@ def _sums(rank: int, cfg, world: int, steps: int):
         plain = _reference(world, step, "mean") / world
         assert torch.equal(mean, plain) if world == 2 else torch.allclose(mean, plain, rtol=1e-6, atol=1e-6)
         results.append(mean.clone())
+        big = comm.all_reduce_mean(_inputs(rank, step)["large"])  # scaled and summed piece by piece
+        parts = [_inputs(r, step)["large"] * (1.0 / world) for r in range(world)]
+        assert torch.equal(big, sum(parts[1:], parts[0])), step
         strided = x["strided"]
         comm.all_reduce_mean_async(strided).wait()  # background form: summed in pieces at once
         results.append(strided.contiguous().clone())
@@ -68,7 +71,7 @@ def _sums(rank: int, cfg, world: int, steps: int):
 def test_shared_memory_sums_are_exact_and_identical_on_every_peer(world, comm_cfg, peers):
     outs = peers(_sums, world, comm_cfg, world, 40)
     calls = {c for _, c in outs}
-    assert calls == {40 * (3 + 1 + 2 + 2)}, calls  # every sum went through memory, the large ones in 2 pieces
+    assert calls == {40 * (3 + 1 + 2 + 2 + 2)}, calls  # every sum went through memory, the large ones in 2 pieces
     for got, _ in outs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(outs[0][0], got))
 
