@@ -91,6 +91,9 @@ class Recorder:
         self._tmp: Optional[Path] = None
 
     def wrap(self, env: gym.Env) -> gym.Env:
+        # Frames for a file need no window: unless told otherwise, pygame's SDL takes its dummy video
+        # driver instead of probing for a display (which, headless, ends the run with an error line).
+        os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
         self.skipped = render_problem(env)
         if self.skipped:
             return env
