@@ -41,12 +41,29 @@ def test_launchers_parse_and_use_c10d(script):
     assert "--rdzv-backend=c10d" in text or "launch/multinode.sh" in text
 
 
-def test_slurm_script_end_to_end_with_stub_srun_and_scontrol(tmp_path):
+def _stubs(tmp_path, scontrol: str = SCONTROL):
     stubs = tmp_path / "bin"
     stubs.mkdir()
-    for name, body in (("srun", SRUN), ("scontrol", SCONTROL)):
+    for name, body in (("srun", SRUN), ("scontrol", scontrol)):
         (stubs / name).write_text(body)
         (stubs / name).chmod(0o755)
+    return stubs
+
+
+def test_slurm_script_refuses_a_head_node_without_an_address(tmp_path):
+    unknown = SCONTROL.replace("echo localhost", "echo no-such-node.invalid")
+    env = {**os.environ, "PATH": f"{_stubs(tmp_path, unknown)}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "x[1-2]",
+           "SLURM_NNODES": "2", "SLURM_JOB_ID": "7", "SLURM_SUBMIT_DIR": str(ROOT)}
+    env.pop("HEAD_ADDR", None)
+    p = subprocess.run(["bash", str(ROOT / "launch" / "slurm.sbatch"), "algo=ppo"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert p.stderr.strip() == ("slurm.sbatch: the head node no-such-node.invalid has no IPv4 address here "
+                                "(getent ahostsv4); set HEAD_ADDR")
+
+
+def test_slurm_script_end_to_end_with_stub_srun_and_scontrol(tmp_path):
+    stubs = _stubs(tmp_path)
     run_dir = tmp_path / "run"
     env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node[01-02]",
            "SLURM_NNODES": "2", "SLURM_JOB_ID": str(4000 + os.getpid() % 1000), "SLURM_SUBMIT_DIR": str(ROOT),

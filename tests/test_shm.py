@@ -1,6 +1,7 @@
 """Sums through shared memory (peers on one node, each pinned): exact, identical on every peer; calls
 that differ between peers are refused; a missing or dead peer still ends the collective with its rank
 named."""
+import mmap
 from datetime import timedelta
 
 import pytest
@@ -131,7 +132,8 @@ def _mismatched(rank: int, cfg, mine: torch.Tensor):
     return str(e.value)
 
 
-@pytest.mark.parametrize("rank0", [torch.ones(4), torch.ones(8, dtype=torch.float64)], ids=["size", "dtype"])
+@pytest.mark.parametrize("rank0", [torch.ones(4), torch.ones(8, dtype=torch.float64), torch.ones(8, dtype=torch.int32)],
+                         ids=["size", "dtype-and-bytes", "dtype"])  # int32: the same 32 bytes as rank 1's
 def test_calls_that_differ_between_peers_stop_both_naming_each_call(rank0, comm_cfg, peers):
     # Unchecked, rank 0 would get [2, 2, 2, 2] and rank 1 [2, 2, 2, 2, 1, 1, 1, 1] (or garbage for dtypes).
     messages = peers(_mismatched, 2, comm_cfg, rank0)
@@ -177,3 +179,22 @@ def test_a_peer_whose_process_exits_is_named_without_waiting_for_the_timeout(com
     # comm.timeout_s=600 is far beyond the test's own timeout: only the liveness check can end the sum.
     message, _ = peers(_dead_peer, 2, compose("comm.timeout_s=600").comm, timeout=90)
     assert "rank 1's process exited" in message and "peer rank 1 (in startup)" in message, message
+
+
+def test_a_call_the_segment_cannot_take_is_refused_and_unlisted_dtypes_go_to_gloo():
+    from p2prl.comm import shm
+    summer = shm.SharedMemorySum(mmap.mmap(-1, shm._segment_bytes(1)), 0, 1)
+    try:
+        with pytest.raises(ValueError, match="at most 1048576 bytes"):
+            summer.publish(torch.ones(shm.SLOT_BYTES // 4 + 1), timeout_s=1)
+        assert summer.calls == 0  # nothing announced
+        x = torch.arange(6, dtype=torch.int32)
+        summer.finish(summer.publish(x.clone(), timeout_s=1))
+        assert summer.calls == 1
+    finally:
+        summer.close()
+    # A dtype without a code cannot be checked between peers, so it never enters the segment.
+    for dtype in (torch.uint32, torch.float8_e5m2):
+        t = torch.zeros(4, dtype=dtype)
+        assert not shm.SharedMemorySum.takes(t) and not shm.SharedMemorySum.fits(t)
+    assert shm.SharedMemorySum.fits(torch.zeros(4, dtype=torch.bfloat16))

@@ -115,7 +115,10 @@ class Communicator(ABC):
         return lambda: None
 
     def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Average `tensor` over all peers, in place; returns it (bit-identical on every peer)."""
+        """Average `tensor` over all peers, in place; returns it (bit-identical on every peer). The
+        transport may scale before it sums (shared memory: sum of x / n) or after (gloo: (sum of x) / n):
+        exact alike for 2, 4, 8 peers; with other counts the last bit can differ between transports,
+        never between peers."""
         if self.world_size == 1 or self._riders:  # riders are summed, not averaged: in one sum
             self.all_reduce_sum(tensor)
             if self.world_size > 1:

@@ -57,8 +57,7 @@ WORDS = LINE // 8
 SEQ, PID, META = 0, 1, 2
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
           torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128)
-CODES = {d: code for code, d in enumerate(DTYPES)}
-OTHER = 31  # the code of any other dtype
+CODES = {d: code for code, d in enumerate(DTYPES)}  # other dtypes (uint32, float8, ...) sum through gloo
 SLOT_BYTES = 1 << 20  # per slot; a larger tensor is summed in slot-sized pieces, one call each
 BYTES_BITS, CODE_BITS = 21, 5  # a description: call << 26 | bytes (<= SLOT_BYTES) << 5 | dtype code
 CHECK_S = 0.02  # while waiting, how often to check the clock and the awaited peer's process
@@ -106,15 +105,16 @@ class SharedMemorySum:
 
     @staticmethod
     def fits(tensor: torch.Tensor) -> bool:
-        """Whether `tensor` goes through the segment in one call (so `publish` can take it): by device
-        and size only, which every peer of a collective shares (a layout-dependent choice could send one
-        peer to gloo and another here)."""
-        return tensor.device.type == "cpu" and tensor.numel() * tensor.element_size() <= SLOT_BYTES
+        """Whether `tensor` goes through the segment in one call (so `publish` can take it): by device,
+        dtype and size only, which every peer of a collective shares (a layout-dependent choice could send
+        one peer to gloo and another here)."""
+        return SharedMemorySum.takes(tensor) and tensor.numel() * tensor.element_size() <= SLOT_BYTES
 
     @staticmethod
     def takes(tensor: torch.Tensor) -> bool:
-        """Whether `sum` takes `tensor` (any CPU tensor: one larger than a slot goes in pieces)."""
-        return tensor.device.type == "cpu"
+        """Whether `sum` takes `tensor` (a CPU tensor of a dtype in DTYPES: one larger than a slot goes
+        in pieces)."""
+        return tensor.device.type == "cpu" and tensor.dtype in CODES
 
     def _slot(self, rank: int, k: int, like: torch.Tensor) -> torch.Tensor:
         """Peer `rank`'s slot for call `k`, viewed as `like`; the views are kept (a PPO run sums the same
@@ -150,6 +150,10 @@ class SharedMemorySum:
         """Copy `tensor` into this peer's slot and announce it; returns the call number for `finish`,
         which writes the sum into `tensor` (left untouched until then). A sum still pending from an
         earlier `publish` is completed first."""
+        if not self.fits(tensor):
+            raise ValueError(f"a shared-memory call takes a CPU tensor of at most {SLOT_BYTES} bytes and a "
+                             f"dtype in shm.DTYPES, not {tensor.numel() * tensor.element_size()} bytes of "
+                             f"{tensor.dtype} on {tensor.device}")
         return self._publish(tensor, timeout_s)
 
     def _publish(self, tensor: torch.Tensor, timeout_s: float, scale: Optional[float] = None) -> int:
@@ -207,15 +211,19 @@ class SharedMemorySum:
 
     def _await_all(self, k: int, timeout_s: float) -> None:
         words = self.words
+        started = None  # one clock for the whole call, however many peers it waits for
         for line in range(0, self.world_size * WORDS, WORDS):
             if words[line + SEQ] < k:  # not published yet: poll (the common case for other peers, never for this one)
-                self._await(line // WORDS, k, timeout_s, line + SEQ, f"shared-memory sum {k}")
+                started = time.monotonic() if started is None else started
+                self._await(line // WORDS, k, timeout_s, line + SEQ, f"shared-memory sum {k}", started)
             assert words[line + SEQ] <= k + 1, "a peer can be at most one call ahead: it waits for call k + 1 first"
 
-    def _await(self, q: int, k: int, timeout_s: float, word: int, what: str) -> None:
-        """Poll header word `word` until it reaches `k`; peer q (local index) is the one it waits for."""
+    def _await(self, q: int, k: int, timeout_s: float, word: int, what: str,
+               started: Optional[float] = None) -> None:
+        """Poll header word `word` until it reaches `k`, at most `timeout_s` after `started` (default:
+        now); peer q (local index) is the one it waits for."""
         words = self.words
-        started = time.monotonic()
+        started = time.monotonic() if started is None else started
         check = started + CHECK_S
         while words[word] < k:
             os.sched_yield()  # the core is this peer's own, but let its other threads run
@@ -241,8 +249,7 @@ class SharedMemorySum:
 def _describe(k: int, tensor: torch.Tensor) -> int:
     """What a slot holds, as one word: call number, byte count and dtype code."""
     nbytes = tensor.numel() * tensor.element_size()
-    assert nbytes <= SLOT_BYTES
-    return (k << (BYTES_BITS + CODE_BITS)) | (nbytes << CODE_BITS) | CODES.get(tensor.dtype, OTHER)
+    return (k << (BYTES_BITS + CODE_BITS)) | (nbytes << CODE_BITS) | CODES[tensor.dtype]
 
 
 def _show(described: int) -> str:
