@@ -1,8 +1,8 @@
 """The `p2prl` command: one front door to the tools, `p2prl train|evaluate|plot|bench ...`.
 
 `p2prl train [--nproc N] OVERRIDES...` starts `python -m p2prl.train OVERRIDES...` (N = 1) or
-`torchrun --standalone --nproc_per_node=N -m p2prl.train OVERRIDES...` (N > 1) and returns its exit
-code; `p2prl evaluate|plot|bench ARGS...` are `python -m p2prl.evaluate|plot|bench ARGS...`. The
+torchrun (`python -m p2prl.torchrun --standalone --nproc_per_node=N -m p2prl.train OVERRIDES...`, N > 1;
+it exits 2 quietly on bad input) and returns its exit code; `p2prl evaluate|plot|bench ARGS...` are `python -m p2prl.evaluate|plot|bench ARGS...`. The
 `python -m` forms and `p2prl-train` stay as they are.
 
 The training job runs as a child process in this process's group, so Ctrl-C at a terminal reaches it
@@ -31,7 +31,7 @@ def train_command(nproc: int, overrides: list[str]) -> list[str]:
     """The command `p2prl train --nproc N OVERRIDES` runs."""
     if nproc == 1:
         return [sys.executable, "-m", "p2prl.train", *overrides]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    return [sys.executable, "-m", "p2prl.torchrun", "--standalone", f"--nproc_per_node={nproc}",
             "-m", "p2prl.train", *overrides]
 
 

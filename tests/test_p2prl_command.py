@@ -43,7 +43,7 @@ def test_overview_and_unknown_command(capsys):
 def test_train_command_line():
     assert cli.train_command(1, ["algo=dqn"]) == [sys.executable, "-m", "p2prl.train", "algo=dqn"]
     assert cli.train_command(3, ["-m", "seed=0,1"]) == [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3", "-m", "p2prl.train",
+        sys.executable, "-m", "p2prl.torchrun", "--standalone", "--nproc_per_node=3", "-m", "p2prl.train",
         "-m", "seed=0,1"]
 
 
@@ -64,6 +64,23 @@ def test_train_passes_the_exit_code_through(tmp_path):
     p = p2prl("train", "algo.lr=-1", f"hydra.run.dir={tmp_path / 'run'}", timeout=60)
     assert p.returncode == 2 and p.stderr.strip() == "p2prl: error: algo.lr=-1: must be a positive number"
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("bad, line", [
+    ("algo=ppoo", "p2prl: error: algo=ppoo: unknown algo; allowed: a2c, dqn, ppo, qlearning"),
+    ("algo.lr=-1", "p2prl: error: algo.lr=-1: must be a positive number")])
+def test_bad_input_on_two_peers_is_one_line_and_exit_2(bad, line, tmp_path):
+    # torchrun alone would add a log line per peer, a traceback and its failure summary, and exit 1.
+    p = p2prl("train", "--nproc", "2", bad, f"hydra.run.dir={tmp_path / 'run'}", timeout=90)
+    assert p.returncode == 2 and p.stderr.strip() == line, p.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_other_peer_failures_keep_torchruns_summary_and_exit_1():
+    p = subprocess.run([sys.executable, "-m", "p2prl.torchrun", "--standalone", "--nproc_per_node=2", "-m",
+                        "no_such_module_p2prl"], cwd=ROOT, capture_output=True, text=True, timeout=90)
+    assert p.returncode == 1 and "no_such_module_p2prl FAILED" in p.stderr and "exitcode  : 1" in p.stderr
+    assert "ChildFailedError" not in p.stderr  # the summary without the agent's traceback around it
 
 
 def test_console_scripts():
