@@ -148,7 +148,10 @@ def _job_overrides(argv: list[str]) -> list[list[str]]:
             for item in out[-1]:
                 value = item.split("=", 1)[1]
                 if value not in _options(key):
-                    raise ConfigError(key, value, f"unknown {key}; allowed: {', '.join(_options(key))}")
+                    hint = ""
+                    if key == "env" and re.search(r"-v\d+$", value):  # a gymnasium id, as SB3 takes it
+                        hint = f" (a gymnasium id: env=gym env.id={value})"
+                    raise ConfigError(key, value, f"unknown {key}; allowed: {', '.join(_options(key))}{hint}")
     return out
 
 

@@ -215,7 +215,8 @@ def _train(cfg: RunConfig, run_dir: Path, comm: Communicator, t_start: float, ch
     }
     if is_main:
         write_json_atomic(run_dir / "summary.json", summary)
-        log.info("done: step %d, return %s, reached=%s, %.1f s", p.step, window.mean, summary["reached"],
+        mean = "none yet" if window.mean is None else f"{window.mean:.1f}"  # as the progress lines show it
+        log.info("done: step %d, return %s, reached=%s, %.1f s", p.step, mean, summary["reached"],
                  summary["wall_s"])
     comm.phase = "shutdown"
     try:

@@ -20,6 +20,7 @@ TINY = ["algo.num_envs=2", "algo.num_steps=16", "algo.num_minibatches=2", "algo.
 # (overrides, what the line must contain); {tmp} is the test's tmp dir, prepared by `fixtures`.
 BAD = [
     (["env=nosuchenv"], ["env=nosuchenv", "allowed: acrobot, breakout, cartpole"]),
+    (["env=CartPole-v1"], ["env=CartPole-v1: unknown env", "(a gymnasium id: env=gym env.id=CartPole-v1)"]),
     (["algo=nosuchalgo"], ["algo=nosuchalgo", "allowed: a2c, dqn, ppo"]),
     (["comm=nosuchcomm"], ["comm=nosuchcomm", "allowed: allreduce"]),
     (["checkpoint=nosuch"], ["checkpoint=nosuch", "allowed: default"]),
