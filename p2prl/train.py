@@ -85,6 +85,8 @@ def main() -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         _fail(error)
     _CHECKED.update({h: checked for h, (_, checked) in jobs.items()})
+    if not is_rank0():  # a sweep's "Launching N jobs" and its list of jobs: once, from rank 0
+        logging.getLogger("hydra._internal.core_plugins.basic_launcher").addFilter(lambda record: False)
     hydra_main()
     _leave(0)
 

@@ -13,6 +13,8 @@ def test_two_peer_sweep_writes_one_dir_per_job(tmp_path, cli):
     sweep = tmp_path / "sweep"
     p = cli(["-m", "algo.lr=1e-3,3e-4", *TINY, f"hydra.sweep.dir={sweep}"], nproc=2, timeout=150)
     assert p.returncode == 0, p.stderr[-3000:]
+    out = p.stdout + p.stderr
+    assert out.count("Launching 2 jobs locally") == 1 and out.count("#1 : algo.lr=0.0003") == 1, out[-3000:]
     lrs = []
     for job in ("0", "1"):
         s = json.loads((sweep / job / "summary.json").read_text())
