@@ -2,8 +2,8 @@
 
 `p2prl train [--nproc N] OVERRIDES...` starts `python -m p2prl.train OVERRIDES...` (N = 1) or
 torchrun (`python -m p2prl.torchrun --standalone --nproc_per_node=N -m p2prl.train OVERRIDES...`, N > 1;
-it exits 2 quietly on bad input) and returns its exit code; `p2prl evaluate|plot|bench ARGS...` are `python -m p2prl.evaluate|plot|bench ARGS...`. The
-`python -m` forms and `p2prl-train` stay as they are.
+it exits 2 quietly on bad input) and returns its exit code; `p2prl evaluate|plot|bench ARGS...` are
+`python -m p2prl.evaluate|plot|bench ARGS...`. The `python -m` forms and `p2prl-train` stay as they are.
 
 The training job runs as a child process in this process's group, so Ctrl-C at a terminal reaches it
 (and torchrun's peers) directly, as it would without this wrapper; a SIGTERM sent to `p2prl` itself

@@ -22,7 +22,7 @@ class _BadInputFailures(logging.Filter):
     """Drops the agent's per-peer "failed (exitcode: 2)" record: that peer has said why itself."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.msg.startswith("failed (exitcode") and record.args
+        return not (str(record.msg).startswith("failed (exitcode") and record.args
                     and record.args[0] == BAD_INPUT)
 
 
