@@ -10,7 +10,8 @@ import torch
 
 from p2prl.comm import LocalComm
 from p2prl.config import ConfigError
-from p2prl.data import FrameReplay, allocate_rollout
+from p2prl.data import allocate_rollout
+from p2prl.frame_replay import FrameReplay
 from p2prl.metrics import EpisodeCounter
 from p2prl.nets import ActorCritic, NatureCNN, QNetwork, resolve_encoder
 from p2prl.wrappers import GAME_OVER, SCORE, episode_signal, scored

@@ -24,7 +24,8 @@ from p2prl.algos.base import (ActFn, Algorithm, Peer, Sample, epsilon_greedy, lo
                               sampler_state)
 from p2prl.algos.returns import nstep_return, td_targets
 from p2prl.algos.schedules import decayed_epsilon, peer_epsilon
-from p2prl.data import FrameReplay, ReplayBatch, ReplayBuffer
+from p2prl.data import ReplayBatch, ReplayBuffer
+from p2prl.frame_replay import FrameReplay
 from p2prl.envstate import restorable, stack_size
 from p2prl.metrics import EpisodeCounter
 from p2prl.nets import ENCODERS, QNetwork, resolve_encoder
