@@ -95,19 +95,23 @@ class ReplayBuffer:
         return ReplayBatch(*(torch.from_numpy(a[idx]) for a in (
             self.obs, self.actions, self.rewards, self.next_obs, self.discounts, self.terminated)))
 
-    def fits(self, state: dict) -> bool:
-        """Whether a saved buffer can be loaded (a smaller capacity keeps what fits)."""
-        return True
+    ARRAYS = ("obs", "next_obs", "actions", "rewards", "discounts", "terminated")
 
     def state_dict(self) -> dict:
         n = self.size
-        return {"obs": torch.from_numpy(self.obs[:n].copy()), "next_obs": torch.from_numpy(self.next_obs[:n].copy()),
-                "actions": torch.from_numpy(self.actions[:n].copy()), "rewards": torch.from_numpy(self.rewards[:n].copy()),
-                "discounts": torch.from_numpy(self.discounts[:n].copy()),
-                "terminated": torch.from_numpy(self.terminated[:n].copy()), "pos": self.pos, "size": n}
+        return {**{k: torch.from_numpy(getattr(self, k)[:n].copy()) for k in self.ARRAYS}, "pos": self.pos, "size": n}
 
     def load_state_dict(self, s: dict) -> None:
-        n = min(int(s["size"]), self.capacity)
-        for k in ("obs", "next_obs", "actions", "rewards", "discounts", "terminated"):
-            getattr(self, k)[:n] = s[k][:n].numpy()
-        self.size, self.pos = n, int(s["pos"]) % self.capacity
+        """A buffer saved with any capacity. Saved slots [0, size) as written: a wrapped ring holds its
+        oldest at `pos`. A full one of this capacity keeps every slot where it was (a resumed run then
+        samples the slots the uninterrupted one would); otherwise the newest transitions that fit go to
+        slots [0, n) oldest first, so that no unwritten slot is ever sampled and adds overwrite the oldest."""
+        n, pos = int(s["size"]), int(s["pos"])
+        if n == self.capacity:
+            keep, self.pos = np.arange(n), pos % n
+        else:
+            keep = ((pos + np.arange(n)) % max(n, 1))[-self.capacity:]  # oldest first; pos == n: never wrapped
+            self.pos = len(keep) % self.capacity
+        for k in self.ARRAYS:
+            getattr(self, k)[:len(keep)] = s[k].numpy()[keep]
+        self.size = len(keep)

@@ -94,15 +94,27 @@ class FrameReplay:
 
     ARRAYS = ("frames", "start", "next", "has", "actions", "rewards", "discounts", "terminated")
 
-    def fits(self, state: dict) -> bool:
-        """Slots are global frame indices modulo the capacity: only the same shape loads."""
-        return tuple(state["frames"].shape) == self.frames.shape
-
     def state_dict(self) -> dict:
         return {**{k: torch.from_numpy(getattr(self, k).copy()) for k in self.ARRAYS},
                 "count": self.count, "size": self.size}
 
     def load_state_dict(self, s: dict) -> None:
+        """A buffer saved with any capacity. The same keeps every slot where it was (a resumed run then
+        samples the slots the uninterrupted one would). Another is re-keyed: frame g lives at slot
+        g % capacity, so the newest frames both capacities hold move to their slots here and every global
+        index (`start`, `next`, the sampler's keys and n-step windows) stays valid; transitions whose
+        stacks may reach a frame no longer held are dropped, as `sample` would skip them."""
+        saved, self.count = len(s["frames"]), int(s["count"])
+        if saved == self.capacity:
+            for k in self.ARRAYS:
+                getattr(self, k)[:] = s[k].numpy()
+            self.size = int(s["size"])
+            return
+        g = np.arange(max(0, self.count - min(saved, self.capacity)), self.count)  # the frames kept
         for k in self.ARRAYS:
-            getattr(self, k)[:] = s[k].numpy()
-        self.count, self.size = int(s["count"]), int(s["size"])
+            a = getattr(self, k)
+            a[:] = 0
+            a[g % self.capacity] = s[k].numpy()[g % saved]
+        if len(g) and g[0] > 0:  # older frames are lost: stacks reach k - 1 vector steps back
+            self.has[g[g < g[0] + (self.k - 1) * self.n] % self.capacity] = False
+        self.size = int(self.has.sum())
