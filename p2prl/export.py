@@ -8,7 +8,7 @@ observation space's dtype, a batch of any size (B, *obs_shape), goes in as `obs`
 (B,) int64 argmax indices for Discrete actions, (B, *action_shape) float32 within the bounds for Box
 ones. The observation normalization of the checkpoint (`algo.norm_obs`), the scaling of pixels and the
 bounds are inside. `pt2` is torch.export's ExportedProgram (`torch.export.load(f).module()`), `onnx` the
-same program through torch's dynamo ONNX exporter (the onnx extra; run it with onnxruntime). npy is
+same module through torch's dynamo ONNX exporter (the onnx extra; run it with onnxruntime). npy is
 tabular Q-learning's Q table (n_states, n_actions): act with `table[obs].argmax()`.
 
 Metadata (algo, env, both spaces, p2prl version, the checkpoint's step) travels inside the file: ONNX
@@ -105,9 +105,9 @@ def traced_inputs(obs_space: gym.Space) -> tuple[tuple[torch.Tensor], tuple[dict
 
 def onnx_bytes(module: torch.nn.Module, example: tuple, dynamic: tuple, meta: dict) -> bytes:
     """The ONNX model of `module`, input `obs`, output `action`, with `meta` in its metadata_props.
-    torch's dynamo exporter (torch.export, then onnxscript), the supported one since torch 2.9: the
-    TorchScript-based one is deprecated. Given the module rather than an ExportedProgram, it names the
-    batch axis after the Dim ("batch") instead of a symbol such as "s79"."""
+    torch's dynamo exporter (torch.export, then onnxscript): the default since torch 2.9, where the
+    TorchScript-based one (dynamo=False) warns that it is legacy. Given the module rather than an
+    ExportedProgram, it names the batch axis after the Dim ("batch") instead of a symbol such as "s79"."""
     import onnx
     with _quiet():
         program = torch.onnx.export(module, example, input_names=["obs"], output_names=["action"],
