@@ -1,6 +1,6 @@
 """Checkpoints and resuming: env/RNG state round trips, a truncated newest checkpoint, another number of
-peers, and a peer killed with SIGKILL under `torchrun --max-restarts` ending bit-identical to a run
-that was never interrupted."""
+peers, a peer killed with SIGKILL under `torchrun --max-restarts` ending bit-identical to a run
+that was never interrupted, and a fresh start in a used run dir moving the earlier run to previous/."""
 import dataclasses
 import json
 import logging
