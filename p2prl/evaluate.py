@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m p2prl.evaluate") 
     for flag, value in (("--episodes", a.episodes), ("--video-episodes", a.video_episodes)):
         if value <= 0:
             p.error(f"{flag}={value}: must be a positive integer")
-    problem = video.missing_extra() if a.video else None
+    # gymnasium refuses a negative seed only once an episode starts, with a traceback.
+    problem = f"--seed={a.seed}: must be an integer >= 0 (episode i is seeded seed + i)" if a.seed < 0 else None
+    problem = problem or (video.missing_extra() if a.video else None)
     if problem:
         print(f"p2prl: error: {problem}", file=sys.stderr)
         return 2

@@ -41,6 +41,8 @@ class Learner:
         self.comm, self.max_grad_norm = comm, max_grad_norm
         self.term_names = tuple(terms)
         self.bucket = GradientBucket(comm, params, len(self.term_names) + 1)  # + the finiteness flag
+        # Before the strategy copies the parameters (DiLoCo's anchor): it must copy rank 0's, not this peer's.
+        self.bucket.broadcast_parameters()
         # The optimizer sees one flat parameter (the model's parameters are views of it).
         self.optimizer = make_optimizer(self.bucket.flat_param)
         self.strategy = make_strategy(comm, sync, self.bucket)
@@ -50,7 +52,6 @@ class Learner:
         self.skipped_in_a_row = 0
         self._sums = [0.0] * len(self.term_names)
         self._summed = 0
-        self.bucket.broadcast_parameters()
 
     @property
     def attempts(self) -> int:

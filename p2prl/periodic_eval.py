@@ -53,11 +53,8 @@ class PeriodicEval:
         self.env = make_single_env(cfg.env) if self.every else None
         self.path = saver.folder / BEST
         known = best_return(self.path) if self.every and resumed and comm.rank == 0 else None
+        # A fresh start finds no best.pt: an earlier run's moved to previous/ with its checkpoints (p2prl.rundir).
         self.best = -math.inf if known is None else known
-        if not resumed and comm.rank == 0 and self.path.is_file():
-            # An earlier attempt's (train.resume=never in its dir): `--checkpoint best` must not pick it up.
-            log.info("removing %s: kept by an earlier attempt this run does not continue", self.path)
-            self.path.unlink()
 
     def due(self, start_step: int, step: int) -> bool:
         """Whether the iteration from `start_step` to `step` crossed a multiple of eval_every_steps (the

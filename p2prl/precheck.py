@@ -15,6 +15,7 @@ import importlib.util
 import itertools
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, Optional
 
@@ -106,7 +107,7 @@ def _check_encoder(algo, env, space) -> bool:
 
 
 def _check_writable(key: str, path: Path) -> None:
-    """The dir exists and is writable, or its nearest existing ancestor is a writable directory."""
+    """The dir exists and is writable, or its nearest existing ancestor is a directory in which one can be made."""
     probe = path.absolute()
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
@@ -114,6 +115,13 @@ def _check_writable(key: str, path: Path) -> None:
         raise ConfigError(key, path, f"cannot be a directory: {probe} is a file; allowed: a writable directory")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(key, path, f"{probe} is not writable; allowed: a writable directory")
+    if probe != path.absolute():
+        # Hydra makes the rest, which os.access does not foresee for root (/proc, /sys): make and remove one.
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".p2prl-probe-", dir=probe))
+        except OSError as e:
+            raise ConfigError(key, path, f"cannot be created: no directory can be made in {probe} ({e.strerror}); "
+                                         "allowed: a writable directory") from None
 
 
 def _options(group: str) -> list[str]:

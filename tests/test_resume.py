@@ -1,6 +1,6 @@
 """Checkpoints and resuming: env/RNG state round trips, a truncated newest checkpoint, another number of
-peers, and a peer killed with SIGKILL under `torchrun --max-restarts` ending bit-identical to a run
-that was never interrupted."""
+peers, a peer killed with SIGKILL under `torchrun --max-restarts` ending bit-identical to a run
+that was never interrupted, and a fresh start in a used run dir moving the earlier run to previous/."""
 import dataclasses
 import importlib.util
 import io
@@ -253,3 +253,89 @@ def test_another_number_of_envs_resumes_the_shared_state_only(tmp_path, small, c
         summary = run(small(256, *PPO, "algo.num_envs=4"), run_dir)
     assert summary["resumed_at_step"] == 128 and summary["final_step"] == 256
     assert "only the shared state carries over" in caplog.text and "algo.num_envs=4" in caplog.text
+
+
+# -- a fresh start in a run dir that holds an earlier run -------------------------------------------
+def _earlier_then_fresh_then_auto(rank: int, earlier, fresh, auto, run_dir: Path):
+    """Three runs in one dir on the same peers: a long one, a fresh start (resume=never), then resume=auto."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda r: records.append(r.getMessage())
+    logging.getLogger("p2prl").addHandler(handler)
+    logging.getLogger("p2prl").setLevel(logging.INFO)
+    first = run(earlier, run_dir)
+    nothing_before = not (run_dir / "previous").exists()
+    if rank == 0:  # as `p2prl evaluate` and Hydra leave them
+        for name in ("eval.json", ".hydra/config.yaml", "train.log"):
+            (run_dir / name).parent.mkdir(exist_ok=True)
+            (run_dir / name).write_text(name)
+    second = run(fresh, run_dir)
+    moved = [m for m in records if "moved the earlier run's" in m]
+    third = run(auto, run_dir)
+    return nothing_before, first, second, third, moved
+
+
+def test_a_fresh_start_moves_the_earlier_run_aside_and_auto_then_continues_the_new_one(tmp_path, small, peers):
+    run_dir = tmp_path / "run"
+    earlier, fresh, auto = small(512), small(256, *PPO, "train.resume=never"), small(384)
+    (empty0, first, second, third, moved0), (empty1, *_, moved1) = peers(
+        _earlier_then_fresh_then_auto, 2, earlier, fresh, auto, run_dir, timeout=150)
+    assert empty0 and empty1 and first["final_step"] == 512  # a run dir with nothing to move gets no previous/
+    (previous,) = (run_dir / "previous").iterdir()
+    assert len(moved0) == 1 and str(previous) in moved0[0] and not moved1, (moved0, moved1)  # one line, rank 0
+    # The earlier run, whole: its checkpoints (every rank's), metrics, summary, events and evaluation.
+    assert checkpoint.list_steps(previous / "checkpoints") == [448, 512]
+    assert all(checkpoint.list_steps(previous / "checkpoints" / f"rank{r}") == [448, 512] for r in (0, 1))
+    assert json.loads((previous / "summary.json").read_text())["final_step"] == 512
+    assert rows(previous)[-1]["step"] == 512 and (previous / "tb").is_dir() and (previous / "eval.json").is_file()
+    # The fresh run's own checkpoints are the ones kept, and resume=auto continues it, not the earlier run.
+    assert second["resumed_from"] is None and second["final_step"] == 256
+    assert third["resumed_at_step"] == 256 and third["final_step"] == 384
+    assert checkpoint.list_steps(run_dir / "checkpoints") == [320, 384]
+    assert [r["step"] for r in rows(run_dir)] == list(range(64, 385, 64))
+    assert not (run_dir / "eval.json").exists()
+    assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "train.log").is_file()  # Hydra's stay
+    assert len(list((run_dir / "previous").iterdir())) == 1  # resuming moves nothing
+
+
+def test_auto_without_a_complete_checkpoint_moves_the_earlier_run_aside(tmp_path, small, caplog):
+    run_dir = tmp_path / "run"
+    run(small(64), run_dir)
+    (only,) = checkpoint.list_steps(run_dir / "checkpoints")
+    newest = checkpoint.shared_path(run_dir / "checkpoints", only)
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    corrupt = newest.read_bytes()
+    with caplog.at_level(logging.INFO):
+        summary = run(small(128), run_dir)
+    assert "starting from scratch" in caplog.text and summary["resumed_from"] is None
+    (previous,) = (run_dir / "previous").iterdir()
+    assert caplog.text.count("moved the earlier run's") == 1 and str(previous) in caplog.text
+    assert (previous / "checkpoints" / newest.name).read_bytes() == corrupt  # moved, as it was
+    assert checkpoint.list_steps(previous / "checkpoints" / "rank0") == [64]
+    assert [r["step"] for r in rows(previous)] == [64] and (previous / "summary.json").is_file()
+    assert checkpoint.list_steps(run_dir / "checkpoints") == [64, 128]
+    assert [r["step"] for r in rows(run_dir)] == [64, 128]
+
+
+def _set_aside_on_own_node(rank: int, tmp_path: Path):
+    """Every peer sees the run dir at the same path, each on its own node (no shared filesystem)."""
+    from p2prl.comm import open_comm
+    from p2prl.precheck import compose
+    from p2prl.rundir import set_aside_earlier_run
+    comm = open_comm(compose("comm.timeout_s=30").comm, "gloo", cores=None)
+    run_dir = tmp_path / f"node{rank}" / "run"
+    return set_aside_earlier_run(comm, run_dir)
+
+
+def test_each_rank_moves_its_own_rank_files_where_nodes_share_no_filesystem(tmp_path, peers):
+    node0, node1 = tmp_path / "node0" / "run", tmp_path / "node1" / "run"
+    for path in (node0 / "checkpoints" / "step_64.pt", node0 / "checkpoints" / "rank0" / "step_64.pt",
+                 node0 / "metrics.jsonl", node1 / "checkpoints" / "rank1" / "step_64.pt"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(path.name)
+    dest0, dest1 = peers(_set_aside_on_own_node, 2, tmp_path)
+    assert dest0.parent == node0 / "previous" and dest1 == node1 / "previous" / dest0.name  # one time stamp
+    assert sorted(str(p.relative_to(dest0)) for p in dest0.rglob("*") if p.is_file()) == [
+        "checkpoints/rank0/step_64.pt", "checkpoints/step_64.pt", "metrics.jsonl"]
+    assert [str(p.relative_to(dest1)) for p in dest1.rglob("*") if p.is_file()] == ["checkpoints/rank1/step_64.pt"]
+    assert not (node0 / "checkpoints").exists() and not (node1 / "checkpoints" / "rank1").exists()

@@ -133,6 +133,23 @@ def test_diloco_outer_nesterov_step_by_hand(compose, peers):
         torch.testing.assert_close(s, second)
 
 
+def _diloco_start(rank: int, cfg):
+    comm = open_comm(cfg, "gloo")
+    torch.manual_seed(rank)  # peers whose initial weights differ: the learner's broadcast gives all rank 0's
+    model = torch.nn.Linear(3, 2)
+    learner = Learner(list(model.parameters()), lambda p: FlatSGD(p, lr=LR), comm, None, ("loss",), sync=cfg)
+    return learner.strategy.anchor.clone(), learner.bucket.flat_param.detach().clone()
+
+
+def test_diloco_anchor_is_the_broadcast_initial_parameters(compose, peers):
+    # The anchor is what the first outer step measures the peers' progress from: a peer's own initial
+    # weights there would pull every peer towards them at the first average.
+    cfg = compose("comm=local_sgd", "comm.outer_lr=0.7", "comm.outer_momentum=0.9", "comm.timeout_s=30").comm
+    (a0, p0), (a1, p1) = peers(_diloco_start, 2, cfg)
+    assert torch.equal(p0, p1)
+    assert torch.equal(a0, p0) and torch.equal(a1, p1)
+
+
 def _run(rank: int, cfg, run_dir):
     from p2prl.runner import run
     return run(cfg, run_dir)

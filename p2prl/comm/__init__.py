@@ -16,8 +16,9 @@ from p2prl.comm.local import LocalComm
 from p2prl.comm.connect import open_comm
 from p2prl.comm.process_group import PeerFailure
 from p2prl.comm.strategies import make_strategy
+from p2prl.comm.store import StartTimeout
 from p2prl.comm.strategy import Strategy
 
 __all__ = ["Communicator", "LocalComm", "GradientBucket", "PeerFailure", "Placement", "agree_before_start",
            "agree_on_config", "check_identical", "is_rank0", "open_comm", "parameter_digest", "pin", "place",
-           "resolve_devices", "run_id", "torchrun_world", "Devices", "Strategy", "make_strategy"]
+           "resolve_devices", "StartTimeout", "run_id", "torchrun_world", "Devices", "Strategy", "make_strategy"]
