@@ -339,3 +339,16 @@ def test_each_rank_moves_its_own_rank_files_where_nodes_share_no_filesystem(tmp_
         "checkpoints/rank0/step_64.pt", "checkpoints/step_64.pt", "metrics.jsonl"]
     assert [str(p.relative_to(dest1)) for p in dest1.rglob("*") if p.is_file()] == ["checkpoints/rank1/step_64.pt"]
     assert not (node0 / "checkpoints").exists() and not (node1 / "checkpoints" / "rank1").exists()
+
+
+def test_a_run_resumed_from_another_run_sets_aside_what_its_own_dir_held(tmp_path, small):
+    source, here = tmp_path / "source", tmp_path / "here"
+    run(small(128), source)
+    run(small(512), here)  # an unrelated earlier run, at higher steps than the resumed one will reach
+    summary = run(small(256, *PPO, f"train.resume={source}"), here)
+    assert summary["resumed_at_step"] == 128 and summary["final_step"] == 256
+    (previous,) = (here / "previous").iterdir()
+    assert checkpoint.list_steps(previous / "checkpoints")[-1] == 512  # kept, aside
+    # Only this run's own checkpoints remain, so a later resume=auto continues it, not the earlier run.
+    assert checkpoint.list_steps(here / "checkpoints") == [192, 256]
+    assert [r["step"] for r in rows(here)] == [192, 256]
