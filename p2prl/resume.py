@@ -233,7 +233,9 @@ class Checkpointer:
         own_state = self.algo.rank_state_dict(self.replay)
         if learner is not None:
             own_state["learner"] = learner.rank_state_dict()
-        own = {"step": p.step, "rank": rank, "world_size": self.comm.world_size, "rng": rng_state(), **own_state}
+        own = {"step": p.step, "rank": rank, "world_size": self.comm.world_size, "rng": rng_state()}
+        assert not own.keys() & own_state.keys(), f"{own.keys() & own_state.keys()} would replace the process RNG or counters"
+        own.update(own_state)
         save_atomic(own, rank_path(self.folder, rank, p.step))
         prune(self.folder / f"rank{rank}", self.keep)
         shared = self.shared_state(p)

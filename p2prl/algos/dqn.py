@@ -241,7 +241,7 @@ class DQN(Algorithm):
                 d.clear()
                 d.extend((o.numpy().copy(), int(a), float(r)) for o, a, r in zip(w["obs"], w["actions"], w["rewards"]))
         else:
-            self.rng.bit_generator.state = s["rng"]
+            self.rng.bit_generator.state = s["explore_rng"]
         # checkpoint.replay and the buffer's size are config values: the same branch on every peer
         if "replay" in s and self.buffer.fits(s["replay"]):
             self.buffer.load_state_dict(s["replay"])
