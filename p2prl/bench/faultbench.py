@@ -63,9 +63,9 @@ def setup(task: str, k: int, extra: list[str]) -> Setup:
     iteration = PEERS * cfg.algo.num_envs * per_peer
     given = {o.split("=", 1)[0] for o in extra}
     every = cfg.checkpoint.every_steps if "checkpoint.every_steps" in given else -(-EVERY_STEPS // iteration) * iteration
-    budget = cfg.train.total_steps if "train.total_steps" in given else 2 * every * (k + 2)
     if not every:
         raise ConfigError("checkpoint.every_steps", every, "the fault run needs periodic checkpoints: a positive integer")
+    budget = cfg.train.total_steps if "train.total_steps" in given else 2 * every * (k + 2)
     if budget // (k + 2) < 2 * every:
         raise ConfigError("train.total_steps", budget, f"too few steps for {k} faults at least {every} steps "
                                                        f"apart; allowed: >= {2 * every * (k + 2)}")
@@ -123,9 +123,10 @@ def fault_run(s: Setup, k: int, seed: int, out: Path, max_seconds: float) -> dic
         error = f"still running {max_seconds:.0f} s after the last fault"
     finally:
         injector.close()
+    injector.log.poll()
     summary = report.read_json(run_dir / "summary.json") or {}
-    return {"run_dir": str(run_dir), "log": str(log_path), "cmd": cmd, "returncode": rc, "error": error,
-            "restarts": injector.restarts, "final_step": summary.get("final_step"),
+    return {"run_dir": str(run_dir), "log": str(log_path), "cmd": cmd, "returncode": job.returncode if rc is None else rc,
+            "error": error, "restarts": max(injector.restarts, len(injector.log.resumes)), "final_step": summary.get("final_step"),
             "faults": [{**asdict(f), "steps_lost": f.steps_lost} for f in faults]}
 
 

@@ -2,14 +2,15 @@
 
 Two hosts (network namespaces on one switch, `p2prl.bench.netns`), one peer each, gloo between them,
 started by launch/multinode.sh with elastic membership (NNODES=1:2, MAX_RESTARTS=3); host 0 holds the
-rendezvous. Once the two peers have written a checkpoint together, every process of host 1 is killed
-at once, as when a machine dies. Host 0's peer restarts, resumes with the smaller world and finishes
+rendezvous. At a random step after the two peers have written a checkpoint together, every process of
+host 1 is killed at once, as when a machine dies. Host 0's peer restarts, resumes with the smaller world and finishes
 the budget. Not compared bit for bit: a resume on another number of peers starts every peer's envs and
 RNGs afresh. Needs root (`netns.available()`); skipped with the reason otherwise.
 """
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 import time
@@ -39,11 +40,11 @@ def _last_step(run_dir: Path) -> int:
     return 0
 
 
-def _together(run_dir: Path, every: int) -> bool:
-    """Whether a checkpoint at step >= 2 * every was written by both peers."""
+def _together(run_dir: Path, every: int) -> Optional[int]:
+    """The step of a checkpoint at step >= 2 * every written by both peers, if there is one."""
     steps = [s for s in list_steps(run_dir / "checkpoints") if s >= 2 * every]
     saved = load(shared_path(run_dir / "checkpoints", steps[-1]), mmap=True, warn=False) if steps else None
-    return saved is not None and saved["world_size"] == 2
+    return steps[-1] if saved is not None and saved["world_size"] == 2 else None
 
 
 def run(s: "Setup", seed: int, out: Path, wait_s: float) -> dict[str, Any]:
@@ -72,7 +73,9 @@ def run(s: "Setup", seed: int, out: Path, wait_s: float) -> dict[str, Any]:
             gone = [i for i in hosts if jobs[i].poll() is not None]
             return f"host {gone[0]}'s torchrun ended (exit code {jobs[gone[0]].returncode})" if gone else None
         try:
-            wait_until(lambda: _together(run_dir, s.every), "a checkpoint of both peers", wait_s, lambda: ended((0, 1)))
+            first = wait_until(lambda: _together(run_dir, s.every), "a checkpoint of both peers", wait_s, lambda: ended((0, 1)))
+            at = first + random.Random(seed).randrange(0, s.every, s.iteration)  # a random step until the next one
+            wait_until(lambda: _last_step(run_dir) >= at, f"step {at}", wait_s, lambda: ended((0, 1)))
             before, reached = len(host0.resumes), _last_step(run_dir)
             star.kill_host(1)
             t_fault = time.monotonic()

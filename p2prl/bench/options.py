@@ -30,17 +30,19 @@ def parse_args(argv: Optional[list[str]] = None, prog: str = "python -m p2prl.be
     p = _Parser(prog=prog, description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=f"examples:\n  {prog} --tasks cartpole-ppo --seeds 0 1 --out bench/quick\n"
-                                       f"  {prog} --scaling lunarlander-ppo")
+                                       f"  {prog} --scaling lunarlander-ppo\n"
+                                       f"  {prog} --faults 5 --tasks cartpole-dqn")
     p.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=None, metavar="TASK",
                    help=f"of {', '.join(TASKS)} (default: cartpole-ppo cartpole-dqn; with --faults: cartpole-ppo)")
     p.add_argument("--lunarlander", action="store_true", help="add lunarlander-ppo and lunarlander-dqn")
     p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS),
                    metavar="SYSTEM", help="of %(choices)s (default: all; sb3 where stable-baselines3 is installed)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="(default: %(default)s)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
+                   help="(default: %(default)s; --faults runs the first, which also draws the faults)")
     p.add_argument("--target", type=float, default=None,
                    help="target return for every task and system (default: 475 on CartPole, 200 on LunarLander)")
     p.add_argument("--max-seconds", type=float, default=None,
-                   help="wall-clock cap per run from launch (default: 300, with --presets 3600); a run still going "
+                   help="wall-clock cap per run from launch (default: 300, with --presets or --faults 3600); a run still going "
                         "then has not reached the target")
     p.add_argument("--sb3-steps", type=int, default=None,
                    help="SB3 step budget (default: the zoo's n_timesteps for PPO, 300k for DQN)")
