@@ -220,6 +220,9 @@ def main(a: Any, out: Path, prog: str, emit: Callable[[str], None]) -> int:
         for s in setups:
             doc["tasks"].append(run_task(s, a.faults, a.seeds[0], out, a.max_seconds))
             report.write_json(out / "faults.json", doc)  # after every task: a stopped bench keeps what it measured
+    except KeyboardInterrupt:
+        log.error("interrupted; the tasks done so far are in %s", out / "faults.json")
+        return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
     text = "\n\n".join(format_task(r) for r in doc["tasks"])
