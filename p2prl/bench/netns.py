@@ -177,13 +177,9 @@ class Star:
 
     def pids(self, host: Optional[int] = None) -> list[int]:
         """The processes in host `host`'s namespace (all of the star's with None)."""
-        names = [self.hosts[host].netns] if host is not None else self.made
-        out = []
-        for ns in names:
-            if ns in self.made:
-                p = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, timeout=self.timeout_s)
-                out += [int(x) for x in p.stdout.split()]
-        return out
+        names = [n for n in ([self.hosts[host].netns] if host is not None else self.made) if n in self.made]
+        return [int(x) for ns in names for x in subprocess.run(["ip", "netns", "pids", ns], capture_output=True,
+                                                                text=True, timeout=self.timeout_s).stdout.split()]
 
     def kill_host(self, host: int) -> None:
         """SIGKILL every process on host `host`, as if the machine had died; returns once none is left."""
