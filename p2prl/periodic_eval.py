@@ -32,7 +32,8 @@ from p2prl.comm import Communicator
 from p2prl.config import RunConfig
 from p2prl.envs import make_single_env
 from p2prl.policy import BEST, EVAL_SEED, Policy, run_episodes
-from p2prl.resume import Checkpointer, Progress
+from p2prl.checkpointer import Checkpointer
+from p2prl.resume import Progress
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,8 @@ from p2prl.metrics import MetricsWriter, ReturnWindow, peak_rss_mb
 from p2prl.periodic_eval import PeriodicEval
 from p2prl.precheck import Preflight, preflight
 from p2prl.provenance import provenance
-from p2prl.resume import Checkpointer, Progress, restore
+from p2prl.checkpointer import Checkpointer
+from p2prl.resume import Progress, restore
 from p2prl.rundir import set_aside_earlier_run
 from p2prl.seeding import env_seed
 from p2prl.trackers import open_trackers

@@ -135,6 +135,26 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog
     assert steps == sorted(set(steps)) and steps[-1] == summary["final_step"]
 
 
+QLEARNING = ("algo=qlearning", "env=frozenlake", "algo.num_envs=2")
+
+
+@pytest.mark.parametrize("algo", [DQN, QLEARNING], ids=["dqn", "qlearning"])
+def test_a_sampler_algorithm_resumes_its_own_state_exactly(algo, tmp_path, small):
+    """The newest set lost: the run resumes from the one before on the same peers, its process RNG and
+    its exploration generator both restored (the latter once replaced the former in the rank file), and
+    ends where it had ended."""
+    run_dir = tmp_path / "run"
+    first = run(small(512, *algo, "checkpoint.replay=true"), run_dir)
+    folder = run_dir / "checkpoints"
+    ended = checkpoint.load(checkpoint.shared_path(folder, first["final_step"]))
+    checkpoint.shared_path(folder, first["final_step"]).unlink()
+    again = run(small(512, *algo, "checkpoint.replay=true"), run_dir)
+    assert again["resumed_at_step"] == checkpoint.list_steps(folder)[0] < first["final_step"] == again["final_step"]
+    redone = checkpoint.load(checkpoint.shared_path(folder, again["final_step"]))
+    key = "model" if "model" in ended else "q_table"
+    assert _tensors(redone[key]) and all(torch.equal(a, b) for a, b in zip(_tensors(redone[key]), _tensors(ended[key])))
+
+
 def _resume_on_two(rank: int, cfg, run_dir: Path):
     records = []
     handler = logging.Handler()

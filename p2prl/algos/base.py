@@ -107,7 +107,7 @@ def sampler_state(envs, obs: np.ndarray, next_valid: np.ndarray, episodes, rng: 
     from p2prl.envstate import vec_env_state
     return {"env": vec_env_state(envs), "obs": torch.from_numpy(obs.copy()),
             "next_valid": torch.from_numpy(next_valid.copy()), "episodes": episodes.state_dict(),
-            "rng": rng.bit_generator.state}
+            "explore_rng": rng.bit_generator.state}
 
 
 def load_sampler_state(envs, episodes, rng: np.random.Generator, s: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -115,7 +115,7 @@ def load_sampler_state(envs, episodes, rng: np.random.Generator, s: dict) -> tup
     from p2prl.envstate import load_vec_env_state
     load_vec_env_state(envs, s["env"])
     episodes.load_state_dict(s["episodes"])
-    rng.bit_generator.state = s["rng"]
+    rng.bit_generator.state = s["explore_rng"]
     return s["obs"].numpy().copy(), s["next_valid"].numpy().copy()
 
 

@@ -242,7 +242,7 @@ class DQN(Algorithm):
                 d.clear()
                 d.extend((o.numpy().copy(), int(a), float(r)) for o, a, r in zip(w["obs"], w["actions"], w["rewards"]))
         else:
-            self.rng.bit_generator.state = s["rng"]
+            self.rng.bit_generator.state = s["explore_rng"]
         if "replay" in s:  # checkpoint.replay is a config value: the same branch on every peer
             self.buffer.load_state_dict(s["replay"])  # global frame indices (keys) stay valid
             self.fill_from = 0

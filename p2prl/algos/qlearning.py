@@ -203,7 +203,7 @@ class QLearning(Algorithm):
         if restorable(self.envs):
             self.obs, self.next_valid = load_sampler_state(self.envs, self.episodes, self.rng, s)
         else:  # (async, EnvPool): fresh episodes from their seeds, their first observations kept
-            self.rng.bit_generator.state = s["rng"]
+            self.rng.bit_generator.state = s["explore_rng"]
 
 
 def policy(cfg: QLearningConfig, state: dict, obs_space: gym.Space, act_space: gym.Space,
