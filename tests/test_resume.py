@@ -372,3 +372,14 @@ def test_a_run_resumed_from_another_run_sets_aside_what_its_own_dir_held(tmp_pat
     # Only this run's own checkpoints remain, so a later resume=auto continues it, not the earlier run.
     assert checkpoint.list_steps(here / "checkpoints") == [192, 256]
     assert [r["step"] for r in rows(here)] == [192, 256]
+
+
+def test_the_parts_of_checkpoint_writes_killed_in_an_earlier_attempt_are_removed(tmp_path, small):
+    run_dir = tmp_path / "run"
+    run(small(128), run_dir)
+    parts = [run_dir / "checkpoints" / ".step_192.pt.tmp4242", run_dir / "checkpoints" / "rank0" / ".step_192.pt.tmp4243"]
+    for part in parts:
+        part.write_bytes(b"half a checkpoint")  # what atomic writes leave when their process is killed
+    summary = run(small(256), run_dir)
+    assert summary["resumed_at_step"] == 128 and not any(p.exists() for p in parts)
+    assert checkpoint.list_steps(run_dir / "checkpoints") == [192, 256]
