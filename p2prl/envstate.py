@@ -1,16 +1,27 @@
 """A vector env's state for checkpoints, as plain values (loadable with weights_only), and what it covers.
 
 Every numpy array, number and RNG in the instance dicts of the env's wrapper chain (and, for
-SyncVectorEnv, of every copy's chain). That is exact for gymnasium's native CartPole vector env (state,
-steps, prev_done: the autoreset flags, np_random) and for the classic-control envs (state, TimeLimit's
-_elapsed_steps, np_random, SyncVectorEnv's _autoreset_envs); physics engines (Box2D, MuJoCo) keep state
-outside Python and resume from their RNG states only; `restorable` says where state lives elsewhere.
+SyncVectorEnv, of every copy's chain), and MuJoCo's physics (`_mujoco_state`). That is exact for
+gymnasium's native CartPole vector env (state, steps, prev_done: the autoreset flags, np_random), the
+classic-control envs (state, TimeLimit's _elapsed_steps, np_random, SyncVectorEnv's _autoreset_envs)
+and the MuJoCo envs. `restorable` says where state lives elsewhere (Box2D's worlds, worker processes,
+an emulator): there a resume must start fresh episodes, or its first steps would splice two.
 """
 from __future__ import annotations
+
+from typing import Any, Optional
 
 import gymnasium as gym
 import numpy as np
 import torch
+
+# What mj_step leaves computed from the state before its last integration, one substep behind the
+# integration state: gymnasium's Ant and Humanoid read body positions from them before their next step
+# (mj_forward after mj_setState would compute them from the restored state: not the uninterrupted
+# run's values). The step itself recomputes every derived quantity from the integration state.
+_MJ_DERIVED = ("xpos", "xquat", "xmat", "xipos", "ximat", "xanchor", "xaxis", "geom_xpos", "geom_xmat",
+               "site_xpos", "site_xmat", "subtree_com", "cinert", "cdof", "cvel", "cdof_dot", "cacc",
+               "cfrc_int", "cfrc_ext", "qfrc_actuator", "actuator_force", "sensordata")
 
 
 def _layers(env) -> list:
@@ -20,10 +31,48 @@ def _layers(env) -> list:
     return out
 
 
+def _is(v: Any, package: str, name: str = "") -> bool:
+    """Whether v is an object of a package's (and of class `name`), without importing the package."""
+    return type(v).__module__.split(".")[0] == package and type(v).__name__.startswith(name)
+
+
+def _mj_model(obj):
+    """The MjModel beside an MjData (MujocoEnv's `model`) and the state signature saved."""
+    import mujoco
+    return next(m for m in vars(obj).values() if _is(m, "mujoco", "MjModel")), int(mujoco.mjtState.mjSTATE_INTEGRATION)
+
+
+def _mujoco_state(obj, data) -> dict:
+    """The full integration state of `data` (an MjData beside its MjModel in `obj`: time, qpos, qvel,
+    act, the solver's warm start, ctrl, applied forces, mocap...; `set_state(qpos, qvel)` alone would
+    not resume exactly) and the derived quantities that `_MJ_DERIVED` lists."""
+    import mujoco
+    model, sig = _mj_model(obj)
+    state = np.empty(mujoco.mj_stateSize(model, sig))
+    mujoco.mj_getState(model, data, state, sig)
+    return {"integration": torch.from_numpy(state),
+            "derived": {k: torch.from_numpy(getattr(data, k).copy()) for k in _MJ_DERIVED}}
+
+
+def _load_mujoco_state(obj, data, s: dict) -> None:
+    import mujoco
+    model, sig = _mj_model(obj)
+    state = s["integration"].numpy()
+    if len(state) != mujoco.mj_stateSize(model, sig):
+        raise ValueError(f"the checkpoint's MuJoCo state has {len(state)} values, mujoco {mujoco.__version__} "
+                         f"expects {mujoco.mj_stateSize(model, sig)}: resume with the mujoco the run was saved with")
+    mujoco.mj_setState(model, data, state, sig)
+    mujoco.mj_forward(model, data)  # what _MJ_DERIVED omits then belongs to this state, not the one reset to
+    for k, v in s["derived"].items():
+        getattr(data, k)[...] = v.numpy()
+
+
 def _plain(obj) -> dict:
     out = {}
     for k, v in vars(obj).items():
-        if isinstance(v, np.random.Generator):
+        if _is(v, "mujoco", "MjData"):
+            out[k] = {"mujoco": _mujoco_state(obj, v)}
+        elif isinstance(v, np.random.Generator):
             out[k] = {"rng": v.bit_generator.state}
         elif isinstance(v, np.ndarray) and v.dtype.kind in "biufc":  # not maps of bytes (FrozenLake's desc)
             out[k] = {"array": torch.from_numpy(v.copy())}
@@ -40,6 +89,8 @@ def _load_plain(obj, state: dict) -> None:
         if isinstance(v, dict) and "rng" in v:
             if isinstance(current, np.random.Generator):
                 current.bit_generator.state = v["rng"]
+        elif isinstance(v, dict) and "mujoco" in v:
+            _load_mujoco_state(obj, current, v["mujoco"])
         elif isinstance(v, dict) and "array" in v:
             setattr(obj, k, v["array"].numpy().copy())  # the saved dtype: it can differ from a fresh env's
         else:
@@ -77,11 +128,23 @@ def _copy_layers(envs: gym.vector.VectorEnv) -> list:
     return []
 
 
+def not_restorable(envs: gym.vector.VectorEnv) -> Optional[str]:
+    """Why `vec_env_state` does not hold all of the envs' state (None: it does)."""
+    if not _in_process(envs):
+        return "their copies live in worker processes (env.vectorization=async) or EnvPool"
+    layers = _copy_layers(envs)
+    if any(isinstance(x, (gym.wrappers.FrameStackObservation, gym.wrappers.AtariPreprocessing)) for x in layers):
+        return "an emulator or frame queues hold part of it"
+    # Box2D's worlds (LunarLander, BipedalWalker, CarRacing) cannot be saved; restoring the rest onto a
+    # freshly reset world would splice two episodes (LunarLander's shaping reward across them).
+    if any(_is(v, "Box2D") for x in layers for v in vars(x).values()):
+        return "their physics is a Box2D world, which cannot be saved"
+    return None
+
+
 def restorable(envs: gym.vector.VectorEnv) -> bool:
-    """Whether `vec_env_state` holds all of the envs' state: not where worker processes (async), EnvPool,
-    an emulator (ALE) or frame queues (FrameStackObservation) keep theirs outside plain values here."""
-    stateful = (gym.wrappers.FrameStackObservation, gym.wrappers.AtariPreprocessing)
-    return _in_process(envs) and not any(isinstance(layer, stateful) for layer in _copy_layers(envs))
+    """Whether `vec_env_state` holds all of the envs' state, so that they resume their episodes exactly."""
+    return not_restorable(envs) is None
 
 
 def stack_size(envs: gym.vector.VectorEnv) -> int:

@@ -23,6 +23,7 @@ from p2prl.checkpoint import (list_steps, load, prune, rank_path, rng_state, sav
                               shared_path, step_of)
 from p2prl.comm import Communicator
 from p2prl.config import ConfigError, RunConfig, config_hash, flatten, show, upgrade
+from p2prl.envstate import not_restorable
 from p2prl.metrics import ReturnWindow
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,8 @@ def _load(comm: Communicator, cfg: RunConfig, algo: algos.Algorithm, window: Ret
     if own is not None:
         set_rng_state(own["rng"])
         algo.load_rank_state_dict(own)
+        if (why := not_restorable(algo.envs)) is not None and comm.rank == 0:
+            log.info("the envs' state cannot be restored (%s): every env starts a fresh episode", why)
         if algo.learner is not None:
             algo.learner.load_rank_state_dict(own.get("learner", {}))
     elif comm.rank == 0:

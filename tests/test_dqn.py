@@ -6,6 +6,7 @@ import torch
 from p2prl.algos.returns import nstep_return
 from p2prl.algos.schedules import peer_epsilon
 from p2prl.comm import LocalComm, open_comm, parameter_digest
+from p2prl.data import ReplayBuffer
 from p2prl.runner import build_algorithm
 
 pytestmark = pytest.mark.timeout(120)
@@ -139,6 +140,58 @@ def test_resume_without_replay_refills_before_learning(dqn_config):
         assert b.learner.updates == before, "learned from an unfilled buffer"
     iterate(b, 0.5)
     assert b.learner.updates > before and b.buffer.size > 0
+
+
+def _ring(capacity: int, first: int, last: int, buf=None) -> ReplayBuffer:
+    """Transitions first..last added one by one: transition i has obs (i, -i), reward i, discount 1."""
+    buf = buf or ReplayBuffer(capacity, (2,), np.random.default_rng(0))
+    for i in range(first, last + 1):
+        buf.add(np.array([[i, -i]], np.float32), np.array([i % 2]), np.array([i], np.float32),
+                np.array([[i + 1, -i - 1]], np.float32), np.ones(1, np.float32), np.zeros(1, np.float32))
+    return buf
+
+
+def _held(buf: ReplayBuffer) -> list[int]:
+    """The rewards (transition numbers) the ring holds, oldest first: the next add overwrites the first."""
+    slots = (buf.pos - buf.size + np.arange(buf.size)) % buf.capacity
+    assert np.array_equal(buf.obs[slots, 0], buf.rewards[slots]) and (buf.discounts[slots] == 1).all()
+    return buf.rewards[slots].astype(int).tolist()
+
+
+@pytest.mark.parametrize("capacity, adds, then", [(8, 8, [5, 6, 7, 8, 9, 10, 11, 12]), (3, 8, [10, 11, 12]),
+                                                  (3, 7, [9, 10, 11])])
+def test_a_wrapped_ring_resumed_with_another_capacity_keeps_its_newest_transitions_in_order(capacity, adds, then):
+    saved = _ring(5, 1, adds).state_dict()  # wrapped: holds the last 5, the oldest at slot adds % 5
+    held = list(range(adds - min(5, capacity) + 1, adds + 1))
+    buf = ReplayBuffer(capacity, (2,), np.random.default_rng(0))
+    buf.load_state_dict(torch.load(_save(saved), weights_only=True))
+    assert _held(buf) == held and buf.size == len(held)
+    b = buf.sample(500)  # never an unwritten row (obs 0, reward 0, discount 0)
+    assert set(b.rewards.int().tolist()) == set(held) and (b.discounts == 1).all()
+    assert torch.equal(b.obs[:, 0], b.rewards) and torch.equal(b.next_obs[:, 0], b.rewards + 1)
+    _ring(capacity, adds + 1, adds + 4, buf)  # new transitions overwrite the oldest
+    assert _held(buf) == then and set(buf.sample(500).rewards.int().tolist()) == set(then)
+
+
+def test_a_ring_resumed_with_its_own_capacity_keeps_every_slot():
+    for adds in (3, 5, 8):  # partly filled, just full, wrapped
+        saved = _ring(5, 1, adds)
+        buf = ReplayBuffer(5, (2,), np.random.default_rng(0))
+        buf.load_state_dict(torch.load(_save(saved.state_dict()), weights_only=True))
+        assert (buf.pos, buf.size) == (saved.pos, saved.size)
+        for k in ("obs", "next_obs", "actions", "rewards", "discounts", "terminated"):
+            assert np.array_equal(getattr(buf, k), getattr(saved, k)), k
+        saved.rng = np.random.default_rng(1)
+        buf.rng = np.random.default_rng(1)
+        assert all(torch.equal(x, y) for x, y in zip(saved.sample(64), buf.sample(64)))
+
+
+def _save(state: dict):
+    import io
+    f = io.BytesIO()
+    torch.save(state, f)
+    f.seek(0)
+    return f
 
 
 def _poisoned_dqn(cfg) -> dict:

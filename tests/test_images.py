@@ -1,6 +1,7 @@
 """Learning from pixels: encoders, uint8 storage, frame-stack reconstruction, the Atari wrapper stack,
 any env by id, and a smoke test of every Atari preset (skipped without the atari extra)."""
 import importlib.util
+import io
 import json
 
 import gymnasium as gym
@@ -10,7 +11,8 @@ import torch
 
 from p2prl.comm import LocalComm
 from p2prl.config import ConfigError
-from p2prl.data import FrameReplay, allocate_rollout
+from p2prl.data import allocate_rollout
+from p2prl.frame_replay import FrameReplay
 from p2prl.metrics import EpisodeCounter
 from p2prl.nets import ActorCritic, NatureCNN, QNetwork, resolve_encoder
 from p2prl.wrappers import GAME_OVER, SCORE, episode_signal, scored
@@ -171,6 +173,65 @@ def test_frame_replay_of_100k_atari_transitions_stores_each_frame_once():
     assert copy.count == state.count and np.array_equal(copy.stacks(np.array([2, 3])), state.stacks(np.array([2, 3])))
 
 
+def _fill(buf: FrameReplay, envs, obs, key, valid, steps: int, truth: dict) -> tuple:
+    """`steps` vector steps of one-step transitions into buf, as DQN stores them; truth maps each
+    observation (bytes) to its next observation and action. Returns (obs, key, valid) to go on from."""
+    for t in range(steps):
+        a = (np.arange(len(obs)) + t) % 2
+        nxt, r, term, trunc, _ = envs.step(a)
+        nkey = buf.observe(nxt, valid)
+        assert np.array_equal(buf.stacks(nkey), nxt), t
+        buf.add(key[valid], a[valid], r[valid], nkey[valid], np.full(int(valid.sum()), 0.9, np.float32),
+                term[valid].astype(np.float32))
+        truth.update((obs[i].tobytes(), (nxt[i].tobytes(), int(a[i]))) for i in np.flatnonzero(valid))
+        obs, key, valid = nxt, nkey, ~(term | trunc)
+    return obs, key, valid
+
+
+def _sampleable(buf: FrameReplay) -> np.ndarray:
+    """The global indices of the transitions `sample` draws from, oldest first."""
+    g = np.arange(max(0, buf.count - buf.capacity), buf.count)
+    return g[buf.has[g % buf.capacity] & (g >= buf.count - buf.capacity + (buf.k - 1) * buf.n)]
+
+
+def _replays_only(buf: FrameReplay, truth: dict) -> None:
+    b = buf.sample(300)
+    for o, a, nx in zip(b.obs.numpy(), b.actions.numpy(), b.next_obs.numpy()):
+        assert truth[o.tobytes()] == (nx.tobytes(), int(a))
+
+
+@pytest.mark.parametrize("capacity", [45, 90, 30])
+def test_frame_replay_resumed_with_another_capacity_keeps_its_newest_stacks(capacity):
+    n, k = 3, 4
+    envs = stacked_envs(n, k)
+    obs, _ = envs.reset(seed=0)
+    buf, truth = FrameReplay(45, obs.shape[1:], n, k, np.random.default_rng(0)), {}
+    obs, key, valid = _fill(buf, envs, obs, buf.begin(obs), np.ones(n, bool), 50, truth)
+    assert buf.count > buf.capacity  # wrapped around
+    state = io.BytesIO()
+    torch.save(buf.state_dict(), state)
+    state.seek(0)
+    copy = FrameReplay(capacity, obs.shape[1:], n, k, np.random.default_rng(0))
+    copy.begin(obs)  # as DQN's constructor does before loading
+    copy.load_state_dict(torch.load(state, weights_only=True))
+    if capacity == buf.capacity:  # every slot where it was: a resumed run samples what the uninterrupted would
+        assert copy.size == buf.size and all(np.array_equal(getattr(copy, a), getattr(buf, a)) for a in buf.ARRAYS)
+    else:  # re-keyed: counts only the transitions whose frames it holds
+        assert copy.size == copy.has.sum() == len(_sampleable(copy))
+    before = _sampleable(buf)
+    kept = before[before >= buf.count - capacity + (k - 1) * n]  # the newest that fit
+    assert len(kept) > 0 and np.array_equal(_sampleable(copy), kept)
+    s, c = kept % buf.capacity, kept % capacity
+    assert np.array_equal(copy.stacks(kept), buf.stacks(kept))
+    assert np.array_equal(copy.stacks(copy.next[c]), buf.stacks(buf.next[s]))
+    assert np.array_equal(copy.actions[c], buf.actions[s]) and np.array_equal(copy.rewards[c], buf.rewards[s])
+    _replays_only(copy, truth)
+    # The sampler's keys (global indices) stay valid; new frames overwrite the oldest.
+    obs, key, valid = _fill(copy, envs, obs, key, valid, 40, truth)
+    _replays_only(copy, truth)
+    assert _sampleable(copy).min() >= copy.count - capacity
+
+
 def test_dqn_replays_the_frames_its_env_gave(compose):
     """DQN's own sampler on stacked uint8 frames, 2-step returns: every replayed transition is one the
     env made, its next observation 1 or 2 steps on (fewer at an episode's end)."""
@@ -197,6 +258,31 @@ def test_dqn_replays_the_frames_its_env_gave(compose):
         hops = round(float(np.log(disc) / np.log(cfg.algo.gamma)))
         assert hops in (1, 2) and history[i][at + hops] == nx.tobytes()
     algo.learn(1.0)  # a CNN update from the frame store
+
+
+def test_dqn_resumed_with_another_buffer_size_keeps_its_newest_frames(compose):
+    from p2prl.runner import build_algorithm
+
+    def build(size: int):
+        return build_algorithm(compose("algo=dqn", "env=gym", "env.id=P2prlTestFrames-v0", "env.frame_stack=4",
+                                       "algo.num_envs=2", f"algo.buffer_size={size}", "algo.batch_size=16",
+                                       "algo.n_step=2"), LocalComm())
+    a = build(40)
+    for _ in range(30):
+        a.collect(1)
+    state = io.BytesIO()
+    torch.save(a.rank_state_dict(replay=True), state)
+    for size in (80, 24):
+        state.seek(0)
+        b = build(size)
+        b.load_rank_state_dict(torch.load(state, weights_only=True))
+        g = _sampleable(b.buffer)
+        assert len(g) > 0 and b.fill_from == 0, size  # not a buffer restarted empty
+        assert np.array_equal(g, _sampleable(a.buffer)[-len(g):])
+        assert np.array_equal(b.buffer.stacks(g), a.buffer.stacks(g))
+        assert np.array_equal(b.buffer.stacks(b.buffer.next[g % size]), a.buffer.stacks(a.buffer.next[g % 40]))
+        b.collect(8)  # frame stacks are not restorable: fresh episodes, fresh keys
+        assert np.array_equal(b.buffer.stacks(b.obs_key), b.obs)
 
 
 # -- the Atari wrapper stack -----------------------------------------------------------------------

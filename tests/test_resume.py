@@ -2,10 +2,13 @@
 peers, and a peer killed with SIGKILL under `torchrun --max-restarts` ending bit-identical to a run
 that was never interrupted."""
 import dataclasses
+import importlib.util
+import io
 import json
 import logging
 import os
 import re
+import shutil
 import signal
 from pathlib import Path
 
@@ -15,14 +18,17 @@ import torch
 
 from p2prl import checkpoint
 from p2prl.envs import make_vec_env
-from p2prl.envstate import load_vec_env_state, vec_env_state
+from p2prl.comm import LocalComm
+from p2prl.envstate import load_vec_env_state, restorable, vec_env_state
 from p2prl.metrics import drop_rows_after
-from p2prl.runner import run
+from p2prl.runner import build_algorithm, run
 
 pytestmark = pytest.mark.timeout(180)
 PPO = ("algo.num_envs=2", "algo.num_steps=16", "algo.num_minibatches=2", "algo.update_epochs=2", "algo.lr=1e-3")
 DQN = ("algo=dqn", "algo.num_envs=2", "algo.buffer_size=500", "algo.batch_size=16", "algo.learning_starts=32",
        "algo.target_update_interval=20")
+MUJOCO = pytest.mark.skipif(importlib.util.find_spec("mujoco") is None, reason="needs the mujoco extra")
+BOX2D = pytest.mark.skipif(importlib.util.find_spec("Box2D") is None, reason="needs the box2d extra")
 
 
 @pytest.fixture
@@ -38,10 +44,13 @@ def rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("env_id", ["CartPole-v1", "Acrobot-v1", "Pendulum-v1"])
+# Ant reads body positions that MuJoCo computed before its last substep (not part of the integration state).
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Acrobot-v1", "Pendulum-v1",
+                                    pytest.param("HalfCheetah-v5", marks=MUJOCO), pytest.param("Ant-v5", marks=MUJOCO)])
 def test_env_state_round_trip_continues_the_same_episodes(env_id, tmp_path, compose):
     cfg = dataclasses.replace(compose().env, id=env_id)
     envs, _ = make_vec_env(cfg, 3, seed=5)
+    assert restorable(envs)
     actions = [envs.action_space.sample() for _ in range(400)]
     for a in actions[:200]:
         envs.step(a)
@@ -52,6 +61,32 @@ def test_env_state_round_trip_continues_the_same_episodes(env_id, tmp_path, comp
     for want, got in zip(expected, (other.step(a) for a in actions[200:])):
         for w, g in zip(want[:4], got[:4]):
             assert np.array_equal(w, g)
+
+
+@BOX2D
+@pytest.mark.parametrize("algo", [PPO, DQN], ids=["ppo", "dqn"])
+def test_box2d_envs_resume_fresh_episodes_never_spliced_ones(algo, compose):
+    # LunarLander's world cannot be saved: its counters and prev_shaping restored onto a fresh world made
+    # the first reward after a resume shaping(new episode) - prev_shaping(old episode).
+    cfg = compose("seed=1", "env=lunarlander", *algo)
+    a = build_algorithm(cfg, LocalComm())
+    assert not restorable(a.envs)
+    for _ in range(3):
+        a.sample(0.0)  # its envs mid-episode
+    state = io.BytesIO()
+    torch.save(a.rank_state_dict(replay=True), state)
+    state.seek(0)
+    resumed, fresh = build_algorithm(cfg, LocalComm()), build_algorithm(cfg, LocalComm())
+    resumed.load_rank_state_dict(torch.load(state, weights_only=True))
+    current = (lambda x: x.next_obs.numpy()) if algo is PPO else (lambda x: x.obs)
+    assert np.array_equal(current(resumed), current(fresh)) and not np.array_equal(current(resumed), current(a))
+    if algo is DQN:
+        assert not any(resumed.pending) and np.array_equal(resumed.obs_key, resumed.obs)
+    space = fresh.envs.action_space
+    space.seed(0)
+    for action in [space.sample() for _ in range(60)]:  # the fresh episodes' own transitions
+        for want, got in zip(fresh.envs.step(action)[:4], resumed.envs.step(action)[:4]):
+            assert np.array_equal(want, got)
 
 
 def test_rng_state_round_trip(tmp_path):
@@ -169,6 +204,36 @@ def _tensors(tree) -> list[torch.Tensor]:
     if isinstance(tree, (list, tuple)):
         return [t for v in tree for t in _tensors(v)]
     return []
+
+
+@MUJOCO
+def test_a_halfcheetah_run_resumed_from_a_middle_checkpoint_ends_bit_identical(tmp_path, small, caplog):
+    cfg = small(256, "env=halfcheetah", *PPO, "checkpoint.keep=10")  # norm_obs and norm_reward on
+    ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "resumed"
+    run(cfg, ref_dir)
+    shutil.copytree(ref_dir, run_dir)
+    for path in (run_dir / "checkpoints").rglob("step_*.pt"):
+        if checkpoint.step_of(path) > 128:  # as if the run had died after its checkpoint at step 128
+            path.unlink()
+    with caplog.at_level(logging.INFO):
+        summary = run(cfg, run_dir)
+    assert summary["resumed_at_step"] == 128 and "fresh episode" not in caplog.text
+    (_, c_ref), (_, c) = _final(ref_dir), _final(run_dir)
+    for key in ("model", "learner", "obs_norm", "ret_norm"):
+        assert _tensors(c[key]) and len(_tensors(c[key])) == len(_tensors(c_ref[key]))
+        for a, b in zip(_tensors(c[key]), _tensors(c_ref[key])):
+            assert torch.equal(a, b), f"{key} differs from the uninterrupted run"
+    assert [r["step"] for r in rows(run_dir)] == [r["step"] for r in rows(ref_dir)]
+
+
+@BOX2D
+def test_a_box2d_run_says_once_that_its_envs_resume_fresh_episodes(tmp_path, small, caplog):
+    run_dir = tmp_path / "run"
+    run(small(64, "env=lunarlander", *PPO), run_dir)
+    with caplog.at_level(logging.INFO):
+        summary = run(small(128, "env=lunarlander", *PPO), run_dir)
+    assert summary["resumed_at_step"] == 64
+    assert caplog.text.count("Box2D world, which cannot be saved): every env starts a fresh episode") == 1
 
 
 def test_a_changed_learning_rate_holds_after_resume(tmp_path, small):

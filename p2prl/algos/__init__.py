@@ -1,23 +1,26 @@
 """The algorithm registry: one table, name -> what the rest of p2prl needs to know of an algorithm.
 
 config (the `algo` section's schema), precheck (the spaces it accepts, the keys a resume may not
-change), the runner (how to build it) and p2prl.policy (a checkpoint's policy, for evaluate, the
-evaluation during training and `p2prl.load`) read this table; nothing else branches on an algorithm's
-name. Adding one is its file (a config dataclass, an `Algorithm` subclass, a policy function) plus
+change), the runner (how to build it), p2prl.policy (a checkpoint's policy, for evaluate, the
+evaluation during training and `p2prl.load`) and p2prl.export (the greedy policy as a torch module)
+read this table; nothing else branches on an algorithm's name. Adding one is its file (a config
+dataclass, an `Algorithm` subclass, a policy function, for a network its greedy module) plus
 `register(...)` or a line in REGISTRY, and its conf/algo/<name>.yaml.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import gymnasium as gym
 import numpy as np
 import torch
+from torch import nn
 
 from p2prl.algos.base import ActFn, Algorithm, Peer, Sample
 from p2prl.algos.dqn import DQN, DQNConfig
 from p2prl.algos.dqn import policy as dqn_policy
+from p2prl.algos.greedy import dqn_greedy, ppo_greedy
 from p2prl.algos.ppo import PPO, PPOConfig
 from p2prl.algos.ppo import policy as ppo_policy
 from p2prl.algos.qlearning import QLearning, QLearningConfig
@@ -40,15 +43,19 @@ class AlgorithmSpec:
     hint: str  # appended to a refusal of the env's spaces
     strategies: tuple[str, ...] = ("allreduce", "param_server", "local_sgd", "gossip")  # comm= it works with
     stragglers: bool = False  # whether it can cut a rollout short (comm.straggler_frac)
+    # (algo cfg, shared state, obs space, action space) -> its greedy policy as a module, obs (B, *obs_shape)
+    # -> actions (p2prl.algos.greedy), for `p2prl export --format onnx|pt2`; None: no network to export
+    greedy_module: Optional[Callable[[Any, dict, gym.Space, gym.Space], nn.Module]] = None
 
 
 _PPO = AlgorithmSpec(PPOConfig, PPO, (Box,), (Discrete, Box), ppo_policy,
-                     ("hidden_sizes", "activation", "encoder", "norm_obs", "norm_reward", "optimizer"), "", stragglers=True)
+                     ("hidden_sizes", "activation", "encoder", "norm_obs", "norm_reward", "optimizer"), "", stragglers=True,
+                     greedy_module=ppo_greedy)
 REGISTRY: dict[str, AlgorithmSpec] = {
     "ppo": _PPO,
     "a2c": _PPO,  # PPO's code with one epoch, one minibatch and no clipping (conf/algo/a2c.yaml)
     "dqn": AlgorithmSpec(DQNConfig, DQN, (Box,), (Discrete,), dqn_policy, ("hidden_sizes", "activation", "encoder"),
-                         "; use algo=ppo"),
+                         "; use algo=ppo", greedy_module=dqn_greedy),
     # Exact tabular Q-learning sums its own table's TD errors: no gradient for a strategy to share.
     "qlearning": AlgorithmSpec(QLearningConfig, QLearning, (Discrete,), (Discrete,), qlearning_policy, (), "",
                                strategies=("allreduce",)),

@@ -24,7 +24,8 @@ from p2prl.algos.base import (ActFn, Algorithm, Peer, Sample, epsilon_greedy, lo
                               sampler_state)
 from p2prl.algos.returns import nstep_return, td_targets
 from p2prl.algos.schedules import decayed_epsilon, peer_epsilon
-from p2prl.data import FrameReplay, ReplayBatch, ReplayBuffer
+from p2prl.data import ReplayBatch, ReplayBuffer
+from p2prl.frame_replay import FrameReplay
 from p2prl.envstate import restorable, stack_size
 from p2prl.metrics import EpisodeCounter
 from p2prl.nets import ENCODERS, QNetwork, resolve_encoder
@@ -232,9 +233,9 @@ class DQN(Algorithm):
         return s
 
     def load_rank_state_dict(self, s: dict) -> None:
-        """Restore what rank_state_dict saved. Envs whose state is not all in Python (an emulator, frame
-        queues: `restorable`) start afresh from their seeds instead, their replay kept."""
-        exact = restorable(self.envs)
+        """Restore what rank_state_dict saved. Envs whose state cannot be restored (`restorable`) start
+        fresh episodes instead, their replay kept: no n-step window then spans two episodes."""
+        exact = restorable(self.envs)  # if not, the windows stay empty: saved ones end old episodes
         if exact:
             self.obs, self.next_valid = load_sampler_state(self.envs, self.episodes, self.rng, s)
             for d, w in zip(self.pending, s["windows"]):
@@ -242,13 +243,12 @@ class DQN(Algorithm):
                 d.extend((o.numpy().copy(), int(a), float(r)) for o, a, r in zip(w["obs"], w["actions"], w["rewards"]))
         else:
             self.rng.bit_generator.state = s["rng"]
-        # checkpoint.replay and the buffer's size are config values: the same branch on every peer
-        if "replay" in s and self.buffer.fits(s["replay"]):
-            self.buffer.load_state_dict(s["replay"])
+        if "replay" in s:  # checkpoint.replay is a config value: the same branch on every peer
+            self.buffer.load_state_dict(s["replay"])  # global frame indices (keys) stay valid
             self.fill_from = 0
-            key = s.get("obs_key")
-            self.obs_key = key.numpy().copy() if exact and key is not None else self.buffer.begin(self.obs)
-        else:  # a fresh buffer: the windows' keys (frame indices) pointed into the old one
+        if exact and "obs_key" in s:
+            self.obs_key = s["obs_key"].numpy().copy()
+        else:  # fresh episodes, or a fresh buffer that the windows' frame indices would not point into
             self.obs_key = self.buffer.begin(self.obs)
             if isinstance(self.buffer, FrameReplay):
                 for d in self.pending:

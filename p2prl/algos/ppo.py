@@ -250,7 +250,7 @@ class PPO(Algorithm):
                 "disc_return": torch.from_numpy(self.disc_return.copy())}
 
     def load_rank_state_dict(self, s: dict) -> None:
-        if not restorable(self.envs):  # an emulator, frame queues: the envs start afresh from their seeds
+        if not restorable(self.envs):  # fresh episodes from their seeds, their first observations kept
             return
         load_vec_env_state(self.envs, s["env"])
         self.next_obs = s["next_obs"].clone()

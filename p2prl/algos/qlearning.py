@@ -202,7 +202,7 @@ class QLearning(Algorithm):
     def load_rank_state_dict(self, s: dict) -> None:
         if restorable(self.envs):
             self.obs, self.next_valid = load_sampler_state(self.envs, self.episodes, self.rng, s)
-        else:  # copies in worker processes (async) or EnvPool: the envs start afresh from their seeds
+        else:  # (async, EnvPool): fresh episodes from their seeds, their first observations kept
             self.rng.bit_generator.state = s["rng"]
 
 
