@@ -80,10 +80,22 @@ def test_measured_beside_predicted_with_checks_and_the_256_peer_table():
     assert "4 hosts x 1 peer(s), 100mbit, 6.7 MB: allreduce 849.3 ms, param_server 3.40 s: 0.25x" in r["checks"]
     assert "2 hosts x 2 peer(s), 100mbit, 6.7 MB: hierarchical 100.0 ms, flat 900.0 ms: 0.11x" in r["checks"]
     text = network.markdown(r)
-    assert "| 100mbit | 2x2 | 6.7 MB | hierarchical | 100.0 ms | 3 |" in text and "% ! |" in text
+    assert "| 100mbit | 2x2 | 6.7 MB | hierarchical | 100.0 ms | 3 |" in text and "% ! | link |" in text
+    assert "Link-bound points off by more than 30%: 100mbit 2x2 6.7 MB hierarchical (" in text
     assert "alpha 50 us (assumed)" in text and "(fitted here)" in text and "| param_server |" in text
     big = {(x["latency"], x["rate"], x["bytes"], x["strategy"]): x["per_update_s"] for x in r["big"]["rows"]}
     assert big[("assumed", "10gbit", 6_700_000, "param_server")] > 50 * big[("assumed", "10gbit", 6_700_000, "allreduce")]
+
+
+def test_a_point_is_cpu_bound_where_the_same_sync_unshaped_takes_a_good_share_of_its_time():
+    alpha, beta = 5e-4, 8 / 95e6
+    shaped = [_ring_point(2, s, alpha, beta) for s in (64, 37_000, 1_000_000)]
+    unshaped = [{**p, "rate": "unshaped", "per_update_s": 0.6e-3} for p in shaped]
+    r = netmodel.compare([*shaped, *unshaped], [_probe("100mbit", 9.5e7, 1e8), _probe("unshaped", 5e9, None)], 4)
+    bound = {(p["rate"], p["bytes"]): p["cpu_bound"] for p in r["points"]}
+    # 64 B: a wake-up either way; 37 KB (3.9 ms shaped) and 1 MB: the link
+    assert bound == {("100mbit", 64): True, ("100mbit", 37_000): False, ("100mbit", 1_000_000): False,
+                     ("unshaped", 64): True, ("unshaped", 37_000): True, ("unshaped", 1_000_000): True}
 
 
 def test_tbf_buckets_stay_shallow_below_a_gigabit():

@@ -16,7 +16,9 @@ assumed constant that matters only beside a fast link.
 
 A rate is marked CPU-bound when it is unshaped, when TCP achieves under 90% of the set rate, or when
 the all-reduce's fitted bandwidth is under 70% of what TCP achieves: then the cores, not the link, set
-the time, and the model's link terms do not describe it.
+the time, and the model's link terms do not describe it. A point is CPU-bound when its rate is, or
+when the same sync over unshaped links (measured in the same bench) takes at least `CPU_SHARE` of its
+time: wake-ups, copies and sums, which the link does not limit and the model counts only in alpha.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from p2prl.bench import cost
 LOOPBACK = (255e-6, 1 / 1.7e9)  # alpha, beta of gloo over loopback on this machine (docs/scaling.md)
 SHM = (90e-6, 1 / 6.4e9)  # alpha, beta of a shared-memory sum inside a node, same source
 WITHIN = 0.30  # the model's promise: within 30% of each link-bound measured point
+CPU_SHARE = 0.30  # a point whose unshaped time is this share of its own is bound by the cores
 REAL_RATES = {"1gbit": 1e9, "10gbit": 1e10, "25gbit": 2.5e10}
 ASSUMED_ALPHA_S = 50e-6  # kernel TCP across one datacenter switch, with gloo's own handling (assumed)
 ASSUMED_EFFICIENCY = 0.9  # TCP goodput / line rate where no link-bound rate was measured (assumed)
@@ -83,6 +86,7 @@ def links(rate: str, probes: Sequence[dict[str, Any]], fitted: tuple[float, floa
 def compare(points: list[dict[str, Any]], probes: list[dict[str, Any]], average_every: int) -> dict[str, Any]:
     """Fit each rate, predict every point: {"links": [...], "points": [... with predicted_s, error]}."""
     out_links, out_points = [], []
+    unshaped = {_key(p): p["per_update_s"] for p in points if p["rate"] == "unshaped"}
     for rate in dict.fromkeys(p["rate"] for p in points):
         here = [p for p in points if p["rate"] == rate]
         flat = [p for p in here if p["strategy"] == "allreduce"]
@@ -92,9 +96,15 @@ def compare(points: list[dict[str, Any]], probes: list[dict[str, Any]], average_
         out_links.append({**link, "fitted_on": "allreduce, one peer per host" if single else "allreduce, flat"})
         for p in here:
             pred = predict_point(p, *fitted, average_every)
+            base = unshaped.get(_key(p))
             out_points.append({**p, "predicted_s": pred, "error": pred / p["per_update_s"] - 1,
-                               "cpu_bound": link["cpu_bound"] is not None})
+                               "unshaped_s": base, "cpu_bound": link["cpu_bound"] is not None or
+                               (base is not None and base >= CPU_SHARE * p["per_update_s"])})
     return {"links": out_links, "points": out_points}
+
+
+def _key(p: dict[str, Any]) -> tuple:
+    return p["hosts"], p["per_host"], p["bytes"], p["strategy"]
 
 
 def big_predictions(result: dict[str, Any], sizes: Sequence[float], average_every: int) -> dict[str, Any]:
