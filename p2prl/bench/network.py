@@ -20,6 +20,7 @@ import argparse
 import logging
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -83,6 +84,7 @@ def _sync(star: netns.Star, per_host: int, a: argparse.Namespace, where: Path, e
           bound: float) -> tuple[Optional[dict], Optional[str]]:
     """The peers' sync timings on this star: (rank 0's document, None) or (None, why not)."""
     out = where.resolve() / "sync.json"  # rank 0 may live on any host: they all see this filesystem
+    out.unlink(missing_ok=True)  # an earlier bench's file must not pass for this one's
     # gloo's timeout must outlast one slow update (a parameter server on a slow link waits long)
     argv = ["bash", str(MULTINODE), str(out), "--bytes", *map(str, a.bucket_bytes), "--seconds", str(a.point_seconds),
             "--average-every", str(a.average_every), "--timeout-s", str(int(max(300.0, bound / 4)))]
@@ -93,9 +95,10 @@ def _sync(star: netns.Star, per_host: int, a: argparse.Namespace, where: Path, e
                     "MODULE": "p2prl.bench.syncbench", "TORCHRUN": f"{sys.executable} -m torch.distributed.run"}
         with open(where / f"host{h.index}.log", "w") as f:
             procs.append(star.popen(h.index, argv, env=host_env, stdout=f, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + bound
     try:
-        codes = [p.wait(timeout=bound) for p in procs]  # each wait within the one bound: the peers end together
-    except subprocess.TimeoutExpired:
+        codes = [p.wait(timeout=max(0.0, deadline - time.monotonic())) for p in procs]
+    except subprocess.TimeoutExpired:  # the star's close kills what is left
         return None, f"the peers did not finish within {bound:.0f} s (logs in {where})"
     doc = read_json(out)
     if any(codes) or doc is None:
