@@ -24,7 +24,10 @@
 #                   joins a running job (it waits forever for the new round's MASTER_ADDR), and keeps keys of
 #                   earlier rounds.
 #   TORCHRUN        the torchrun command (default torchrun)
-# Everything after the environment is passed to p2prl.train as Hydra overrides.
+#   MODULE          the Python module every peer runs (default p2prl.train); e.g. p2prl.bench.syncbench, the
+#                   sync microbenchmark `python -m p2prl.bench --network` starts on its hosts this same way
+# Everything after the environment is passed to MODULE: Hydra overrides for p2prl.train, its own arguments
+# for another module.
 # Trusted networks only: torchrun's rendezvous store listens on all interfaces without authentication.
 set -euo pipefail
 : "${NNODES:?set NNODES (a number, or MIN:MAX)}"
@@ -74,4 +77,4 @@ if [[ "$NNODES" == *:* || "${MAX_RESTARTS:-0}" != 0 ]]; then
 fi
 exec ${TORCHRUN:-torchrun} --nnodes="$NNODES" --nproc-per-node="$NPROC_PER_NODE" --max-restarts="${MAX_RESTARTS:-0}" \
   --rdzv-backend=c10d --rdzv-endpoint="$HEAD_ADDR:$PORT" --rdzv-id="$RUN_ID" ${conf:+--rdzv-conf="$conf"} \
-  --local-addr="$LOCAL_ADDR" -m p2prl.train "$@"
+  --local-addr="$LOCAL_ADDR" -m "${MODULE:-p2prl.train}" "$@"

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 TERMS_BYTES = 64  # the terms and flag that ride where the gradient no longer does
 PEERS = [2 ** k for k in range(1, 9)]  # 2 .. 256
@@ -50,21 +50,33 @@ def allreduce(alpha: float, beta: float, nbytes: float, n: int) -> float:
 
 
 def predict(strategy: str, n: int, nbytes: float, alpha: float, beta: float, alpha_shm: float = 0.0,
-            beta_shm: float = 0.0, per_node: int = 8, average_every: int = 4) -> float:
-    """Seconds of communication per update (see the module docstring)."""
-    terms = allreduce(alpha, beta, TERMS_BYTES, n)
+            beta_shm: float = 0.0, per_node: int = 8, average_every: int = 4,
+            collective: Callable[[float, float, float, int], float] = allreduce, colocated: int = 1) -> float:
+    """Seconds of communication per update (see the module docstring).
+
+    `collective`: the all-reduce's algorithm (default: the cheaper of ring and doubling; gloo's is `ring`
+    at every size). `colocated`: the peers of each node for the flat strategies (ranks numbered node by
+    node, as torchrun does): the parameter server's node-mates reach it without its link, so the link
+    carries 2 (N - colocated) copies; a gossip ring pairs node-mates every other update (a node's
+    transport, alpha_shm + beta_shm S, then) and in the updates between, each node's link carries two
+    pairs' exchanges, one with either neighbouring node (2 S each way). A flat ring crosses each node's
+    link once each way whatever `colocated` is, so the all-reduce needs no change.
+    """
+    terms = collective(alpha, beta, TERMS_BYTES, n)
     if strategy == "allreduce":
-        return allreduce(alpha, beta, nbytes, n)
+        return collective(alpha, beta, nbytes, n)
     if strategy == "hierarchical":
         g = min(per_node, n)
         inside = (alpha_shm + beta_shm * nbytes * (g - 1)) + (alpha_shm + beta_shm * nbytes) if g > 1 else 0.0
-        return inside + allreduce(alpha, beta, nbytes, math.ceil(n / g))
+        return inside + collective(alpha, beta, nbytes, math.ceil(n / g))
     if strategy == "param_server":
-        return 2 * (n - 1) * (alpha + beta * nbytes)
+        return 2 * (n - 1) * alpha + 2 * (n - min(colocated, n)) * beta * nbytes
     if strategy == "gossip":
-        return alpha + beta * nbytes + terms
+        if colocated == 1 or n <= colocated:
+            return alpha + beta * nbytes + terms
+        return 0.5 * (alpha + 2 * beta * nbytes) + 0.5 * (alpha_shm + beta_shm * nbytes) + terms
     if strategy == "local_sgd":
-        return allreduce(alpha, beta, nbytes, n) / average_every + terms
+        return collective(alpha, beta, nbytes, n) / average_every + terms
     raise ValueError(strategy)
 
 

@@ -83,6 +83,21 @@ def parse_args(argv: Optional[list[str]] = None, prog: str = "python -m p2prl.be
                         "2-peer run under torchrun --max-restarts=K, run the same config uninterrupted, compare the "
                         "final parameters bit for bit, and lose a whole node of a 2-host elastic run (network "
                         "namespaces, root only); prints faults by kind, restarts, steps and seconds lost per fault")
+    p.add_argument("--network", nargs="+", default=None, metavar="RATE",
+                   help="time every strategy's sync between hosts (network namespaces on one bridge) whose links "
+                        "are shaped to each RATE (tc's units: 10mbit, 1gbit; or unshaped) instead, and fit the "
+                        "alpha-beta model to it (p2prl.bench.network; needs root, ip, tc and unshare)")
+    p.add_argument("--hosts", nargs="+", type=int, default=[2], help="with --network (default: %(default)s)")
+    p.add_argument("--peers-per-host", nargs="+", type=int, default=[1], help="with --network (default: %(default)s)")
+    p.add_argument("--max-peers", type=int, default=None,
+                   help="with --network: skip the layouts of more peers (e.g. --hosts 2 4 --peers-per-host 1 2 "
+                        "--max-peers 4: 2x1, 2x2, 4x1)")
+    p.add_argument("--bucket-bytes", nargs="+", type=int, default=[37_000, 1_000_000, 6_700_000],
+                   help="with --network: gradient buckets to sync (default: %(default)s)")
+    p.add_argument("--point-seconds", type=float, default=10.0,
+                   help="with --network: time per strategy and bucket, after one warm-up (default: %(default)s)")
+    p.add_argument("--average-every", type=int, default=4,
+                   help="with --network: local_sgd's updates between averages (default: %(default)s)")
     p.add_argument("--scaling-steps", type=int, default=None,
                    help="global steps of the 1-peer scaling run (default: 100k on LunarLander, 20k on HalfCheetah "
                         "and Breakout)")
@@ -100,6 +115,9 @@ def parse_args(argv: Optional[list[str]] = None, prog: str = "python -m p2prl.be
         a.tasks = ["cartpole-ppo"] if a.faults is not None else ["cartpole-ppo", "cartpole-dqn"]
     if any(s < 0 for s in a.seeds):
         p.error(f"--seeds={min(a.seeds)}: must be >= 0")
+    if a.network is not None:
+        from p2prl.bench.network import check_options  # torch and the namespaces' tools: only for --network
+        check_options(a, p.error)
     if a.max_seconds is None:
         a.max_seconds = 3600.0 if a.presets is not None or a.faults is not None else 300.0
     if a.presets is not None:
