@@ -24,7 +24,7 @@ from p2prl import algos
 from p2prl.config import ConfigError, RunConfig, build_config, conf_dir, config_hash, upgrade
 
 if TYPE_CHECKING:
-    from p2prl.comm import Devices
+    from p2prl.host import Devices
 
 GROUPS = ("algo", "env", "comm", "checkpoint", "logger")
 DIR_KEYS = ("hydra.run.dir", "hydra.sweep.dir")
@@ -64,7 +64,7 @@ def preflight(cfg: RunConfig, run_dir: Optional[Path], dir_key: str = DIR_KEYS[0
               out_dir: Optional[Path] = None) -> Preflight:
     """Check what needs the outside world; `run_dir` None: a sweep's job dir, numbered at launch, whose
     resume source the run checks itself."""
-    from p2prl.comm import resolve_devices
+    from p2prl.host import resolve_devices
     from p2prl.envs import check_vectorization, make_single_env
     from p2prl.resume import check_source
     algos.check_strategy(cfg.algo.name, cfg.comm.strategy, cfg.comm.straggler_frac)

@@ -21,13 +21,12 @@ from p2prl.comm import (
     agree_on_config,
     check_identical,
     open_comm,
-    pin,
-    place,
 )
 from p2prl.comm.preemption import preemption
 from p2prl.config import ConfigError, RunConfig, config_hash
 from p2prl.envs import make_vec_env
 from p2prl.faults import Interrupted, NonFiniteUpdates
+from p2prl.host import pin, place
 from p2prl.metrics import MetricsWriter, ReturnWindow, peak_rss_mb
 from p2prl.periodic_eval import PeriodicEval
 from p2prl.precheck import Preflight, preflight

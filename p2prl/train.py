@@ -22,8 +22,8 @@ from typing import NoReturn, Optional
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from p2prl.comm import is_rank0, run_id
 from p2prl.config import ConfigError, conf_dir, config_hash
+from p2prl.host import is_rank0, run_id
 from p2prl.precheck import Preflight, check_command_line, to_run_config
 
 log = logging.getLogger("p2prl")

@@ -71,17 +71,17 @@ def test_drop_rows_after_keeps_earlier_rows_and_drops_a_torn_line(tmp_path):
 
 
 def test_run_dir_id_is_the_torchrun_agents_start_time_without_a_run_id(monkeypatch):
-    import p2prl.comm.launcher as launcher
+    import p2prl.host as host
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
     ids = []
     for _ in range(2):  # a restarted worker of the same agent computes it afresh
-        monkeypatch.setattr(launcher, "_RUN_ID", None)
-        ids.append(launcher.run_id())
-    assert ids[0] == ids[1] == launcher._agent_started().strftime("%Y-%m-%d_%H-%M-%S_%f")[:-3]
+        monkeypatch.setattr(host, "_RUN_ID", None)
+        ids.append(host.run_id())
+    assert ids[0] == ids[1] == host._agent_started().strftime("%Y-%m-%d_%H-%M-%S_%f")[:-3]
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")
-    monkeypatch.setattr(launcher, "_RUN_ID", None)
-    assert launcher.run_id() == "job-7"
+    monkeypatch.setattr(host, "_RUN_ID", None)
+    assert host.run_id() == "job-7"
 
 
 def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog, small):
