@@ -22,7 +22,6 @@ from p2prl.comm import (
     check_identical,
     open_comm,
 )
-from p2prl.comm.preemption import preemption
 from p2prl.config import ConfigError, RunConfig, config_hash
 from p2prl.envs import make_vec_env
 from p2prl.faults import Interrupted, NonFiniteUpdates
@@ -30,6 +29,7 @@ from p2prl.host import pin, place
 from p2prl.metrics import MetricsWriter, ReturnWindow, peak_rss_mb
 from p2prl.periodic_eval import PeriodicEval
 from p2prl.precheck import Preflight, preflight
+from p2prl.preemption import preemption
 from p2prl.provenance import provenance
 from p2prl.resume import Checkpointer, Progress, restore
 from p2prl.seeding import env_seed

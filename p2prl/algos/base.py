@@ -27,11 +27,11 @@ import numpy as np
 import torch
 
 from p2prl.comm import Communicator
-from p2prl.comm.preemption import Preemption
 from p2prl.config import CommConfig
 from p2prl.learner import Learner
 from p2prl.metrics import Episode
 from p2prl.optim import FlatOptimizer
+from p2prl.preemption import Preemption
 from p2prl.seeding import peer_rng
 
 
