@@ -14,8 +14,8 @@ from p2prl.algos.base import Algorithm, Peer, Sample
 from p2prl.comm import LocalComm
 from p2prl.config import ConfigError
 from p2prl.metrics import EpisodeCounter
-from p2prl.optim import FlatAdam
 from p2prl.runner import build_algorithm, run
+from p2prl.sync.optim import FlatAdam
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -8,8 +8,8 @@ import torch
 
 from p2prl.comm import open_comm
 from p2prl.comm.gossip import partner
-from p2prl.learner import Learner
-from p2prl.optim import FlatSGD
+from p2prl.sync.learner import Learner
+from p2prl.sync.optim import FlatSGD
 
 pytestmark = pytest.mark.timeout(120)
 LR = 0.1

@@ -28,8 +28,8 @@ from p2prl.data import FrameReplay, ReplayBatch, ReplayBuffer
 from p2prl.envstate import restorable, stack_size
 from p2prl.metrics import EpisodeCounter
 from p2prl.nets import ENCODERS, QNetwork, resolve_encoder
+from p2prl.sync.optim import FlatAdam
 from p2prl.wrappers import episode_signal
-from p2prl.optim import FlatAdam
 
 TERMS = ("loss_td", "q_mean")
 

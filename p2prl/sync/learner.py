@@ -21,7 +21,7 @@ import torch
 
 from p2prl.comm import Communicator, GradientBucket, make_strategy
 from p2prl.config import CommConfig
-from p2prl.optim import FlatOptimizer
+from p2prl.sync.optim import FlatOptimizer
 
 Veto = Callable[[dict[str, float]], bool]
 
