@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from p2prl.comm import open_comm
-from p2prl.comm.gossip import partner
+from p2prl.sync.gossip import partner
 from p2prl.sync.learner import Learner
 from p2prl.sync.optim import FlatSGD
 

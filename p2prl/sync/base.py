@@ -22,9 +22,9 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from p2prl.comm.base import Communicator
-from p2prl.comm.bucket import GradientBucket
+from p2prl.comm import Communicator
 from p2prl.config import CommConfig
+from p2prl.sync.bucket import GradientBucket
 
 Apply = Callable[[torch.Tensor, Any], Any]
 Follow = Callable[[torch.Tensor, bool, bool], Any]

@@ -1,14 +1,14 @@
-"""The table of sync strategies behind `comm=`: name -> class (each in its own file, on strategy.py's base)."""
+"""The table of sync strategies behind `comm=`: name -> class (each in its own file, on base.py's Strategy)."""
 from __future__ import annotations
 
-from p2prl.comm.allreduce import AllReduce
-from p2prl.comm.base import Communicator
-from p2prl.comm.bucket import GradientBucket
-from p2prl.comm.gossip import Gossip
-from p2prl.comm.local_sgd import LocalSGD
-from p2prl.comm.param_server import ParamServer
-from p2prl.comm.strategy import Strategy
+from p2prl.comm import Communicator
 from p2prl.config import CommConfig
+from p2prl.sync.allreduce import AllReduce
+from p2prl.sync.base import Strategy
+from p2prl.sync.bucket import GradientBucket
+from p2prl.sync.gossip import Gossip
+from p2prl.sync.local_sgd import LocalSGD
+from p2prl.sync.param_server import ParamServer
 
 STRATEGIES: dict[str, type[Strategy]] = {"allreduce": AllReduce, "param_server": ParamServer,
                                          "local_sgd": LocalSGD, "gossip": Gossip}

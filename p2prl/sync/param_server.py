@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import torch
 
-from p2prl.comm.strategy import Apply, Follow, Strategy
+from p2prl.sync.base import Apply, Follow, Strategy
 
 SERVER = 0
 

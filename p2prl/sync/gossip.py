@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import torch
 
-from p2prl.comm.strategy import Apply, Follow, Strategy, _local_terms
+from p2prl.sync.base import Apply, Follow, Strategy, _local_terms
 
 
 def partner(rank: int, world_size: int, t: int, topology: str) -> Optional[int]:
