@@ -154,3 +154,21 @@ def test_where_parameters_differ_rank_0_saves_their_mean_and_each_rank_its_own(t
     torch.testing.assert_close(flat, (own[0] + own[1]) / 2)
     rows = [__import__("json").loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(r["consensus_distance"] >= 0 for r in rows) and any(r["consensus_distance"] > 0 for r in rows)
+
+
+def _compressed_mean(rank: int, cfg, name: str):
+    from p2prl.sync.compress import COMPRESSIONS
+    comm = open_comm(cfg, "gloo")
+    flat = torch.tensor([1.0 + 2 ** -10, -3.0, 0.1]) * (rank + 1)  # 1 + 2^-10 needs more than bf16's 8 bits
+    COMPRESSIONS[name](flat).mean(comm, flat)
+    return flat
+
+
+def test_bf16_compression_averages_the_rounded_gradients_alike_on_every_peer(compose, peers):
+    cfg = compose("comm.timeout_s=30").comm
+    got = peers(_compressed_mean, 2, cfg, "bf16")
+    sent = [(torch.tensor([1.0 + 2 ** -10, -3.0, 0.1]) * (r + 1)).bfloat16() for r in range(2)]
+    assert torch.equal(got[0], got[1])
+    assert torch.equal(got[0], (sent[0] + sent[1]).float() / 2)
+    exact = peers(_compressed_mean, 2, cfg, "none")[0]
+    assert not torch.equal(got[0], exact)  # the rounding is visible: the bytes did travel as bf16
