@@ -1,47 +1,22 @@
-"""Typed run configuration: the schema of the composed Hydra config, and its checks.
+"""Typed run configuration: the schema of the composed Hydra config.
 
 Every default lives once, in conf/ (the YAML files, each key commented there). The dataclasses below
-are the schema: they declare each key's type and check its value, but hold no default, so a config can
-only come from composing conf/ (`p2prl.precheck.compose`), or from a dict that names every key.
-Each algorithm's section is declared in its own file (`p2prl.algos`). A user-caused mistake surfaces as
-a one-line `ConfigError` naming the key, the value and what is allowed. The file is over 250
-lines because the schema, the checks it shares with the algorithms' sections, the compatibility
-defaults of saved configs and the one flatten/hash belong together: every key's type, check and
-meaning in one place.
+are the schema: they declare each key's type and check its value (with `p2prl.checks`), but hold no
+default, so a config can only come from composing conf/ (`p2prl.precheck.compose`), or from a dict
+that names every key. Each algorithm's section is declared in its own file (`p2prl.algos`). Checks
+that need a registry (a strategy's settings, an algorithm's env) run from the registry, in
+`p2prl.precheck`. Saved configs of earlier runs are brought up to this schema by `upgrade`.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-
-class ConfigError(ValueError):
-    """A user-caused configuration error; `str()` is the one line shown to the user."""
-
-    def __init__(self, key: str, value: Any, allowed: str):
-        self.key, self.value, self.allowed = key, value, allowed
-        super().__init__(f"{key}={show(value)}: {allowed}")
-
-    @classmethod
-    def line(cls, text: str) -> "ConfigError":
-        """An error whose one line is already written (e.g. agreed between peers)."""
-        e = cls.__new__(cls)
-        ValueError.__init__(e, text)
-        e.key = e.value = e.allowed = None
-        return e
-
-
-def show(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    return str(value)
+from p2prl.checks import ConfigError, choice, fields, is_number, unit
 
 
 def conf_dir() -> Path:
@@ -51,75 +26,6 @@ def conf_dir() -> Path:
         if (cand / "config.yaml").is_file():
             return cand
     raise FileNotFoundError(f"p2prl: no conf/config.yaml next to {here}")
-
-
-# -- value checks (used by every section, the algorithms' included) -------------------------------
-def _number(value: Any, integer: bool) -> bool:
-    kind = int if integer else (int, float)
-    return not isinstance(value, bool) and isinstance(value, kind) and math.isfinite(value)
-
-
-def positive(key: str, value: Any, integer: bool = False) -> None:
-    if not _number(value, integer) or value <= 0:
-        raise ConfigError(key, value, f"must be a positive {'integer' if integer else 'number'}")
-
-
-def nonneg(key: str, value: Any, integer: bool = False) -> None:
-    if not _number(value, integer) or value < 0:
-        raise ConfigError(key, value, f"must be {'an integer' if integer else 'a number'} >= 0")
-
-
-def unit(key: str, value: Any, low_open: bool = False) -> None:
-    ok = _number(value, False) and (0 < value <= 1 if low_open else 0 <= value <= 1)
-    if not ok:
-        raise ConfigError(key, value, f"must be in {'(0, 1]' if low_open else '[0, 1]'}")
-
-
-def number(key: str, value: Any) -> None:
-    if not _number(value, False):
-        raise ConfigError(key, value, "must be a number")
-
-
-def choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(key, value, f"allowed: {', '.join(allowed)}")
-
-
-def boolean(key: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ConfigError(key, value, "must be true or false")
-
-
-def optional(check, key: str, value: Any, **kw: Any) -> None:
-    if value is not None:
-        check(key, value, **kw)
-
-
-RULES = {
-    "positive": positive, "positive_int": lambda k, v: positive(k, v, integer=True),
-    "nonneg": nonneg, "nonneg_int": lambda k, v: nonneg(k, v, integer=True),
-    "number": number, "unit": unit, "unit_open": lambda k, v: unit(k, v, low_open=True), "boolean": boolean,
-    "optional_positive": lambda k, v: optional(positive, k, v),
-    "optional_positive_int": lambda k, v: optional(positive, k, v, integer=True),
-    "optional_nonneg": lambda k, v: optional(nonneg, k, v),
-    "optional_nonneg_int": lambda k, v: optional(nonneg, k, v, integer=True),
-}
-
-
-def fields(obj: Any, prefix: str, **rules: tuple[str, ...]) -> None:
-    """Check `obj`'s fields by rule: `fields(cfg, "algo.", positive=("lr",), boolean=("norm_adv",))`.
-    Rules: number, positive, positive_int, nonneg, nonneg_int, unit ([0, 1]), unit_open ((0, 1]), boolean,
-    optional_positive, optional_positive_int, optional_nonneg, optional_nonneg_int (None allowed)."""
-    for rule, names in rules.items():
-        for name in names:
-            RULES[rule](prefix + name, getattr(obj, name))
-
-
-def net(prefix: str, hidden_sizes: Any, activation: Any) -> None:
-    """A network's `hidden_sizes` (list of positive integers) and `activation`."""
-    if not isinstance(hidden_sizes, (list, tuple)) or not all(_number(h, True) and h > 0 for h in hidden_sizes):
-        raise ConfigError(prefix + "hidden_sizes", hidden_sizes, "must be a list of positive integers")
-    choice(prefix + "activation", activation, ("tanh", "relu"))
 
 
 # -- the run-wide sections -------------------------------------------------------------------------
@@ -176,7 +82,7 @@ class TrainConfig:
         if not isinstance(self.resume, str) or not self.resume.strip():
             raise ConfigError("train.resume", self.resume, "allowed: auto, never, or the path of a run dir "
                                                            "or checkpoint")
-        if self.target_return is not None and not _number(self.target_return, False):
+        if self.target_return is not None and not is_number(self.target_return, False):
             raise ConfigError("train.target_return", self.target_return, "must be a number or null")
 
 
@@ -203,7 +109,7 @@ class CommConfig:
         choice("comm.compress", self.compress, ("none", "bf16"))
         choice("comm.topology", self.topology, ("ring", "hypercube") if self.strategy == "gossip"
                else ("auto", "flat", "hierarchical"))
-        if not _number(self.outer_momentum, False) or not 0 <= self.outer_momentum < 1:
+        if not is_number(self.outer_momentum, False) or not 0 <= self.outer_momentum < 1:
             raise ConfigError("comm.outer_momentum", self.outer_momentum, "must be in [0, 1)")
         if self.straggler_frac is not None:
             unit("comm.straggler_frac", self.straggler_frac, low_open=True)
@@ -223,7 +129,7 @@ class CheckpointConfig:
 
     def __post_init__(self) -> None:
         fields(self, "checkpoint.", optional_positive_int=("every_steps",), boolean=("replay",))
-        if not _number(self.keep, True) or self.keep < 2:
+        if not is_number(self.keep, True) or self.keep < 2:
             # Rank 0 prunes without waiting for the other ranks' files of the newest set: keeping one
             # more guarantees a complete set survives a crash during a save.
             raise ConfigError("checkpoint.keep", self.keep, "must be an integer >= 2")
@@ -320,7 +226,7 @@ def build_config(raw: Mapping[str, Any], algo_sections: Mapping[str, type]) -> R
     """The typed config of a resolved config dict (no `hydra` key); `algo_sections` maps each
     algorithm name to its section's dataclass (`p2prl.algos.algo_sections()`)."""
     seed = raw.get("seed")
-    if not _number(seed, True) or not 0 <= seed < 2 ** 31:
+    if not is_number(seed, True) or not 0 <= seed < 2 ** 31:
         # numpy's legacy seeding takes < 2**32, and peers add rank and env offsets to the seed.
         raise ConfigError("seed", seed, "must be an integer in [0, 2**31)")
     algo = raw.get("algo") or {}

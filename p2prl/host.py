@@ -15,7 +15,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from p2prl.config import ConfigError
+from p2prl.checks import ConfigError
 
 log = logging.getLogger(__name__)
 PF_KTHREAD = 0x00200000  # /proc/<pid>/stat flags: a kernel thread (pinned per core by design)

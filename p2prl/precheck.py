@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, NamedTuple, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from p2prl import algos
-from p2prl.config import ConfigError, RunConfig, build_config, conf_dir, config_hash, upgrade
+from p2prl.checks import ConfigError
+from p2prl.config import RunConfig, build_config, conf_dir, config_hash, upgrade
 
 if TYPE_CHECKING:
     from p2prl.host import Devices

@@ -21,8 +21,9 @@ import torch
 from p2prl import algos
 from p2prl.checkpoint import (list_steps, load, prune, rank_path, rng_state, save_atomic, set_rng_state,
                               shared_path, step_of)
+from p2prl.checks import ConfigError, show
 from p2prl.comm import Communicator
-from p2prl.config import ConfigError, RunConfig, config_hash, flatten, show, upgrade
+from p2prl.config import RunConfig, config_hash, flatten, upgrade
 from p2prl.metrics import ReturnWindow
 
 log = logging.getLogger(__name__)

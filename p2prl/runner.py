@@ -14,6 +14,7 @@ import torch
 
 from p2prl import algos
 from p2prl.atomic import write_json_atomic
+from p2prl.checks import ConfigError
 from p2prl.comm import (
     Communicator,
     PeerFailure,
@@ -22,7 +23,7 @@ from p2prl.comm import (
     check_identical,
     open_comm,
 )
-from p2prl.config import ConfigError, RunConfig, config_hash
+from p2prl.config import RunConfig, config_hash
 from p2prl.envs import make_vec_env
 from p2prl.faults import Interrupted, NonFiniteUpdates
 from p2prl.host import pin, place

@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from p2prl.algos import REGISTRY
-from p2prl.config import SECTIONS, ConfigError, RunConfig, conf_dir, config_hash, flatten
+from p2prl.checks import ConfigError
+from p2prl.config import SECTIONS, RunConfig, conf_dir, config_hash, flatten
 
 SCHEMAS = [RunConfig, *SECTIONS.values(), *{s.config for s in REGISTRY.values()}]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import p2prl.host as host
-from p2prl.config import ConfigError
+from p2prl.checks import ConfigError
 from p2prl.host import choose_devices, cores_pinned_by_others, cpu_quota, place
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from p2prl.checks import ConfigError
 from p2prl.comm import LocalComm
-from p2prl.config import ConfigError
 from p2prl.data import FrameReplay, allocate_rollout
 from p2prl.metrics import EpisodeCounter
 from p2prl.nets import ActorCritic, NatureCNN, QNetwork, resolve_encoder

@@ -11,8 +11,8 @@ import torch
 
 from p2prl import algos, checkpoint
 from p2prl.algos.base import Algorithm, Peer, Sample
+from p2prl.checks import ConfigError
 from p2prl.comm import LocalComm
-from p2prl.config import ConfigError
 from p2prl.metrics import EpisodeCounter
 from p2prl.runner import build_algorithm, run
 from p2prl.sync.optim import FlatAdam

@@ -22,7 +22,7 @@ from p2prl.algos.ppo import PPO, PPOConfig
 from p2prl.algos.ppo import policy as ppo_policy
 from p2prl.algos.qlearning import QLearning, QLearningConfig
 from p2prl.algos.qlearning import policy as qlearning_policy
-from p2prl.config import ConfigError
+from p2prl.checks import ConfigError
 
 Box, Discrete = gym.spaces.Box, gym.spaces.Discrete
 

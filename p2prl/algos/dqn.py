@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from p2prl import config as check
+from p2prl import checks as check
 from p2prl.algos.base import (ActFn, Algorithm, Peer, Sample, epsilon_greedy, load_sampler_state,
                               sampler_state)
 from p2prl.algos.returns import nstep_return, td_targets

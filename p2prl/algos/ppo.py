@@ -15,7 +15,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from p2prl import config as check
+from p2prl import checks as check
 from p2prl.algos.base import ActFn, Algorithm, Peer, Sample
 from p2prl.algos.returns import gae
 from p2prl.data import Rollout, allocate_rollout
