@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from p2prl.comm import LocalComm, open_comm, parameter_digest
-from p2prl.comm.shm import supported
+from p2prl.comm.segment import supported
 from p2prl.metrics import ReturnWindow
 from p2prl.runner import build_algorithm
 from p2prl.sync.bucket import GradientBucket
