@@ -94,6 +94,7 @@ class CommConfig:
     check_every: int
     overlap: bool
     topology: str
+    graph: str
     compress: str
     average_every: int
     outer_lr: float
@@ -107,8 +108,9 @@ class CommConfig:
         choice("comm.strategy", self.strategy, ("allreduce", "param_server", "local_sgd", "gossip"))
         choice("comm.backend", self.backend, ("auto", "gloo", "nccl"))
         choice("comm.compress", self.compress, ("none", "bf16"))
-        choice("comm.topology", self.topology, ("ring", "hypercube") if self.strategy == "gossip"
-               else ("auto", "flat", "hierarchical"))
+        choice("comm.topology", self.topology, ("auto", "flat", "hierarchical"))
+        if self.strategy == "gossip":
+            choice("comm.graph", self.graph, ("ring", "hypercube"))
         if not is_number(self.outer_momentum, False) or not 0 <= self.outer_momentum < 1:
             raise ConfigError("comm.outer_momentum", self.outer_momentum, "must be in [0, 1)")
         if self.straggler_frac is not None:
@@ -203,16 +205,24 @@ ADDED_KEYS = {"env": {"wrapper": "none", "frame_stack": None, "terminal_on_life_
                       "vectorization": "sync"},
               "algo": {"encoder": "mlp", "clip_reward": None, "log_std_init": 0.0},
               "train": {"eval_every_steps": None, "eval_episodes": 10},
+              "comm": {"graph": "ring"},
               "logger": {"name": "tensorboard", "project": "p2prl", "entity": None, "run_name": None, "group": None,
                          "tags": [], "mode": None}}
 ADDED_SECTIONS = ("logger",)
+# Before `comm.graph`, gossip's graph was `comm.topology`: a saved topology of ring or hypercube (values
+# only gossip took) is its graph, and its transport's topology the default, auto.
+OLD_GRAPHS = ("ring", "hypercube")
 
 
 def upgrade(raw: Mapping[str, Any], algo_sections: Mapping[str, type]) -> dict[str, Any]:
-    """`raw` with the ADDED_KEYS its sections lack (where the section's schema has them)."""
+    """`raw` with the ADDED_KEYS its sections lack (where the section's schema has them), and an
+    OLD_GRAPHS topology moved to `comm.graph`."""
     out = dict(raw)
+    comm = out.get("comm")
+    if isinstance(comm, dict) and "graph" not in comm and comm.get("topology") in OLD_GRAPHS:
+        out["comm"] = {**comm, "graph": comm["topology"], "topology": "auto"}
     algo = raw.get("algo")
-    schemas = {"env": EnvConfig, "train": TrainConfig, "logger": LoggerConfig,
+    schemas = {"env": EnvConfig, "train": TrainConfig, "comm": CommConfig, "logger": LoggerConfig,
                "algo": algo_sections.get(algo.get("name")) if isinstance(algo, dict) else None}
     for key, added in ADDED_KEYS.items():
         section, schema = out.get(key, {} if key in ADDED_SECTIONS else None), schemas[key]

@@ -70,8 +70,8 @@ def preflight(cfg: RunConfig, run_dir: Optional[Path], dir_key: str = DIR_KEYS[0
     from p2prl.resume import check_source
     algos.check_strategy(cfg.algo.name, cfg.comm.strategy, cfg.comm.straggler_frac)
     world = int(os.environ.get("WORLD_SIZE", 1))
-    if cfg.comm.strategy == "gossip" and cfg.comm.topology == "hypercube" and world & (world - 1):
-        raise ConfigError("comm.topology", "hypercube", f"needs a power of two peers, here {world}; allowed: ring")
+    if cfg.comm.strategy == "gossip" and cfg.comm.graph == "hypercube" and world & (world - 1):
+        raise ConfigError("comm.graph", "hypercube", f"needs a power of two peers, here {world}; allowed: ring")
     env = make_single_env(cfg.env)
     check_vectorization(cfg.env)
     try:

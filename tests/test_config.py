@@ -82,6 +82,24 @@ def test_a_saved_config_from_before_the_logger_section_reads_as_tensorboard(comp
     assert to_run_config(raw).logger == compose().logger
 
 
+@pytest.mark.parametrize("graph", ["ring", "hypercube"])
+def test_a_gossip_config_saved_with_its_graph_as_topology_reads_as_comm_graph(graph, compose):
+    from p2prl.precheck import to_run_config
+    raw = compose("comm=gossip", f"comm.graph={graph}").to_dict()
+    del raw["comm"]["graph"]
+    raw["comm"]["topology"] = graph  # summary.json or a checkpoint of a run from before comm.graph
+    cfg = to_run_config(raw)
+    assert (cfg.comm.graph, cfg.comm.topology) == (graph, "auto")
+    assert cfg == compose("comm=gossip", f"comm.graph={graph}")
+
+
+def test_a_config_saved_before_comm_graph_keeps_its_topology(compose):
+    from p2prl.precheck import to_run_config
+    raw = compose("comm.topology=flat").to_dict()
+    del raw["comm"]["graph"]
+    assert to_run_config(raw) == compose("comm.topology=flat")
+
+
 def test_the_hash_ignores_where_to_resume_from(compose):
     a, b = compose(), compose("train.resume=never")
     assert a.flat() != b.flat() and config_hash(a.to_dict()) == config_hash(b.to_dict())

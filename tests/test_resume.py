@@ -100,6 +100,25 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog
     assert steps == sorted(set(steps)) and steps[-1] == summary["final_step"]
 
 
+def test_a_gossip_checkpoint_saved_before_comm_graph_resumes_and_loads(tmp_path, caplog, small):
+    from p2prl.policy import load
+    run_dir = tmp_path / "run"
+    first = run(small(128, *PPO, "comm=gossip", "comm.graph=hypercube"), run_dir)
+    folder, step = run_dir / "checkpoints", first["final_step"]
+    for path in (checkpoint.shared_path(folder, step), run_dir / "summary.json"):  # as earlier versions saved them
+        saved = checkpoint.load(path) if path.suffix == ".pt" else json.loads(path.read_text())
+        comm = saved["config"]["comm"]
+        comm["topology"] = comm.pop("graph")
+        checkpoint.save_atomic(saved, path) if path.suffix == ".pt" else path.write_text(json.dumps(saved))
+    assert load(run_dir).config.comm.graph == "hypercube"
+    with caplog.at_level(logging.INFO):
+        summary = run(small(256, *PPO, "comm=gossip", "comm.graph=hypercube"), run_dir)
+    assert summary["resumed_at_step"] == step and summary["final_step"] == 256
+    changed = [r.getMessage() for r in caplog.records if "resuming with a changed config" in r.getMessage()]
+    assert changed and "train.total_steps" in changed[0] and "comm." not in changed[0]  # read as this config
+    assert "only the shared state carries over" not in caplog.text  # each rank's own state carried over too
+
+
 def _resume_on_two(rank: int, cfg, run_dir: Path):
     records = []
     handler = logging.Handler()

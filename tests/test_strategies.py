@@ -85,7 +85,7 @@ def test_gossip_keeps_the_mean_of_the_parameters(compose, peers):
     assert all(o[2] == pytest.approx(want, rel=1e-5) for o in out)
 
 
-@pytest.mark.parametrize("world, t, topology, expected", [
+@pytest.mark.parametrize("world, t, graph, expected", [
     (4, 0, "ring", [1, 0, 3, 2]),
     (4, 1, "ring", [3, 2, 1, 0]),         # the odd edges: 1-2, 3-0
     (3, 0, "ring", [1, 0, None]),         # an odd ring: one peer sits out
@@ -95,8 +95,8 @@ def test_gossip_keeps_the_mean_of_the_parameters(compose, peers):
     (4, 1, "hypercube", [2, 3, 0, 1]),
     (8, 2, "hypercube", [4, 5, 6, 7, 0, 1, 2, 3]),
 ])
-def test_gossip_partners(world, t, topology, expected):
-    got = [partner(r, world, t, topology) for r in range(world)]
+def test_gossip_partners(world, t, graph, expected):
+    got = [partner(r, world, t, graph) for r in range(world)]
     assert got == expected
     assert all(p is None or got[p] == r for r, p in enumerate(got))  # pairs are mutual
 

@@ -1,8 +1,8 @@
 """Gossip: every peer applies its own gradient, then averages its parameters with one partner.
 
-Partners follow a schedule every peer computes alike from the update count t. `ring`: the pairs
-alternate between the ring's even edges (0-1, 2-3, ...) and its odd edges (1-2, 3-4, ..., N-1 - 0);
-with an odd N one peer sits out each step. `hypercube` (N a power of two): partner = rank XOR
+Partners follow a schedule every peer computes alike from the update count t, on the graph
+`comm.graph` names. `ring`: the pairs alternate between the ring's even edges (0-1, 2-3, ...) and its
+odd edges (1-2, 3-4, ..., N-1 - 0); with an odd N one peer sits out each step. `hypercube` (N a power of two): partner = rank XOR
 2^(t mod log2 N), so after log2 N steps every peer has mixed with every other. A pair's two peers
 compute (a + b) / 2 and (b + a) / 2, the same bytes, so a pairwise average keeps the mean of all
 parameters (to rounding). Parameters are no longer identical: `consensus_distance`, the root mean
@@ -17,11 +17,11 @@ import torch
 from p2prl.sync.base import Apply, Follow, Strategy, _local_terms
 
 
-def partner(rank: int, world_size: int, t: int, topology: str) -> Optional[int]:
-    """Rank `rank`'s partner at update t, or None (it sits out)."""
+def partner(rank: int, world_size: int, t: int, graph: str) -> Optional[int]:
+    """Rank `rank`'s partner at update t on `graph` (ring | hypercube), or None (it sits out)."""
     if world_size == 1:
         return None
-    if topology == "hypercube":
+    if graph == "hypercube":
         bits = world_size.bit_length() - 1
         assert 1 << bits == world_size, "hypercube gossip needs a power of two peers"
         return rank ^ (1 << (t % bits))
@@ -53,7 +53,7 @@ class Gossip(Strategy):
 
     @torch.no_grad()
     def mix(self, t: int) -> None:
-        other = partner(self.comm.rank, self.comm.world_size, t, self.cfg.topology)
+        other = partner(self.comm.rank, self.comm.world_size, t, self.cfg.graph)
         if other is None:
             return
         mine = self.bucket.flat_param.data
