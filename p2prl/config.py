@@ -105,22 +105,14 @@ class CommConfig:
     def __post_init__(self) -> None:
         fields(self, "comm.", boolean=("overlap",), positive=("timeout_s", "outer_lr"),
                positive_int=("check_every", "average_every"), unit_open=("min_rollout_frac",))
-        choice("comm.strategy", self.strategy, ("allreduce", "param_server", "local_sgd", "gossip"))
         choice("comm.backend", self.backend, ("auto", "gloo", "nccl"))
-        choice("comm.compress", self.compress, ("none", "bf16"))
         choice("comm.topology", self.topology, ("auto", "flat", "hierarchical"))
-        if self.strategy == "gossip":
-            choice("comm.graph", self.graph, ("ring", "hypercube"))
         if not is_number(self.outer_momentum, False) or not 0 <= self.outer_momentum < 1:
             raise ConfigError("comm.outer_momentum", self.outer_momentum, "must be in [0, 1)")
         if self.straggler_frac is not None:
             unit("comm.straggler_frac", self.straggler_frac, low_open=True)
-        if self.overlap and self.strategy != "allreduce":
-            raise ConfigError("comm.overlap", self.overlap, f"only comm=allreduce overlaps its sums, not "
-                                                           f"comm={self.strategy}; allowed: false")
-        if self.compress != "none" and (self.strategy != "allreduce" or self.overlap):
-            raise ConfigError("comm.compress", self.compress, "compresses comm=allreduce's blocking sums only "
-                                                             "(no comm.overlap); allowed here: none")
+        # What depends on the strategy (its name, overlap, compress, graph) is checked from its table,
+        # p2prl.sync.table, by p2prl.precheck.
 
 
 @dataclass

@@ -1,9 +1,10 @@
 """Every user-caused error, caught before training in one place.
 
 The command line is composed with Hydra's compose API (each job of a sweep too) and turned into the
-typed config, which checks every value (`to_run_config`). Then `preflight` checks what needs the
-outside world: the env's spaces against the algorithm, the comm backend against the hardware, the run
-dir writable, the checkpoint to resume readable and fitting this config. Under torchrun the peers
+typed config, which checks every value (`to_run_config`: the schema's checks, then those the
+strategy table holds). Then `preflight` checks what needs the outside world: the env's spaces against
+the algorithm, the strategy against the number of peers, the comm backend against the hardware, the
+run dir writable, the checkpoint to resume readable and fitting this config. Under torchrun the peers
 then swap their verdicts and configs through torchrun's store: if any peer found an error, or the
 peers' configs differ, every peer stops with the same one line. All of it happens before Hydra creates
 a run dir, so a bad command overwrites nothing of an existing run. What `preflight` established is
@@ -23,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from p2prl import algos
 from p2prl.checks import ConfigError
 from p2prl.config import RunConfig, build_config, conf_dir, config_hash, upgrade
+from p2prl.sync import table as sync
 
 if TYPE_CHECKING:
     from p2prl.host import Devices
@@ -58,7 +60,9 @@ def to_run_config(cfg: DictConfig | dict) -> RunConfig:
         if key != "hydra":
             value = cfg[key]
             raw[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-    return build_config(upgrade(raw, algos.algo_sections()), algos.algo_sections())
+    cfg = build_config(upgrade(raw, algos.algo_sections()), algos.algo_sections())
+    sync.check(cfg.comm)  # what depends on the strategy, from its table
+    return cfg
 
 
 def preflight(cfg: RunConfig, run_dir: Optional[Path], dir_key: str = DIR_KEYS[0],
@@ -69,9 +73,7 @@ def preflight(cfg: RunConfig, run_dir: Optional[Path], dir_key: str = DIR_KEYS[0
     from p2prl.envs import check_vectorization, make_single_env
     from p2prl.resume import check_source
     algos.check_strategy(cfg.algo.name, cfg.comm.strategy, cfg.comm.straggler_frac)
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if cfg.comm.strategy == "gossip" and cfg.comm.graph == "hypercube" and world & (world - 1):
-        raise ConfigError("comm.graph", "hypercube", f"needs a power of two peers, here {world}; allowed: ring")
+    sync.check_world(cfg.comm, int(os.environ.get("WORLD_SIZE", 1)))
     env = make_single_env(cfg.env)
     check_vectorization(cfg.env)
     try:

@@ -172,3 +172,25 @@ def test_bf16_compression_averages_the_rounded_gradients_alike_on_every_peer(com
     assert torch.equal(got[0], (sent[0] + sent[1]).float() / 2)
     exact = peers(_compressed_mean, 2, cfg, "none")[0]
     assert not torch.equal(got[0], exact)  # the rounding is visible: the bytes did travel as bf16
+
+
+def test_which_strategies_serve_tabular_q_learning_is_a_property_of_each(monkeypatch):
+    from p2prl import algos
+    from p2prl.checks import ConfigError
+    from p2prl.sync import table
+    from p2prl.sync.base import Strategy
+    monkeypatch.setitem(table.STRATEGIES, "exact_sums", type("ExactSums", (Strategy,), {"tables": True}))
+    algos.check_strategy("qlearning", "exact_sums", None)  # no list of names to extend
+    with pytest.raises(ConfigError, match=r"^comm=gossip: algo=qlearning cannot .*; allowed: allreduce, exact_sums$"):
+        algos.check_strategy("qlearning", "gossip", None)
+    for name in table.STRATEGIES:
+        algos.check_strategy("ppo", name, None)  # gradients: every strategy
+
+
+def test_every_strategy_in_the_table_predicts_its_time_per_update():
+    from p2prl.bench import cost
+    from p2prl.sync import table
+    m = {"alpha_s": 1e-4, "beta_s_per_byte": 1e-9, "alpha_shm_s": 1e-6, "beta_shm_s_per_byte": 1e-10}
+    preds = cost.predictions(m, 1e6)
+    assert set(table.STRATEGIES) < set(preds) and all(s > 0 for row in preds.values() for s in row)
+    assert preds["hierarchical"][-1] < preds[table.DEFAULT][-1]  # 256 peers, 8 per node: fewer messages cross

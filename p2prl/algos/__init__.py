@@ -23,6 +23,7 @@ from p2prl.algos.ppo import policy as ppo_policy
 from p2prl.algos.qlearning import QLearning, QLearningConfig
 from p2prl.algos.qlearning import policy as qlearning_policy
 from p2prl.checks import ConfigError
+from p2prl.sync import table as sync
 
 Box, Discrete = gym.spaces.Box, gym.spaces.Discrete
 
@@ -38,7 +39,9 @@ class AlgorithmSpec:
     # algo.* keys that fix what a checkpoint holds (shapes, optimizer state): a resume may not change them.
     fixed_on_resume: tuple[str, ...]
     hint: str  # appended to a refusal of the env's spaces
-    strategies: tuple[str, ...] = ("allreduce", "param_server", "local_sgd", "gossip")  # comm= it works with
+    # True: it sums exact tables itself instead of gradients, so only strategies that serve tables fit
+    # (p2prl.sync.base.Strategy.tables).
+    tables: bool = False
     stragglers: bool = False  # whether it can cut a rollout short (comm.straggler_frac)
 
 
@@ -51,7 +54,7 @@ REGISTRY: dict[str, AlgorithmSpec] = {
                          "; use algo=ppo"),
     # Exact tabular Q-learning sums its own table's TD errors: no gradient for a strategy to share.
     "qlearning": AlgorithmSpec(QLearningConfig, QLearning, (Discrete,), (Discrete,), qlearning_policy, (), "",
-                               strategies=("allreduce",)),
+                               tables=True),
 }
 
 
@@ -74,8 +77,8 @@ def algo_sections() -> dict[str, type]:
 
 def check_strategy(name: str, strategy: str, straggler_frac) -> None:
     """Refuse an algorithm/strategy pair (or straggler preemption) that cannot work."""
-    allowed = spec(name).strategies
-    if strategy not in allowed:
+    if spec(name).tables and not sync.strategy(strategy).tables:
+        allowed = [s for s, cls in sync.STRATEGIES.items() if cls.tables]
         raise ConfigError("comm", strategy, f"algo={name} cannot share its updates this way; allowed: "
                                             f"{', '.join(allowed)}")
     if straggler_frac is not None and not spec(name).stragglers:

@@ -7,15 +7,29 @@ blocking sum travels (`p2prl.sync.compress`: bf16 sends half the bytes).
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 
-from p2prl.sync.base import Apply, Follow, Strategy
+from p2prl.checks import ConfigError
+from p2prl.sync.base import Apply, Follow, Link, Strategy
 from p2prl.sync.compress import COMPRESSIONS
 
 
 class AllReduce(Strategy):
+    tables = True  # one sum of the same tensor on every peer: exact tables stay identical
+    keys = ("overlap", "compress")
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        if cfg.compress != "none" and cfg.overlap:
+            raise ConfigError("comm.compress", cfg.compress, f"compresses comm={cfg.strategy}'s blocking sums only "
+                                                             "(no comm.overlap); allowed here: none")
+
+    @classmethod
+    def predict(cls, link: Link, n: int, nbytes: float, settings: Mapping[str, Any]) -> float:
+        return link.allreduce(nbytes, n)
+
     def __init__(self, comm, cfg, bucket) -> None:
         super().__init__(comm, cfg, bucket)
         self.overlap = cfg.overlap

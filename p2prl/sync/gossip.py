@@ -10,11 +10,14 @@ square distance of the peers' parameters from their mean, says how far apart the
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 
-from p2prl.sync.base import Apply, Follow, Strategy, _local_terms
+from p2prl.checks import ConfigError, choice
+from p2prl.sync.base import Apply, Follow, Link, Strategy, _local_terms
+
+GRAPHS = ("ring", "hypercube")  # comm.graph
 
 
 def partner(rank: int, world_size: int, t: int, graph: str) -> Optional[int]:
@@ -39,6 +42,20 @@ def partner(rank: int, world_size: int, t: int, graph: str) -> Optional[int]:
 class Gossip(Strategy):
     differs = True
     local = True
+    keys = ("graph",)
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        choice("comm.graph", cfg.graph, GRAPHS)
+
+    @classmethod
+    def check_world(cls, cfg, world_size: int) -> None:
+        if cfg.graph == "hypercube" and world_size & (world_size - 1):
+            raise ConfigError("comm.graph", cfg.graph, f"needs a power of two peers, here {world_size}; allowed: ring")
+
+    @classmethod
+    def predict(cls, link: Link, n: int, nbytes: float, settings: Mapping[str, Any]) -> float:
+        return link.send(nbytes) + link.terms(n)  # one exchange with the partner, and the terms' sum
 
     def __init__(self, comm, cfg, bucket) -> None:
         super().__init__(comm, cfg, bucket)

@@ -8,16 +8,20 @@ waits for it: the bottleneck (and single point of failure) that the all-reduce a
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 
-from p2prl.sync.base import Apply, Follow, Strategy
+from p2prl.sync.base import Apply, Follow, Link, Strategy
 
 SERVER = 0
 
 
 class ParamServer(Strategy):
+    @classmethod
+    def predict(cls, link: Link, n: int, nbytes: float, settings: Mapping[str, Any]) -> float:
+        return 2 * (n - 1) * link.send(nbytes)  # every gradient in, every parameter copy out, one by one
+
     def __init__(self, comm, cfg, bucket) -> None:
         super().__init__(comm, cfg, bucket)
         n_params, n_extras = bucket.flat_param.numel(), bucket.extras.numel()
