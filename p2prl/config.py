@@ -191,11 +191,11 @@ def section(cls: type, key: str, values: Any) -> Any:
 
 
 # Keys added to conf/ after runs were saved, with the value that behaves as those runs did: a saved
-# config (summary.json, a checkpoint's) without them means that value. A section in ADDED_SECTIONS
-# came later as a whole: a saved config without it gets all of its ADDED_KEYS.
+# config (summary.json, a checkpoint's) without them means that value (each algorithm's section: its
+# `added_keys` in p2prl.algos). A section in ADDED_SECTIONS came later as a whole: a saved config
+# without it gets all of its ADDED_KEYS.
 ADDED_KEYS = {"env": {"wrapper": "none", "frame_stack": None, "terminal_on_life_loss": False,
                       "vectorization": "sync"},
-              "algo": {"encoder": "mlp", "clip_reward": None, "log_std_init": 0.0},
               "train": {"eval_every_steps": None, "eval_episodes": 10},
               "comm": {"graph": "ring"},
               "logger": {"name": "tensorboard", "project": "p2prl", "entity": None, "run_name": None, "group": None,
@@ -206,17 +206,20 @@ ADDED_SECTIONS = ("logger",)
 OLD_GRAPHS = ("ring", "hypercube")
 
 
-def upgrade(raw: Mapping[str, Any], algo_sections: Mapping[str, type]) -> dict[str, Any]:
-    """`raw` with the ADDED_KEYS its sections lack (where the section's schema has them), and an
-    OLD_GRAPHS topology moved to `comm.graph`."""
+def upgrade(raw: Mapping[str, Any], algo_sections: Mapping[str, type],
+            algo_added: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """`raw` with the ADDED_KEYS its sections lack (where the section's schema has them; the algo
+    section: `algo_added`, each algorithm's by name, `p2prl.algos.added_keys()`), and an OLD_GRAPHS
+    topology moved to `comm.graph`."""
     out = dict(raw)
     comm = out.get("comm")
     if isinstance(comm, dict) and "graph" not in comm and comm.get("topology") in OLD_GRAPHS:
         out["comm"] = {**comm, "graph": comm["topology"], "topology": "auto"}
     algo = raw.get("algo")
+    name = algo.get("name") if isinstance(algo, dict) else None
     schemas = {"env": EnvConfig, "train": TrainConfig, "comm": CommConfig, "logger": LoggerConfig,
-               "algo": algo_sections.get(algo.get("name")) if isinstance(algo, dict) else None}
-    for key, added in ADDED_KEYS.items():
+               "algo": algo_sections.get(name) if name is not None else None}
+    for key, added in {**ADDED_KEYS, "algo": algo_added.get(name, {}) if name is not None else {}}.items():
         section, schema = out.get(key, {} if key in ADDED_SECTIONS else None), schemas[key]
         if isinstance(section, dict) and schema is not None:
             names = {f.name for f in dataclasses.fields(schema)}

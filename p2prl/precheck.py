@@ -60,7 +60,7 @@ def to_run_config(cfg: DictConfig | dict) -> RunConfig:
         if key != "hydra":
             value = cfg[key]
             raw[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-    cfg = build_config(upgrade(raw, algos.algo_sections()), algos.algo_sections())
+    cfg = build_config(upgrade(raw, algos.algo_sections(), algos.added_keys()), algos.algo_sections())
     sync.check(cfg.comm)  # what depends on the strategy, from its table
     return cfg
 
@@ -78,7 +78,8 @@ def preflight(cfg: RunConfig, run_dir: Optional[Path], dir_key: str = DIR_KEYS[0
     check_vectorization(cfg.env)
     try:
         algos.check_spaces(cfg.algo.name, env.observation_space, env.action_space)
-        image = _check_encoder(cfg.algo, cfg.env, env.observation_space)
+        _check_frame_stack(cfg.env, env.observation_space)
+        image = algos.spec(cfg.algo.name).check_observations(cfg.algo, env.observation_space)
     finally:
         env.close()
     devices = resolve_devices(cfg.device, cfg.comm.backend, image)
@@ -92,20 +93,12 @@ def preflight(cfg: RunConfig, run_dir: Optional[Path], dir_key: str = DIR_KEYS[0
     return Preflight(devices, checked)
 
 
-def _check_encoder(algo, env, space) -> bool:
-    """`algo.encoder` against the observations (algorithms without one: none); whether a CNN it is."""
-    from p2prl.nets import resolve_encoder
+def _check_frame_stack(env, space) -> None:
+    """`env.frame_stack` against the (stacked) observations."""
     if env.frame_stack is not None and len(space.shape or ()) > 3:
         raise ConfigError("env.frame_stack", env.frame_stack, f"stacks vectors or 2-D (grey) frames; the env's "
                                                               f"frames are {tuple(space.shape[1:])} (HxWxC); allowed "
                                                               "here: null")
-    if getattr(algo, "encoder", None) is None:
-        return False
-    cnn = resolve_encoder(algo.encoder, space) == "cnn"
-    if cnn and getattr(algo, "norm_obs", False):
-        raise ConfigError("algo.norm_obs", True, "does not apply to image observations (the CNN scales pixels "
-                                                 "to [0, 1] itself); allowed here: false")
-    return cnn
 
 
 def _check_writable(key: str, path: Path) -> None:

@@ -1,15 +1,16 @@
 """The algorithm registry: one table, name -> what the rest of p2prl needs to know of an algorithm.
 
-config (the `algo` section's schema), precheck (the spaces it accepts, the keys a resume may not
-change), the runner (how to build it) and p2prl.policy (a checkpoint's policy, for evaluate, the
+config (the `algo` section's schema, the keys added to it since runs were saved), precheck (the spaces
+and observations it accepts), resume (the keys a resume may not change, those that restart each
+rank's own state), the runner (how to build it) and p2prl.policy (a checkpoint's policy, for evaluate, the
 evaluation during training and `p2prl.load`) read this table; nothing else branches on an algorithm's
 name. Adding one is its file (a config dataclass, an `Algorithm` subclass, a policy function) plus
 `register(...)` or a line in REGISTRY, and its conf/algo/<name>.yaml.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 import gymnasium as gym
 import numpy as np
@@ -23,6 +24,7 @@ from p2prl.algos.ppo import policy as ppo_policy
 from p2prl.algos.qlearning import QLearning, QLearningConfig
 from p2prl.algos.qlearning import policy as qlearning_policy
 from p2prl.checks import ConfigError
+from p2prl.nets import resolve_encoder
 from p2prl.sync import table as sync
 
 Box, Discrete = gym.spaces.Box, gym.spaces.Discrete
@@ -39,22 +41,48 @@ class AlgorithmSpec:
     # algo.* keys that fix what a checkpoint holds (shapes, optimizer state): a resume may not change them.
     fixed_on_resume: tuple[str, ...]
     hint: str  # appended to a refusal of the env's spaces
+    # algo.* keys whose change restarts each rank's own state on resume (its envs, windows, replay); the
+    # shared state carries over. Every algorithm steps algo.num_envs envs per peer.
+    rank_keys: tuple[str, ...] = ("num_envs",)
+    # Keys added to its `algo` section after runs were saved, with the value that behaves as those runs
+    # did: a saved config without them means that value (p2prl.config.upgrade).
+    added_keys: Mapping[str, Any] = field(default_factory=dict)
+    # (algo cfg, obs space) -> whether its encoder is the CNN (image work, for the device choice); raises
+    # ConfigError for settings the observations refuse. Default: no encoder to check.
+    check_observations: Callable[[Any, gym.Space], bool] = lambda algo, space: False
     # True: it sums exact tables itself instead of gradients, so only strategies that serve tables fit
     # (p2prl.sync.base.Strategy.tables).
     tables: bool = False
     stragglers: bool = False  # whether it can cut a rollout short (comm.straggler_frac)
 
 
+def _encoder(algo: Any, space: gym.Space) -> bool:
+    """`algo.encoder` against the observations: whether it is the CNN."""
+    return resolve_encoder(algo.encoder, space) == "cnn"
+
+
+def _normalized_encoder(algo: Any, space: gym.Space) -> bool:
+    """`_encoder`, for an algorithm that may also normalize observations (`algo.norm_obs`)."""
+    cnn = _encoder(algo, space)
+    if cnn and algo.norm_obs:
+        raise ConfigError("algo.norm_obs", True, "does not apply to image observations (the CNN scales pixels "
+                                                 "to [0, 1] itself); allowed here: false")
+    return cnn
+
+
 _PPO = AlgorithmSpec(PPOConfig, PPO, (Box,), (Discrete, Box), ppo_policy,
-                     ("hidden_sizes", "activation", "encoder", "norm_obs", "norm_reward", "optimizer"), "", stragglers=True)
+                     ("hidden_sizes", "activation", "encoder", "norm_obs", "norm_reward", "optimizer"), "",
+                     rank_keys=("num_envs",), added_keys={"encoder": "mlp", "clip_reward": None, "log_std_init": 0.0},
+                     check_observations=_normalized_encoder, stragglers=True)
 REGISTRY: dict[str, AlgorithmSpec] = {
     "ppo": _PPO,
     "a2c": _PPO,  # PPO's code with one epoch, one minibatch and no clipping (conf/algo/a2c.yaml)
     "dqn": AlgorithmSpec(DQNConfig, DQN, (Box,), (Discrete,), dqn_policy, ("hidden_sizes", "activation", "encoder"),
-                         "; use algo=ppo"),
+                         "; use algo=ppo", rank_keys=("num_envs", "n_step"), added_keys={"encoder": "mlp"},
+                         check_observations=_encoder),
     # Exact tabular Q-learning sums its own table's TD errors: no gradient for a strategy to share.
     "qlearning": AlgorithmSpec(QLearningConfig, QLearning, (Discrete,), (Discrete,), qlearning_policy, (), "",
-                               tables=True),
+                               rank_keys=("num_envs",), tables=True),
 }
 
 
@@ -73,6 +101,11 @@ def spec(name: str) -> AlgorithmSpec:
 def algo_sections() -> dict[str, type]:
     """Each algorithm's `algo` section dataclass, by name (for p2prl.config.build_config)."""
     return {name: s.config for name, s in REGISTRY.items()}
+
+
+def added_keys() -> dict[str, Mapping[str, Any]]:
+    """Each algorithm's keys added since runs were saved, by name (for p2prl.config.upgrade)."""
+    return {name: s.added_keys for name, s in REGISTRY.items()}
 
 
 def check_strategy(name: str, strategy: str, straggler_frac) -> None:
@@ -95,5 +128,5 @@ def check_spaces(name: str, obs_space: gym.Space, action_space: gym.Space) -> No
             raise ConfigError("algo", name, f"needs {kinds} {what}, the env has {space}{s.hint}")
 
 
-__all__ = ["ActFn", "Algorithm", "AlgorithmSpec", "Peer", "REGISTRY", "Sample", "algo_sections",
+__all__ = ["ActFn", "Algorithm", "AlgorithmSpec", "Peer", "REGISTRY", "Sample", "added_keys", "algo_sections",
            "check_spaces", "check_strategy", "register", "spec"]
