@@ -1,11 +1,10 @@
-"""Typed run configuration: the schema of the composed Hydra config.
+"""Typed run configuration: the schema of the composed Hydra config, and `upgrade` of saved ones.
 
-Every default lives once, in conf/ (the YAML files, each key commented there). The dataclasses below
-are the schema: they declare each key's type and check its value (with `p2prl.checks`), but hold no
-default, so a config can only come from composing conf/ (`p2prl.precheck.compose`), or from a dict
-that names every key. Each algorithm's section is declared in its own file (`p2prl.algos`). Checks
-that need a registry (a strategy's settings, an algorithm's env) run from the registry, in
-`p2prl.precheck`. Saved configs of earlier runs are brought up to this schema by `upgrade`.
+Every default lives once, in conf/ (each key commented there). The dataclasses below declare each key's
+type and check its value (`p2prl.checks`) but hold no default, so a config can only come from composing
+conf/ (`p2prl.precheck.compose`), or from a dict that names every key. Each algorithm's section is
+declared in its own file (`p2prl.algos`); checks that need a registry run from it, in `p2prl.precheck`.
+A little over 250 lines: the five run-wide sections and the upgrade of saved configs read together.
 """
 from __future__ import annotations
 
@@ -111,8 +110,7 @@ class CommConfig:
             raise ConfigError("comm.outer_momentum", self.outer_momentum, "must be in [0, 1)")
         if self.straggler_frac is not None:
             unit("comm.straggler_frac", self.straggler_frac, low_open=True)
-        # What depends on the strategy (its name, overlap, compress, graph) is checked from its table,
-        # p2prl.sync.table, by p2prl.precheck.
+        # What depends on the strategy (its name, overlap, compress, graph): p2prl.sync.table's checks.
 
 
 @dataclass
@@ -191,9 +189,8 @@ def section(cls: type, key: str, values: Any) -> Any:
 
 
 # Keys added to conf/ after runs were saved, with the value that behaves as those runs did: a saved
-# config (summary.json, a checkpoint's) without them means that value (each algorithm's section: its
-# `added_keys` in p2prl.algos). A section in ADDED_SECTIONS came later as a whole: a saved config
-# without it gets all of its ADDED_KEYS.
+# config (summary.json, a checkpoint's) without them means that value (an algorithm's: its spec's
+# `added_keys`). A section in ADDED_SECTIONS came later as a whole: all of its ADDED_KEYS.
 ADDED_KEYS = {"env": {"wrapper": "none", "frame_stack": None, "terminal_on_life_loss": False,
                       "vectorization": "sync"},
               "train": {"eval_every_steps": None, "eval_episodes": 10},
@@ -208,18 +205,16 @@ OLD_GRAPHS = ("ring", "hypercube")
 
 def upgrade(raw: Mapping[str, Any], algo_sections: Mapping[str, type],
             algo_added: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """`raw` with the ADDED_KEYS its sections lack (where the section's schema has them; the algo
-    section: `algo_added`, each algorithm's by name, `p2prl.algos.added_keys()`), and an OLD_GRAPHS
-    topology moved to `comm.graph`."""
+    """`raw` with the added keys its sections lack (where the schema has them; `algo_added`: each
+    algorithm's, `p2prl.algos.added_keys()`), and an OLD_GRAPHS topology moved to `comm.graph`."""
     out = dict(raw)
     comm = out.get("comm")
     if isinstance(comm, dict) and "graph" not in comm and comm.get("topology") in OLD_GRAPHS:
         out["comm"] = {**comm, "graph": comm["topology"], "topology": "auto"}
     algo = raw.get("algo")
     name = algo.get("name") if isinstance(algo, dict) else None
-    schemas = {"env": EnvConfig, "train": TrainConfig, "comm": CommConfig, "logger": LoggerConfig,
-               "algo": algo_sections.get(name) if name is not None else None}
-    for key, added in {**ADDED_KEYS, "algo": algo_added.get(name, {}) if name is not None else {}}.items():
+    schemas = {**SECTIONS, "algo": algo_sections.get(name)}
+    for key, added in {**ADDED_KEYS, "algo": algo_added.get(name, {})}.items():
         section, schema = out.get(key, {} if key in ADDED_SECTIONS else None), schemas[key]
         if isinstance(section, dict) and schema is not None:
             names = {f.name for f in dataclasses.fields(schema)}

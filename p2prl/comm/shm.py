@@ -31,7 +31,7 @@ read and written as plain machine words (a memoryview, no numpy indexing), the d
 and a sum is a handful of operations.
 
 The segment itself (its layout, creation, attaching and end) is `p2prl.comm.segment`'s; the protocol
-and its argument, read together, are this file's.
+and its argument are read together, which is why this file stays one, a little over 250 lines.
 
 The ordering argument needs stores seen in program order and loads done in program order (x86-64's
 memory model): the data written before a sequence number is visible before it. Python cannot issue
