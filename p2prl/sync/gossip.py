@@ -2,8 +2,9 @@
 
 Partners follow a schedule every peer computes alike from the update count t, on the graph
 `comm.graph` names. `ring`: the pairs alternate between the ring's even edges (0-1, 2-3, ...) and its
-odd edges (1-2, 3-4, ..., N-1 - 0); with an odd N one peer sits out each step. `hypercube` (N a power of two): partner = rank XOR
-2^(t mod log2 N), so after log2 N steps every peer has mixed with every other. A pair's two peers
+odd edges (1-2, 3-4, ..., N-1 - 0); with an odd N one peer sits out each step. `hypercube` (N a power
+of two): partner = rank XOR 2^(t mod log2 N), so after log2 N steps every peer has mixed with every
+other. A pair's two peers
 compute (a + b) / 2 and (b + a) / 2, the same bytes, so a pairwise average keeps the mean of all
 parameters (to rounding). Parameters are no longer identical: `consensus_distance`, the root mean
 square distance of the peers' parameters from their mean, says how far apart they are.
