@@ -20,7 +20,7 @@ import numpy as np
 
 from p2prl import video
 from p2prl.atomic import write_json_atomic
-from p2prl.config import ConfigError
+from p2prl.checks import ConfigError
 from p2prl.policy import EVAL_SEED, load, load_run_config, run_episodes
 
 __all__ = ["evaluate", "load_run_config", "main", "run_episodes"]

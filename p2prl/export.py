@@ -36,7 +36,7 @@ import torch
 from p2prl import __version__, algos
 from p2prl import checkpoint as ckpt
 from p2prl.atomic import write_atomic, write_json_atomic
-from p2prl.config import ConfigError
+from p2prl.checks import ConfigError
 from p2prl.policy import Policy, load, load_run_config
 
 FORMATS = ("onnx", "pt2", "npy")

@@ -4,7 +4,7 @@ A checkpoint at global step N is complete when rank 0's `step_<N>.pt` and every 
 `rank<R>/step_<N>.pt` load. The peers resume together from the newest complete one (a truncated or
 half-written newest falls back to the one before, with a warning), so a restarted run continues the
 interrupted one exactly: same parameters, optimizer, normalizers, return window, counters, RNG
-states and env states. On a different number of peers (or with a changed `RANK_KEYS` value) only the shared state carries
+states and env states. On a different number of peers (or with a changed `rank_keys` value) only the shared state carries
 over; every peer starts its envs and RNGs afresh (with a warning). Keys that fix what the checkpoint
 holds (the algorithm, the env, the model's shapes: `fixed_keys`) cannot change on resume; every other
 key may, and the run follows the new value (docs/validation.md lists which is which).
@@ -18,8 +18,9 @@ from typing import Any, Optional
 
 from p2prl import algos
 from p2prl.checkpoint import list_steps, load, set_rng_state, shared_path, step_of
+from p2prl.checks import ConfigError, show
 from p2prl.comm import Communicator
-from p2prl.config import ConfigError, RunConfig, flatten, show, upgrade
+from p2prl.config import RunConfig, flatten, upgrade
 from p2prl.envstate import not_restorable
 from p2prl.metrics import ReturnWindow
 
@@ -35,10 +36,15 @@ class Progress:
     time_s: float = 0.0
 
 
-# A change of these keeps the shared state but restarts every rank's own (envs, windows, replay).
-RANK_KEYS = ("algo.num_envs", "algo.n_step", "env.max_episode_steps", "env.terminal_on_life_loss",
-             "env.vectorization")
+# A change of these keeps the shared state but restarts every rank's own (envs, windows, replay); so
+# does a change of the algorithm's own `rank_keys` (the registry's).
+ENV_RANK_KEYS = ("env.max_episode_steps", "env.terminal_on_life_loss", "env.vectorization")
 FORMAT = 2  # of the shared checkpoint; 1 (no "format" key): before the learner kept its own state
+
+
+def rank_keys(algo_name: str) -> tuple[str, ...]:
+    """Flat keys whose change restarts every rank's own state: the algorithm's `rank_keys`, the env's."""
+    return (*(f"algo.{k}" for k in algos.spec(algo_name).rank_keys), *ENV_RANK_KEYS)
 
 
 def fixed_keys(algo_name: str) -> tuple[str, ...]:
@@ -121,9 +127,10 @@ def _rank_file(shared: Path, rank: int) -> Path:
 
 
 def _same_ranks(shared: dict, cfg: RunConfig, world_size: int) -> bool:
-    """Whether each rank's own file fits this run: same number of peers, same RANK_KEYS."""
-    saved, now = flatten(upgrade(shared.get("config", {}), algos.algo_sections())), cfg.flat()
-    return shared.get("world_size") == world_size and all(saved.get(k) == now.get(k) for k in RANK_KEYS)
+    """Whether each rank's own file fits this run: same number of peers, same `rank_keys`."""
+    saved, now = flatten(upgrade(shared.get("config", {}), algos.algo_sections(), algos.added_keys())), cfg.flat()
+    return shared.get("world_size") == world_size and all(saved.get(k) == now.get(k)
+                                                        for k in rank_keys(cfg.algo.name))
 
 
 def restore(comm: Communicator, cfg: RunConfig, run_dir: Path, algo: algos.Algorithm, window: ReturnWindow,
@@ -155,7 +162,7 @@ def restore(comm: Communicator, cfg: RunConfig, run_dir: Path, algo: algos.Algor
 
 def _load(comm: Communicator, cfg: RunConfig, algo: algos.Algorithm, window: ReturnWindow, shared: dict,
           own: Optional[dict]) -> None:
-    saved, now = flatten(upgrade(shared.get("config", {}), algos.algo_sections())), cfg.flat()
+    saved, now = flatten(upgrade(shared.get("config", {}), algos.algo_sections(), algos.added_keys())), cfg.flat()
     changed = sorted(k for k in set(saved) | set(now) if k != "train.resume" and saved.get(k) != now.get(k))
     if changed:
         log.info("resuming with a changed config (the new values hold): %s", ", ".join(changed[:8]))
@@ -173,5 +180,6 @@ def _load(comm: Communicator, cfg: RunConfig, algo: algos.Algorithm, window: Ret
     elif comm.rank == 0:
         log.warning("resuming a run of %s peer(s) on %d (%s): only the shared state carries over; every peer's "
                     "envs, RNGs and replay start afresh", shared.get("world_size"), comm.world_size,
-                    ", ".join(f"{k}={show(now.get(k))}" for k in RANK_KEYS if saved.get(k) != now.get(k))
+                    ", ".join(f"{k}={show(now.get(k))}" for k in rank_keys(cfg.algo.name)
+                              if saved.get(k) != now.get(k))
                     or "another number of peers")

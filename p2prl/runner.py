@@ -15,6 +15,7 @@ import torch
 
 from p2prl import algos
 from p2prl.atomic import write_json_atomic
+from p2prl.checks import ConfigError
 from p2prl.comm import (
     Communicator,
     PeerFailure,
@@ -22,16 +23,15 @@ from p2prl.comm import (
     agree_on_config,
     check_identical,
     open_comm,
-    pin,
-    place,
 )
-from p2prl.comm.preemption import preemption
-from p2prl.config import ConfigError, RunConfig, config_hash
+from p2prl.config import RunConfig, config_hash
 from p2prl.envs import make_vec_env
 from p2prl.faults import Interrupted, NonFiniteUpdates
+from p2prl.host import pin, place
 from p2prl.metrics import MetricsWriter, ReturnWindow, peak_rss_mb
 from p2prl.periodic_eval import PeriodicEval
 from p2prl.precheck import Preflight, preflight
+from p2prl.preemption import preemption
 from p2prl.provenance import provenance
 from p2prl.checkpointer import Checkpointer
 from p2prl.resume import Progress, restore

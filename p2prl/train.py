@@ -22,8 +22,10 @@ from typing import NoReturn, Optional
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from p2prl.comm import StartTimeout, is_rank0, run_id
-from p2prl.config import ConfigError, conf_dir, config_hash
+from p2prl.checks import ConfigError
+from p2prl.comm import StartTimeout
+from p2prl.config import conf_dir, config_hash
+from p2prl.host import is_rank0, run_id
 from p2prl.precheck import Preflight, check_command_line, to_run_config
 
 log = logging.getLogger("p2prl")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from p2prl.bench import faultbench, faults, nodeloss
-from p2prl.config import ConfigError
+from p2prl.checks import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(120)

@@ -106,17 +106,17 @@ def test_drop_rows_after_keeps_earlier_rows_and_drops_a_torn_line(tmp_path):
 
 
 def test_run_dir_id_is_the_torchrun_agents_start_time_without_a_run_id(monkeypatch):
-    import p2prl.comm.launcher as launcher
+    import p2prl.host as host
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
     ids = []
     for _ in range(2):  # a restarted worker of the same agent computes it afresh
-        monkeypatch.setattr(launcher, "_RUN_ID", None)
-        ids.append(launcher.run_id())
-    assert ids[0] == ids[1] == launcher._agent_started().strftime("%Y-%m-%d_%H-%M-%S_%f")[:-3]
+        monkeypatch.setattr(host, "_RUN_ID", None)
+        ids.append(host.run_id())
+    assert ids[0] == ids[1] == host._agent_started().strftime("%Y-%m-%d_%H-%M-%S_%f")[:-3]
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")
-    monkeypatch.setattr(launcher, "_RUN_ID", None)
-    assert launcher.run_id() == "job-7"
+    monkeypatch.setattr(host, "_RUN_ID", None)
+    assert host.run_id() == "job-7"
 
 
 def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog, small):
@@ -153,6 +153,25 @@ def test_a_sampler_algorithm_resumes_its_own_state_exactly(algo, tmp_path, small
     redone = checkpoint.load(checkpoint.shared_path(folder, again["final_step"]))
     key = "model" if "model" in ended else "q_table"
     assert _tensors(redone[key]) and all(torch.equal(a, b) for a, b in zip(_tensors(redone[key]), _tensors(ended[key])))
+
+
+def test_a_gossip_checkpoint_saved_before_comm_graph_resumes_and_loads(tmp_path, caplog, small):
+    from p2prl.policy import load
+    run_dir = tmp_path / "run"
+    first = run(small(128, *PPO, "comm=gossip", "comm.graph=hypercube"), run_dir)
+    folder, step = run_dir / "checkpoints", first["final_step"]
+    for path in (checkpoint.shared_path(folder, step), run_dir / "summary.json"):  # as earlier versions saved them
+        saved = checkpoint.load(path) if path.suffix == ".pt" else json.loads(path.read_text())
+        comm = saved["config"]["comm"]
+        comm["topology"] = comm.pop("graph")
+        checkpoint.save_atomic(saved, path) if path.suffix == ".pt" else path.write_text(json.dumps(saved))
+    assert load(run_dir).config.comm.graph == "hypercube"
+    with caplog.at_level(logging.INFO):
+        summary = run(small(256, *PPO, "comm=gossip", "comm.graph=hypercube"), run_dir)
+    assert summary["resumed_at_step"] == step and summary["final_step"] == 256
+    changed = [r.getMessage() for r in caplog.records if "resuming with a changed config" in r.getMessage()]
+    assert changed and "train.total_steps" in changed[0] and "comm." not in changed[0]  # read as this config
+    assert "only the shared state carries over" not in caplog.text  # each rank's own state carried over too
 
 
 def _resume_on_two(rank: int, cfg, run_dir: Path):

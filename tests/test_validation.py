@@ -31,8 +31,11 @@ BAD = [
     (["algo=qlearning", "env=taxi", "comm=gossip"],
      ["comm=gossip", "algo=qlearning cannot share its updates this way; allowed: allreduce"]),
     (["comm=gossip", "comm.overlap=true"], ["comm.overlap=true", "only comm=allreduce overlaps", "allowed: false"]),
-    (["comm=param_server", "comm.compress=bf16"], ["comm.compress=bf16", "allowed here: none"]),
-    (["comm=gossip", "comm.topology=flat"], ["comm.topology=flat", "allowed: ring, hypercube"]),
+    (["comm=param_server", "comm.compress=bf16"],
+     ["comm.compress=bf16", "only comm=allreduce compresses its sums, not comm=param_server", "allowed: none"]),
+    (["comm.overlap=true", "comm.compress=bf16"], ["comm.compress=bf16", "blocking sums only", "allowed here: none"]),
+    (["comm=gossip", "comm.graph=flat"], ["comm.graph=flat", "allowed: ring, hypercube"]),
+    (["comm=gossip", "comm.topology=ring"], ["comm.topology=ring", "allowed: auto, flat, hierarchical"]),
     (["comm.outer_momentum=1"], ["comm.outer_momentum=1", "must be in [0, 1)"]),
     (["comm.straggler_frac=0"], ["comm.straggler_frac=0", "must be in (0, 1]"]),
     (["comm.min_rollout_frac=0"], ["comm.min_rollout_frac=0", "must be in (0, 1]"]),
@@ -237,8 +240,8 @@ def test_a_peer_missing_from_a_start_up_check_is_named_in_one_line(monkeypatch, 
 
 def test_hypercube_gossip_needs_a_power_of_two_peers(monkeypatch, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "3")
-    error, _ = check_command_line(["comm=gossip", "comm.topology=hypercube", f"hydra.run.dir={tmp_path / 'run'}"])
-    assert error == "comm.topology=hypercube: needs a power of two peers, here 3; allowed: ring"
+    error, _ = check_command_line(["comm=gossip", "comm.graph=hypercube", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert error == "comm.graph=hypercube: needs a power of two peers, here 3; allowed: ring"
 
 
 def test_logger_wandb_needs_the_wandb_package(monkeypatch, tmp_path):

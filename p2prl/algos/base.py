@@ -27,12 +27,12 @@ import numpy as np
 import torch
 
 from p2prl.comm import Communicator
-from p2prl.comm.preemption import Preemption
 from p2prl.config import CommConfig
-from p2prl.learner import Learner
 from p2prl.metrics import Episode
-from p2prl.optim import FlatOptimizer
+from p2prl.preemption import Preemption
 from p2prl.seeding import peer_rng
+from p2prl.sync.learner import Learner
+from p2prl.sync.optim import FlatOptimizer
 
 
 class Sample(NamedTuple):
@@ -58,7 +58,7 @@ class Peer:
     def learner(self, params: Sequence[torch.nn.Parameter],
                 optimizer: Callable[[torch.nn.Parameter], FlatOptimizer], max_grad_norm: Optional[float],
                 terms: Sequence[str]) -> Learner:
-        """The learner that averages this model's gradients over the peers (see p2prl.learner)."""
+        """The learner that averages this model's gradients over the peers (see p2prl.sync.learner)."""
         return Learner(params, optimizer, self.comm, max_grad_norm, terms, sync=self.sync)
 
 

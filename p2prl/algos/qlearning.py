@@ -31,7 +31,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from p2prl import config as check
+from p2prl import checks as check
 from p2prl.algos.base import ActFn, Algorithm, Peer, Sample, epsilon_greedy, load_sampler_state, sampler_state
 from p2prl.algos.schedules import decayed_epsilon, linear, peer_epsilon
 from p2prl.envstate import restorable

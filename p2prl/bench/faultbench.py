@@ -50,7 +50,7 @@ class Setup:
 
 def setup(task: str, k: int, extra: list[str]) -> Setup:
     """The task's fault-run config; raises ConfigError for bad overrides or a budget too short for K."""
-    from p2prl.config import ConfigError
+    from p2prl.checks import ConfigError
     from p2prl.envs import make_vec_env
     from p2prl.envstate import restorable
     from p2prl.precheck import compose
@@ -201,7 +201,7 @@ def passed(r: dict[str, Any]) -> bool:
 
 def main(a: Any, out: Path, prog: str, emit: Callable[[str], None]) -> int:
     """The `--faults K` mode on a.tasks; 0 when every task passed, 1 otherwise, 2 for a bad override."""
-    from p2prl.config import ConfigError
+    from p2prl.checks import ConfigError
     try:
         setups = [setup(task, a.faults, a.override) for task in a.tasks]
     except ConfigError as e:

@@ -26,6 +26,9 @@ import statistics
 from typing import Any, Optional, Sequence
 
 from p2prl.bench import cost
+from p2prl.sync.table import DEFAULT, STRATEGIES
+
+SERVER = next(name for name, s in STRATEGIES.items() if s.central)  # the central baseline
 
 LOOPBACK = (255e-6, 1 / 1.7e9)  # alpha, beta of gloo over loopback on this machine (docs/scaling.md)
 SHM = (90e-6, 1 / 6.4e9)  # alpha, beta of a shared-memory sum inside a node, same source
@@ -89,11 +92,11 @@ def compare(points: list[dict[str, Any]], probes: list[dict[str, Any]], average_
     unshaped = {_key(p): p["per_update_s"] for p in points if p["rate"] == "unshaped"}
     for rate in dict.fromkeys(p["rate"] for p in points):
         here = [p for p in points if p["rate"] == rate]
-        flat = [p for p in here if p["strategy"] == "allreduce"]
+        flat = [p for p in here if p["strategy"] == DEFAULT]
         single = [p for p in flat if p["per_host"] == 1]
         fitted = fit(single or flat)
         link = links(rate, [q for q in probes if q["rate"] == rate], fitted)
-        out_links.append({**link, "fitted_on": "allreduce, one peer per host" if single else "allreduce, flat"})
+        out_links.append({**link, "fitted_on": f"{DEFAULT}, one peer per host" if single else f"{DEFAULT}, flat"})
         for p in here:
             pred = predict_point(p, *fitted, average_every)
             base = unshaped.get(_key(p))
@@ -120,14 +123,13 @@ def big_predictions(result: dict[str, Any], sizes: Sequence[float], average_ever
         for rate, bits in REAL_RATES.items():
             beta = 8 / (bits * (eff or ASSUMED_EFFICIENCY))
             for nbytes in sizes:
-                for strategy, per_node, collective in (("allreduce", 1, cost.ring), ("allreduce", 1, cost.allreduce),
-                                                       ("hierarchical", BIG_PER_NODE, cost.ring),
-                                                       ("param_server", 1, cost.ring), ("local_sgd", 1, cost.ring),
-                                                       ("gossip", 1, cost.ring)):
-                    node = SHM if strategy == "hierarchical" else LOOPBACK
+                # Every row on gloo's ring, and the default strategy also on the cheaper of ring and doubling.
+                variants = [(s, BIG_PER_NODE if s == cost.HIERARCHICAL else 1, cost.ring) for s in cost.ROWS]
+                for strategy, per_node, collective in [*variants[:1], (DEFAULT, 1, cost.allreduce), *variants[1:]]:
+                    node = SHM if strategy == cost.HIERARCHICAL else LOOPBACK
                     s = cost.predict(strategy, BIG_PEERS, nbytes, alpha, beta, *node, per_node=per_node,
                                      average_every=average_every, collective=collective, colocated=per_node)
-                    name = strategy if collective is cost.ring else "allreduce (doubling where cheaper)"
+                    name = strategy if collective is cost.ring else f"{DEFAULT} (doubling where cheaper)"
                     rows.append({"latency": which, "alpha_s": alpha, "rate": rate, "bytes": nbytes,
                                  "strategy": name, "per_update_s": s})
     return {"peers": BIG_PEERS, "efficiency": eff, "efficiency_source": "fitted" if eff else "assumed",
@@ -144,12 +146,12 @@ def checks(points: Sequence[dict[str, Any]]) -> list[str]:
         big = max(p["bytes"] for p in here)
         t = {p["strategy"]: p["per_update_s"] for p in here if p["bytes"] == big}
         where = f"{h} hosts x {g} peer(s), {rate}, {fmt_bytes(big)}"
-        if "allreduce" in t and "param_server" in t:
-            lines.append(f"{where}: allreduce {fmt_s(t['allreduce'])}, param_server {fmt_s(t['param_server'])}: "
-                         f"{t['allreduce'] / t['param_server']:.2f}x")
-        if "allreduce" in t and "hierarchical" in t:
-            lines.append(f"{where}: hierarchical {fmt_s(t['hierarchical'])}, flat {fmt_s(t['allreduce'])}: "
-                         f"{t['hierarchical'] / t['allreduce']:.2f}x")
+        if DEFAULT in t and SERVER in t:
+            lines.append(f"{where}: {DEFAULT} {fmt_s(t[DEFAULT])}, {SERVER} {fmt_s(t[SERVER])}: "
+                         f"{t[DEFAULT] / t[SERVER]:.2f}x")
+        if DEFAULT in t and cost.HIERARCHICAL in t:
+            lines.append(f"{where}: {cost.HIERARCHICAL} {fmt_s(t[cost.HIERARCHICAL])}, flat {fmt_s(t[DEFAULT])}: "
+                         f"{t[cost.HIERARCHICAL] / t[DEFAULT]:.2f}x")
     return lines
 
 

@@ -72,7 +72,7 @@ def bound_s(rate_bits: Optional[float], n: int, per_host: int, a: argparse.Names
     alpha, beta = 5e-3, 8 / (0.3 * (rate_bits or 1e9))
     total = STARTUP_S
     for nbytes in a.bucket_bytes:
-        for s in syncbench.STRATEGIES:
+        for s in syncbench.ROWS:
             block = syncbench.block_of(s, a.average_every)
             t = block * cost.predict(s, n, nbytes, alpha, beta, *netmodel.LOOPBACK, per_node=per_host,
                                      average_every=a.average_every, collective=cost.ring, colocated=per_host)

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from p2prl.sync import table
+
 
 @dataclass(frozen=True)
 class Task:
@@ -53,7 +55,7 @@ def goal(t: Task, a: argparse.Namespace) -> list[str]:
     return ["train.target_return=null", f"train.total_steps={budget}", *budget_overrides(t.algo, budget)]
 EXTRAS = {"box2d": "Box2D", "atari": "ale_py", "mujoco": "mujoco"}  # extra -> the module it installs
 SYSTEMS = ("p2prl-1", "p2prl-2", "sb3")
-STRATEGIES = ("allreduce", "param_server", "local_sgd", "gossip")
+STRATEGIES = tuple(table.STRATEGIES)  # --strategies compares them all
 # --scaling: global steps/s at fixed per-peer work, per task: its overrides, 1-peer steps, and global
 # step counts given per peer (multiplied by the number of peers). DQN learns from its 2,000th step per
 # peer on here, so that both runs act alone and update for the same share of each peer's steps.

@@ -33,11 +33,12 @@ from typing import NamedTuple, Optional
 import torch
 
 from p2prl.atomic import write_json_atomic
-from p2prl.bench.cost import TERMS_BYTES
-from p2prl.comm import Communicator, GradientBucket, make_strategy, open_comm
+from p2prl.bench.cost import HIERARCHICAL, ROWS, TERMS_BYTES
+from p2prl.comm import Communicator, open_comm
+from p2prl.sync.bucket import GradientBucket
+from p2prl.sync.table import DEFAULT, STRATEGIES, make_strategy
 from p2prl.precheck import compose
 
-STRATEGIES = ("allreduce", "hierarchical", "param_server", "local_sgd", "gossip")
 SIZES = (37_000, 1_000_000, 6_700_000)  # bytes: the CartPole MLP's bucket, ~1 MB, the Nature CNN's
 MIN_BLOCKS = 3  # timed blocks per point at least, however slow
 N_EXTRAS = 4  # a few terms and the finiteness flag, as a learner's bucket carries
@@ -53,15 +54,20 @@ def _applied(*_) -> _Applied:
     return _Applied()
 
 
+def _name(strategy: str) -> str:
+    """The table's name of a row (the hierarchical row is the default strategy on hierarchical sums)."""
+    return DEFAULT if strategy == HIERARCHICAL else strategy
+
+
 def block_of(strategy: str, average_every: int) -> int:
-    """Updates timed together: local SGD's averaging period, gossip's ring period (even, odd pairs)."""
-    return average_every if strategy == "local_sgd" else 2 if strategy == "gossip" else 1
+    """Updates timed together: the strategy's period (local SGD's averaging, gossip's ring pairs)."""
+    return STRATEGIES[_name(strategy)].period({"average_every": average_every})
 
 
 @functools.lru_cache(maxsize=None)  # composing takes Hydra a while; every point reuses it
 def _config(strategy: str, timeout_s: float, average_every: int):
-    name = "allreduce" if strategy == "hierarchical" else strategy
-    extra = [f"comm.average_every={average_every}"] if strategy == "local_sgd" else []
+    name = _name(strategy)
+    extra = [f"comm.average_every={average_every}"] if "average_every" in STRATEGIES[name].keys else []
     return compose(f"comm={name}", f"comm.timeout_s={timeout_s}", *extra).comm
 
 
@@ -101,16 +107,16 @@ def measure(args: argparse.Namespace) -> Optional[dict]:
     flat = open_comm(_topology("flat", args.timeout_s), "gloo")
     nodes = _layout(flat)
     hier = open_comm(_topology("hierarchical", args.timeout_s), "gloo") \
-        if len(nodes) > 1 and max(map(len, nodes)) > 1 and "hierarchical" in args.strategies else None
+        if len(nodes) > 1 and max(map(len, nodes)) > 1 and HIERARCHICAL in args.strategies else None
     # The all-reduce of the terms alone (a latency-bound sum, as local_sgd and gossip make every update):
     # the fit's anchor for alpha, which the buckets alone leave loose on a slow link.
-    rows = [time_point(flat, "allreduce", TERMS_BYTES, args.average_every, args.seconds, args.min_blocks,
-                       args.max_blocks, args.timeout_s)] if "allreduce" in args.strategies else []
+    rows = [time_point(flat, DEFAULT, TERMS_BYTES, args.average_every, args.seconds, args.min_blocks,
+                       args.max_blocks, args.timeout_s)] if DEFAULT in args.strategies else []
     for nbytes in args.bytes:
         for strategy in args.strategies:
-            if strategy == "hierarchical" and hier is None:
+            if strategy == HIERARCHICAL and hier is None:
                 continue  # one host, or one peer per host: the same sums as flat
-            comm = hier if strategy == "hierarchical" else flat
+            comm = hier if strategy == HIERARCHICAL else flat
             rows.append(time_point(comm, strategy, nbytes, args.average_every, args.seconds, args.min_blocks,
                                    args.max_blocks, args.timeout_s))
     doc = {"world_size": flat.world_size, "nodes": [list(n) for n in nodes],
@@ -137,7 +143,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m p2prl.bench.syncbench", description=__doc__.split("\n\n")[0])
     p.add_argument("out", type=Path, help="the JSON file rank 0 writes")
     p.add_argument("--bytes", type=int, nargs="+", default=list(SIZES), help="bucket sizes (default: %(default)s)")
-    p.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
+    p.add_argument("--strategies", nargs="+", choices=ROWS, default=list(ROWS))
     p.add_argument("--average-every", type=int, default=4, help="local_sgd's period (default: %(default)s)")
     p.add_argument("--seconds", type=float, default=10.0, help="time budget per point (default: %(default)s)")
     p.add_argument("--min-blocks", type=int, default=MIN_BLOCKS, help="(default: %(default)s)")

@@ -8,7 +8,7 @@ sum), so every peer skips that update alike; a non-finite loss rides along in th
 flag, so it skips the update even where its gradient happens to be finite. `skipped_in_a_row`
 (identical on every peer) lets the runner stop a run that only produces NaNs.
 
-How the peers share the update is the sync strategy's job (`comm=`, `p2prl.comm.strategy`): the
+How the peers share the update is the sync strategy's job (`comm=`, `p2prl.sync.base`): the
 all-reduce (default; with `comm.overlap` each gradient is averaged in the background while the next
 is computed, one step stale), a parameter server, local SGD or gossip. Callers see no difference but
 that `step` may return None (nothing finished yet) and that `finish()` completes the last one.
@@ -19,9 +19,11 @@ from typing import Callable, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 
-from p2prl.comm import Communicator, GradientBucket, make_strategy
+from p2prl.comm import Communicator
 from p2prl.config import CommConfig
-from p2prl.optim import FlatOptimizer
+from p2prl.sync.bucket import GradientBucket
+from p2prl.sync.optim import FlatOptimizer
+from p2prl.sync.table import make_strategy
 
 Veto = Callable[[dict[str, float]], bool]
 
