@@ -144,7 +144,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("out", type=Path, help="the JSON file rank 0 writes")
     p.add_argument("--bytes", type=int, nargs="+", default=list(SIZES), help="bucket sizes (default: %(default)s)")
     p.add_argument("--strategies", nargs="+", choices=ROWS, default=list(ROWS))
-    p.add_argument("--average-every", type=int, default=4, help="local_sgd's period (default: %(default)s)")
+    p.add_argument("--average-every", type=int, default=4, help="local SGD's averaging period (default: %(default)s)")
     p.add_argument("--seconds", type=float, default=10.0, help="time budget per point (default: %(default)s)")
     p.add_argument("--min-blocks", type=int, default=MIN_BLOCKS, help="(default: %(default)s)")
     p.add_argument("--max-blocks", type=int, default=50, help="(default: %(default)s)")
