@@ -13,7 +13,7 @@ from p2prl.runner import build_algorithm, run
 
 pytestmark = pytest.mark.timeout(180)
 SMALL = ("env=pendulum", "seed=3", "algo.learning_starts=64", "algo.batch_size=16", "algo.buffer_size=2000",
-         "algo.hidden_sizes=[16,16]", "comm.timeout_s=30")
+         "algo.hidden_sizes=[16,16]", "algo.train_freq=1", "algo.gradient_steps=1", "comm.timeout_s=30")
 LOG_2PI = math.log(2 * math.pi)
 
 
@@ -147,7 +147,7 @@ def test_two_peers_with_half_the_batch_equal_one_peer_with_all(name, small, peer
     batch, noise = _batch(16), torch.randn(2, 16, 1, generator=torch.Generator().manual_seed(1))
     before = torch.cat([build_algorithm(cfg, LocalComm()).flat.clone(), build_algorithm(cfg, LocalComm()).target_flat])
     whole = _one_update(cfg, LocalComm(), batch, noise, slice(0, 16))
-    a, b = peers(_half_update, 2, cfg, batch, noise)
+    a, b = peers(_half_update, 2, cfg, batch, noise, timeout=150)
     assert torch.equal(a, b)
     assert (whole - before).abs().max() > 1e-4, "the update did not move the parameters"
     assert torch.allclose(a, whole, atol=1e-6), (a - whole).abs().max()
@@ -165,7 +165,7 @@ def _short_run(rank: int, cfg):
 
 @pytest.mark.parametrize("name", ["sac", "td3"])
 def test_two_peers_stay_bit_identical_with_their_own_replay(name, small, peers):
-    (ua, da, acts_a), (ub, db, acts_b) = peers(_short_run, 2, small(name, "algo.learning_starts=32"))
+    (ua, da, acts_a), (ub, db, acts_b) = peers(_short_run, 2, small(name, "algo.learning_starts=32"), timeout=150)
     assert ua == ub > 0 and da == db, "parameters, temperature or targets differ between peers"
     assert acts_a.shape == acts_b.shape and not torch.equal(acts_a, acts_b), "peers explore alike"
 

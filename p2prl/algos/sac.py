@@ -121,7 +121,7 @@ class SAC(OffPolicy):
 
     # -- checkpoint state ------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "target": self.target_flat.clone(), **self.counters()}
+        return {"model": self.model.state_dict(), "target": self.target_flat, **self.counters()}
 
     def load_state_dict(self, s: dict) -> None:
         self.model.load_state_dict(s["model"])  # in place: the bucket's views stay the model's parameters
