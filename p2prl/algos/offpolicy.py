@@ -106,8 +106,9 @@ class OffPolicy(Algorithm):
         self.cfg, self.envs, self.num_envs = cfg, envs, cfg.num_envs
         self.device, self.world_size = peer.device, peer.world_size
         space = envs.single_action_space
-        self.act_shape = space.shape
-        self.low, self.half = space.low.astype(np.float64), (space.high.astype(np.float64) - space.low) / 2
+        self.act_dim = int(np.prod(space.shape))  # actions flat inside: (B, act_dim); the env's shape outside
+        self.low = space.low.astype(np.float64).reshape(-1)
+        self.half = (space.high.astype(np.float64).reshape(-1) - self.low) / 2
         sizes = [(name, sum(p.numel() for p in params), lr) for name, params, lr in groups]
         self.base_lrs = [lr for _, _, lr in groups]
         self.segments, start = {}, 0
@@ -118,7 +119,7 @@ class OffPolicy(Algorithm):
                                     lambda p: FlatAdam(p, lr=self.base_lrs[0], groups=sizes), None, terms, gates)
         self.rng = peer.rng("explore")  # warm-up actions, exploration noise and replay sampling
         self.buffer = ReplayBuffer(cfg.buffer_size, envs.single_observation_space.shape, self.rng,
-                                   self.act_shape, np.float32)
+                                   (self.act_dim,), np.float32)
         self.obs = np.asarray(first_obs, dtype=np.float32)
         self.next_valid = np.ones(cfg.num_envs, dtype=bool)  # False on next-step autoreset steps
         self.episodes = EpisodeCounter(cfg.num_envs)
@@ -135,16 +136,17 @@ class OffPolicy(Algorithm):
 
     # -- acting ----------------------------------------------------------------------------------
     def explore(self, obs: torch.Tensor) -> np.ndarray:
-        """The exploring policy's actions in [-1, 1], (num_envs, *action_shape), noise from self.rng."""
+        """The exploring policy's actions in [-1, 1], (num_envs, act_dim), noise from self.rng."""
         raise NotImplementedError
 
     def to_env(self, actions: np.ndarray) -> np.ndarray:
-        """[-1, 1] -> the env's bounds."""
-        return (self.low + (actions + 1.0) * self.half).astype(self.envs.single_action_space.dtype)
+        """[-1, 1] (N, act_dim) -> the env's bounds and action shape."""
+        space = self.envs.single_action_space
+        return (self.low + (actions + 1.0) * self.half).astype(space.dtype).reshape(len(actions), *space.shape)
 
     def _act(self) -> np.ndarray:
         if self.vector_steps * self.num_envs * self.world_size < self.cfg.learning_starts:
-            return self.rng.uniform(-1.0, 1.0, (self.num_envs, *self.act_shape)).astype(np.float32)
+            return self.rng.uniform(-1.0, 1.0, (self.num_envs, self.act_dim)).astype(np.float32)
         with torch.inference_mode():
             return self.explore(torch.from_numpy(self.obs).to(self.device))
 

@@ -84,7 +84,7 @@ class SAC(OffPolicy):
         return [self.learner.bucket.flat_param, self.model.log_alpha, self.target_flat]
 
     def explore(self, obs: torch.Tensor) -> np.ndarray:
-        noise = torch.from_numpy(self.rng.standard_normal((len(obs), *self.act_shape), dtype=np.float32))
+        noise = torch.from_numpy(self.rng.standard_normal((len(obs), self.act_dim), dtype=np.float32))
         return self.model.actor.sample(obs, noise.to(obs.device))[0].cpu().numpy()
 
     def loss(self, b: ReplayBatch, noise: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
@@ -112,7 +112,7 @@ class SAC(OffPolicy):
 
     def update(self, batch: ReplayBatch) -> Optional[Update]:
         b = ReplayBatch(*(t.to(self.device) for t in batch))
-        noise = torch.randn((2, len(b.rewards), *self.act_shape), device=self.device)  # this peer's torch stream
+        noise = torch.randn((2, len(b.rewards), self.act_dim), device=self.device)  # this peer's torch stream
         return self.learner.step(*self.loss(b, (noise[0], noise[1])))
 
     def after_update(self, update: Update) -> None:

@@ -80,7 +80,7 @@ class TD3(OffPolicy):
         return [self.learner.bucket.flat_param, self.target_flat]
 
     def explore(self, obs: torch.Tensor) -> np.ndarray:
-        noise = self.rng.normal(0.0, self.cfg.action_noise, (len(obs), *self.act_shape))
+        noise = self.rng.normal(0.0, self.cfg.action_noise, (len(obs), self.act_dim))
         return np.clip(self.model.actor(obs).cpu().numpy() + noise, -1.0, 1.0).astype(np.float32)
 
     def loss(self, b: ReplayBatch, noise: torch.Tensor, train_actor: bool) -> tuple[torch.Tensor, dict]:
@@ -105,7 +105,7 @@ class TD3(OffPolicy):
 
     def update(self, batch: ReplayBatch) -> Optional[Update]:
         b = ReplayBatch(*(t.to(self.device) for t in batch))
-        noise = torch.randn((len(b.rewards), *self.act_shape), device=self.device)  # this peer's torch stream
+        noise = torch.randn((len(b.rewards), self.act_dim), device=self.device)  # this peer's torch stream
         return self.learner.step(*self.loss(b, noise, self.gradient_steps % self.cfg.policy_delay == 0))
 
     def after_update(self, update: Update) -> None:
