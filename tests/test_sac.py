@@ -113,7 +113,7 @@ def test_td3_moves_the_actor_and_targets_only_on_delayed_updates(small):
         moments = opt.exp_avg[actor].clone(), opt.exp_avg_sq[actor].clone()
         algo.sample(0.1)
         algo.learn(0.1)
-        trains_actor = algo.gradient_steps % 2 == 0
+        trains_actor = algo.updates_started % 2 == 0
         moved = not torch.equal(algo.flat[actor], before[actor])
         seen.append(trains_actor)
         assert moved == trains_actor and (not torch.equal(algo.target_flat, target)) == trains_actor, i

@@ -124,7 +124,7 @@ class OffPolicy(Algorithm):
         self.next_valid = np.ones(cfg.num_envs, dtype=bool)  # False on next-step autoreset steps
         self.episodes = EpisodeCounter(cfg.num_envs)
         self.vector_steps = 0  # identical on every peer
-        self.gradient_steps = 0  # updates started, identical on every peer (TD3's delay counts them)
+        self.updates_started = 0  # updates started, identical on every peer (TD3's delay counts them)
         # Vector step from which learning_starts counts: moves to the resume point when the replay
         # buffers were not restored, so no peer ever samples an empty or nearly empty buffer.
         self.fill_from = 0
@@ -199,7 +199,7 @@ class OffPolicy(Algorithm):
         logs = {"buffer_size": self.buffer.size}
         if self.ready():
             for _ in range(c.gradient_steps):
-                self.gradient_steps += 1
+                self.updates_started += 1
                 finished = self.update(self.buffer.sample(c.batch_size))
                 if finished is not None:
                     self.after_update(finished)
@@ -211,10 +211,10 @@ class OffPolicy(Algorithm):
 
     # -- checkpoint state ------------------------------------------------------------------------
     def counters(self) -> dict:
-        return {"vector_steps": self.vector_steps, "gradient_steps": self.gradient_steps}
+        return {"vector_steps": self.vector_steps, "updates_started": self.updates_started}
 
     def load_counters(self, s: dict) -> None:
-        self.vector_steps, self.gradient_steps = int(s["vector_steps"]), int(s["gradient_steps"])
+        self.vector_steps, self.updates_started = int(s["vector_steps"]), int(s["updates_started"])
         self.fill_from = self.vector_steps  # until load_rank_state_dict restores the replay buffers
 
     def rank_state_dict(self, replay: bool = False) -> dict:

@@ -106,7 +106,7 @@ class TD3(OffPolicy):
     def update(self, batch: ReplayBatch) -> Optional[Update]:
         b = ReplayBatch(*(t.to(self.device) for t in batch))
         noise = torch.randn((len(b.rewards), self.act_dim), device=self.device)  # this peer's torch stream
-        return self.learner.step(*self.loss(b, noise, self.gradient_steps % self.cfg.policy_delay == 0))
+        return self.learner.step(*self.loss(b, noise, self.updates_started % self.cfg.policy_delay == 0))
 
     def after_update(self, update: Update) -> None:
         if update.applied and update.terms["actor_update"] != 0.0:
