@@ -43,8 +43,9 @@ def allocate_rollout(T: int, N: int, obs_shape: tuple, act_shape: tuple, act_dty
 
 
 class ReplayBatch(NamedTuple):
-    """A minibatch of transitions. obs, next_obs: (B, *obs_shape); actions: (B,) int64; rewards: (B,)
-    (n-step discounted sums); discounts: (B,) = gamma**k for the k rewards summed; terminated: (B,)."""
+    """A minibatch of transitions. obs, next_obs: (B, *obs_shape); actions: (B,) int64 (discrete), or
+    (B, *action_shape) float32 (continuous, scaled to [-1, 1]); rewards: (B,) (n-step discounted sums);
+    discounts: (B,) = gamma**k for the k rewards summed; terminated: (B,)."""
 
     obs: torch.Tensor
     actions: torch.Tensor
@@ -62,11 +63,12 @@ class ReplayBuffer:
     themselves. `FrameReplay` keys by frame index instead.
     """
 
-    def __init__(self, capacity: int, obs_shape: tuple, rng: np.random.Generator) -> None:
+    def __init__(self, capacity: int, obs_shape: tuple, rng: np.random.Generator, action_shape: tuple = (),
+                 action_dtype: type = np.int64) -> None:
         self.capacity, self.rng = capacity, rng
         self.obs = np.zeros((capacity, *obs_shape), dtype=np.float32)
         self.next_obs = np.zeros((capacity, *obs_shape), dtype=np.float32)
-        self.actions = np.zeros(capacity, dtype=np.int64)
+        self.actions = np.zeros((capacity, *action_shape), dtype=action_dtype)
         self.rewards = np.zeros(capacity, dtype=np.float32)
         self.discounts = np.zeros(capacity, dtype=np.float32)
         self.terminated = np.zeros(capacity, dtype=np.float32)

@@ -78,8 +78,13 @@ def test_plan_scaling_fixes_per_peer_work(monkeypatch, tmp_path):
     monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec())
     a = bench.parse_args(["--scaling", "--scaling-steps", "1000", "--seeds", "0"])
     jobs = bench.plan_scaling(a, tmp_path)
-    assert [(j.task, j.system) for j in jobs] == [(f"{t}-fixed-work", s) for t in ("lunarlander-ppo", "halfcheetah-ppo")
+    assert [(j.task, j.system) for j in jobs] == [(f"{t}-fixed-work", s) for t in ("lunarlander-ppo", "halfcheetah-ppo",
+                                                                                 "halfcheetah-sac")
                                                   for s in ("p2prl-1", "p2prl-2")]
+    # SAC: the same per-peer batch and updates on both; each peer's own warm-up steps alike
+    sac_one, sac_two = jobs[4:]
+    assert {"algo=sac", "algo.learning_starts=1000"} <= set(sac_one.cmd) and "algo.learning_starts=2000" in sac_two.cmd
+    assert not any(c.startswith(("algo.batch_size", "algo.gradient_steps")) for c in sac_one.cmd + sac_two.cmd)
     for one, two, env in ((jobs[0], jobs[1], "lunarlander"), (jobs[2], jobs[3], "halfcheetah")):
         assert "train.total_steps=1000" in one.cmd and "train.total_steps=2000" in two.cmd
         assert {"algo=ppo", f"env={env}", "train.target_return=null"} <= set(two.cmd)
@@ -102,6 +107,38 @@ def test_halfcheetah_runs_a_fixed_budget_against_the_zoos_normalized_ppo(monkeyp
     spec = bench_sb3.ZOO[("ppo", "HalfCheetah-v5")]
     kwargs = bench_sb3.model_kwargs("ppo", "HalfCheetah-v5", 1_000_000)
     assert spec["normalize"] and spec["n_envs"] * kwargs["n_steps"] == 512 and kwargs["batch_size"] == 64
+
+
+def test_sac_tasks_run_the_zoos_global_batch_and_ratio_on_every_system(monkeypatch, tmp_path):
+    monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec())
+    a = bench.parse_args(["--tasks", "halfcheetah-sac", "--seeds", "0"])
+    one, two, sb3 = bench.plan(a, tmp_path)
+    for job, batch, updates in ((one, 256, 1), (two, 128, 2)):  # the zoo's 256 per update, one update per env step
+        assert {"algo=sac", "env=halfcheetah", "train.target_return=null", "train.total_steps=100000",
+                f"algo.batch_size={batch}", f"algo.gradient_steps={updates}", "algo.train_freq=1",
+                "train.eval_every_steps=10000", "train.log_every_steps=1000"} <= set(job.cmd)
+        assert job.watch == 2500
+    assert sb3.cmd[sb3.cmd.index("--watch") + 1] == "2500" and "--target" not in sb3.cmd
+    assert sb3.cmd[sb3.cmd.index("--eval-every") + 1] == "10000" and sb3.cmd[sb3.cmd.index("--steps") + 1] == "100000"
+    assert bench_sb3.ZOO[("sac", "HalfCheetah-v5")]["kwargs"]["learning_starts"] == 10_000
+
+
+def test_watched_targets_and_evaluations_from_the_rows():
+    rows = [{"step": 1000, "time_s": 10.0, "episode_return_mean": None},
+            {"step": 2000, "time_s": 20.0, "episode_return_mean": -500.0, "eval_return_mean": -400.0, "eval_return_std": 5.0},
+            {"step": 3000, "time_s": 30.0, "episode_return_mean": -190.0},
+            {"step": 4000, "time_s": 40.0, "episode_return_mean": -250.0, "eval_return_mean": -150.0, "eval_return_std": 1.0}]
+    w = report.watched(rows, -200)
+    assert w["reached"] and w["steps_to_target"] == 3000 and w["time_to_target_s"] == 30.0
+    assert w["evaluations"] == [[2000, -400.0, 5.0], [4000, -150.0, 1.0]] and w["eval_return_mean"] == -150.0
+    assert not report.watched(rows, 0)["reached"] and "reached" not in report.watched(rows, None)
+
+
+@pytest.mark.skipif(not HAS_SB3, reason="needs stable-baselines3")
+def test_sb3_sac_evaluates_greedily_and_watches_without_stopping():
+    out = bench_sb3.train("sac", "Pendulum-v1", 0, None, 300, None, watch=-1e9, eval_every=200, eval_episodes=1)
+    assert out["final_step"] == 300 and out["reached"] and out["steps_to_target"] <= 300
+    assert [e[0] for e in out["evaluations"]] == [200, 300] and out["eval_return_mean"] == out["evaluations"][-1][1]
 
 
 @pytest.mark.skipif(not (HAS_SB3 and importlib.util.find_spec("mujoco")), reason="needs stable-baselines3 and mujoco")

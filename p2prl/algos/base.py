@@ -20,7 +20,7 @@ plain Python values only (they are loaded with `torch.load(weights_only=True)`):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Callable, Mapping, NamedTuple, Optional, Sequence
 
 import gymnasium as gym
 import numpy as np
@@ -51,15 +51,29 @@ class Peer:
     sync: CommConfig  # how the learner shares its updates (comm.strategy and its settings)
     preempt: Optional[Preemption] = None  # comm.straggler_frac: when to cut a rollout short
 
+    @property
+    def rank(self) -> int:
+        return self.comm.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.comm.world_size
+
+    @property
+    def device(self) -> torch.device:
+        """Where this peer's model lives."""
+        return self.comm.device
+
     def rng(self, purpose: str) -> np.random.Generator:
         """This peer's own numpy stream for `purpose` (see p2prl.seeding)."""
         return peer_rng(self.seed, self.comm.rank, purpose)
 
     def learner(self, params: Sequence[torch.nn.Parameter],
                 optimizer: Callable[[torch.nn.Parameter], FlatOptimizer], max_grad_norm: Optional[float],
-                terms: Sequence[str]) -> Learner:
-        """The learner that averages this model's gradients over the peers (see p2prl.sync.learner)."""
-        return Learner(params, optimizer, self.comm, max_grad_norm, terms, sync=self.sync)
+                terms: Sequence[str], gates: Optional[Mapping[str, str]] = None) -> Learner:
+        """The learner that averages this model's gradients over the peers (see p2prl.sync.learner);
+        `gates`: optimizer groups that step only where a term is not 0 (`Learner`)."""
+        return Learner(params, optimizer, self.comm, max_grad_norm, terms, sync=self.sync, gates=gates)
 
 
 class Algorithm:

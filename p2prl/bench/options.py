@@ -45,12 +45,12 @@ def parse_args(argv: Optional[list[str]] = None, prog: str = "python -m p2prl.be
                    help="wall-clock cap per run from launch (default: 300, with --presets or --faults 3600); a run still going "
                         "then has not reached the target")
     p.add_argument("--sb3-steps", type=int, default=None,
-                   help="SB3 step budget (default: the zoo's n_timesteps for PPO, 300k for DQN)")
+                   help="SB3 step budget of tasks run to a target (default: the zoo's n_timesteps for PPO, 300k for DQN)")
     p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
                    help="Hydra override for every p2prl run (repeatable), e.g. -o train.total_steps=50000")
     p.add_argument("--budget", type=int, default=None,
                    help="global steps of the fixed-budget tasks (default: breakout-ppo 100k, breakout-dqn 150k, "
-                        "halfcheetah-ppo 1M)")
+                        "halfcheetah-ppo 1M, pendulum-sac 20k, halfcheetah-sac and halfcheetah-td3 100k, hopper-sac 150k)")
     p.add_argument("--scaling", nargs="*", choices=sorted(SCALING), default=None, metavar="TASK",
                    help="run the 1 vs 2 peer scaling measurement instead, on these tasks (of "
                         f"{', '.join(SCALING)}; none named: {' and '.join(SCALING_DEFAULT)})")
@@ -100,7 +100,7 @@ def parse_args(argv: Optional[list[str]] = None, prog: str = "python -m p2prl.be
                    help="with --network: local_sgd's updates between averages (default: %(default)s)")
     p.add_argument("--scaling-steps", type=int, default=None,
                    help="global steps of the 1-peer scaling run (default: 100k on LunarLander, 20k on HalfCheetah "
-                        "and Breakout)")
+                        "(PPO) and Breakout, 10k on HalfCheetah (SAC))")
     p.add_argument("--out", type=Path, default=None, help="output dir (default: bench/<timestamp>)")
     a = p.parse_args(argv)
     positive = {"--stepping-num-envs": a.stepping_num_envs, "--stepping-cores": [a.stepping_cores],

@@ -30,11 +30,11 @@ from p2prl.plot import read_metrics
 
 TO_TARGET = ("launch_to_target_s", "time_to_target_s", "first_step_to_target_s", "steps_to_target")
 MEASURES = (*TO_TARGET, "sps", "comm_frac", "comm_ms_per_call", "grad_bytes", "calls_per_update",
-            "bytes_per_update", "episode_return_mean", "final_step", "max_rss_mb", "launch_to_exit_s",
-            "last_rank_share")
+            "bytes_per_update", "episode_return_mean", "eval_return_mean", "final_step", "max_rss_mb",
+            "launch_to_exit_s", "last_rank_share")
 SUMMARY_KEYS = ("reached", "steps_to_target", "time_to_target_s", "first_step_to_target_s", "final_step",
                 "world_size", "wall_s", "sps", "comm_frac", "comm_calls", "comm_bytes", "updates",
-                "episode_return_mean", "timed_out")
+                "episode_return_mean", "eval_return_mean", "evaluations", "timed_out")
 
 
 def derive(summary: dict[str, Any], launch_to_exit_s: float) -> dict[str, Any]:
@@ -65,6 +65,20 @@ def derive(summary: dict[str, Any], launch_to_exit_s: float) -> dict[str, Any]:
     rec["calls_per_update"] = calls / updates if calls is not None and updates else None
     rec["bytes_per_update"] = nbytes / updates if nbytes is not None and updates else None
     return rec
+
+
+def watched(rows: Sequence[dict[str, Any]], target: Optional[float]) -> dict[str, Any]:
+    """What a fixed-budget p2prl run's metrics rows say beyond its summary: its greedy evaluations
+    ([step, mean, std] each; `eval_return_mean` the last one's mean) and, for a watched `target`, the
+    first row whose training return window reached it (its step and run time)."""
+    evals = [[r["step"], r["eval_return_mean"], r.get("eval_return_std")] for r in rows
+             if r.get("eval_return_mean") is not None]
+    out: dict[str, Any] = {"evaluations": evals, "eval_return_mean": evals[-1][1] if evals else None}
+    if target is not None:
+        hit = next((r for r in rows if r.get("episode_return_mean") is not None
+                    and r["episode_return_mean"] >= target), None)
+        out.update(reached=hit is not None, steps_to_target=hit and hit["step"], time_to_target_s=hit and hit["time_s"])
+    return out
 
 
 def grad_bytes(run_dir: Path) -> Optional[int]:
@@ -112,7 +126,8 @@ def aggregate(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for (task, system), rs in groups.items():
         row: dict[str, Any] = {"task": task, "system": system, "runs": len(rs),
                                "reached": sum(bool(r.get("reached")) for r in rs),
-                               "failed": sum(r.get("error") is not None for r in rs)}
+                               "failed": sum(r.get("error") is not None for r in rs),
+                               "watched": any(r.get("watched") for r in rs)}
         for key in MEASURES:
             known = [r.get(key) for r in rs]
             # Time and steps to target: a miss is +inf. Other measures: a missing value is unknown.
@@ -148,13 +163,18 @@ def format_results(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def format_budget(rows: Sequence[dict[str, Any]]) -> str:
-    """The fixed-budget table: the return reached at the budget's end, speed and memory."""
-    headers = ("task", "system", "runs", "global steps", "return at the end", "steps/s", "peak MiB per peer",
-               "launch->exit s")
+    """The fixed-budget table: the return reached at the budget's end (greedy evaluation where the task
+    evaluates), when a watched target was first reached, speed and memory."""
+    headers = ("task", "system", "runs", "global steps", "greedy return at the end", "training return at the end",
+               "reached", "steps->target", "time->target s", "steps/s", "peak MiB per peer", "launch->exit s")
     body = [(r["task"], r["system"], f"{r['runs']}" + (f", {r['failed']} failed" if r["failed"] else ""),
-             fmt(r["final_step"], 0), fmt(r["episode_return_mean"], 1), fmt(r["sps"], 0), fmt(r["max_rss_mb"], 0),
-             fmt(r["launch_to_exit_s"], 0)) for r in rows]
-    return table(headers, body) + "\nmedian (min-max) over seeds; return: the mean game score of the last 20 games"
+             fmt(r["final_step"], 0), fmt(r["eval_return_mean"], 1), fmt(r["episode_return_mean"], 1),
+             *((f"{r['reached']}/{r['runs']}", fmt(r["steps_to_target"], 0), fmt(r["time_to_target_s"], 0))
+               if r.get("watched") else ("-", "-", "-")),
+             fmt(r["sps"], 0), fmt(r["max_rss_mb"], 0), fmt(r["launch_to_exit_s"], 0)) for r in rows]
+    return table(headers, body) + ("\nmedian (min-max) over seeds; greedy return: the mean of 10 greedy episodes "
+                                   "at the budget; training return: of the last 20 episodes (Atari: games); "
+                                   "target: when the training return first reached it (inf: never)")
 
 
 def format_presets(rows: Sequence[dict[str, Any]], presets: dict[str, dict[str, Any]]) -> str:
