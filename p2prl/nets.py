@@ -91,10 +91,15 @@ class NatureCNN(nn.Module):
         self.out_dim = 512
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float() * (1.0 / 255.0)
+        """x: (B, C, H, W) or (B, H, W, C) pixels -> (B, 512)."""
         if self.channels_last:
-            x = x.permute(0, 3, 1, 2)
-        return self.fc(self.conv(x))
+            x = x.permute(0, 3, 1, 2)  # a view with channels-last strides: no copy
+        # The convolutions run on channels-last (NHWC) floats: oneDNN's CPU kernels train about 1.5x
+        # faster on them than on NCHW (the backward most), whatever the weights' layout. The bytes are
+        # converted once, in the same pass as the layout; the values stay x.float() * (1 / 255).
+        y = x.to(torch.float32, memory_format=torch.channels_last)
+        y = y * (1.0 / 255.0) if y is x else y.mul_(1.0 / 255.0)  # never scale the caller's tensor in place
+        return self.fc(self.conv(y))
 
 
 class Encoder(nn.Module):
