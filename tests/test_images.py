@@ -135,6 +135,18 @@ def test_rollout_keeps_uint8_and_shares_raw_obs_without_normalization():
     assert allocate_rollout(3, 2, (4,), (), torch.int64).raw_obs is not None
 
 
+def test_channels_last_rollout_minibatches_reach_the_cnn_without_a_transposing_copy():
+    r = allocate_rollout(3, 2, (4, 84, 84), (), torch.int64, torch.uint8, raw=False, channels_last=True)
+    frames = torch.randint(0, 256, (3, 2, 4, 84, 84), dtype=torch.uint8)
+    for t in range(3):
+        r.obs[t] = frames[t]
+    assert r.obs.shape == (3, 2, 4, 84, 84) and torch.equal(r.obs, frames)
+    flat = r.obs[:2].reshape(4, 4, 84, 84)  # a shortened rollout, flattened as PPO.learn does
+    batch = flat[torch.tensor([3, 0, 2])]
+    assert batch.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(batch, frames[:2].reshape(4, 4, 84, 84)[torch.tensor([3, 0, 2])])
+
+
 def test_ppo_rollout_holds_the_env_frames_as_uint8(compose):
     from p2prl.runner import build_algorithm
     cfg = compose("algo=ppo", "env=gym", "env.id=P2prlTestFrames-v0", "env.frame_stack=4", "algo.num_envs=2",
