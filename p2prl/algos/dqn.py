@@ -116,9 +116,12 @@ class DQN(Algorithm):
     # -- acting ----------------------------------------------------------------------------------
     @torch.inference_mode()
     def _act(self) -> np.ndarray:
-        greedy = self.q(torch.from_numpy(self.obs).to(self.comm.device)).argmax(1).cpu().numpy()
         explore = self.rng.random(self.num_envs) < self.epsilon
-        return np.where(explore, self.rng.integers(0, self.n_actions, self.num_envs), greedy)
+        random = self.rng.integers(0, self.n_actions, self.num_envs)
+        if explore.all():  # no greedy action is taken: skip the network (most steps early on, as SB3 does)
+            return random
+        greedy = self.q(torch.from_numpy(self.obs).to(self.comm.device)).argmax(1).cpu().numpy()
+        return np.where(explore, random, greedy)
 
     def _store(self, actions, rewards, next_key, term, trunc, valid) -> None:
         """Store this step's valid transitions (n-step windows if n_step > 1).
