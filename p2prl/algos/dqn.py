@@ -81,8 +81,8 @@ class DQN(Algorithm):
         dev = self.comm.device
         encoder = resolve_encoder(cfg.encoder, obs_space)
         self.q = QNetwork(obs_space, self.n_actions, cfg.hidden_sizes, cfg.activation, encoder).to(dev)
-        self.learner = peer.learner(list(self.q.parameters()), lambda p: FlatAdam(p, lr=cfg.lr),
-                                    cfg.max_grad_norm, TERMS)  # broadcasts rank 0's parameters
+        adam = lambda p: FlatAdam(p, lr=cfg.lr, fused=encoder == "cnn")  # noqa: E731
+        self.learner = peer.learner(list(self.q.parameters()), adam, cfg.max_grad_norm, TERMS)  # broadcasts rank 0's q
         self.target = QNetwork(obs_space, self.n_actions, cfg.hidden_sizes, cfg.activation, encoder).to(dev)
         self.target.load_state_dict(self.q.state_dict())
         self.target.requires_grad_(False)

@@ -84,8 +84,8 @@ class PPO(Algorithm):
                                  cfg.log_std_init).to(self.comm.device)
         self.obs_dtype = torch.uint8 if encoder == "cnn" else torch.float32  # frames stay bytes until the CNN
         stacked = encoder == "cnn" and not self.model.encoder.cnn.channels_last  # (C, H, W) frames: stored C innermost
-        optimizer = (lambda p: FlatAdam(p, lr=cfg.lr, eps=cfg.eps)) if cfg.optimizer == "adam" else \
-            (lambda p: FlatRMSprop(p, lr=cfg.lr, alpha=0.99, eps=cfg.eps))
+        optimizer = (lambda p: FlatAdam(p, lr=cfg.lr, eps=cfg.eps, fused=encoder == "cnn")) \
+            if cfg.optimizer == "adam" else (lambda p: FlatRMSprop(p, lr=cfg.lr, alpha=0.99, eps=cfg.eps))
         self.learner = peer.learner(list(self.model.parameters()), optimizer, cfg.max_grad_norm, TERMS)
         self.discrete = isinstance(act_space, gym.spaces.Discrete)
         if not self.discrete:
