@@ -201,6 +201,16 @@ def test_bench_json_and_png_from_synthetic_results(tmp_path):
     assert plot.bar_chart(report.aggregate(none_reached), "launch_to_target_s", "s", tmp_path / "b.png").is_file()
 
 
+def test_fixed_budget_png_shows_speed_and_return(tmp_path):
+    runs_ = [{"task": "breakout-ppo", "system": system, "seed": seed, "error": None, "reached": False,
+              "sps": sps + seed, "episode_return_mean": ret} for seed in range(2)
+             for system, sps, ret in (("p2prl-1", 300.0, 2.5), ("sb3", 272.0, -1.0))]
+    rows = report.aggregate(runs_) + report.aggregate(RUNS)  # and a task with a target
+    panels = {"breakout-ppo": [("sps", "steps/s", False), ("episode_return_mean", "return", False)],
+              RUNS[0]["task"]: [("launch_to_target_s", "seconds", True)]}
+    assert plot.bar_panels(rows, panels, tmp_path / "bench.png").read_bytes()[:8] == PNG
+
+
 def test_plot_cli_draws_return_curves(tmp_path, capsys):
     dirs = [tmp_path / name / "seed0" for name in ("a", "b")]
     for i, d in enumerate(dirs):
