@@ -4,8 +4,8 @@ Time and steps to the target return, and steps/s, for p2prl on 1 and 2 peers and
 their defaults: `p2prl.bench.options`). Every run is a fresh process, timed from launch to exit.
 
 Fixed-budget tasks (breakout-ppo, breakout-dqn: from pixels; halfcheetah-ppo) run a step budget instead and
-report the return reached at its end, steps/s and peak memory per peer; bench.png shows their steps/s and
-return.
+report the return reached at its end, steps/s (also over SB3's) and peak memory per peer; bench.png shows their
+steps/s and return. On them `p2prl-1-global` is 1 peer at SB3's settings (p2prl.bench.plans.GLOBAL_BATCH).
 
 `--scaling [TASK ...]` instead measures global steps/s at fixed per-peer work (LunarLander PPO,
 HalfCheetah PPO, Breakout PPO or DQN): N steps on 1 peer and 2N on 2 peers; efficiency = sps2 / (2 * sps1).

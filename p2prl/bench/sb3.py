@@ -93,8 +93,9 @@ def model_kwargs(algo: str, env_id: str, budget: int) -> dict[str, Any]:
 
 
 def train(algo: str, env_id: str, seed: int, target: Optional[float], steps: Optional[int],
-          deadline: Optional[float], window: int = 20) -> dict[str, Any]:
-    """Train one SB3 model; the summary. `deadline` is a `time.time()` at which training stops."""
+          deadline: Optional[float], window: int = 20, learning_starts: Optional[int] = None) -> dict[str, Any]:
+    """Train one SB3 model; the summary. `deadline` is a `time.time()` at which training stops;
+    `learning_starts` (DQN) replaces the zoo's."""
     import torch
     from stable_baselines3 import DQN, PPO
     from stable_baselines3.common.callbacks import BaseCallback
@@ -114,6 +115,8 @@ def train(algo: str, env_id: str, seed: int, target: Optional[float], steps: Opt
     else:
         envs = make_vec_env(env_id, n_envs=spec["n_envs"], seed=seed)  # Monitor-wrapped: info["episode"]
     kwargs = model_kwargs(algo, env_id, budget)
+    if learning_starts is not None:
+        kwargs["learning_starts"] = learning_starts
     if spec.get("normalize"):  # outside Monitor: the episode returns stay the env's own
         from stable_baselines3.common.vec_env import VecNormalize
         envs = VecNormalize(envs, gamma=kwargs["gamma"])
@@ -168,9 +171,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--target", type=float, default=None, help="stop once the return window reaches this (default: never)")
     p.add_argument("--steps", type=int, default=None, help="step budget (default: see DEFAULT_BUDGET)")
     p.add_argument("--deadline", type=float, default=None, help="time.time() at which to stop training")
+    p.add_argument("--learning-starts", type=int, default=None, help="DQN: steps before learning (default: the zoo's)")
     p.add_argument("--out", type=Path, required=True, help="where to write the JSON summary")
     a = p.parse_args(argv)
-    write_json_atomic(a.out, train(a.algo, a.env, a.seed, a.target, a.steps, a.deadline))
+    write_json_atomic(a.out, train(a.algo, a.env, a.seed, a.target, a.steps, a.deadline,
+                                   learning_starts=a.learning_starts))
 
 
 if __name__ == "__main__":
