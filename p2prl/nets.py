@@ -8,6 +8,7 @@ from typing import Sequence
 import gymnasium as gym
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Categorical, Distribution, Normal
 
@@ -15,10 +16,23 @@ from torch.distributions import Categorical, Distribution, Normal
 Distribution.set_default_validate_args(False)
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
+_FUNCTIONAL = {nn.Tanh: torch.tanh, nn.ReLU: F.relu}  # what each activation module's forward calls
+
+
+class MLP(nn.Sequential):
+    """Linear and activation layers (an nn.Sequential: the same parameters and state_dict keys) whose
+    forward calls the layers' functional ops directly: the same ops, so the same results bit for bit,
+    without nn.Module's per-call dispatch, which costs more than the math at the few rows a sampler
+    feeds per env step (a 17-256-256-6 MLP on one row: 43 us through the modules, 16 us direct)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self:
+            x = F.linear(x, layer.weight, layer.bias) if isinstance(layer, nn.Linear) else _FUNCTIONAL[type(layer)](x)
+        return x
 
 
 def mlp(in_dim: int, hidden: Sequence[int], out_dim: int, activation: str = "tanh",
-        out_gain: float = 1.0) -> nn.Sequential:
+        out_gain: float = 1.0) -> MLP:
     """MLP with orthogonal init (sqrt(2) on hidden layers, `out_gain` on the output layer)."""
     layers: list[nn.Module] = []
     d = in_dim
@@ -26,7 +40,7 @@ def mlp(in_dim: int, hidden: Sequence[int], out_dim: int, activation: str = "tan
         layers += [_init(nn.Linear(d, h), math.sqrt(2)), ACTIVATIONS[activation]()]
         d = h
     layers.append(_init(nn.Linear(d, out_dim), out_gain))
-    return nn.Sequential(*layers)
+    return MLP(*layers)
 
 
 def _init(layer: nn.Linear, gain: float) -> nn.Linear:
