@@ -7,7 +7,8 @@
 #   HEAD_ADDR       address of the node that hosts the rendezvous; it must stay up for the whole job (required)
 #   PORT            rendezvous port on HEAD_ADDR (default 29500)
 #   RUN_ID          rendezvous id, also the run dir's name; the same on every node (default p2prl)
-#   NODE_RANK       optional: 0 marks the rendezvous host; without it the node whose address is HEAD_ADDR hosts.
+#   NODE_RANK       optional: 0 marks the rendezvous host; without it the node whose address HEAD_ADDR is (or
+#                   resolves to) hosts, and where that cannot be told, torchrun's own guess decides.
 #                   torchrun's c10d rendezvous assigns the nodes' ranks itself: RANK 0 may live on another node.
 #   IFNAME          network interface the peers use (gloo and NCCL); its IPv4 address becomes this node's
 #                   address. Interface names differ between clusters: check `ip -4 addr`.
@@ -23,7 +24,10 @@
 #                   joins a running job (it waits forever for the new round's MASTER_ADDR), and keeps keys of
 #                   earlier rounds.
 #   TORCHRUN        the torchrun command (default torchrun)
-# Everything after the environment is passed to p2prl.train as Hydra overrides.
+#   MODULE          the Python module every peer runs (default p2prl.train); e.g. p2prl.bench.syncbench, the
+#                   sync microbenchmark `python -m p2prl.bench --network` starts on its hosts this same way
+# Everything after the environment is passed to MODULE: Hydra overrides for p2prl.train, its own arguments
+# for another module.
 # Trusted networks only: torchrun's rendezvous store listens on all interfaces without authentication.
 set -euo pipefail
 : "${NNODES:?set NNODES (a number, or MIN:MAX)}"
@@ -41,17 +45,36 @@ if [ -z "${LOCAL_ADDR:-}" ]; then
   LOCAL_ADDR=$(hostname -I | awk '{print $1}')
 fi
 : "${LOCAL_ADDR:?cannot tell the address of this node: set IFNAME or LOCAL_ADDR}"
+# The addresses a name (or an address) stands for, sorted, one a line; none if it does not resolve.
+resolve() {
+  if command -v getent >/dev/null; then
+    getent ahosts "$1" | awk '{print $1}'
+  else
+    "${PYTHON:-python3}" -c 'import socket, sys; print(*{a[4][0] for a in socket.getaddrinfo(sys.argv[1], None)}, sep="\n")' "$1"
+  fi 2>/dev/null | sort -u
+}
 # torchrun guesses whether it hosts the rendezvous by comparing HEAD_ADDR with this host's names; an
-# address on a secondary interface defeats the guess, so say it.
+# address on a secondary interface defeats the guess, so say it where it is known: NODE_RANK, or
+# HEAD_ADDR resolving to this node's address. Nowhere else: is_host=0 is obeyed, and HEAD_ADDR given as
+# a name (or localhost) differs from every node's address as a string, so no node would host. Then
+# torchrun decides. So it does for a loopback head too: it hosts, or joins when another agent on this
+# machine holds the port, which an explicit is_host=1 on several loopback "nodes" would not.
+is_host=
 if [ -n "${NODE_RANK:-}" ]; then
   is_host=$([ "$NODE_RANK" = 0 ] && echo 1 || echo 0)
 else
-  is_host=$([ "$LOCAL_ADDR" = "$HEAD_ADDR" ] && echo 1 || echo 0)
+  common=$(comm -12 <(resolve "$HEAD_ADDR") <(resolve "$LOCAL_ADDR") | head -n 1)
+  if [ -n "$common" ] && [[ "$common" != 127.* && "$common" != ::1 ]]; then
+    is_host=1
+  fi
 fi
-conf="is_host=$is_host${RDZV_CONF:+,$RDZV_CONF}"
+conf=${RDZV_CONF:-}
+if [ -n "$is_host" ]; then
+  conf="is_host=$is_host${conf:+,$conf}"
+fi
 if [[ "$NNODES" == *:* || "${MAX_RESTARTS:-0}" != 0 ]]; then
   export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 fi
 exec ${TORCHRUN:-torchrun} --nnodes="$NNODES" --nproc-per-node="$NPROC_PER_NODE" --max-restarts="${MAX_RESTARTS:-0}" \
-  --rdzv-backend=c10d --rdzv-endpoint="$HEAD_ADDR:$PORT" --rdzv-id="$RUN_ID" --rdzv-conf="$conf" \
-  --local-addr="$LOCAL_ADDR" -m p2prl.train "$@"
+  --rdzv-backend=c10d --rdzv-endpoint="$HEAD_ADDR:$PORT" --rdzv-id="$RUN_ID" ${conf:+--rdzv-conf="$conf"} \
+  --local-addr="$LOCAL_ADDR" -m "${MODULE:-p2prl.train}" "$@"

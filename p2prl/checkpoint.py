@@ -53,6 +53,16 @@ def prune(folder: Path, keep: int) -> None:
         shared_path(folder, step).unlink(missing_ok=True)
 
 
+def remove_partial_writes(folder: Path) -> list[Path]:
+    """Delete the temp files of checkpoint writes that a killed process left in `folder` (p2prl.atomic
+    names them `.step_<N>.pt.tmp<pid>`); returns them. Only at the start of an attempt, when no peer of
+    this run writes there: every save comes after collectives that this peer has not yet joined."""
+    stale = sorted(folder.glob(".step_*.pt.tmp*")) if folder.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def load(path: Path, mmap: bool = False, warn: bool = True) -> Optional[dict]:
     """A checkpoint's contents, or None (with a warning) if it is missing, truncated or corrupt.
 

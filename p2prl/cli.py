@@ -1,9 +1,9 @@
-"""The `p2prl` command: one front door to the tools, `p2prl train|evaluate|plot|bench ...`.
+"""The `p2prl` command: one front door to the tools, `p2prl train|evaluate|export|plot|bench ...`.
 
 `p2prl train [--nproc N] OVERRIDES...` starts `python -m p2prl.train OVERRIDES...` (N = 1) or
 torchrun (`python -m p2prl.torchrun --standalone --nproc_per_node=N -m p2prl.train OVERRIDES...`, N > 1;
-it exits 2 quietly on bad input) and returns its exit code; `p2prl evaluate|plot|bench ARGS...` are
-`python -m p2prl.evaluate|plot|bench ARGS...`. The `python -m` forms and `p2prl-train` stay as they are.
+it exits 2 quietly on bad input) and returns its exit code; `p2prl evaluate|export|plot|bench ARGS...`
+are `python -m p2prl.evaluate|export|plot|bench ARGS...`. The `python -m` forms and `p2prl-train` stay as they are.
 
 The training job runs as a child process in this process's group, so Ctrl-C at a terminal reaches it
 (and torchrun's peers) directly, as it would without this wrapper; a SIGTERM sent to `p2prl` itself
@@ -78,6 +78,7 @@ def _tool(module: str) -> Callable[[list[str], str], int]:
 COMMANDS: dict[str, tuple[Callable[[list[str], str], int], str]] = {
     "train": (launch_train, "train on N peers (torchrun for N > 1): p2prl train --nproc 2 algo=ppo env=cartpole"),
     "evaluate": (_tool("p2prl.evaluate"), "greedy episodes of a run, eval.json, MP4s with --video"),
+    "export": (_tool("p2prl.export"), "a run's greedy policy as one file that acts without p2prl: ONNX, .pt2, .npy"),
     "plot": (_tool("p2prl.plot"), "return curves of runs or sweeps (mean and min-max band over seeds) as a PNG"),
     "bench": (_tool("p2prl.bench.runs"), "benchmarks: time and steps to the target on 1 and 2 peers and with SB3"),
 }

@@ -1,47 +1,21 @@
-"""Typed run configuration: the schema of the composed Hydra config, and its checks.
+"""Typed run configuration: the schema of the composed Hydra config, and `upgrade` of saved ones.
 
-Every default lives once, in conf/ (the YAML files, each key commented there). The dataclasses below
-are the schema: they declare each key's type and check its value, but hold no default, so a config can
-only come from composing conf/ (`p2prl.precheck.compose`), or from a dict that names every key.
-Each algorithm's section is declared in its own file (`p2prl.algos`). A user-caused mistake surfaces as
-a one-line `ConfigError` naming the key, the value and what is allowed. The file is over 250
-lines because the schema, the checks it shares with the algorithms' sections, the compatibility
-defaults of saved configs and the one flatten/hash belong together: every key's type, check and
-meaning in one place.
+Every default lives once, in conf/ (each key commented there). The dataclasses below declare each key's
+type and check its value (`p2prl.checks`) but hold no default, so a config can only come from composing
+conf/ (`p2prl.precheck.compose`), or from a dict that names every key. Each algorithm's section is
+declared in its own file (`p2prl.algos`); checks that need a registry run from it, in `p2prl.precheck`.
+A little over 250 lines: the five run-wide sections and the upgrade of saved configs read together.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-
-class ConfigError(ValueError):
-    """A user-caused configuration error; `str()` is the one line shown to the user."""
-
-    def __init__(self, key: str, value: Any, allowed: str):
-        self.key, self.value, self.allowed = key, value, allowed
-        super().__init__(f"{key}={show(value)}: {allowed}")
-
-    @classmethod
-    def line(cls, text: str) -> "ConfigError":
-        """An error whose one line is already written (e.g. agreed between peers)."""
-        e = cls.__new__(cls)
-        ValueError.__init__(e, text)
-        e.key = e.value = e.allowed = None
-        return e
-
-
-def show(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    return str(value)
+from p2prl.checks import ConfigError, choice, fields, is_number, unit
 
 
 def conf_dir() -> Path:
@@ -51,75 +25,6 @@ def conf_dir() -> Path:
         if (cand / "config.yaml").is_file():
             return cand
     raise FileNotFoundError(f"p2prl: no conf/config.yaml next to {here}")
-
-
-# -- value checks (used by every section, the algorithms' included) -------------------------------
-def _number(value: Any, integer: bool) -> bool:
-    kind = int if integer else (int, float)
-    return not isinstance(value, bool) and isinstance(value, kind) and math.isfinite(value)
-
-
-def positive(key: str, value: Any, integer: bool = False) -> None:
-    if not _number(value, integer) or value <= 0:
-        raise ConfigError(key, value, f"must be a positive {'integer' if integer else 'number'}")
-
-
-def nonneg(key: str, value: Any, integer: bool = False) -> None:
-    if not _number(value, integer) or value < 0:
-        raise ConfigError(key, value, f"must be {'an integer' if integer else 'a number'} >= 0")
-
-
-def unit(key: str, value: Any, low_open: bool = False) -> None:
-    ok = _number(value, False) and (0 < value <= 1 if low_open else 0 <= value <= 1)
-    if not ok:
-        raise ConfigError(key, value, f"must be in {'(0, 1]' if low_open else '[0, 1]'}")
-
-
-def number(key: str, value: Any) -> None:
-    if not _number(value, False):
-        raise ConfigError(key, value, "must be a number")
-
-
-def choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(key, value, f"allowed: {', '.join(allowed)}")
-
-
-def boolean(key: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ConfigError(key, value, "must be true or false")
-
-
-def optional(check, key: str, value: Any, **kw: Any) -> None:
-    if value is not None:
-        check(key, value, **kw)
-
-
-RULES = {
-    "positive": positive, "positive_int": lambda k, v: positive(k, v, integer=True),
-    "nonneg": nonneg, "nonneg_int": lambda k, v: nonneg(k, v, integer=True),
-    "number": number, "unit": unit, "unit_open": lambda k, v: unit(k, v, low_open=True), "boolean": boolean,
-    "optional_positive": lambda k, v: optional(positive, k, v),
-    "optional_positive_int": lambda k, v: optional(positive, k, v, integer=True),
-    "optional_nonneg": lambda k, v: optional(nonneg, k, v),
-    "optional_nonneg_int": lambda k, v: optional(nonneg, k, v, integer=True),
-}
-
-
-def fields(obj: Any, prefix: str, **rules: tuple[str, ...]) -> None:
-    """Check `obj`'s fields by rule: `fields(cfg, "algo.", positive=("lr",), boolean=("norm_adv",))`.
-    Rules: number, positive, positive_int, nonneg, nonneg_int, unit ([0, 1]), unit_open ((0, 1]), boolean,
-    optional_positive, optional_positive_int, optional_nonneg, optional_nonneg_int (None allowed)."""
-    for rule, names in rules.items():
-        for name in names:
-            RULES[rule](prefix + name, getattr(obj, name))
-
-
-def net(prefix: str, hidden_sizes: Any, activation: Any) -> None:
-    """A network's `hidden_sizes` (list of positive integers) and `activation`."""
-    if not isinstance(hidden_sizes, (list, tuple)) or not all(_number(h, True) and h > 0 for h in hidden_sizes):
-        raise ConfigError(prefix + "hidden_sizes", hidden_sizes, "must be a list of positive integers")
-    choice(prefix + "activation", activation, ("tanh", "relu"))
 
 
 # -- the run-wide sections -------------------------------------------------------------------------
@@ -176,7 +81,7 @@ class TrainConfig:
         if not isinstance(self.resume, str) or not self.resume.strip():
             raise ConfigError("train.resume", self.resume, "allowed: auto, never, or the path of a run dir "
                                                            "or checkpoint")
-        if self.target_return is not None and not _number(self.target_return, False):
+        if self.target_return is not None and not is_number(self.target_return, False):
             raise ConfigError("train.target_return", self.target_return, "must be a number or null")
 
 
@@ -188,6 +93,7 @@ class CommConfig:
     check_every: int
     overlap: bool
     topology: str
+    graph: str
     compress: str
     average_every: int
     outer_lr: float
@@ -198,21 +104,13 @@ class CommConfig:
     def __post_init__(self) -> None:
         fields(self, "comm.", boolean=("overlap",), positive=("timeout_s", "outer_lr"),
                positive_int=("check_every", "average_every"), unit_open=("min_rollout_frac",))
-        choice("comm.strategy", self.strategy, ("allreduce", "param_server", "local_sgd", "gossip"))
         choice("comm.backend", self.backend, ("auto", "gloo", "nccl"))
-        choice("comm.compress", self.compress, ("none", "bf16"))
-        choice("comm.topology", self.topology, ("ring", "hypercube") if self.strategy == "gossip"
-               else ("auto", "flat", "hierarchical"))
-        if not _number(self.outer_momentum, False) or not 0 <= self.outer_momentum < 1:
+        choice("comm.topology", self.topology, ("auto", "flat", "hierarchical"))
+        if not is_number(self.outer_momentum, False) or not 0 <= self.outer_momentum < 1:
             raise ConfigError("comm.outer_momentum", self.outer_momentum, "must be in [0, 1)")
         if self.straggler_frac is not None:
             unit("comm.straggler_frac", self.straggler_frac, low_open=True)
-        if self.overlap and self.strategy != "allreduce":
-            raise ConfigError("comm.overlap", self.overlap, f"only comm=allreduce overlaps its sums, not "
-                                                           f"comm={self.strategy}; allowed: false")
-        if self.compress != "none" and (self.strategy != "allreduce" or self.overlap):
-            raise ConfigError("comm.compress", self.compress, "compresses comm=allreduce's blocking sums only "
-                                                             "(no comm.overlap); allowed here: none")
+        # What depends on the strategy (its name, overlap, compress, graph): p2prl.sync.table's checks.
 
 
 @dataclass
@@ -223,7 +121,7 @@ class CheckpointConfig:
 
     def __post_init__(self) -> None:
         fields(self, "checkpoint.", optional_positive_int=("every_steps",), boolean=("replay",))
-        if not _number(self.keep, True) or self.keep < 2:
+        if not is_number(self.keep, True) or self.keep < 2:
             # Rank 0 prunes without waiting for the other ranks' files of the newest set: keeping one
             # more guarantees a complete set survives a crash during a save.
             raise ConfigError("checkpoint.keep", self.keep, "must be an integer >= 2")
@@ -291,24 +189,32 @@ def section(cls: type, key: str, values: Any) -> Any:
 
 
 # Keys added to conf/ after runs were saved, with the value that behaves as those runs did: a saved
-# config (summary.json, a checkpoint's) without them means that value. A section in ADDED_SECTIONS
-# came later as a whole: a saved config without it gets all of its ADDED_KEYS.
+# config (summary.json, a checkpoint's) without them means that value (an algorithm's: its spec's
+# `added_keys`). A section in ADDED_SECTIONS came later as a whole: all of its ADDED_KEYS.
 ADDED_KEYS = {"env": {"wrapper": "none", "frame_stack": None, "terminal_on_life_loss": False,
                       "vectorization": "sync"},
-              "algo": {"encoder": "mlp", "clip_reward": None, "log_std_init": 0.0},
               "train": {"eval_every_steps": None, "eval_episodes": 10},
+              "comm": {"graph": "ring"},
               "logger": {"name": "tensorboard", "project": "p2prl", "entity": None, "run_name": None, "group": None,
                          "tags": [], "mode": None}}
 ADDED_SECTIONS = ("logger",)
+# Before `comm.graph`, gossip's graph was `comm.topology`: a saved topology of ring or hypercube (values
+# only gossip took) is its graph, and its transport's topology the default, auto.
+OLD_GRAPHS = ("ring", "hypercube")
 
 
-def upgrade(raw: Mapping[str, Any], algo_sections: Mapping[str, type]) -> dict[str, Any]:
-    """`raw` with the ADDED_KEYS its sections lack (where the section's schema has them)."""
+def upgrade(raw: Mapping[str, Any], algo_sections: Mapping[str, type],
+            algo_added: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """`raw` with the added keys its sections lack (where the schema has them; `algo_added`: each
+    algorithm's, `p2prl.algos.added_keys()`), and an OLD_GRAPHS topology moved to `comm.graph`."""
     out = dict(raw)
+    comm = out.get("comm")
+    if isinstance(comm, dict) and "graph" not in comm and comm.get("topology") in OLD_GRAPHS:
+        out["comm"] = {**comm, "graph": comm["topology"], "topology": "auto"}
     algo = raw.get("algo")
-    schemas = {"env": EnvConfig, "train": TrainConfig, "logger": LoggerConfig,
-               "algo": algo_sections.get(algo.get("name")) if isinstance(algo, dict) else None}
-    for key, added in ADDED_KEYS.items():
+    name = algo.get("name") if isinstance(algo, dict) else None
+    schemas = {**SECTIONS, "algo": algo_sections.get(name)}
+    for key, added in {**ADDED_KEYS, "algo": algo_added.get(name, {})}.items():
         section, schema = out.get(key, {} if key in ADDED_SECTIONS else None), schemas[key]
         if isinstance(section, dict) and schema is not None:
             names = {f.name for f in dataclasses.fields(schema)}
@@ -320,7 +226,7 @@ def build_config(raw: Mapping[str, Any], algo_sections: Mapping[str, type]) -> R
     """The typed config of a resolved config dict (no `hydra` key); `algo_sections` maps each
     algorithm name to its section's dataclass (`p2prl.algos.algo_sections()`)."""
     seed = raw.get("seed")
-    if not _number(seed, True) or not 0 <= seed < 2 ** 31:
+    if not is_number(seed, True) or not 0 <= seed < 2 ** 31:
         # numpy's legacy seeding takes < 2**32, and peers add rank and env offsets to the seed.
         raise ConfigError("seed", seed, "must be an integer in [0, 2**31)")
     algo = raw.get("algo") or {}

@@ -16,7 +16,8 @@ from typing import Callable, Optional
 import gymnasium as gym
 import numpy as np
 
-from p2prl.config import ConfigError, EnvConfig
+from p2prl.checks import ConfigError
+from p2prl.config import EnvConfig
 from p2prl.wrappers import wrap
 
 

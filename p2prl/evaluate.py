@@ -20,7 +20,7 @@ import numpy as np
 
 from p2prl import video
 from p2prl.atomic import write_json_atomic
-from p2prl.config import ConfigError
+from p2prl.checks import ConfigError
 from p2prl.policy import EVAL_SEED, load, load_run_config, run_episodes
 
 __all__ = ["evaluate", "load_run_config", "main", "run_episodes"]
@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m p2prl.evaluate") 
     for flag, value in (("--episodes", a.episodes), ("--video-episodes", a.video_episodes)):
         if value <= 0:
             p.error(f"{flag}={value}: must be a positive integer")
-    problem = video.missing_extra() if a.video else None
+    # gymnasium refuses a negative seed only once an episode starts, with a traceback.
+    problem = f"--seed={a.seed}: must be an integer >= 0 (episode i is seeded seed + i)" if a.seed < 0 else None
+    problem = problem or (video.missing_extra() if a.video else None)
     if problem:
         print(f"p2prl: error: {problem}", file=sys.stderr)
         return 2

@@ -71,7 +71,7 @@ def _frame_size(shape: Sequence[int]) -> tuple[int, int]:
 def resolve_encoder(choice: str, space: gym.Space) -> str:
     """`algo.encoder`: auto is cnn for image observations of at least 36x36, mlp (flattening) for any
     other Box."""
-    from p2prl.config import ConfigError
+    from p2prl.checks import ConfigError
     image = is_image(space)
     fits = image and min(_frame_size(space.shape)) >= MIN_SIDE
     if choice == "auto":

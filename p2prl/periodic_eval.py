@@ -32,7 +32,8 @@ from p2prl.comm import Communicator
 from p2prl.config import RunConfig
 from p2prl.envs import make_single_env
 from p2prl.policy import BEST, EVAL_SEED, Policy, run_episodes
-from p2prl.resume import Checkpointer, Progress
+from p2prl.checkpointer import Checkpointer
+from p2prl.resume import Progress
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +54,8 @@ class PeriodicEval:
         self.env = make_single_env(cfg.env) if self.every else None
         self.path = saver.folder / BEST
         known = best_return(self.path) if self.every and resumed and comm.rank == 0 else None
+        # A fresh start finds no best.pt: an earlier run's moved to previous/ with its checkpoints (p2prl.rundir).
         self.best = -math.inf if known is None else known
-        if not resumed and comm.rank == 0 and self.path.is_file():
-            # An earlier attempt's (train.resume=never in its dir): `--checkpoint best` must not pick it up.
-            log.info("removing %s: kept by an earlier attempt this run does not continue", self.path)
-            self.path.unlink()
 
     def due(self, start_step: int, step: int) -> bool:
         """Whether the iteration from `start_step` to `step` crossed a multiple of eval_every_steps (the

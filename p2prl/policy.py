@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from p2prl import algos, checkpoint as ckpt
-from p2prl.config import ConfigError, RunConfig
+from p2prl.checks import ConfigError
+from p2prl.config import RunConfig
 from p2prl.envs import make_single_env
 from p2prl.precheck import to_run_config
 from p2prl.sweep import saved_config

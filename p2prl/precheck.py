@@ -1,9 +1,10 @@
 """Every user-caused error, caught before training in one place.
 
 The command line is composed with Hydra's compose API (each job of a sweep too) and turned into the
-typed config, which checks every value (`to_run_config`). Then `preflight` checks what needs the
-outside world: the env's spaces against the algorithm, the comm backend against the hardware, the run
-dir writable, the checkpoint to resume readable and fitting this config. Under torchrun the peers
+typed config, which checks every value (`to_run_config`: the schema's checks, then those the
+strategy table holds). Then `preflight` checks what needs the outside world: the env's spaces against
+the algorithm, the strategy against the number of peers, the comm backend against the hardware, the
+run dir writable, the checkpoint to resume readable and fitting this config. Under torchrun the peers
 then swap their verdicts and configs through torchrun's store: if any peer found an error, or the
 peers' configs differ, every peer stops with the same one line. All of it happens before Hydra creates
 a run dir, so a bad command overwrites nothing of an existing run. What `preflight` established is
@@ -15,16 +16,19 @@ import importlib.util
 import itertools
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
 from p2prl import algos
-from p2prl.config import ConfigError, RunConfig, build_config, conf_dir, config_hash, upgrade
+from p2prl.checks import ConfigError
+from p2prl.config import RunConfig, build_config, conf_dir, config_hash, upgrade
+from p2prl.sync import table as sync
 
 if TYPE_CHECKING:
-    from p2prl.comm import Devices
+    from p2prl.host import Devices
 
 GROUPS = ("algo", "env", "comm", "checkpoint", "logger")
 DIR_KEYS = ("hydra.run.dir", "hydra.sweep.dir")
@@ -57,25 +61,26 @@ def to_run_config(cfg: DictConfig | dict) -> RunConfig:
         if key != "hydra":
             value = cfg[key]
             raw[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-    return build_config(upgrade(raw, algos.algo_sections()), algos.algo_sections())
+    cfg = build_config(upgrade(raw, algos.algo_sections(), algos.added_keys()), algos.algo_sections())
+    sync.check(cfg.comm)  # what depends on the strategy, from its table
+    return cfg
 
 
 def preflight(cfg: RunConfig, run_dir: Optional[Path], dir_key: str = DIR_KEYS[0],
               out_dir: Optional[Path] = None) -> Preflight:
     """Check what needs the outside world; `run_dir` None: a sweep's job dir, numbered at launch, whose
     resume source the run checks itself."""
-    from p2prl.comm import resolve_devices
+    from p2prl.host import resolve_devices
     from p2prl.envs import check_vectorization, make_single_env
     from p2prl.resume import check_source
     algos.check_strategy(cfg.algo.name, cfg.comm.strategy, cfg.comm.straggler_frac)
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if cfg.comm.strategy == "gossip" and cfg.comm.topology == "hypercube" and world & (world - 1):
-        raise ConfigError("comm.topology", "hypercube", f"needs a power of two peers, here {world}; allowed: ring")
+    sync.check_world(cfg.comm, int(os.environ.get("WORLD_SIZE", 1)))
     env = make_single_env(cfg.env)
     check_vectorization(cfg.env)
     try:
         algos.check_spaces(cfg.algo.name, env.observation_space, env.action_space)
-        image = _check_encoder(cfg.algo, cfg.env, env.observation_space)
+        _check_frame_stack(cfg.env, env.observation_space)
+        image = algos.spec(cfg.algo.name).check_observations(cfg.algo, env.observation_space)
     finally:
         env.close()
     devices = resolve_devices(cfg.device, cfg.comm.backend, image)
@@ -89,24 +94,16 @@ def preflight(cfg: RunConfig, run_dir: Optional[Path], dir_key: str = DIR_KEYS[0
     return Preflight(devices, checked)
 
 
-def _check_encoder(algo, env, space) -> bool:
-    """`algo.encoder` against the observations (algorithms without one: none); whether a CNN it is."""
-    from p2prl.nets import resolve_encoder
+def _check_frame_stack(env, space) -> None:
+    """`env.frame_stack` against the (stacked) observations."""
     if env.frame_stack is not None and len(space.shape or ()) > 3:
         raise ConfigError("env.frame_stack", env.frame_stack, f"stacks vectors or 2-D (grey) frames; the env's "
                                                               f"frames are {tuple(space.shape[1:])} (HxWxC); allowed "
                                                               "here: null")
-    if getattr(algo, "encoder", None) is None:
-        return False
-    cnn = resolve_encoder(algo.encoder, space) == "cnn"
-    if cnn and getattr(algo, "norm_obs", False):
-        raise ConfigError("algo.norm_obs", True, "does not apply to image observations (the CNN scales pixels "
-                                                 "to [0, 1] itself); allowed here: false")
-    return cnn
 
 
 def _check_writable(key: str, path: Path) -> None:
-    """The dir exists and is writable, or its nearest existing ancestor is a writable directory."""
+    """The dir exists and is writable, or its nearest existing ancestor is a directory in which one can be made."""
     probe = path.absolute()
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
@@ -114,6 +111,13 @@ def _check_writable(key: str, path: Path) -> None:
         raise ConfigError(key, path, f"cannot be a directory: {probe} is a file; allowed: a writable directory")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(key, path, f"{probe} is not writable; allowed: a writable directory")
+    if probe != path.absolute():
+        # Hydra makes the rest, which os.access does not foresee for root (/proc, /sys): make and remove one.
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".p2prl-probe-", dir=probe))
+        except OSError as e:
+            raise ConfigError(key, path, f"cannot be created: no directory can be made in {probe} ({e.strerror}); "
+                                         "allowed: a writable directory") from None
 
 
 def _options(group: str) -> list[str]:

@@ -1,10 +1,10 @@
-"""Checkpoint sets and resuming: what a run saves at rollout boundaries, and how every peer comes back.
+"""Checkpoint sets and resuming: how every peer comes back from what p2prl.checkpointer saved.
 
 A checkpoint at global step N is complete when rank 0's `step_<N>.pt` and every rank's
 `rank<R>/step_<N>.pt` load. The peers resume together from the newest complete one (a truncated or
 half-written newest falls back to the one before, with a warning), so a restarted run continues the
 interrupted one exactly: same parameters, optimizer, normalizers, return window, counters, RNG
-states and env states. On a different number of peers (or with a changed `RANK_KEYS` value) only the shared state carries
+states and env states. On a different number of peers (or with a changed `rank_keys` value) only the shared state carries
 over; every peer starts its envs and RNGs afresh (with a warning). Keys that fix what the checkpoint
 holds (the algorithm, the env, the model's shapes: `fixed_keys`) cannot change on resume; every other
 key may, and the run follows the new value (docs/validation.md lists which is which).
@@ -16,13 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-
 from p2prl import algos
-from p2prl.checkpoint import (list_steps, load, prune, rank_path, rng_state, save_atomic, set_rng_state,
-                              shared_path, step_of)
+from p2prl.checkpoint import list_steps, load, set_rng_state, shared_path, step_of
+from p2prl.checks import ConfigError, show
 from p2prl.comm import Communicator
-from p2prl.config import ConfigError, RunConfig, config_hash, flatten, show, upgrade
+from p2prl.config import RunConfig, flatten, upgrade
 from p2prl.envstate import not_restorable
 from p2prl.metrics import ReturnWindow
 
@@ -38,10 +36,15 @@ class Progress:
     time_s: float = 0.0
 
 
-# A change of these keeps the shared state but restarts every rank's own (envs, windows, replay).
-RANK_KEYS = ("algo.num_envs", "algo.n_step", "env.max_episode_steps", "env.terminal_on_life_loss",
-             "env.vectorization")
+# A change of these keeps the shared state but restarts every rank's own (envs, windows, replay); so
+# does a change of the algorithm's own `rank_keys` (the registry's).
+ENV_RANK_KEYS = ("env.max_episode_steps", "env.terminal_on_life_loss", "env.vectorization")
 FORMAT = 2  # of the shared checkpoint; 1 (no "format" key): before the learner kept its own state
+
+
+def rank_keys(algo_name: str) -> tuple[str, ...]:
+    """Flat keys whose change restarts every rank's own state: the algorithm's `rank_keys`, the env's."""
+    return (*(f"algo.{k}" for k in algos.spec(algo_name).rank_keys), *ENV_RANK_KEYS)
 
 
 def fixed_keys(algo_name: str) -> tuple[str, ...]:
@@ -124,9 +127,10 @@ def _rank_file(shared: Path, rank: int) -> Path:
 
 
 def _same_ranks(shared: dict, cfg: RunConfig, world_size: int) -> bool:
-    """Whether each rank's own file fits this run: same number of peers, same RANK_KEYS."""
-    saved, now = flatten(upgrade(shared.get("config", {}), algos.algo_sections())), cfg.flat()
-    return shared.get("world_size") == world_size and all(saved.get(k) == now.get(k) for k in RANK_KEYS)
+    """Whether each rank's own file fits this run: same number of peers, same `rank_keys`."""
+    saved, now = flatten(upgrade(shared.get("config", {}), algos.algo_sections(), algos.added_keys())), cfg.flat()
+    return shared.get("world_size") == world_size and all(saved.get(k) == now.get(k)
+                                                        for k in rank_keys(cfg.algo.name))
 
 
 def restore(comm: Communicator, cfg: RunConfig, run_dir: Path, algo: algos.Algorithm, window: ReturnWindow,
@@ -158,7 +162,7 @@ def restore(comm: Communicator, cfg: RunConfig, run_dir: Path, algo: algos.Algor
 
 def _load(comm: Communicator, cfg: RunConfig, algo: algos.Algorithm, window: ReturnWindow, shared: dict,
           own: Optional[dict]) -> None:
-    saved, now = flatten(upgrade(shared.get("config", {}), algos.algo_sections())), cfg.flat()
+    saved, now = flatten(upgrade(shared.get("config", {}), algos.algo_sections(), algos.added_keys())), cfg.flat()
     changed = sorted(k for k in set(saved) | set(now) if k != "train.resume" and saved.get(k) != now.get(k))
     if changed:
         log.info("resuming with a changed config (the new values hold): %s", ", ".join(changed[:8]))
@@ -176,82 +180,6 @@ def _load(comm: Communicator, cfg: RunConfig, algo: algos.Algorithm, window: Ret
     elif comm.rank == 0:
         log.warning("resuming a run of %s peer(s) on %d (%s): only the shared state carries over; every peer's "
                     "envs, RNGs and replay start afresh", shared.get("world_size"), comm.world_size,
-                    ", ".join(f"{k}={show(now.get(k))}" for k in RANK_KEYS if saved.get(k) != now.get(k))
+                    ", ".join(f"{k}={show(now.get(k))}" for k in rank_keys(cfg.algo.name)
+                              if saved.get(k) != now.get(k))
                     or "another number of peers")
-
-
-def _clone(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.detach().clone()
-    if isinstance(x, dict):
-        return {k: _clone(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return type(x)(_clone(v) for v in x)
-    return x
-
-
-class Checkpointer:
-    """Writes checkpoint sets; on rank 0 also keeps the shared state of the last iteration boundary, so
-    an interrupted peer can save the model without any collective (parameters are identical everywhere)."""
-
-    def __init__(self, comm: Communicator, cfg: RunConfig, run_dir: Path, algo: algos.Algorithm,
-                 window: ReturnWindow) -> None:
-        self.comm, self.algo, self.window = comm, algo, window
-        self.folder = run_dir / "checkpoints"
-        self.keep, self.replay = cfg.checkpoint.keep, cfg.checkpoint.replay
-        self.config = cfg.to_dict()
-        self.hash = config_hash(self.config)
-        self.boundary: Optional[dict] = None
-        self.saved_step: Optional[int] = None
-
-    def _shared(self, p: Progress, mean: Optional[torch.Tensor] = None) -> dict:
-        """Rank 0's checkpoint contents; with `mean`, the peers' mean parameters stand in for its own."""
-        learner = self.algo.learner
-        if mean is not None:
-            own = learner.bucket.flat_param.detach().clone()
-            with torch.no_grad():
-                learner.bucket.flat_param.copy_(mean)
-            try:
-                return _clone(self._shared(p))  # the model's tensors are views of the parameters
-            finally:
-                with torch.no_grad():
-                    learner.bucket.flat_param.copy_(own)
-        return {"format": FORMAT, "step": p.step, "iteration": p.iteration, "time_s": p.time_s,
-                "world_size": self.comm.world_size,
-                "config": self.config, "config_hash": self.hash, "return_window": self.window.state_dict(),
-                **({} if learner is None else {"learner": learner.state_dict()}), **self.algo.state_dict()}
-
-    def shared_state(self, p: Progress) -> dict:
-        """The shared checkpoint's contents, on every peer. No collective, but where the peers'
-        parameters differ (local_sgd, gossip): their mean then stands in for each one's own (one
-        all-reduce: every peer calls this at the same steps)."""
-        learner = self.algo.learner
-        return self._shared(p, learner.strategy.average_parameters() if learner is not None else None)
-
-    def save(self, p: Progress) -> None:
-        """Every rank writes its own file, rank 0 also the shared one (`shared_state`: where the
-        peers' parameters differ, their average) and each rank's file its own."""
-        self.comm.phase = "checkpoint"
-        rank, learner = self.comm.rank, self.algo.learner
-        own_state = self.algo.rank_state_dict(self.replay)
-        if learner is not None:
-            own_state["learner"] = learner.rank_state_dict()
-        own = {"step": p.step, "rank": rank, "world_size": self.comm.world_size, "rng": rng_state(), **own_state}
-        save_atomic(own, rank_path(self.folder, rank, p.step))
-        prune(self.folder / f"rank{rank}", self.keep)
-        shared = self.shared_state(p)
-        if rank == 0:
-            save_atomic(shared, shared_path(self.folder, p.step))
-            prune(self.folder, self.keep)
-            log.info("checkpoint at step %d", p.step)
-        self.saved_step = p.step
-
-    def mark_boundary(self, p: Progress) -> None:
-        if self.comm.rank == 0:
-            self.boundary = _clone(self._shared(p))
-
-    def save_interrupted(self, why: str) -> None:
-        """Rank 0: the state of the last iteration boundary to checkpoints/interrupted.pt."""
-        if self.comm.rank == 0 and self.boundary is not None:
-            save_atomic({**self.boundary, "interrupted_by": why}, self.folder / "interrupted.pt")
-            log.warning("saved the model of step %d to %s", self.boundary["step"], self.folder / "interrupted.pt")

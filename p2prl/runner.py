@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import os
 import random
@@ -14,6 +15,7 @@ import torch
 
 from p2prl import algos
 from p2prl.atomic import write_json_atomic
+from p2prl.checks import ConfigError
 from p2prl.comm import (
     Communicator,
     PeerFailure,
@@ -21,22 +23,24 @@ from p2prl.comm import (
     agree_on_config,
     check_identical,
     open_comm,
-    pin,
-    place,
 )
-from p2prl.comm.preemption import preemption
-from p2prl.config import ConfigError, RunConfig, config_hash
+from p2prl.config import RunConfig, config_hash
 from p2prl.envs import make_vec_env
 from p2prl.faults import Interrupted, NonFiniteUpdates
+from p2prl.host import pin, place
 from p2prl.metrics import MetricsWriter, ReturnWindow, peak_rss_mb
 from p2prl.periodic_eval import PeriodicEval
 from p2prl.precheck import Preflight, preflight
+from p2prl.preemption import preemption
 from p2prl.provenance import provenance
-from p2prl.resume import Checkpointer, Progress, restore
+from p2prl.checkpointer import Checkpointer
+from p2prl.resume import Progress, restore
+from p2prl.rundir import set_aside_earlier_run
 from p2prl.seeding import env_seed
 from p2prl.trackers import open_trackers
 
 log = logging.getLogger(__name__)
+_JOBS = itertools.count()  # jobs this process started: every peer counts alike, whatever its config
 
 
 def build_algorithm(cfg: RunConfig, comm: Communicator, tag: str = "") -> algos.Algorithm:
@@ -55,15 +59,19 @@ def build_algorithm(cfg: RunConfig, comm: Communicator, tag: str = "") -> algos.
     return algo
 
 
-def _agreed_preflight(cfg: RunConfig, run_dir: Path) -> Preflight:
-    """`preflight` for a job the precheck did not compose (a sweeper's), with every peer's verdict
-    compared through torchrun's store, so a bad job stops every peer alike."""
-    error, checked = None, None
-    try:
-        checked = preflight(cfg, run_dir)
-    except ConfigError as e:
-        error = str(e)
-    error = agree_before_start(error, [cfg.flat()], cfg.comm.timeout_s, tag=config_hash(cfg.to_dict()))
+def _agreed_preflight(cfg: RunConfig, run_dir: Path, checked: Optional[Preflight]) -> Preflight:
+    """`preflight` for a job the precheck did not compose (a sweeper's; `checked` None), then every
+    peer's verdict and config compared through torchrun's store, so a bad job stops every peer alike."""
+    job = next(_JOBS)
+    error = None
+    if checked is None:
+        try:
+            checked = preflight(cfg, run_dir)
+        except ConfigError as e:
+            error = str(e)
+    # Keyed by the job's number, not its config: peers whose configs differ must meet to find out. Every
+    # job, also a precomposed one: a sweeper may hand one peer a precomposed config and another not.
+    error = agree_before_start(error, [cfg.flat()], cfg.comm.timeout_s, tag=f"job-{job}")
     if error is not None:
         raise ConfigError.line(error)
     return checked
@@ -78,7 +86,7 @@ def run(cfg: RunConfig, run_dir: Path, checked: Optional[Preflight] = None) -> d
     iteration boundary to checkpoints/interrupted.pt.
     """
     t_start = time.perf_counter()
-    checked = checked or _agreed_preflight(cfg, run_dir)
+    checked = _agreed_preflight(cfg, run_dir, checked)
     torch.set_num_threads(cfg.train.torch_threads)
     affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     placement = place(cfg.train.torch_threads) if cfg.train.pin_cores else None
@@ -109,6 +117,11 @@ def _train(cfg: RunConfig, run_dir: Path, comm: Communicator, t_start: float, ch
     identical = learner is None or not learner.strategy.differs
     window = ReturnWindow(cfg.train.return_window)
     p, resumed_from = restore(comm, cfg, run_dir, algo, window, checked)
+    own = (run_dir / "checkpoints").resolve()
+    if resumed_from is None or own not in Path(resumed_from).resolve().parents:
+        # A fresh start, or one from another run's checkpoint: whatever this dir holds belongs to an
+        # earlier run. Before any writer opens a file here.
+        set_aside_earlier_run(comm, run_dir)
     p_start = Progress(p.step, p.iteration, p.time_s)  # where this attempt started
     saver = Checkpointer(comm, cfg, run_dir, algo, window)
     # W&B may take seconds to start on rank 0 while the others wait in the next collective: within half

@@ -11,7 +11,8 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
-from p2prl.config import flatten, show
+from p2prl.checks import show
+from p2prl.config import flatten
 
 IGNORED = ("seed", "train.resume")  # keys that tell repeats apart, not settings
 NAMED_BY = ("algo.name", "env.name")  # what names the one group of runs that differ in nothing else

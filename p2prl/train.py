@@ -22,8 +22,10 @@ from typing import NoReturn, Optional
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from p2prl.comm import is_rank0, run_id
-from p2prl.config import ConfigError, conf_dir, config_hash
+from p2prl.checks import ConfigError
+from p2prl.comm import StartTimeout
+from p2prl.config import conf_dir, config_hash
+from p2prl.host import is_rank0, run_id
 from p2prl.precheck import Preflight, check_command_line, to_run_config
 
 log = logging.getLogger("p2prl")
@@ -69,7 +71,7 @@ def hydra_main(cfg: DictConfig) -> Optional[float]:
             summary = run(job, Path(HydraConfig.get().runtime.output_dir), _CHECKED.get(config_hash(job.to_dict())))
     except ConfigError as e:
         _fail(str(e))
-    except (PeerFailure, NonFiniteUpdates) as e:
+    except (PeerFailure, StartTimeout, NonFiniteUpdates) as e:
         log.error("%s", e)
         _leave(1)
     except Interrupted as e:
@@ -79,7 +81,11 @@ def hydra_main(cfg: DictConfig) -> Optional[float]:
 
 
 def main() -> None:
-    error, jobs = check_command_line(sys.argv[1:])
+    try:
+        error, jobs = check_command_line(sys.argv[1:])
+    except StartTimeout as e:  # every peer that waited says so: the one that did not come may be rank 0
+        print(f"p2prl: error: {e}", file=sys.stderr, flush=True)
+        _leave(1)
     if error:
         # torchrun terminates the other peers as soon as one exits: every peer exits 2 all the same.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -25,6 +25,8 @@ from typing import Any, Callable, Optional
 
 import pytest
 
+from p2prl.bench import procs as proc_tree
+
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 # Spawned peers and subprocess runs import p2prl (and the test modules their functions live in) from
@@ -154,27 +156,11 @@ class Torchrun:
     @staticmethod
     def workers(agent_pid: int) -> dict[int, int]:
         """{RANK: pid} of the agent's worker processes."""
-        out = {}
-        for p in Path("/proc").iterdir():
-            if not p.name.isdigit():
-                continue
-            try:
-                if int(_stat(int(p.name))[1]) != agent_pid:
-                    continue
-                env = (p / "environ").read_bytes().split(b"\0")
-            except (OSError, IndexError):
-                continue
-            rank = [e for e in env if e.startswith(b"RANK=")]
-            if rank:
-                out[int(rank[0][5:])] = int(p.name)
-        return out
+        return proc_tree.workers(agent_pid)
 
     @staticmethod
     def alive(pid: int) -> bool:
-        try:
-            return _stat(pid)[0] != "Z"
-        except (OSError, IndexError):
-            return False
+        return proc_tree.alive(pid)
 
     @staticmethod
     def wait_until(condition: Callable[[], object], timeout: float, what: str, poll: float = 0.02):
@@ -203,10 +189,6 @@ class Torchrun:
                         pass
                 proc.kill()
             proc.communicate()
-
-
-def _stat(pid: int) -> list[str]:
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
 
 
 @pytest.fixture

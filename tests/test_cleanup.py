@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from p2prl.comm.shm import supported
+from p2prl.comm.segment import supported
 
 pytestmark = [pytest.mark.timeout(180),
               pytest.mark.skipif(not supported(), reason="shared-memory sums need x86-64 and memfd_create")]
@@ -67,8 +67,8 @@ def test_kill_9_between_creating_and_sharing_the_segment_leaves_no_file():
     import subprocess
     import sys
     shm_before = set(os.listdir("/dev/shm"))
-    code = ("import os\nfrom p2prl.comm.shm import open_shared_sum\n"
-            "open_shared_sum(0, 2, lambda obj: os.kill(os.getpid(), 9))\n")
+    code = ("import os\nfrom p2prl.comm.segment import open_segment\n"
+            "open_segment(0, 2, lambda obj: os.kill(os.getpid(), 9))\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert p.returncode == -9, p.stderr
     assert set(os.listdir("/dev/shm")) <= shm_before, set(os.listdir("/dev/shm")) - shm_before

@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from p2prl.algos import REGISTRY
-from p2prl.config import SECTIONS, ConfigError, RunConfig, conf_dir, config_hash, flatten
+from p2prl.checks import ConfigError
+from p2prl.config import SECTIONS, RunConfig, conf_dir, config_hash, flatten
 
 SCHEMAS = [RunConfig, *SECTIONS.values(), *{s.config for s in REGISTRY.values()}]
 
@@ -79,6 +80,24 @@ def test_a_saved_config_from_before_the_logger_section_reads_as_tensorboard(comp
     del raw["logger"]  # summary.json of a run from before logger existed
     from p2prl.precheck import to_run_config
     assert to_run_config(raw).logger == compose().logger
+
+
+@pytest.mark.parametrize("graph", ["ring", "hypercube"])
+def test_a_gossip_config_saved_with_its_graph_as_topology_reads_as_comm_graph(graph, compose):
+    from p2prl.precheck import to_run_config
+    raw = compose("comm=gossip", f"comm.graph={graph}").to_dict()
+    del raw["comm"]["graph"]
+    raw["comm"]["topology"] = graph  # summary.json or a checkpoint of a run from before comm.graph
+    cfg = to_run_config(raw)
+    assert (cfg.comm.graph, cfg.comm.topology) == (graph, "auto")
+    assert cfg == compose("comm=gossip", f"comm.graph={graph}")
+
+
+def test_a_config_saved_before_comm_graph_keeps_its_topology(compose):
+    from p2prl.precheck import to_run_config
+    raw = compose("comm.topology=flat").to_dict()
+    del raw["comm"]["graph"]
+    assert to_run_config(raw) == compose("comm.topology=flat")
 
 
 def test_the_hash_ignores_where_to_resume_from(compose):

@@ -4,10 +4,11 @@ import dataclasses
 import pytest
 import torch
 
-from p2prl.comm import GradientBucket, LocalComm, open_comm, parameter_digest
-from p2prl.comm.shm import supported
+from p2prl.comm import LocalComm, open_comm, parameter_digest
+from p2prl.comm.segment import supported
 from p2prl.metrics import ReturnWindow
 from p2prl.runner import build_algorithm
+from p2prl.sync.bucket import GradientBucket
 
 pytestmark = pytest.mark.timeout(120)
 SMALL = ("seed=3", "algo.num_envs=2", "algo.num_steps=16", "algo.num_minibatches=2", "algo.update_epochs=2",

@@ -29,3 +29,13 @@ def test_evaluate_rejects_a_dir_that_is_not_a_run(tmp_path):
     e = subprocess.run([sys.executable, "-m", "p2prl.evaluate", str(tmp_path)], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert e.returncode == 2 and "not a p2prl run dir" in e.stderr and "Traceback" not in e.stderr
+
+
+def test_a_negative_seed_is_one_line_and_exit_2(run_dir, compose):
+    from p2prl.runner import run
+    run(compose(*PPO, "train.total_steps=64", "train.log_every_steps=64", "train.target_return=null"), run_dir)
+    e = subprocess.run([sys.executable, "-m", "p2prl.evaluate", str(run_dir), "--seed", "-1", "--episodes", "2"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert e.returncode == 2, e.stderr
+    assert e.stderr == "p2prl: error: --seed=-1: must be an integer >= 0 (episode i is seeded seed + i)\n", e.stderr
+    assert not (run_dir / "eval.json").exists()

@@ -8,7 +8,7 @@ import torch
 
 from p2prl.comm import open_comm, parameter_digest
 from p2prl.comm.hierarchical import HierarchicalComm, Layout
-from p2prl.comm.shm import supported
+from p2prl.comm.segment import supported
 from p2prl.runner import build_algorithm
 
 pytestmark = pytest.mark.timeout(120)

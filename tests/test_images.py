@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from p2prl.checks import ConfigError
 from p2prl.comm import LocalComm
-from p2prl.config import ConfigError
 from p2prl.data import allocate_rollout
 from p2prl.frame_replay import FrameReplay
 from p2prl.metrics import EpisodeCounter
@@ -497,6 +497,6 @@ def test_a_config_saved_before_the_pixel_keys_resumes_with_its_own_behaviour(com
     for k in ("wrapper", "frame_stack", "terminal_on_life_loss"):
         del old["env"][k]
     del old["algo"]["encoder"]
-    up = upgrade(old, algos.algo_sections())
+    up = upgrade(old, algos.algo_sections(), algos.added_keys())
     assert up["env"]["wrapper"] == "none" and up["algo"]["encoder"] == "mlp"
     assert _same_ranks({"config": old, "world_size": 1}, cfg, 1)  # its per-rank state still fits

@@ -1,7 +1,8 @@
 """Two "hosts" that share only a network: two network namespaces joined by a veth pair, each with its
 own address and its own /dev/shm (a private mount namespace), 2 peers each, started by
-launch/multinode.sh with a c10d rendezvous on the first host's address. The namespaces and links are
-created and removed by the test."""
+launch/multinode.sh with a c10d rendezvous on the first host's address; and two hosts of
+p2prl.bench.netns whose head is given by name. The namespaces and links are created and removed by the
+tests."""
 import json
 import os
 import shutil
@@ -10,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from p2prl.bench.netns import Star
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.timeout(240),
@@ -86,3 +89,23 @@ def test_two_hosts_train_ppo_cartpole_to_its_target(hosts, tmp_path, port):
     assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["rank0", "rank1", "rank2", "rank3"]
     assert all((ckpt / f"rank{r}" / f"step_{s['final_step']}.pt").is_file() for r in range(4))
     assert not any(p.name.startswith("p2prl") for p in Path("/dev/shm").iterdir())
+
+
+TINY = ["algo.num_envs=2", "algo.num_steps=16", "algo.num_minibatches=2", "algo.update_epochs=2",
+        "train.total_steps=512", "train.log_every_steps=128", "train.target_return=null"]
+
+
+def test_a_head_given_by_name_hosts_the_rendezvous(tmp_path, port):
+    """HEAD_ADDR a host name, no NODE_RANK: the node it resolves to hosts the rendezvous (a string
+    comparison with the node's address would tell every node not to host, and none would)."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "NNODES": "2", "HEAD_ADDR": "p2prl-head", "NPROC_PER_NODE": "1", "PORT": str(port),
+           "RUN_ID": "by-name", "TORCHRUN": f"{sys.executable} -m torch.distributed.run"}
+    with Star(2, names={"p2prl-head": 0}) as star:
+        jobs = [star.popen(h.index, ["bash", str(ROOT / "launch" / "multinode.sh"), *TINY, f"hydra.run.dir={run_dir}"],
+                           cwd=ROOT, env={**env, "IFNAME": h.dev}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True) for h in star.hosts]
+        outs = finish_all(jobs, 150)
+    assert [j.returncode for j in jobs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["world_size"] == 2 and s["final_step"] == 512, s

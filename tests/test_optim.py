@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from p2prl.optim import FlatAdam, FlatRMSprop
+from p2prl.sync.optim import FlatAdam, FlatRMSprop
 
 
 def _start_and_grads(n_steps: int):

@@ -20,7 +20,7 @@ def p2prl(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
-@pytest.mark.parametrize("command", ["train", "evaluate", "plot", "bench"])
+@pytest.mark.parametrize("command", ["train", "evaluate", "export", "plot", "bench"])
 def test_each_subcommand_says_what_it_does_with_an_example(command, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main([command, "--help"])
@@ -33,10 +33,10 @@ def test_each_subcommand_says_what_it_does_with_an_example(command, capsys):
 def test_overview_and_unknown_command(capsys):
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert all(f"  {c} " in out for c in ("train", "evaluate", "plot", "bench"))
+    assert all(f"  {c} " in out for c in ("train", "evaluate", "export", "plot", "bench"))
     assert cli.main(["nosuch"]) == 2
     assert capsys.readouterr().err.strip() == \
-        "p2prl: error: unknown command 'nosuch'; allowed: train, evaluate, plot, bench"
+        "p2prl: error: unknown command 'nosuch'; allowed: train, evaluate, export, plot, bench"
     assert cli.main([]) == 2
 
 

@@ -10,7 +10,7 @@ import torch
 
 import p2prl
 from p2prl import checkpoint
-from p2prl.config import ConfigError
+from p2prl.checks import ConfigError
 from p2prl.nets import ActorCritic, QNetwork
 from p2prl.runner import run
 

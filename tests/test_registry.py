@@ -11,11 +11,11 @@ import torch
 
 from p2prl import algos, checkpoint
 from p2prl.algos.base import Algorithm, Peer, Sample
+from p2prl.checks import ConfigError
 from p2prl.comm import LocalComm
-from p2prl.config import ConfigError
 from p2prl.metrics import EpisodeCounter
-from p2prl.optim import FlatAdam
 from p2prl.runner import build_algorithm, run
+from p2prl.sync.optim import FlatAdam
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -104,6 +104,28 @@ def test_spaces_are_checked_against_the_registry():
         algos.check_spaces("mean_reward", box, box)
     with pytest.raises(ConfigError, match=r"algo.name=nosuch: allowed: .*mean_reward"):
         algos.spec("nosuch")
+
+
+def test_what_a_spec_declares_is_what_config_resume_and_precheck_use(compose, monkeypatch):
+    from p2prl.config import upgrade
+    from p2prl.precheck import preflight
+    from p2prl.resume import _same_ranks, rank_keys
+
+    def refuse(algo, space):
+        raise ConfigError("algo.num_steps", algo.num_steps, "refused by the spec's observation check")
+    monkeypatch.setitem(algos.REGISTRY, "mean_reward", dataclasses.replace(
+        TINY, rank_keys=("num_envs", "num_steps"), added_keys={"lr": 0.1}, check_observations=refuse))
+    cfg = tiny_config(compose)
+    assert rank_keys("mean_reward")[:2] == ("algo.num_envs", "algo.num_steps")
+    assert rank_keys("dqn")[:2] == ("algo.num_envs", "algo.n_step") and rank_keys("ppo")[1] == "env.max_episode_steps"
+    saved = cfg.to_dict()
+    assert _same_ranks({"config": saved, "world_size": 1}, cfg, 1)
+    assert not _same_ranks({"config": saved, "world_size": 1}, dataclasses.replace(
+        cfg, algo=dataclasses.replace(cfg.algo, num_steps=8)), 1)  # its own rank key changed
+    del saved["algo"]["lr"]  # a run saved before the key was added
+    assert upgrade(saved, algos.algo_sections(), algos.added_keys())["algo"]["lr"] == 0.1
+    with pytest.raises(ConfigError, match="refused by the spec's observation check"):
+        preflight(cfg, None)
 
 
 # -- Discrete spaces that do not start at 0 --------------------------------------------------------

@@ -1,6 +1,6 @@
 """Checkpoints and resuming: env/RNG state round trips, a truncated newest checkpoint, another number of
-peers, and a peer killed with SIGKILL under `torchrun --max-restarts` ending bit-identical to a run
-that was never interrupted."""
+peers, a peer killed with SIGKILL under `torchrun --max-restarts` ending bit-identical to a run
+that was never interrupted, and a fresh start in a used run dir moving the earlier run to previous/."""
 import dataclasses
 import importlib.util
 import io
@@ -106,17 +106,17 @@ def test_drop_rows_after_keeps_earlier_rows_and_drops_a_torn_line(tmp_path):
 
 
 def test_run_dir_id_is_the_torchrun_agents_start_time_without_a_run_id(monkeypatch):
-    import p2prl.comm.launcher as launcher
+    import p2prl.host as host
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
     ids = []
     for _ in range(2):  # a restarted worker of the same agent computes it afresh
-        monkeypatch.setattr(launcher, "_RUN_ID", None)
-        ids.append(launcher.run_id())
-    assert ids[0] == ids[1] == launcher._agent_started().strftime("%Y-%m-%d_%H-%M-%S_%f")[:-3]
+        monkeypatch.setattr(host, "_RUN_ID", None)
+        ids.append(host.run_id())
+    assert ids[0] == ids[1] == host._agent_started().strftime("%Y-%m-%d_%H-%M-%S_%f")[:-3]
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")
-    monkeypatch.setattr(launcher, "_RUN_ID", None)
-    assert launcher.run_id() == "job-7"
+    monkeypatch.setattr(host, "_RUN_ID", None)
+    assert host.run_id() == "job-7"
 
 
 def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog, small):
@@ -133,6 +133,45 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog
     assert summary["resumed_at_step"] == previous and summary["final_step"] == summary["config"]["train"]["total_steps"]
     steps = [r["step"] for r in rows(run_dir)]
     assert steps == sorted(set(steps)) and steps[-1] == summary["final_step"]
+
+
+QLEARNING = ("algo=qlearning", "env=frozenlake", "algo.num_envs=2")
+
+
+@pytest.mark.parametrize("algo", [DQN, QLEARNING], ids=["dqn", "qlearning"])
+def test_a_sampler_algorithm_resumes_its_own_state_exactly(algo, tmp_path, small):
+    """The newest set lost: the run resumes from the one before on the same peers, its process RNG and
+    its exploration generator both restored (the latter once replaced the former in the rank file), and
+    ends where it had ended."""
+    run_dir = tmp_path / "run"
+    first = run(small(512, *algo, "checkpoint.replay=true"), run_dir)
+    folder = run_dir / "checkpoints"
+    ended = checkpoint.load(checkpoint.shared_path(folder, first["final_step"]))
+    checkpoint.shared_path(folder, first["final_step"]).unlink()
+    again = run(small(512, *algo, "checkpoint.replay=true"), run_dir)
+    assert again["resumed_at_step"] == checkpoint.list_steps(folder)[0] < first["final_step"] == again["final_step"]
+    redone = checkpoint.load(checkpoint.shared_path(folder, again["final_step"]))
+    key = "model" if "model" in ended else "q_table"
+    assert _tensors(redone[key]) and all(torch.equal(a, b) for a, b in zip(_tensors(redone[key]), _tensors(ended[key])))
+
+
+def test_a_gossip_checkpoint_saved_before_comm_graph_resumes_and_loads(tmp_path, caplog, small):
+    from p2prl.policy import load
+    run_dir = tmp_path / "run"
+    first = run(small(128, *PPO, "comm=gossip", "comm.graph=hypercube"), run_dir)
+    folder, step = run_dir / "checkpoints", first["final_step"]
+    for path in (checkpoint.shared_path(folder, step), run_dir / "summary.json"):  # as earlier versions saved them
+        saved = checkpoint.load(path) if path.suffix == ".pt" else json.loads(path.read_text())
+        comm = saved["config"]["comm"]
+        comm["topology"] = comm.pop("graph")
+        checkpoint.save_atomic(saved, path) if path.suffix == ".pt" else path.write_text(json.dumps(saved))
+    assert load(run_dir).config.comm.graph == "hypercube"
+    with caplog.at_level(logging.INFO):
+        summary = run(small(256, *PPO, "comm=gossip", "comm.graph=hypercube"), run_dir)
+    assert summary["resumed_at_step"] == step and summary["final_step"] == 256
+    changed = [r.getMessage() for r in caplog.records if "resuming with a changed config" in r.getMessage()]
+    assert changed and "train.total_steps" in changed[0] and "comm." not in changed[0]  # read as this config
+    assert "only the shared state carries over" not in caplog.text  # each rank's own state carried over too
 
 
 def _resume_on_two(rank: int, cfg, run_dir: Path):
@@ -253,3 +292,113 @@ def test_another_number_of_envs_resumes_the_shared_state_only(tmp_path, small, c
         summary = run(small(256, *PPO, "algo.num_envs=4"), run_dir)
     assert summary["resumed_at_step"] == 128 and summary["final_step"] == 256
     assert "only the shared state carries over" in caplog.text and "algo.num_envs=4" in caplog.text
+
+
+# -- a fresh start in a run dir that holds an earlier run -------------------------------------------
+def _earlier_then_fresh_then_auto(rank: int, earlier, fresh, auto, run_dir: Path):
+    """Three runs in one dir on the same peers: a long one, a fresh start (resume=never), then resume=auto."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda r: records.append(r.getMessage())
+    logging.getLogger("p2prl").addHandler(handler)
+    logging.getLogger("p2prl").setLevel(logging.INFO)
+    first = run(earlier, run_dir)
+    nothing_before = not (run_dir / "previous").exists()
+    if rank == 0:  # as `p2prl evaluate` and Hydra leave them
+        for name in ("eval.json", ".hydra/config.yaml", "train.log"):
+            (run_dir / name).parent.mkdir(exist_ok=True)
+            (run_dir / name).write_text(name)
+    second = run(fresh, run_dir)
+    moved = [m for m in records if "moved the earlier run's" in m]
+    third = run(auto, run_dir)
+    return nothing_before, first, second, third, moved
+
+
+def test_a_fresh_start_moves_the_earlier_run_aside_and_auto_then_continues_the_new_one(tmp_path, small, peers):
+    run_dir = tmp_path / "run"
+    earlier, fresh, auto = small(512), small(256, *PPO, "train.resume=never"), small(384)
+    (empty0, first, second, third, moved0), (empty1, *_, moved1) = peers(
+        _earlier_then_fresh_then_auto, 2, earlier, fresh, auto, run_dir, timeout=150)
+    assert empty0 and empty1 and first["final_step"] == 512  # a run dir with nothing to move gets no previous/
+    (previous,) = (run_dir / "previous").iterdir()
+    assert len(moved0) == 1 and str(previous) in moved0[0] and not moved1, (moved0, moved1)  # one line, rank 0
+    # The earlier run, whole: its checkpoints (every rank's), metrics, summary, events and evaluation.
+    assert checkpoint.list_steps(previous / "checkpoints") == [448, 512]
+    assert all(checkpoint.list_steps(previous / "checkpoints" / f"rank{r}") == [448, 512] for r in (0, 1))
+    assert json.loads((previous / "summary.json").read_text())["final_step"] == 512
+    assert rows(previous)[-1]["step"] == 512 and (previous / "tb").is_dir() and (previous / "eval.json").is_file()
+    # The fresh run's own checkpoints are the ones kept, and resume=auto continues it, not the earlier run.
+    assert second["resumed_from"] is None and second["final_step"] == 256
+    assert third["resumed_at_step"] == 256 and third["final_step"] == 384
+    assert checkpoint.list_steps(run_dir / "checkpoints") == [320, 384]
+    assert [r["step"] for r in rows(run_dir)] == list(range(64, 385, 64))
+    assert not (run_dir / "eval.json").exists()
+    assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "train.log").is_file()  # Hydra's stay
+    assert len(list((run_dir / "previous").iterdir())) == 1  # resuming moves nothing
+
+
+def test_auto_without_a_complete_checkpoint_moves_the_earlier_run_aside(tmp_path, small, caplog):
+    run_dir = tmp_path / "run"
+    run(small(64), run_dir)
+    (only,) = checkpoint.list_steps(run_dir / "checkpoints")
+    newest = checkpoint.shared_path(run_dir / "checkpoints", only)
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    corrupt = newest.read_bytes()
+    with caplog.at_level(logging.INFO):
+        summary = run(small(128), run_dir)
+    assert "starting from scratch" in caplog.text and summary["resumed_from"] is None
+    (previous,) = (run_dir / "previous").iterdir()
+    assert caplog.text.count("moved the earlier run's") == 1 and str(previous) in caplog.text
+    assert (previous / "checkpoints" / newest.name).read_bytes() == corrupt  # moved, as it was
+    assert checkpoint.list_steps(previous / "checkpoints" / "rank0") == [64]
+    assert [r["step"] for r in rows(previous)] == [64] and (previous / "summary.json").is_file()
+    assert checkpoint.list_steps(run_dir / "checkpoints") == [64, 128]
+    assert [r["step"] for r in rows(run_dir)] == [64, 128]
+
+
+def _set_aside_on_own_node(rank: int, tmp_path: Path):
+    """Every peer sees the run dir at the same path, each on its own node (no shared filesystem)."""
+    from p2prl.comm import open_comm
+    from p2prl.precheck import compose
+    from p2prl.rundir import set_aside_earlier_run
+    comm = open_comm(compose("comm.timeout_s=30").comm, "gloo", cores=None)
+    run_dir = tmp_path / f"node{rank}" / "run"
+    return set_aside_earlier_run(comm, run_dir)
+
+
+def test_each_rank_moves_its_own_rank_files_where_nodes_share_no_filesystem(tmp_path, peers):
+    node0, node1 = tmp_path / "node0" / "run", tmp_path / "node1" / "run"
+    for path in (node0 / "checkpoints" / "step_64.pt", node0 / "checkpoints" / "rank0" / "step_64.pt",
+                 node0 / "metrics.jsonl", node1 / "checkpoints" / "rank1" / "step_64.pt"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(path.name)
+    dest0, dest1 = peers(_set_aside_on_own_node, 2, tmp_path)
+    assert dest0.parent == node0 / "previous" and dest1 == node1 / "previous" / dest0.name  # one time stamp
+    assert sorted(str(p.relative_to(dest0)) for p in dest0.rglob("*") if p.is_file()) == [
+        "checkpoints/rank0/step_64.pt", "checkpoints/step_64.pt", "metrics.jsonl"]
+    assert [str(p.relative_to(dest1)) for p in dest1.rglob("*") if p.is_file()] == ["checkpoints/rank1/step_64.pt"]
+    assert not (node0 / "checkpoints").exists() and not (node1 / "checkpoints" / "rank1").exists()
+
+
+def test_a_run_resumed_from_another_run_sets_aside_what_its_own_dir_held(tmp_path, small):
+    source, here = tmp_path / "source", tmp_path / "here"
+    run(small(128), source)
+    run(small(512), here)  # an unrelated earlier run, at higher steps than the resumed one will reach
+    summary = run(small(256, *PPO, f"train.resume={source}"), here)
+    assert summary["resumed_at_step"] == 128 and summary["final_step"] == 256
+    (previous,) = (here / "previous").iterdir()
+    assert checkpoint.list_steps(previous / "checkpoints")[-1] == 512  # kept, aside
+    # Only this run's own checkpoints remain, so a later resume=auto continues it, not the earlier run.
+    assert checkpoint.list_steps(here / "checkpoints") == [192, 256]
+    assert [r["step"] for r in rows(here)] == [192, 256]
+
+
+def test_the_parts_of_checkpoint_writes_killed_in_an_earlier_attempt_are_removed(tmp_path, small):
+    run_dir = tmp_path / "run"
+    run(small(128), run_dir)
+    parts = [run_dir / "checkpoints" / ".step_192.pt.tmp4242", run_dir / "checkpoints" / "rank0" / ".step_192.pt.tmp4243"]
+    for part in parts:
+        part.write_bytes(b"half a checkpoint")  # what atomic writes leave when their process is killed
+    summary = run(small(256), run_dir)
+    assert summary["resumed_at_step"] == 128 and not any(p.exists() for p in parts)
+    assert checkpoint.list_steps(run_dir / "checkpoints") == [192, 256]

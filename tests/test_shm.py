@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from p2prl.comm import PeerFailure, open_comm
-from p2prl.comm.shm import SLOT_BYTES, supported
+from p2prl.comm.segment import SLOT_BYTES, supported
 from p2prl.comm.store import connect
 
 pytestmark = [pytest.mark.timeout(120),
@@ -182,11 +182,11 @@ def test_a_peer_whose_process_exits_is_named_without_waiting_for_the_timeout(com
 
 
 def test_a_call_the_segment_cannot_take_is_refused_and_unlisted_dtypes_go_to_gloo():
-    from p2prl.comm import shm
-    summer = shm.SharedMemorySum(mmap.mmap(-1, shm._segment_bytes(1)), 0, 1)
+    from p2prl.comm import segment, shm
+    summer = shm.SharedMemorySum(mmap.mmap(-1, segment.segment_bytes(1)), 0, 1)
     try:
         with pytest.raises(ValueError, match="at most 1048576 bytes"):
-            summer.publish(torch.ones(shm.SLOT_BYTES // 4 + 1), timeout_s=1)
+            summer.publish(torch.ones(SLOT_BYTES // 4 + 1), timeout_s=1)
         assert summer.calls == 0  # nothing announced
         x = torch.arange(6, dtype=torch.int32)
         summer.finish(summer.publish(x.clone(), timeout_s=1))

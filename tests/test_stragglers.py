@@ -10,9 +10,9 @@ import torch
 
 from p2prl.algos.ppo import sample_weights
 from p2prl.comm import open_comm
-from p2prl.learner import Learner
-from p2prl.optim import FlatSGD
 from p2prl.runner import run
+from p2prl.sync.learner import Learner
+from p2prl.sync.optim import FlatSGD
 
 pytestmark = pytest.mark.timeout(240)
 

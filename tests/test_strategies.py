@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from p2prl.comm import open_comm
-from p2prl.comm.gossip import partner
-from p2prl.learner import Learner
-from p2prl.optim import FlatSGD
+from p2prl.sync.gossip import partner
+from p2prl.sync.learner import Learner
+from p2prl.sync.optim import FlatSGD
 
 pytestmark = pytest.mark.timeout(120)
 LR = 0.1
@@ -85,7 +85,7 @@ def test_gossip_keeps_the_mean_of_the_parameters(compose, peers):
     assert all(o[2] == pytest.approx(want, rel=1e-5) for o in out)
 
 
-@pytest.mark.parametrize("world, t, topology, expected", [
+@pytest.mark.parametrize("world, t, graph, expected", [
     (4, 0, "ring", [1, 0, 3, 2]),
     (4, 1, "ring", [3, 2, 1, 0]),         # the odd edges: 1-2, 3-0
     (3, 0, "ring", [1, 0, None]),         # an odd ring: one peer sits out
@@ -95,8 +95,8 @@ def test_gossip_keeps_the_mean_of_the_parameters(compose, peers):
     (4, 1, "hypercube", [2, 3, 0, 1]),
     (8, 2, "hypercube", [4, 5, 6, 7, 0, 1, 2, 3]),
 ])
-def test_gossip_partners(world, t, topology, expected):
-    got = [partner(r, world, t, topology) for r in range(world)]
+def test_gossip_partners(world, t, graph, expected):
+    got = [partner(r, world, t, graph) for r in range(world)]
     assert got == expected
     assert all(p is None or got[p] == r for r, p in enumerate(got))  # pairs are mutual
 
@@ -133,6 +133,23 @@ def test_diloco_outer_nesterov_step_by_hand(compose, peers):
         torch.testing.assert_close(s, second)
 
 
+def _diloco_start(rank: int, cfg):
+    comm = open_comm(cfg, "gloo")
+    torch.manual_seed(rank)  # peers whose initial weights differ: the learner's broadcast gives all rank 0's
+    model = torch.nn.Linear(3, 2)
+    learner = Learner(list(model.parameters()), lambda p: FlatSGD(p, lr=LR), comm, None, ("loss",), sync=cfg)
+    return learner.strategy.anchor.clone(), learner.bucket.flat_param.detach().clone()
+
+
+def test_diloco_anchor_is_the_broadcast_initial_parameters(compose, peers):
+    # The anchor is what the first outer step measures the peers' progress from: a peer's own initial
+    # weights there would pull every peer towards them at the first average.
+    cfg = compose("comm=local_sgd", "comm.outer_lr=0.7", "comm.outer_momentum=0.9", "comm.timeout_s=30").comm
+    (a0, p0), (a1, p1) = peers(_diloco_start, 2, cfg)
+    assert torch.equal(p0, p1)
+    assert torch.equal(a0, p0) and torch.equal(a1, p1)
+
+
 def _run(rank: int, cfg, run_dir):
     from p2prl.runner import run
     return run(cfg, run_dir)
@@ -154,3 +171,43 @@ def test_where_parameters_differ_rank_0_saves_their_mean_and_each_rank_its_own(t
     torch.testing.assert_close(flat, (own[0] + own[1]) / 2)
     rows = [__import__("json").loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(r["consensus_distance"] >= 0 for r in rows) and any(r["consensus_distance"] > 0 for r in rows)
+
+
+def _compressed_mean(rank: int, cfg, name: str):
+    from p2prl.sync.compress import COMPRESSIONS
+    comm = open_comm(cfg, "gloo")
+    flat = torch.tensor([1.0 + 2 ** -10, -3.0, 0.1]) * (rank + 1)  # 1 + 2^-10 needs more than bf16's 8 bits
+    COMPRESSIONS[name](flat).mean(comm, flat)
+    return flat
+
+
+def test_bf16_compression_averages_the_rounded_gradients_alike_on_every_peer(compose, peers):
+    cfg = compose("comm.timeout_s=30").comm
+    got = peers(_compressed_mean, 2, cfg, "bf16")
+    sent = [(torch.tensor([1.0 + 2 ** -10, -3.0, 0.1]) * (r + 1)).bfloat16() for r in range(2)]
+    assert torch.equal(got[0], got[1])
+    assert torch.equal(got[0], (sent[0] + sent[1]).float() / 2)
+    exact = peers(_compressed_mean, 2, cfg, "none")[0]
+    assert not torch.equal(got[0], exact)  # the rounding is visible: the bytes did travel as bf16
+
+
+def test_which_strategies_serve_tabular_q_learning_is_a_property_of_each(monkeypatch):
+    from p2prl import algos
+    from p2prl.checks import ConfigError
+    from p2prl.sync import table
+    from p2prl.sync.base import Strategy
+    monkeypatch.setitem(table.STRATEGIES, "exact_sums", type("ExactSums", (Strategy,), {"tables": True}))
+    algos.check_strategy("qlearning", "exact_sums", None)  # no list of names to extend
+    with pytest.raises(ConfigError, match=r"^comm=gossip: algo=qlearning cannot .*; allowed: allreduce, exact_sums$"):
+        algos.check_strategy("qlearning", "gossip", None)
+    for name in table.STRATEGIES:
+        algos.check_strategy("ppo", name, None)  # gradients: every strategy
+
+
+def test_every_strategy_in_the_table_predicts_its_time_per_update():
+    from p2prl.bench import cost
+    from p2prl.sync import table
+    m = {"alpha_s": 1e-4, "beta_s_per_byte": 1e-9, "alpha_shm_s": 1e-6, "beta_shm_s_per_byte": 1e-10}
+    preds = cost.predictions(m, 1e6)
+    assert set(table.STRATEGIES) < set(preds) and all(s > 0 for row in preds.values() for s in row)
+    assert preds["hierarchical"][-1] < preds[table.DEFAULT][-1]  # 256 peers, 8 per node: fewer messages cross

@@ -1,6 +1,7 @@
 """Bad input (docs/validation.md): one line naming the key and what is allowed, exit 2, before training,
 on every peer, and nothing of an existing run overwritten."""
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,8 +31,11 @@ BAD = [
     (["algo=qlearning", "env=taxi", "comm=gossip"],
      ["comm=gossip", "algo=qlearning cannot share its updates this way; allowed: allreduce"]),
     (["comm=gossip", "comm.overlap=true"], ["comm.overlap=true", "only comm=allreduce overlaps", "allowed: false"]),
-    (["comm=param_server", "comm.compress=bf16"], ["comm.compress=bf16", "allowed here: none"]),
-    (["comm=gossip", "comm.topology=flat"], ["comm.topology=flat", "allowed: ring, hypercube"]),
+    (["comm=param_server", "comm.compress=bf16"],
+     ["comm.compress=bf16", "only comm=allreduce compresses its sums, not comm=param_server", "allowed: none"]),
+    (["comm.overlap=true", "comm.compress=bf16"], ["comm.compress=bf16", "blocking sums only", "allowed here: none"]),
+    (["comm=gossip", "comm.graph=flat"], ["comm.graph=flat", "allowed: ring, hypercube"]),
+    (["comm=gossip", "comm.topology=ring"], ["comm.topology=ring", "allowed: auto, flat, hierarchical"]),
     (["comm.outer_momentum=1"], ["comm.outer_momentum=1", "must be in [0, 1)"]),
     (["comm.straggler_frac=0"], ["comm.straggler_frac=0", "must be in (0, 1]"]),
     (["comm.min_rollout_frac=0"], ["comm.min_rollout_frac=0", "must be in (0, 1]"]),
@@ -79,6 +83,8 @@ BAD = [
     (["algo=dqn", "env=pendulum"], ["algo=dqn", "needs Discrete actions"]),
     (["comm.backend=nccl"], ["comm.backend=nccl", "nccl needs one CUDA GPU per local peer", "allowed here: auto, gloo"]),
     (["hydra.run.dir={tmp}/a_file/run"], ["hydra.run.dir=", "a_file is a file; allowed: a writable directory"]),
+    (["hydra.run.dir=/proc/p2prl_no_such_dir/run"],  # root passes os.access there; nobody can make a directory
+     ["hydra.run.dir=/proc/p2prl_no_such_dir/run: ", "allowed: a writable directory"]),
     (["train.resume={tmp}/no_such_run"], ["train.resume=", "no_such_run: is missing; allowed: auto, never"]),
     (["train.resume={tmp}/acrobot_run"], ["train.resume=", "belongs to another run (algo=ppo env=acrobot "
                                           "(Acrobot-v1); this run is algo=ppo env=cartpole (CartPole-v1))"]),
@@ -171,10 +177,71 @@ def test_configs_that_differ_between_peers_are_refused_naming_the_keys(tmp_path,
     assert not (tmp_path / "run").exists()
 
 
+def test_a_run_dir_that_cannot_be_created_is_one_line_and_exit_2(cli):
+    p = cli(["hydra.run.dir=/proc/p2prl_no_such_dir/run"], timeout=60)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert p.stderr.startswith("p2prl: error: hydra.run.dir=/proc/p2prl_no_such_dir/run: "), p.stderr
+
+
+# A sweeper that hands each peer other overrides (as one drawing from each process's own RNG would).
+RANK_SWEEPER = """
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class RankSweeperConf:
+    _target_: str = "hydra_plugins.rank_sweeper.RankSweeper"
+    max_batch_size: Optional[int] = None
+
+
+ConfigStore.instance().store(group="hydra/sweeper", name="rank", node=RankSweeperConf)
+
+
+class RankSweeper(BasicSweeper):
+    def sweep(self, arguments):
+        return super().sweep([*arguments, f"algo.lr={(1 + int(os.environ['RANK'])) / 1000}"])
+"""
+
+
+def test_sweeper_jobs_that_differ_between_peers_are_refused_at_once(tmp_path, port):
+    (tmp_path / "hydra_plugins").mkdir()  # a namespace package: Hydra finds plugins in it
+    (tmp_path / "hydra_plugins" / "rank_sweeper.py").write_text(RANK_SWEEPER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ["PYTHONPATH"]])}
+    # The peers must meet within seconds, not after comm.timeout_s (300 s; the wait below ends at 90 s).
+    p = subprocess.run([sys.executable, "-m", "p2prl.torchrun", "--nnodes=1", "--nproc_per_node=2",
+                        "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "-m", "p2prl.train", "-m",
+                        "hydra/sweeper=rank", *TINY, "comm.timeout_s=300", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=90, env=env)
+    out = p.stdout + p.stderr
+    assert p.returncode == 2, out[-3000:]
+    assert out.count("p2prl: error: ") == 1 and "Traceback" not in out, out[-3000:]
+    assert "p2prl: error: config=differs between peers: " in out and "differing keys: algo.lr" in out, out[-3000:]
+
+
+def test_a_peer_missing_from_a_start_up_check_is_named_in_one_line(monkeypatch, port):
+    import torch.distributed as dist
+    from p2prl.comm import StartTimeout
+    from p2prl.comm.store import gather_before_start
+    store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)  # torchrun's agent's
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    with pytest.raises(StartTimeout) as e:
+        gather_before_start(0, 3, {"error": None}, 0.2, "job-7")  # ranks 1 and 2 never come
+    assert str(e.value) == ("the start-up check 'job-7' timed out after comm.timeout_s=0.2: rank(s) 1, 2 never "
+                            "reached it (stuck, or running other jobs than this peer)")
+    del store
+
+
 def test_hypercube_gossip_needs_a_power_of_two_peers(monkeypatch, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "3")
-    error, _ = check_command_line(["comm=gossip", "comm.topology=hypercube", f"hydra.run.dir={tmp_path / 'run'}"])
-    assert error == "comm.topology=hypercube: needs a power of two peers, here 3; allowed: ring"
+    error, _ = check_command_line(["comm=gossip", "comm.graph=hypercube", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert error == "comm.graph=hypercube: needs a power of two peers, here 3; allowed: ring"
 
 
 def test_logger_wandb_needs_the_wandb_package(monkeypatch, tmp_path):

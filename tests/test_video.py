@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from p2prl import evaluate, video
-from p2prl.config import ConfigError
+from p2prl.checks import ConfigError
 from p2prl.envs import make_single_env
 
 pytestmark = pytest.mark.timeout(150)

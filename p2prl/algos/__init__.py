@@ -1,28 +1,34 @@
 """The algorithm registry: one table, name -> what the rest of p2prl needs to know of an algorithm.
 
-config (the `algo` section's schema), precheck (the spaces it accepts, the keys a resume may not
-change), the runner (how to build it) and p2prl.policy (a checkpoint's policy, for evaluate, the
-evaluation during training and `p2prl.load`) read this table; nothing else branches on an algorithm's
-name. Adding one is its file (a config dataclass, an `Algorithm` subclass, a policy function) plus
+config (the `algo` section's schema, the keys added to it since runs were saved), precheck (the spaces
+and observations it accepts), resume (the keys a resume may not change, those that restart each
+rank's own state), the runner (how to build it), p2prl.policy (a checkpoint's policy, for evaluate, the
+evaluation during training and `p2prl.load`) and p2prl.export (the greedy policy as a torch module)
+read this table; nothing else branches on an algorithm's name. Adding one is its file (a config
+dataclass, an `Algorithm` subclass, a policy function, for a network its greedy module) plus
 `register(...)` or a line in REGISTRY, and its conf/algo/<name>.yaml.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional
 
 import gymnasium as gym
 import numpy as np
 import torch
+from torch import nn
 
 from p2prl.algos.base import ActFn, Algorithm, Peer, Sample
 from p2prl.algos.dqn import DQN, DQNConfig
 from p2prl.algos.dqn import policy as dqn_policy
+from p2prl.algos.greedy import dqn_greedy, ppo_greedy
 from p2prl.algos.ppo import PPO, PPOConfig
 from p2prl.algos.ppo import policy as ppo_policy
 from p2prl.algos.qlearning import QLearning, QLearningConfig
 from p2prl.algos.qlearning import policy as qlearning_policy
-from p2prl.config import ConfigError
+from p2prl.checks import ConfigError
+from p2prl.nets import resolve_encoder
+from p2prl.sync import table as sync
 
 Box, Discrete = gym.spaces.Box, gym.spaces.Discrete
 
@@ -38,20 +44,51 @@ class AlgorithmSpec:
     # algo.* keys that fix what a checkpoint holds (shapes, optimizer state): a resume may not change them.
     fixed_on_resume: tuple[str, ...]
     hint: str  # appended to a refusal of the env's spaces
-    strategies: tuple[str, ...] = ("allreduce", "param_server", "local_sgd", "gossip")  # comm= it works with
+    # algo.* keys whose change restarts each rank's own state on resume (its envs, windows, replay); the
+    # shared state carries over. Every algorithm steps algo.num_envs envs per peer.
+    rank_keys: tuple[str, ...] = ("num_envs",)
+    # Keys added to its `algo` section after runs were saved, with the value that behaves as those runs
+    # did: a saved config without them means that value (p2prl.config.upgrade).
+    added_keys: Mapping[str, Any] = field(default_factory=dict)
+    # (algo cfg, obs space) -> whether its encoder is the CNN (image work, for the device choice); raises
+    # ConfigError for settings the observations refuse. Default: no encoder to check.
+    check_observations: Callable[[Any, gym.Space], bool] = lambda algo, space: False
+    # True: it sums exact tables itself instead of gradients, so only strategies that serve tables fit
+    # (p2prl.sync.base.Strategy.tables).
+    tables: bool = False
     stragglers: bool = False  # whether it can cut a rollout short (comm.straggler_frac)
+    # (algo cfg, shared state, obs space, action space) -> its greedy policy as a module, obs (B, *obs_shape)
+    # -> actions (p2prl.algos.greedy), for `p2prl export --format onnx|pt2`; None: no network to export
+    greedy_module: Optional[Callable[[Any, dict, gym.Space, gym.Space], nn.Module]] = None
+
+
+def _encoder(algo: Any, space: gym.Space) -> bool:
+    """`algo.encoder` against the observations: whether it is the CNN."""
+    return resolve_encoder(algo.encoder, space) == "cnn"
+
+
+def _normalized_encoder(algo: Any, space: gym.Space) -> bool:
+    """`_encoder`, for an algorithm that may also normalize observations (`algo.norm_obs`)."""
+    cnn = _encoder(algo, space)
+    if cnn and algo.norm_obs:
+        raise ConfigError("algo.norm_obs", True, "does not apply to image observations (the CNN scales pixels "
+                                                 "to [0, 1] itself); allowed here: false")
+    return cnn
 
 
 _PPO = AlgorithmSpec(PPOConfig, PPO, (Box,), (Discrete, Box), ppo_policy,
-                     ("hidden_sizes", "activation", "encoder", "norm_obs", "norm_reward", "optimizer"), "", stragglers=True)
+                     ("hidden_sizes", "activation", "encoder", "norm_obs", "norm_reward", "optimizer"), "",
+                     rank_keys=("num_envs",), added_keys={"encoder": "mlp", "clip_reward": None, "log_std_init": 0.0},
+                     check_observations=_normalized_encoder, stragglers=True, greedy_module=ppo_greedy)
 REGISTRY: dict[str, AlgorithmSpec] = {
     "ppo": _PPO,
     "a2c": _PPO,  # PPO's code with one epoch, one minibatch and no clipping (conf/algo/a2c.yaml)
     "dqn": AlgorithmSpec(DQNConfig, DQN, (Box,), (Discrete,), dqn_policy, ("hidden_sizes", "activation", "encoder"),
-                         "; use algo=ppo"),
+                         "; use algo=ppo", rank_keys=("num_envs", "n_step"), added_keys={"encoder": "mlp"},
+                         check_observations=_encoder, greedy_module=dqn_greedy),
     # Exact tabular Q-learning sums its own table's TD errors: no gradient for a strategy to share.
     "qlearning": AlgorithmSpec(QLearningConfig, QLearning, (Discrete,), (Discrete,), qlearning_policy, (), "",
-                               strategies=("allreduce",)),
+                               rank_keys=("num_envs",), tables=True),
 }
 
 
@@ -72,10 +109,15 @@ def algo_sections() -> dict[str, type]:
     return {name: s.config for name, s in REGISTRY.items()}
 
 
+def added_keys() -> dict[str, Mapping[str, Any]]:
+    """Each algorithm's keys added since runs were saved, by name (for p2prl.config.upgrade)."""
+    return {name: s.added_keys for name, s in REGISTRY.items()}
+
+
 def check_strategy(name: str, strategy: str, straggler_frac) -> None:
     """Refuse an algorithm/strategy pair (or straggler preemption) that cannot work."""
-    allowed = spec(name).strategies
-    if strategy not in allowed:
+    if spec(name).tables and not sync.strategy(strategy).tables:
+        allowed = [s for s, cls in sync.STRATEGIES.items() if cls.tables]
         raise ConfigError("comm", strategy, f"algo={name} cannot share its updates this way; allowed: "
                                             f"{', '.join(allowed)}")
     if straggler_frac is not None and not spec(name).stragglers:
@@ -92,5 +134,5 @@ def check_spaces(name: str, obs_space: gym.Space, action_space: gym.Space) -> No
             raise ConfigError("algo", name, f"needs {kinds} {what}, the env has {space}{s.hint}")
 
 
-__all__ = ["ActFn", "Algorithm", "AlgorithmSpec", "Peer", "REGISTRY", "Sample", "algo_sections",
+__all__ = ["ActFn", "Algorithm", "AlgorithmSpec", "Peer", "REGISTRY", "Sample", "added_keys", "algo_sections",
            "check_spaces", "check_strategy", "register", "spec"]

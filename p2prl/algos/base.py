@@ -27,12 +27,12 @@ import numpy as np
 import torch
 
 from p2prl.comm import Communicator
-from p2prl.comm.preemption import Preemption
 from p2prl.config import CommConfig
-from p2prl.learner import Learner
 from p2prl.metrics import Episode
-from p2prl.optim import FlatOptimizer
+from p2prl.preemption import Preemption
 from p2prl.seeding import peer_rng
+from p2prl.sync.learner import Learner
+from p2prl.sync.optim import FlatOptimizer
 
 
 class Sample(NamedTuple):
@@ -58,7 +58,7 @@ class Peer:
     def learner(self, params: Sequence[torch.nn.Parameter],
                 optimizer: Callable[[torch.nn.Parameter], FlatOptimizer], max_grad_norm: Optional[float],
                 terms: Sequence[str]) -> Learner:
-        """The learner that averages this model's gradients over the peers (see p2prl.learner)."""
+        """The learner that averages this model's gradients over the peers (see p2prl.sync.learner)."""
         return Learner(params, optimizer, self.comm, max_grad_norm, terms, sync=self.sync)
 
 
@@ -107,7 +107,7 @@ def sampler_state(envs, obs: np.ndarray, next_valid: np.ndarray, episodes, rng: 
     from p2prl.envstate import vec_env_state
     return {"env": vec_env_state(envs), "obs": torch.from_numpy(obs.copy()),
             "next_valid": torch.from_numpy(next_valid.copy()), "episodes": episodes.state_dict(),
-            "rng": rng.bit_generator.state}
+            "explore_rng": rng.bit_generator.state}
 
 
 def load_sampler_state(envs, episodes, rng: np.random.Generator, s: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -115,7 +115,7 @@ def load_sampler_state(envs, episodes, rng: np.random.Generator, s: dict) -> tup
     from p2prl.envstate import load_vec_env_state
     load_vec_env_state(envs, s["env"])
     episodes.load_state_dict(s["episodes"])
-    rng.bit_generator.state = s["rng"]
+    rng.bit_generator.state = s["explore_rng"]
     return s["obs"].numpy().copy(), s["next_valid"].numpy().copy()
 
 

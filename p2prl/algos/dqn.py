@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from p2prl import config as check
+from p2prl import checks as check
 from p2prl.algos.base import (ActFn, Algorithm, Peer, Sample, epsilon_greedy, load_sampler_state,
                               sampler_state)
 from p2prl.algos.returns import nstep_return, td_targets
@@ -29,8 +29,8 @@ from p2prl.frame_replay import FrameReplay
 from p2prl.envstate import restorable, stack_size
 from p2prl.metrics import EpisodeCounter
 from p2prl.nets import ENCODERS, QNetwork, resolve_encoder
+from p2prl.sync.optim import FlatAdam
 from p2prl.wrappers import episode_signal
-from p2prl.optim import FlatAdam
 
 TERMS = ("loss_td", "q_mean")
 
@@ -245,7 +245,7 @@ class DQN(Algorithm):
                 d.clear()
                 d.extend((o.numpy().copy(), int(a), float(r)) for o, a, r in zip(w["obs"], w["actions"], w["rewards"]))
         else:
-            self.rng.bit_generator.state = s["rng"]
+            self.rng.bit_generator.state = s["explore_rng"]
         if "replay" in s:  # checkpoint.replay is a config value: the same branch on every peer
             self.buffer.load_state_dict(s["replay"])  # global frame indices (keys) stay valid
             self.fill_from = 0

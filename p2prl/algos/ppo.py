@@ -15,7 +15,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from p2prl import config as check
+from p2prl import checks as check
 from p2prl.algos.base import ActFn, Algorithm, Peer, Sample
 from p2prl.algos.returns import gae
 from p2prl.data import Rollout, allocate_rollout
@@ -23,7 +23,7 @@ from p2prl.envstate import load_vec_env_state, restorable, vec_env_state
 from p2prl.metrics import EpisodeCounter
 from p2prl.nets import ENCODERS, ActorCritic, resolve_encoder
 from p2prl.normalize import RunningNormalizer, global_moments, moments_of
-from p2prl.optim import FlatAdam, FlatRMSprop
+from p2prl.sync.optim import FlatAdam, FlatRMSprop
 from p2prl.wrappers import episode_signal
 
 TERMS = ("approx_kl", "loss_policy", "loss_value", "entropy", "clip_frac")

@@ -31,7 +31,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from p2prl import config as check
+from p2prl import checks as check
 from p2prl.algos.base import ActFn, Algorithm, Peer, Sample, epsilon_greedy, load_sampler_state, sampler_state
 from p2prl.algos.schedules import decayed_epsilon, linear, peer_epsilon
 from p2prl.envstate import restorable
@@ -203,7 +203,7 @@ class QLearning(Algorithm):
         if restorable(self.envs):
             self.obs, self.next_valid = load_sampler_state(self.envs, self.episodes, self.rng, s)
         else:  # (async, EnvPool): fresh episodes from their seeds, their first observations kept
-            self.rng.bit_generator.state = s["rng"]
+            self.rng.bit_generator.state = s["explore_rng"]
 
 
 def policy(cfg: QLearningConfig, state: dict, obs_space: gym.Space, act_space: gym.Space,

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from p2prl.atomic import write_json_atomic
-from p2prl.comm import open_comm, place, pin
+from p2prl.comm import open_comm
+from p2prl.host import pin, place
 from p2prl.precheck import compose
 
 SIZES = [2 ** k for k in range(8, 23, 2)]  # bytes: 256 B to 4 MiB

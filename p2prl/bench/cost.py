@@ -5,8 +5,9 @@ the 2-peer gloo all-reduces `p2prl.bench.collectives` timed (on 2 peers an all-r
 of the whole message: alpha + beta S); shared-memory sums inside a node get their own (alpha_shm,
 beta_shm). The pairwise send/receive it also times (gossip's and the parameter server's links) is
 set beside the model's alpha + beta S rather than fitted: gloo's point-to-point path jitters by
-milliseconds on a loaded loopback, which the strategies' measured comm_frac shows too. Per update of a
-model of S bytes on N peers:
+milliseconds on a loaded loopback, which the strategies' measured comm_frac shows too. Each strategy
+predicts its own time per update from the model's link (`predict` in p2prl.sync's table); for a model
+of S bytes on N peers:
 
 - all-reduce: the cheaper of a ring, 2 (N - 1) (alpha + beta S / N) (2 (N - 1) steps, each moving a
   1/N chunk: bandwidth-optimal), and recursive doubling, ceil(log2 N) (alpha + beta S) (latency-optimal),
@@ -25,7 +26,9 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
+
+from p2prl.sync.table import DEFAULT, STRATEGIES
 
 TERMS_BYTES = 64  # the terms and flag that ride where the gradient no longer does
 PEERS = [2 ** k for k in range(1, 9)]  # 2 .. 256
@@ -49,26 +52,55 @@ def allreduce(alpha: float, beta: float, nbytes: float, n: int) -> float:
     return 0.0 if n == 1 else min(ring(alpha, beta, nbytes, n), math.ceil(math.log2(n)) * (alpha + beta * nbytes))
 
 
+class AlphaBeta(NamedTuple):
+    """The model's link (p2prl.sync.base.Link): alpha + beta S per message; with `per_node` peers per
+    node, all-reduces go hierarchically, through shared memory (alpha_shm, beta_shm) inside a node.
+    `collective` is the all-reduce's algorithm; `colocated` the peers of each node of a flat layout."""
+
+    alpha: float
+    beta: float
+    alpha_shm: float = 0.0
+    beta_shm: float = 0.0
+    per_node: int = 1
+    collective: Callable[[float, float, float, int], float] = allreduce
+    colocated: int = 1
+
+    def allreduce(self, nbytes: float, n: int) -> float:
+        if self.per_node == 1:
+            return self.collective(self.alpha, self.beta, nbytes, n)
+        g = min(self.per_node, n)
+        inside = 2 * self.send_local(0) + self.beta_shm * nbytes * g if g > 1 else 0.0  # the node's sum, then its sharing
+        return inside + self.collective(self.alpha, self.beta, nbytes, math.ceil(n / g))
+
+    def send(self, nbytes: float) -> float:
+        return self.alpha + self.beta * nbytes
+
+    def send_local(self, nbytes: float) -> float:
+        return self.alpha_shm + self.beta_shm * nbytes
+
+    def terms(self, n: int) -> float:
+        return self.collective(self.alpha, self.beta, TERMS_BYTES, n)
+
+
+HIERARCHICAL = "hierarchical"  # a row of its own: the default strategy on hierarchical sums
+ROWS = (DEFAULT, HIERARCHICAL, *(s for s in STRATEGIES if s != DEFAULT))
+
+
 def predict(strategy: str, n: int, nbytes: float, alpha: float, beta: float, alpha_shm: float = 0.0,
-            beta_shm: float = 0.0, per_node: int = 8, average_every: int = 4) -> float:
-    """Seconds of communication per update (see the module docstring)."""
-    terms = allreduce(alpha, beta, TERMS_BYTES, n)
-    if strategy == "allreduce":
-        return allreduce(alpha, beta, nbytes, n)
-    if strategy == "hierarchical":
-        g = min(per_node, n)
-        inside = (alpha_shm + beta_shm * nbytes * (g - 1)) + (alpha_shm + beta_shm * nbytes) if g > 1 else 0.0
-        return inside + allreduce(alpha, beta, nbytes, math.ceil(n / g))
-    if strategy == "param_server":
-        return 2 * (n - 1) * (alpha + beta * nbytes)
-    if strategy == "gossip":
-        return alpha + beta * nbytes + terms
-    if strategy == "local_sgd":
-        return allreduce(alpha, beta, nbytes, n) / average_every + terms
-    raise ValueError(strategy)
+            beta_shm: float = 0.0, per_node: int = 8, average_every: int = 4,
+            collective: Callable[[float, float, float, int], float] = allreduce, colocated: int = 1) -> float:
+    """Seconds of communication per update of a row of ROWS (see the module docstring).
 
-
-STRATEGIES = ("allreduce", "hierarchical", "param_server", "gossip", "local_sgd")
+    `collective`: the all-reduce's algorithm (default: the cheaper of ring and doubling; gloo's is `ring`
+    at every size). `colocated`: the peers of each node for the flat strategies (ranks numbered node by
+    node, as torchrun does): the parameter server's node-mates reach it without its link, and a gossip
+    ring pairs node-mates every other update (see p2prl.sync's param_server and gossip).
+    """
+    if strategy not in ROWS:
+        raise ValueError(strategy)
+    hierarchical = strategy == HIERARCHICAL
+    link = AlphaBeta(alpha, beta, alpha_shm, beta_shm, per_node if hierarchical else 1, collective, colocated)
+    return STRATEGIES[DEFAULT if hierarchical else strategy].predict(link, n, nbytes, {"average_every": average_every})
 
 
 def model(measured: dict) -> dict:
@@ -86,7 +118,7 @@ def model(measured: dict) -> dict:
 
 def predictions(m: dict, nbytes: float) -> dict[str, list[float]]:
     c = (m["alpha_s"], m["beta_s_per_byte"], m["alpha_shm_s"], m["beta_shm_s_per_byte"])
-    return {s: [predict(s, n, nbytes, *c) for n in PEERS] for s in STRATEGIES}
+    return {s: [predict(s, n, nbytes, *c) for n in PEERS] for s in ROWS}
 
 
 def plot(m: dict, sizes: dict[str, float], out: Path) -> Path:
@@ -112,5 +144,5 @@ def table(m: dict, nbytes: float, label: str, peers: Optional[Sequence[int]] = N
     from p2prl.bench.report import table as text_table
     peers = peers or PEERS
     preds = predictions(m, nbytes)
-    body = [(s, *(f"{1000 * preds[s][PEERS.index(n)]:.2f}" for n in peers)) for s in STRATEGIES]
+    body = [(s, *(f"{1000 * preds[s][PEERS.index(n)]:.2f}" for n in peers)) for s in ROWS]
     return f"{label}: ms of communication per update\n" + text_table(("strategy", *(str(n) for n in peers)), body)

@@ -22,23 +22,30 @@ from p2prl.bench.plans import (ENV_EXTRAS, EXTRAS, GLOBAL_BATCH, SCALING, SCALIN
 log = logging.getLogger("p2prl.bench")
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, as every other p2prl refusal; --help has the usage
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def parse_args(argv: Optional[list[str]] = None, prog: str = "python -m p2prl.bench") -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[1],
+    p = _Parser(prog=prog, description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=f"examples:\n  {prog} --tasks cartpole-ppo --seeds 0 1 --out bench/quick\n"
-                                       f"  {prog} --scaling lunarlander-ppo")
-    p.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=["cartpole-ppo", "cartpole-dqn"],
-                   metavar="TASK", help=f"of {', '.join(TASKS)} (default: %(default)s)")
+                                       f"  {prog} --scaling lunarlander-ppo\n"
+                                       f"  {prog} --faults 5 --tasks cartpole-dqn")
+    p.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=None, metavar="TASK",
+                   help=f"of {', '.join(TASKS)} (default: cartpole-ppo cartpole-dqn; with --faults: cartpole-ppo)")
     p.add_argument("--lunarlander", action="store_true", help="add lunarlander-ppo and lunarlander-dqn")
     p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS),
                    metavar="SYSTEM", help="of %(choices)s (default: all; sb3 where stable-baselines3 is installed; "
                                           "p2prl-1-global: 1 peer given the global batch, SB3's settings, on "
                                           f"{', '.join(GLOBAL_BATCH)} only)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="(default: %(default)s)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
+                   help="(default: %(default)s; --faults runs the first, which also draws the faults)")
     p.add_argument("--target", type=float, default=None,
                    help="target return for every task and system (default: 475 on CartPole, 200 on LunarLander)")
     p.add_argument("--max-seconds", type=float, default=None,
-                   help="wall-clock cap per run from launch (default: 300, with --presets 3600); a run still going "
+                   help="wall-clock cap per run from launch (default: 300, with --presets or --faults 3600); a run still going "
                         "then has not reached the target")
     p.add_argument("--sb3-steps", type=int, default=None,
                    help="SB3 step budget (default: the zoo's n_timesteps for PPO, 300k for DQN)")
@@ -77,6 +84,26 @@ def parse_args(argv: Optional[list[str]] = None, prog: str = "python -m p2prl.be
                         "comm.straggler_frac=0.5: time to target and the slow peer's share of the samples")
     p.add_argument("--cost-model", action="store_true",
                    help="time collectives on 2 peers, fit the alpha-beta model, predict up to 256 peers")
+    p.add_argument("--faults", type=int, default=None, metavar="K",
+                   help="inject K faults (kill -9 of a peer, SIGSTOP of a peer, kill -9 in a checkpoint write) into one "
+                        "2-peer run under torchrun --max-restarts=K, run the same config uninterrupted, compare the "
+                        "final parameters bit for bit, and lose a whole node of a 2-host elastic run (network "
+                        "namespaces, root only); prints faults by kind, restarts, steps and seconds lost per fault")
+    p.add_argument("--network", nargs="+", default=None, metavar="RATE",
+                   help="time every strategy's sync between hosts (network namespaces on one bridge) whose links "
+                        "are shaped to each RATE (tc's units: 10mbit, 1gbit; or unshaped) instead, and fit the "
+                        "alpha-beta model to it (p2prl.bench.network; needs root, ip, tc and unshare)")
+    p.add_argument("--hosts", nargs="+", type=int, default=[2], help="with --network (default: %(default)s)")
+    p.add_argument("--peers-per-host", nargs="+", type=int, default=[1], help="with --network (default: %(default)s)")
+    p.add_argument("--max-peers", type=int, default=None,
+                   help="with --network: skip the layouts of more peers (e.g. --hosts 2 4 --peers-per-host 1 2 "
+                        "--max-peers 4: 2x1, 2x2, 4x1)")
+    p.add_argument("--bucket-bytes", nargs="+", type=int, default=[37_000, 1_000_000, 6_700_000],
+                   help="with --network: gradient buckets to sync (default: %(default)s)")
+    p.add_argument("--point-seconds", type=float, default=10.0,
+                   help="with --network: time per strategy and bucket, after one warm-up (default: %(default)s)")
+    p.add_argument("--average-every", type=int, default=4,
+                   help="with --network: local_sgd's updates between averages (default: %(default)s)")
     p.add_argument("--scaling-steps", type=int, default=None,
                    help="global steps of the 1-peer scaling run (default: 100k on LunarLander, 20k on HalfCheetah "
                         "and Breakout)")
@@ -90,10 +117,17 @@ def parse_args(argv: Optional[list[str]] = None, prog: str = "python -m p2prl.be
         for v in values:
             if v <= 0:
                 p.error(f"{flag}={v}: must be positive")
+    if a.faults is not None and a.faults <= 0:
+        p.error(f"--faults={a.faults}: must be a positive number of faults")
+    if a.tasks is None:
+        a.tasks = ["cartpole-ppo"] if a.faults is not None else ["cartpole-ppo", "cartpole-dqn"]
     if any(s < 0 for s in a.seeds):
         p.error(f"--seeds={min(a.seeds)}: must be >= 0")
+    if a.network is not None:
+        from p2prl.bench.network import check_options  # torch and the namespaces' tools: only for --network
+        check_options(a, p.error)
     if a.max_seconds is None:
-        a.max_seconds = 3600.0 if a.presets is not None else 300.0
+        a.max_seconds = 3600.0 if a.presets is not None or a.faults is not None else 300.0
     if a.presets is not None:
         from p2prl.config import conf_dir
         known = sorted(q.stem for q in (conf_dir() / "tuned").glob("*.yaml"))
@@ -119,7 +153,7 @@ def parse_args(argv: Optional[list[str]] = None, prog: str = "python -m p2prl.be
         extra = TASKS[name].extra
         if extra and importlib.util.find_spec(EXTRAS[extra]) is None:
             p.error(f'{name} needs the {extra} extra: pip install -e ".[{extra}]"')
-    runs_sb3 = a.scaling is None and a.stepping is None and a.startup is None and a.presets is None
+    runs_sb3 = a.scaling is None and a.stepping is None and a.startup is None and a.presets is None and a.faults is None
     if "sb3" in a.systems and runs_sb3 and importlib.util.find_spec("stable_baselines3") is None:
         log.warning('stable-baselines3 is not installed (pip install -e ".[bench]"): skipping sb3')
         a.systems = [s for s in a.systems if s != "sb3"]

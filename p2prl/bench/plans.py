@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from p2prl.sync import table
+
 
 @dataclass(frozen=True)
 class Task:
@@ -61,6 +63,8 @@ def system_overrides(name: str, system: str, a: argparse.Namespace) -> list[str]
         extra = [o for o in extra if not o.startswith("algo.learning_starts=")]
         extra.append(f"algo.learning_starts={a.learning_starts}")
     return extra
+
+
 EXTRAS = {"box2d": "Box2D", "atari": "ale_py", "mujoco": "mujoco"}  # extra -> the module it installs
 SYSTEMS = ("p2prl-1", "p2prl-2", "p2prl-1-global", "sb3")
 # "p2prl-1-global": one peer given the whole global batch that the preset splits over 2 peers, which is
@@ -70,7 +74,7 @@ GLOBAL_BATCH = {"breakout-ppo": ("algo.num_envs=8",),  # 8 envs x 128 steps, min
                 "halfcheetah-ppo": ("algo.num_steps=512",),  # 1 env x 512 steps, minibatches of 64
                 # a target copy every 1,000 steps; learning from the zoo's 100k steps (the preset: CleanRL's 80k)
                 "breakout-dqn": ("algo.target_update_interval=250", "algo.learning_starts=100000")}
-STRATEGIES = ("allreduce", "param_server", "local_sgd", "gossip")
+STRATEGIES = tuple(table.STRATEGIES)  # --strategies compares them all
 # --scaling: global steps/s at fixed per-peer work, per task: its overrides, 1-peer steps, and global
 # step counts given per peer (multiplied by the number of peers). DQN learns from its 2,000th step per
 # peer on here, so that both runs act alone and update for the same share of each peer's steps.

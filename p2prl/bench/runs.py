@@ -11,6 +11,8 @@ steps/s and return. On them `p2prl-1-global` is 1 peer at SB3's settings (p2prl.
 HalfCheetah PPO, Breakout PPO or DQN): N steps on 1 peer and 2N on 2 peers; efficiency = sps2 / (2 * sps1).
 `--stepping [ENV ...]` times env steps/s per core by `env.vectorization` (p2prl.bench.stepping).
 `--startup [REPEATS]` times start-up and shut-down: imports, torchrun alone, 1 and 2 peers (p2prl.bench.startup).
+`--faults K` injects K faults into one run and compares it with the same run uninterrupted (p2prl.bench.faultbench).
+`--network RATE [RATE ...]` times every strategy's sync between shaped hosts (p2prl.bench.network).
 
 Writes OUT/bench.json (settings, host, every run, aggregates; rewritten after each run), OUT/bench.png
 (or scaling.png), the runs under OUT/runs/<task>/<system>/seed<N>/ and their output under OUT/logs/.
@@ -28,7 +30,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional
 
-from p2prl.bench import report, startup, stepping
+from p2prl.bench import procs, report, startup, stepping
 from p2prl.bench.options import parse_args
 from p2prl.bench.plans import (PORT, TASKS, Job, free_port, p2prl_cmd, plan, plan_presets, plan_scaling,
                                plan_strategies, plan_stragglers)
@@ -66,6 +68,10 @@ def execute(cmd: list[str], log_path: Path, timeout: float) -> tuple[int, float,
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
             return proc.returncode, time.perf_counter() - start, True
+        except BaseException:  # Ctrl-C: torchrun's peers run in sessions of their own; leave none behind
+            procs.kill_tree(proc.pid)
+            proc.wait()
+            raise
 
 
 def run_job(job: Job, max_seconds: float) -> dict[str, Any]:
@@ -143,9 +149,15 @@ def main(argv: Optional[list[str]] = None, prog: str = "python -m p2prl.bench") 
     if (out / "runs").exists():  # p2prl would resume from the old runs' checkpoints
         log.error("p2prl.bench: %s already holds runs; choose a fresh --out", out)
         return 2
+    if a.faults is not None:
+        from p2prl.bench import faultbench
+        return faultbench.main(a, out, prog, emit)
     out.mkdir(parents=True, exist_ok=True)
     if a.cost_model:
         return cost_model(out, a.max_seconds)
+    if a.network is not None:
+        from p2prl.bench import network
+        return network.run(a, out, child_env(), emit)
     if a.startup is not None:
         prepare = lambda cmd: [c.replace(PORT, str(free_port())) for c in cmd]  # noqa: E731
         m = startup.measure(execute, p2prl_cmd, out, a.startup, prepare)

@@ -41,7 +41,7 @@ def steps_per_second(env_cfg: Any, num_envs: int, seconds: float) -> float:
 
 def measure(env_names: list[str], num_envs: list[int], seconds: float, cores: int) -> dict[str, Any]:
     """{"cores", "seconds", "rows": [{"env", "num_envs", <kind>: steps/s per core or the reason}]}."""
-    from p2prl.config import ConfigError
+    from p2prl.checks import ConfigError
     from p2prl.precheck import compose
     allowed = sorted(os.sched_getaffinity(0))
     cores = min(cores, len(allowed))

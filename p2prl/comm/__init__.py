@@ -1,23 +1,19 @@
-"""All communication between peers. The only package that imports torch.distributed.
+"""How bytes move between peers: the transport. The only package that imports torch.distributed.
 
 base.py (the Communicator interface), local.py (a world of one), process_group.py (gloo/NCCL),
 hierarchical.py (node, leaders, node), connect.py (`open_comm`: joining, flat or hierarchical),
-shm.py (sums through shared memory on one node), bucket.py (the flat gradient bucket),
-strategy.py with allreduce.py, param_server.py, local_sgd.py, gossip.py (how an update is shared),
-launcher.py (torchrun's environment: ranks, cores, run id), store.py (heartbeats, start-up exchange),
-agreement.py (same config everywhere), digest.py (same parameters everywhere).
+shm.py (sums through shared memory on one node) in segment.py's segment, store.py (heartbeats,
+start-up exchange), agreement.py (same config everywhere), digest.py (same parameters everywhere).
+What is exchanged (the learner, the sync strategies) is `p2prl.sync`'s; where a peer runs,
+`p2prl.host`'s.
 """
 from p2prl.comm.agreement import agree_before_start, agree_on_config
-from p2prl.comm.bucket import GradientBucket
 from p2prl.comm.base import Communicator
 from p2prl.comm.digest import check_identical, parameter_digest
-from p2prl.comm.launcher import Devices, Placement, is_rank0, pin, place, resolve_devices, run_id, torchrun_world
 from p2prl.comm.local import LocalComm
 from p2prl.comm.connect import open_comm
 from p2prl.comm.process_group import PeerFailure
-from p2prl.comm.strategies import make_strategy
-from p2prl.comm.strategy import Strategy
+from p2prl.comm.store import StartTimeout
 
-__all__ = ["Communicator", "LocalComm", "GradientBucket", "PeerFailure", "Placement", "agree_before_start",
-           "agree_on_config", "check_identical", "is_rank0", "open_comm", "parameter_digest", "pin", "place",
-           "resolve_devices", "run_id", "torchrun_world", "Devices", "Strategy", "make_strategy"]
+__all__ = ["Communicator", "LocalComm", "PeerFailure", "StartTimeout", "agree_before_start", "agree_on_config",
+           "check_identical", "open_comm", "parameter_digest"]

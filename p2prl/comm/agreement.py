@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from p2prl.checks import ConfigError
 from p2prl.comm.base import Communicator
-from p2prl.comm.launcher import torchrun_world
 from p2prl.comm.store import gather_before_start
-from p2prl.config import ConfigError
+from p2prl.host import torchrun_world
 
 
 def differing_keys(everyone: list[dict[str, Any]]) -> list[str]:

@@ -23,12 +23,13 @@ import torch.distributed as dist
 
 from p2prl.comm.base import Communicator
 from p2prl.comm.hierarchical import HierarchicalComm, Layout, make_groups
-from p2prl.comm.launcher import torchrun_world
 from p2prl.comm.local import LocalComm
 from p2prl.comm.process_group import PeerFailure, ProcessGroupComm
-from p2prl.comm.shm import SharedMemorySum, SumFailed, open_shared_sum, supported
+from p2prl.comm.segment import supported
+from p2prl.comm.shm import SharedMemorySum, SumFailed, open_shared_sum
 from p2prl.comm.store import attempt_store
 from p2prl.config import CommConfig
+from p2prl.host import torchrun_world
 
 log = logging.getLogger(__name__)
 _SEGMENTS: dict[tuple, Optional[SharedMemorySum]] = {}  # by the ranks that share one

@@ -154,7 +154,10 @@ class ProcessGroupComm(Communicator):
         self._p2p([dist.P2POp(dist.irecv, t, src) for t, src in zip(tensors, srcs)])
 
     def _exchange(self, mine: torch.Tensor, theirs: torch.Tensor, peer: int) -> None:
-        self._p2p([dist.P2POp(dist.isend, mine, peer), dist.P2POp(dist.irecv, theirs, peer)])
+        # The receive is posted first: with the send first, gloo moved a large pair of tensors one
+        # direction after the other (6.7 MB each way over a 100 Mbit/s link: 1.12 s, against 0.60 s
+        # receive first, the time of one direction).
+        self._p2p([dist.P2POp(dist.irecv, theirs, peer), dist.P2POp(dist.isend, mine, peer)])
 
     def _all_gather_object(self, obj: Any) -> list:
         out: list = [None] * self.world_size

@@ -30,12 +30,8 @@ Python-level operation on the way costs several times what it does in a tight lo
 read and written as plain machine words (a memoryview, no numpy indexing), the description is one word,
 and a sum is a handful of operations.
 
-The segment has no name anywhere: rank 0 creates it with memfd_create and the other peers open it
-through /proc/<pid>/fd/<fd>. It lives as long as some peer maps it, so no file outlives the job,
-whatever is killed when (kill -9 included).
-
-The protocol and its argument are read together, which is why this file stays one, a little
-over 300 lines.
+The segment itself (its layout, creation, attaching and end) is `p2prl.comm.segment`'s; the protocol
+and its argument are read together, which is why this file stays one, a little over 250 lines.
 
 The ordering argument needs stores seen in program order and loads done in program order (x86-64's
 memory model): the data written before a sequence number is visible before it. Python cannot issue
@@ -45,20 +41,16 @@ from __future__ import annotations
 
 import mmap
 import os
-import platform
 import time
 from typing import Callable, Optional
 
 import torch
 
-LINE = 64  # one cache line per peer's header: no false sharing
-WORDS = LINE // 8
-# A peer's header, in int64 words: sequence number, pid, then per slot what it holds (`_describe`).
-SEQ, PID, META = 0, 1, 2
+from p2prl.comm.segment import META, PID, SEQ, SLOT_BYTES, WORDS, alive, header_bytes, open_segment
+
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
           torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128)
 CODES = {d: code for code, d in enumerate(DTYPES)}  # other dtypes (uint32, float8, ...) sum through gloo
-SLOT_BYTES = 1 << 20  # per slot; a larger tensor is summed in slot-sized pieces, one call each
 BYTES_BITS, CODE_BITS = 21, 5  # a description: call << 26 | bytes (<= SLOT_BYTES) << 5 | dtype code
 CHECK_S = 0.02  # while waiting, how often to check the clock and the awaited peer's process
 
@@ -71,22 +63,17 @@ class SumFailed(RuntimeError):
         self.mismatch = mismatch
 
 
-def supported() -> bool:
-    """Whether this machine orders memory the way the protocol needs (x86-64), and has memfd_create."""
-    return platform.machine().lower() in ("x86_64", "amd64") and hasattr(os, "memfd_create")
-
-
 class SharedMemorySum:
-    """The peers' shared segment: a header per peer (sequence number, pid, what each slot holds) and
-    the slots."""
+    """Sums through the peers' shared segment (`p2prl.comm.segment`): a header per peer (sequence
+    number, pid, what each slot holds) and the slots."""
 
     def __init__(self, mm: mmap.mmap, rank: int, world_size: int, names: Optional[list[int]] = None) -> None:
         self.rank, self.world_size = rank, world_size
         self.names = names or list(range(world_size))  # the peers' ranks in the run, for messages
         self._mm = mm
         # One line per peer, then one for the result sequence number (sums shared by the first peer).
-        self.words = memoryview(mm)[:_header_bytes(world_size)].cast("q")
-        data = torch.frombuffer(mm, dtype=torch.uint8, offset=_header_bytes(world_size))
+        self.words = memoryview(mm)[:header_bytes(world_size)].cast("q")
+        data = torch.frombuffer(mm, dtype=torch.uint8, offset=header_bytes(world_size))
         self.slots = data[:world_size * 2 * SLOT_BYTES].view(world_size, 2, SLOT_BYTES)
         self.results = data[world_size * 2 * SLOT_BYTES:].view(2, SLOT_BYTES)
         self.calls = 0  # calls published by this peer
@@ -230,7 +217,7 @@ class SharedMemorySum:
             now = time.monotonic()
             if now >= check:
                 check = now + CHECK_S
-                if not _alive(words[q * WORDS + PID]):
+                if not alive(words[q * WORDS + PID]):
                     if words[word] >= k:  # it published, then exited: what it left is all we need
                         return
                     raise SumFailed(f"rank {self.names[q]}'s process exited")
@@ -262,78 +249,10 @@ def _show(described: int) -> str:
     return f"call {k}: {nbytes // size} x {str(dtype).replace('torch.', '')}"
 
 
-def _header_bytes(world_size: int) -> int:
-    return -(-LINE * (world_size + 1) // 4096) * 4096
-
-
-def _segment_bytes(world_size: int) -> int:
-    return _header_bytes(world_size) + (world_size + 1) * 2 * SLOT_BYTES
-
-
 def open_shared_sum(rank: int, world_size: int, all_gather: Callable[[object], list],
                     names: Optional[list[int]] = None) -> Optional[SharedMemorySum]:
-    """Map one segment on every peer (a collective: every peer calls it); None on every peer if any
-    of them could not (no memory, another pid namespace, /proc/<pid>/fd not readable), and the peers
-    keep to gloo.
-
-    Rank 0 holds the segment's descriptor open until every peer has mapped it (or failed to); then
-    only the mappings keep it alive, and it is freed with the last of them.
-    """
-    size = _segment_bytes(world_size)
-    fd = _create(size) if rank == 0 else None
-    try:
-        where = all_gather(None if fd is None else (os.getpid(), fd))[0]
-        shared = _map(where, size, rank, world_size, names) if where is not None else None
-        pids = all_gather(None if shared is None else os.getpid())
-    finally:
-        if fd is not None:
-            os.close(fd)
-    ok = all(p is not None and _alive(p) for p in pids)
-    # One verdict for all: a peer summing here while another uses gloo would hang both.
-    if all(all_gather(ok)):
-        return shared
-    if shared is not None:
-        shared.close()
-    return None
-
-
-def _create(size: int) -> Optional[int]:
-    """An anonymous memory file of `size` bytes (reserved now: running out later would be a SIGBUS)."""
-    try:
-        fd = os.memfd_create("p2prl-sum", os.MFD_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        os.posix_fallocate(fd, 0, size)
-        return fd
-    except OSError:
-        os.close(fd)
-        return None
-
-
-def _map(where: tuple[int, int], size: int, rank: int, world_size: int,
-         names: Optional[list[int]]) -> Optional[SharedMemorySum]:
-    pid, fd = where
-    try:
-        own = os.dup(fd) if pid == os.getpid() else os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR)
-        try:
-            mm = mmap.mmap(own, size)
-        finally:
-            os.close(own)
-    except (OSError, ValueError):
-        return None
-    shared = SharedMemorySum(mm, rank, world_size, names)
-    shared.words[rank * WORDS + PID] = os.getpid()
-    return shared
-
-
-def _alive(pid: int) -> bool:
-    """Whether process `pid` runs (a zombie does not); True when it cannot be told."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    except (OSError, IndexError):
-        return True
-    return state not in (b"Z", b"X")
+    """Sums through one segment mapped on every peer (a collective: every peer calls it); None on
+    every peer if any of them could not map it (`p2prl.comm.segment.open_segment`), and the peers
+    keep to gloo."""
+    mm = open_segment(rank, world_size, all_gather)
+    return None if mm is None else SharedMemorySum(mm, rank, world_size, names)

@@ -24,6 +24,7 @@ BEAT_S = 1.0  # a beat at least this often
 # the one that died, and a signal cannot interrupt the connection attempt while it lasts.
 STALLED_CONNECT_S = 1.0
 MIN_GAP_S = 0.05  # and at most this often: a phase change is published within this delay
+POLL_S = 0.01  # how often a start-up check looks for the other peers' values
 
 
 def namespace() -> str:
@@ -58,11 +59,16 @@ def attempt_store(timeout_s: float) -> Optional[dist.Store]:
     return None if store is None else dist.PrefixStore(f"{namespace()}/pg", store)
 
 
+class StartTimeout(RuntimeError):
+    """A peer did not reach a start-up exchange within comm.timeout_s; `str()` is the one line to show."""
+
+
 def gather_before_start(rank: int, world_size: int, value: Any, timeout_s: float, tag: str) -> Optional[list]:
     """Every peer's JSON-able `value`, by rank, through the store: no process group is needed yet.
 
     Used to check every peer's configuration before any of them starts. None unless torchrun's agent
-    hosts the store (otherwise rank 0 hosts it only once its process group exists).
+    hosts the store (otherwise rank 0 hosts it only once its process group exists). Raises
+    `StartTimeout` when some peer's value is not there within `timeout_s`.
     """
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
@@ -71,7 +77,14 @@ def gather_before_start(rank: int, world_size: int, value: Any, timeout_s: float
         return None
     keys = [f"{namespace()}/start/{tag}/{r}" for r in range(world_size)]
     store.set(keys[rank], json.dumps(value))
-    store.wait(keys, timedelta(seconds=timeout_s))
+    # Polled rather than store.wait: its timeout is a C++ trace and socket warnings, not one line.
+    deadline = time.monotonic() + timeout_s
+    while not store.check(keys):
+        if time.monotonic() > deadline:
+            missing = ", ".join(str(r) for r, k in enumerate(keys) if not store.check([k]))
+            raise StartTimeout(f"the start-up check '{tag}' timed out after comm.timeout_s={timeout_s:g}: rank(s) "
+                               f"{missing} never reached it (stuck, or running other jobs than this peer)")
+        time.sleep(POLL_S)
     return [json.loads(store.get(k)) for k in keys]
 
 

@@ -8,7 +8,7 @@ sum), so every peer skips that update alike; a non-finite loss rides along in th
 flag, so it skips the update even where its gradient happens to be finite. `skipped_in_a_row`
 (identical on every peer) lets the runner stop a run that only produces NaNs.
 
-How the peers share the update is the sync strategy's job (`comm=`, `p2prl.comm.strategy`): the
+How the peers share the update is the sync strategy's job (`comm=`, `p2prl.sync.base`): the
 all-reduce (default; with `comm.overlap` each gradient is averaged in the background while the next
 is computed, one step stale), a parameter server, local SGD or gossip. Callers see no difference but
 that `step` may return None (nothing finished yet) and that `finish()` completes the last one.
@@ -20,9 +20,11 @@ from typing import Callable, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 
-from p2prl.comm import Communicator, GradientBucket, make_strategy
+from p2prl.comm import Communicator
 from p2prl.config import CommConfig
-from p2prl.optim import FlatOptimizer
+from p2prl.sync.bucket import GradientBucket
+from p2prl.sync.optim import FlatOptimizer
+from p2prl.sync.table import make_strategy
 
 Veto = Callable[[dict[str, float]], bool]
 
@@ -42,6 +44,8 @@ class Learner:
         self.comm, self.max_grad_norm = comm, max_grad_norm
         self.term_names = tuple(terms)
         self.bucket = GradientBucket(comm, params, len(self.term_names) + 1)  # + the finiteness flag
+        # Before the strategy copies the parameters (DiLoCo's anchor): it must copy rank 0's, not this peer's.
+        self.bucket.broadcast_parameters()
         # The optimizer sees one flat parameter (the model's parameters are views of it).
         self.optimizer = make_optimizer(self.bucket.flat_param)
         self.strategy = make_strategy(comm, sync, self.bucket)
@@ -51,7 +55,6 @@ class Learner:
         self.skipped_in_a_row = 0
         self._sums = [0.0] * len(self.term_names)
         self._summed = 0
-        self.bucket.broadcast_parameters()
 
     @property
     def attempts(self) -> int:

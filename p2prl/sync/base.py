@@ -15,24 +15,69 @@ step to its strategy, which owns the communication and calls back:
 
 Every decision that changes the schedule (NaN skip, KL early stop) is taken on terms averaged over all
 peers, so every peer takes it alike under every strategy.
+
+Each strategy also declares what the rest of p2prl needs to know of it (the class attributes below,
+`check`, `check_world` and `predict`): the table (`p2prl.sync.table`) is where they are read.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional, Protocol
 
 import torch
 
-from p2prl.comm.base import Communicator
-from p2prl.comm.bucket import GradientBucket
+from p2prl.comm import Communicator
 from p2prl.config import CommConfig
+from p2prl.sync.bucket import GradientBucket
 
 Apply = Callable[[torch.Tensor, Any], Any]
 Follow = Callable[[torch.Tensor, bool, bool], Any]
 
 
+class Link(Protocol):
+    """A cost model of moving bytes between peers (`p2prl.bench.cost`'s alpha-beta model): seconds."""
+
+    def allreduce(self, nbytes: float, n: int) -> float:
+        """One all-reduce of `nbytes` among `n` peers."""
+
+    def send(self, nbytes: float) -> float:
+        """One message of `nbytes` from a peer to another."""
+
+    def terms(self, n: int) -> float:
+        """The all-reduce of the named terms and the finiteness flag alone, among `n` peers."""
+
+    def send_local(self, nbytes: float) -> float:
+        """One message of `nbytes` between two peers of one node (not over its link)."""
+
+    colocated: int  # peers per node in a flat layout (ranks numbered node by node, as torchrun does)
+
+
 class Strategy:
     differs = False  # True: peers' parameters differ between syncs (no bit-identity check)
     local = False  # True: each peer applies its own gradient (its finiteness must ride in the flag)
+    # True: also serves algorithms that sum exact tables themselves instead of gradients (tabular
+    # Q-learning), which need every peer to hold the same table after each sum.
+    tables = False
+    keys: tuple[str, ...] = ()  # the comm.* keys it reads, besides the transport's (backend, topology, ...)
+    central = False  # True: one peer serves every other (the parameter server), the baseline p2prl beats
+
+    @classmethod
+    def period(cls, settings: Mapping[str, Any]) -> int:
+        """Updates after which its pattern of communication repeats (a benchmark times them together)."""
+        return 1
+
+    @classmethod
+    def check(cls, cfg: CommConfig) -> None:
+        """Refuse settings of its own keys that it cannot honour (ConfigError)."""
+
+    @classmethod
+    def check_world(cls, cfg: CommConfig, world_size: int) -> None:
+        """Refuse settings it cannot honour on `world_size` peers (ConfigError)."""
+
+    @classmethod
+    def predict(cls, link: Link, n: int, nbytes: float, settings: Mapping[str, Any]) -> float:
+        """Seconds of communication per update of a model of `nbytes` on `n` peers, by `link`'s cost
+        model; `settings`: the values of its `keys`."""
+        raise NotImplementedError
 
     def __init__(self, comm: Communicator, cfg: CommConfig, bucket: GradientBucket) -> None:
         self.comm, self.cfg, self.bucket = comm, cfg, bucket

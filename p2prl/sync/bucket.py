@@ -11,7 +11,7 @@ from typing import Iterable
 
 import torch
 
-from p2prl.comm.base import Communicator
+from p2prl.comm import Communicator
 
 
 class GradientBucket:

@@ -2,19 +2,34 @@
 
 With `comm.overlap` the gradient is averaged in the background while the next one is computed: each
 step then starts this gradient's average and finishes and applies the previous one (one step stale);
-every peer still applies the same averaged gradients in the same order. With `comm.compress=bf16` the
-sum travels as bfloat16 (half the bytes; every peer gets the same rounded sum).
+every peer still applies the same averaged gradients in the same order. `comm.compress` chooses how a
+blocking sum travels (`p2prl.sync.compress`: bf16 sends half the bytes).
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 
-from p2prl.comm.strategy import Apply, Follow, Strategy
+from p2prl.checks import ConfigError
+from p2prl.sync.base import Apply, Follow, Link, Strategy
+from p2prl.sync.compress import COMPRESSIONS
 
 
 class AllReduce(Strategy):
+    tables = True  # one sum of the same tensor on every peer: exact tables stay identical
+    keys = ("overlap", "compress")
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        if cfg.compress != "none" and cfg.overlap:
+            raise ConfigError("comm.compress", cfg.compress, f"compresses comm={cfg.strategy}'s blocking sums only "
+                                                             "(no comm.overlap); allowed here: none")
+
+    @classmethod
+    def predict(cls, link: Link, n: int, nbytes: float, settings: Mapping[str, Any]) -> float:
+        return link.allreduce(nbytes, n)
+
     def __init__(self, comm, cfg, bucket) -> None:
         super().__init__(comm, cfg, bucket)
         self.overlap = cfg.overlap
@@ -22,20 +37,12 @@ class AllReduce(Strategy):
         self._spares = [torch.zeros_like(bucket.flat) for _ in range(2)] if self.overlap else []
         self._pending = None
         self._calls = 0
-        self._half = torch.zeros_like(bucket.flat, dtype=torch.bfloat16) if cfg.compress == "bf16" else None
-
-    def _average(self, flat: torch.Tensor) -> None:
-        if self._half is None:
-            self.comm.all_reduce_mean(flat)
-            return
-        self._half.copy_(flat)
-        self.comm.all_reduce_sum(self._half)
-        flat.copy_(self._half).div_(self.comm.world_size)
+        self._compress = COMPRESSIONS[cfg.compress](bucket.flat)
 
     def step(self, apply: Apply, follow: Follow, veto: Any) -> Optional[Any]:
         flat = self.bucket.flat
         if not self.overlap:
-            self._average(flat)
+            self._compress.mean(self.comm, flat)
             return apply(flat, veto)
         self._calls += 1
         send = self._spares[self._calls % 2]  # the other one may still be in flight

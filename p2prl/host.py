@@ -1,4 +1,6 @@
-"""What torchrun's environment says about this peer: ranks, the node's layout, cores, the run id.
+"""Where this peer runs: what torchrun's environment says about it (ranks, the node's layout), its
+device and backend, its cores (the cgroup's CPU quota, the cores free of other jobs, pinning), and
+the run id.
 
 torchrun sets RANK (global identity), LOCAL_RANK (which GPU on this node), WORLD_SIZE and
 LOCAL_WORLD_SIZE. Without them this process is a world of one.
@@ -13,7 +15,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from p2prl.config import ConfigError
+from p2prl.checks import ConfigError
 
 log = logging.getLogger(__name__)
 PF_KTHREAD = 0x00200000  # /proc/<pid>/stat flags: a kernel thread (pinned per core by design)

@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 
-import p2prl.comm.launcher as launcher
-from p2prl.comm.launcher import choose_devices, cores_pinned_by_others, cpu_quota, place
-from p2prl.config import ConfigError
+import p2prl.host as host
+from p2prl.checks import ConfigError
+from p2prl.host import choose_devices, cores_pinned_by_others, cpu_quota, place
 
 
 @pytest.fixture
 def node(monkeypatch):
     """`node(allowed, local_peers, local_rank)`: this process as a torchrun peer on such a node."""
     def set_up(allowed, local_peers, local_rank):
-        monkeypatch.setattr(launcher.os, "sched_getaffinity", lambda pid: set(allowed))
+        monkeypatch.setattr(host.os, "sched_getaffinity", lambda pid: set(allowed))
         monkeypatch.setenv("LOCAL_RANK", str(local_rank))
         monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_peers))
     return set_up

@@ -8,16 +8,24 @@ waits for it: the bottleneck (and single point of failure) that the all-reduce a
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 
-from p2prl.comm.strategy import Apply, Follow, Strategy
+from p2prl.sync.base import Apply, Follow, Link, Strategy
 
 SERVER = 0
 
 
 class ParamServer(Strategy):
+    central = True
+    @classmethod
+    def predict(cls, link: Link, n: int, nbytes: float, settings: Mapping[str, Any]) -> float:
+        # Every gradient in, every parameter copy out, one by one: 2 (N - 1) messages, of which those of
+        # the server's node-mates do not cross its link.
+        latency = link.send(0)
+        return 2 * (n - 1) * latency + 2 * (n - min(link.colocated, n)) * (link.send(nbytes) - latency)
+
     def __init__(self, comm, cfg, bucket) -> None:
         super().__init__(comm, cfg, bucket)
         n_params, n_extras = bucket.flat_param.numel(), bucket.extras.numel()

@@ -10,16 +10,25 @@ outer_lr=1 and outer_momentum=0 is plain parameter averaging.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 
-from p2prl.comm.strategy import Apply, Follow, Strategy, _local_terms
+from p2prl.sync.base import Apply, Follow, Link, Strategy, _local_terms
 
 
 class LocalSGD(Strategy):
     differs = True
     local = True
+    keys = ("average_every", "outer_lr", "outer_momentum")
+
+    @classmethod
+    def period(cls, settings: Mapping[str, Any]) -> int:
+        return settings["average_every"]
+
+    @classmethod
+    def predict(cls, link: Link, n: int, nbytes: float, settings: Mapping[str, Any]) -> float:
+        return link.allreduce(nbytes, n) / settings["average_every"] + link.terms(n)
 
     def __init__(self, comm, cfg, bucket) -> None:
         super().__init__(comm, cfg, bucket)

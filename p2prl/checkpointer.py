@@ -1,0 +1,101 @@
+"""Writing checkpoint sets at rollout boundaries: rank 0's shared file, every rank's own (see p2prl.resume,
+which reads them back, for what each holds)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from p2prl import algos
+from p2prl.checkpoint import prune, rank_path, remove_partial_writes, rng_state, save_atomic, shared_path
+from p2prl.comm import Communicator
+from p2prl.config import RunConfig, config_hash
+from p2prl.metrics import ReturnWindow
+from p2prl.resume import FORMAT, Progress
+
+log = logging.getLogger(__name__)
+
+
+def _clone(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, dict):
+        return {k: _clone(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_clone(v) for v in x)
+    return x
+
+
+class Checkpointer:
+    """Writes checkpoint sets; on rank 0 also keeps the shared state of the last iteration boundary, so
+    an interrupted peer can save the model without any collective (parameters are identical everywhere)."""
+
+    def __init__(self, comm: Communicator, cfg: RunConfig, run_dir: Path, algo: algos.Algorithm,
+                 window: ReturnWindow) -> None:
+        self.comm, self.algo, self.window = comm, algo, window
+        self.folder = run_dir / "checkpoints"
+        self.keep, self.replay = cfg.checkpoint.keep, cfg.checkpoint.replay
+        self.config = cfg.to_dict()
+        self.hash = config_hash(self.config)
+        self.boundary: Optional[dict] = None
+        self.saved_step: Optional[int] = None
+        # A peer killed while writing leaves a temp file beside the checkpoints: each peer removes its own.
+        own = [self.folder / f"rank{comm.rank}", *([self.folder] if comm.rank == 0 else [])]
+        for path in (p for folder in own for p in remove_partial_writes(folder)):
+            log.info("removed %s, the part of a checkpoint whose writer was killed", path)
+
+    def _shared(self, p: Progress, mean: Optional[torch.Tensor] = None) -> dict:
+        """Rank 0's checkpoint contents; with `mean`, the peers' mean parameters stand in for its own."""
+        learner = self.algo.learner
+        if mean is not None:
+            own = learner.bucket.flat_param.detach().clone()
+            with torch.no_grad():
+                learner.bucket.flat_param.copy_(mean)
+            try:
+                return _clone(self._shared(p))  # the model's tensors are views of the parameters
+            finally:
+                with torch.no_grad():
+                    learner.bucket.flat_param.copy_(own)
+        return {"format": FORMAT, "step": p.step, "iteration": p.iteration, "time_s": p.time_s,
+                "world_size": self.comm.world_size,
+                "config": self.config, "config_hash": self.hash, "return_window": self.window.state_dict(),
+                **({} if learner is None else {"learner": learner.state_dict()}), **self.algo.state_dict()}
+
+    def shared_state(self, p: Progress) -> dict:
+        """The shared checkpoint's contents, on every peer. No collective, but where the peers'
+        parameters differ (local_sgd, gossip): their mean then stands in for each one's own (one
+        all-reduce: every peer calls this at the same steps)."""
+        learner = self.algo.learner
+        return self._shared(p, learner.strategy.average_parameters() if learner is not None else None)
+
+    def save(self, p: Progress) -> None:
+        """Every rank writes its own file, rank 0 also the shared one (`shared_state`: where the
+        peers' parameters differ, their average) and each rank's file its own."""
+        self.comm.phase = "checkpoint"
+        rank, learner = self.comm.rank, self.algo.learner
+        own_state = self.algo.rank_state_dict(self.replay)
+        if learner is not None:
+            own_state["learner"] = learner.rank_state_dict()
+        own = {"step": p.step, "rank": rank, "world_size": self.comm.world_size, "rng": rng_state()}
+        assert not own.keys() & own_state.keys(), f"{own.keys() & own_state.keys()} would replace the process RNG or counters"
+        own.update(own_state)
+        save_atomic(own, rank_path(self.folder, rank, p.step))
+        prune(self.folder / f"rank{rank}", self.keep)
+        shared = self.shared_state(p)
+        if rank == 0:
+            save_atomic(shared, shared_path(self.folder, p.step))
+            prune(self.folder, self.keep)
+            log.info("checkpoint at step %d", p.step)
+        self.saved_step = p.step
+
+    def mark_boundary(self, p: Progress) -> None:
+        if self.comm.rank == 0:
+            self.boundary = _clone(self._shared(p))
+
+    def save_interrupted(self, why: str) -> None:
+        """Rank 0: the state of the last iteration boundary to checkpoints/interrupted.pt."""
+        if self.comm.rank == 0 and self.boundary is not None:
+            save_atomic({**self.boundary, "interrupted_by": why}, self.folder / "interrupted.pt")
+            log.warning("saved the model of step %d to %s", self.boundary["step"], self.folder / "interrupted.pt")

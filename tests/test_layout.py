@@ -1,0 +1,29 @@
+"""The package's boundaries, as its files state them: only comm/ imports torch.distributed (and the
+`p2prl train --nproc` wrapper, which runs torchrun itself), and a sync strategy's name is spelled in
+code only in its table."""
+import re
+from pathlib import Path
+
+import p2prl
+from p2prl.sync.table import STRATEGIES
+
+ROOT = Path(p2prl.__file__).resolve().parent
+CODE = sorted(ROOT.rglob("*.py"))
+
+
+def _lines(pattern: re.Pattern) -> list[str]:
+    return [f"{path.relative_to(ROOT)}:{i + 1}" for path in CODE
+            for i, line in enumerate(path.read_text().splitlines()) if pattern.search(line)]
+
+
+def test_only_comm_imports_torch_distributed():
+    imports = re.compile(r"^\s*(from torch\.distributed\b|import torch\.distributed\b|from torch import distributed)")
+    outside = [where for where in _lines(imports) if not where.startswith(("comm/", "torchrun.py:"))]
+    assert outside == []
+    assert any(where.startswith("comm/") for where in _lines(imports))  # the pattern does find imports
+
+
+def test_a_strategy_name_is_spelled_in_code_only_in_the_table():
+    quoted = re.compile("|".join(rf"[\"']{name}[\"']" for name in STRATEGIES))
+    found = _lines(quoted)
+    assert found and all(where.startswith("sync/table.py:") for where in found), found
