@@ -107,8 +107,8 @@ def test_a_gradient_with_one_non_finite_value_and_a_finite_loss_is_skipped(bad, 
     import torch
 
     from p2prl.comm import LocalComm
-    from p2prl.learner import Learner
-    from p2prl.optim import FlatSGD
+    from p2prl.sync.learner import Learner
+    from p2prl.sync.optim import FlatSGD
     p = torch.nn.Parameter(torch.ones(5))
     learner = Learner([p], lambda flat: FlatSGD(flat, lr=1e-3), LocalComm(), None, ("loss",), sync=compose().comm)
     root = torch.sqrt(p[2] - p[2].detach())  # 0, with gradient +inf

@@ -35,6 +35,8 @@ MEASURES = (*TO_TARGET, "sps", "comm_frac", "comm_ms_per_call", "grad_bytes", "c
 SUMMARY_KEYS = ("reached", "steps_to_target", "time_to_target_s", "first_step_to_target_s", "final_step",
                 "world_size", "wall_s", "sps", "comm_frac", "comm_calls", "comm_bytes", "updates",
                 "episode_return_mean", "timed_out")
+GLOBAL_NOTE = ("\np2prl-1-global: 1 peer given the global batch the preset splits over 2 peers (SB3's settings): "
+               "the per-core comparison; steps/s vs sb3: medians, p2prl-2 on 2 cores")
 
 
 def derive(summary: dict[str, Any], launch_to_exit_s: float) -> dict[str, Any]:
@@ -144,10 +146,6 @@ def vs_sb3(rows: Sequence[dict[str, Any]]) -> list[str]:
             for r in rows]
 
 
-GLOBAL_NOTE = ("\np2prl-1-global: 1 peer given the global batch the preset splits over 2 peers (SB3's settings): "
-               "the per-core comparison; steps/s vs sb3: medians, p2prl-2 on 2 cores")
-
-
 def format_results(rows: Sequence[dict[str, Any]]) -> str:
     """The time-to-target table: median (min-max) over seeds per task and system."""
     headers = ("task", "system", "reached", "launch->target s", "1st step->target s", "steps->target",
@@ -161,8 +159,7 @@ def format_results(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def format_budget(rows: Sequence[dict[str, Any]]) -> str:
-    """The fixed-budget table: the return reached at the budget's end, speed (also as a multiple of
-    SB3's) and memory."""
+    """The fixed-budget table: the return reached at the budget's end, speed (and over SB3's), memory."""
     headers = ("task", "system", "runs", "global steps", "return at the end", "steps/s", "vs sb3",
                "peak MiB per peer", "launch->exit s")
     body = [(r["task"], r["system"], f"{r['runs']}" + (f", {r['failed']} failed" if r["failed"] else ""),

@@ -174,6 +174,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--learning-starts", type=int, default=None, help="DQN: steps before learning (default: the zoo's)")
     p.add_argument("--out", type=Path, required=True, help="where to write the JSON summary")
     a = p.parse_args(argv)
+    if a.learning_starts is not None and (a.algo != "dqn" or a.learning_starts < 0):
+        p.error(f"--learning-starts={a.learning_starts}: allowed: an integer >= 0, with --algo dqn")
     write_json_atomic(a.out, train(a.algo, a.env, a.seed, a.target, a.steps, a.deadline,
                                    learning_starts=a.learning_starts))
 
