@@ -313,7 +313,7 @@ def test_fixed_budget_tasks_run_their_budget_and_report_the_return(monkeypatch, 
     assert "breakout-ppo" in text and "950" in text and "1.5" in text and "80" in text
 
 
-def test_dqn_learning_starts_reach_p2prl_and_sb3_alike(monkeypatch, tmp_path):
+def test_dqn_learning_starts_reach_p2prl_and_sb3_alike(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec())
     a = bench.parse_args(["--tasks", "breakout-dqn", "breakout-ppo", "--seeds", "0", "--budget", "20000"])
     whole = next(j for j in bench.plan(a, tmp_path) if j.system == "p2prl-1-global" and j.task == "breakout-dqn")
@@ -328,8 +328,14 @@ def test_dqn_learning_starts_reach_p2prl_and_sb3_alike(monkeypatch, tmp_path):
         else:
             starts = [c for c in j.cmd if c.startswith("algo.learning_starts=")]
             assert starts == (["algo.learning_starts=2000"] if dqn else [])
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as refused:
         bench.parse_args(["--learning-starts", "-1"])
+    assert refused.value.code == 2
+    assert capsys.readouterr().err == "python -m p2prl.bench: error: --learning-starts=-1: must be >= 0\n"
+    with pytest.raises(SystemExit) as refused:  # the SB3 worker: DQN only
+        bench_sb3.main(["--algo", "ppo", "--env", "CartPole-v1", "--learning-starts", "0", "--out", str(tmp_path / "r")])
+    assert refused.value.code == 2
+    assert "--learning-starts=0: allowed: an integer >= 0, with --algo dqn" in capsys.readouterr().err
 
 
 def test_budget_table_and_png_show_speed_against_sb3_and_the_return(tmp_path):
