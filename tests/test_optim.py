@@ -33,6 +33,17 @@ def test_matches_torch_optim(ours, theirs):
     torch.testing.assert_close(mine.detach(), ref.detach(), rtol=1e-6, atol=1e-7)
 
 
+def test_fused_adam_is_torch_optims_fused_adam_and_adam_to_rounding():
+    start, grads = _start_and_grads(30)
+    fused, ref, plain = (torch.nn.Parameter(start.clone()) for _ in range(3))
+    _steps(FlatAdam(fused, lr=1e-2, eps=1e-5, fused=True), fused, grads)
+    _steps(torch.optim.Adam([ref], lr=1e-2, eps=1e-5, fused=True), ref, grads)
+    _steps(FlatAdam(plain, lr=1e-2, eps=1e-5), plain, grads)
+    assert (fused.detach() - start).abs().max() > 1e-2  # it moved
+    assert torch.equal(fused.detach(), ref.detach())
+    torch.testing.assert_close(fused.detach(), plain.detach(), rtol=1e-6, atol=1e-7)
+
+
 def test_state_dict_resumes_exactly():
     start, grads = _start_and_grads(20)
     full = torch.nn.Parameter(start.clone())

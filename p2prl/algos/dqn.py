@@ -81,8 +81,8 @@ class DQN(Algorithm):
         dev = self.comm.device
         encoder = resolve_encoder(cfg.encoder, obs_space)
         self.q = QNetwork(obs_space, self.n_actions, cfg.hidden_sizes, cfg.activation, encoder).to(dev)
-        self.learner = peer.learner(list(self.q.parameters()), lambda p: FlatAdam(p, lr=cfg.lr),
-                                    cfg.max_grad_norm, TERMS)  # broadcasts rank 0's parameters
+        adam = lambda p: FlatAdam(p, lr=cfg.lr, fused=encoder == "cnn")  # noqa: E731
+        self.learner = peer.learner(list(self.q.parameters()), adam, cfg.max_grad_norm, TERMS)  # broadcasts rank 0's q
         self.target = QNetwork(obs_space, self.n_actions, cfg.hidden_sizes, cfg.activation, encoder).to(dev)
         self.target.load_state_dict(self.q.state_dict())
         self.target.requires_grad_(False)
@@ -116,9 +116,12 @@ class DQN(Algorithm):
     # -- acting ----------------------------------------------------------------------------------
     @torch.inference_mode()
     def _act(self) -> np.ndarray:
-        greedy = self.q(torch.from_numpy(self.obs).to(self.comm.device)).argmax(1).cpu().numpy()
         explore = self.rng.random(self.num_envs) < self.epsilon
-        return np.where(explore, self.rng.integers(0, self.n_actions, self.num_envs), greedy)
+        random = self.rng.integers(0, self.n_actions, self.num_envs)
+        if explore.all():  # no greedy action is taken: skip the network (most steps early on, as SB3 does)
+            return random
+        greedy = self.q(torch.from_numpy(self.obs).to(self.comm.device)).argmax(1).cpu().numpy()
+        return np.where(explore, random, greedy)
 
     def _store(self, actions, rewards, next_key, term, trunc, valid) -> None:
         """Store this step's valid transitions (n-step windows if n_step > 1).

@@ -83,8 +83,9 @@ class PPO(Algorithm):
         self.model = ActorCritic(obs_space, act_space, cfg.hidden_sizes, cfg.activation, encoder,
                                  cfg.log_std_init).to(self.comm.device)
         self.obs_dtype = torch.uint8 if encoder == "cnn" else torch.float32  # frames stay bytes until the CNN
-        optimizer = (lambda p: FlatAdam(p, lr=cfg.lr, eps=cfg.eps)) if cfg.optimizer == "adam" else \
-            (lambda p: FlatRMSprop(p, lr=cfg.lr, alpha=0.99, eps=cfg.eps))
+        stacked = encoder == "cnn" and not self.model.encoder.cnn.channels_last  # (C, H, W) frames: stored C innermost
+        optimizer = (lambda p: FlatAdam(p, lr=cfg.lr, eps=cfg.eps, fused=encoder == "cnn")) \
+            if cfg.optimizer == "adam" else (lambda p: FlatRMSprop(p, lr=cfg.lr, alpha=0.99, eps=cfg.eps))
         self.learner = peer.learner(list(self.model.parameters()), optimizer, cfg.max_grad_norm, TERMS)
         self.discrete = isinstance(act_space, gym.spaces.Discrete)
         if not self.discrete:
@@ -95,7 +96,7 @@ class PPO(Algorithm):
         self.rollout = allocate_rollout(cfg.num_steps, cfg.num_envs, obs_space.shape,
                                         () if self.discrete else act_space.shape,
                                         torch.int64 if self.discrete else torch.float32, self.obs_dtype,
-                                        raw=cfg.norm_obs)
+                                        raw=cfg.norm_obs, channels_last=stacked)
         self.next_obs = torch.as_tensor(first_obs, dtype=self.obs_dtype)
         # False on the step after an episode ended: the env resets then and ignores the action.
         self.next_valid = np.ones(cfg.num_envs, dtype=bool)

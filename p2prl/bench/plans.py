@@ -13,8 +13,25 @@ from p2prl.bench.tasks import ATARI_BUDGETS, TASKS, budget_overrides, goal, sb3_
 from p2prl.sync import table
 
 
+def system_overrides(name: str, system: str, a: argparse.Namespace) -> list[str]:
+    """The p2prl overrides of `system` on task `name` besides its goal: SB3's settings for p2prl-1-global,
+    and `--learning-starts` for DQN (which replaces the one of SB3's settings)."""
+    extra = list(GLOBAL_BATCH[name]) if system == "p2prl-1-global" else []
+    if a.learning_starts is not None and TASKS[name].algo == "dqn":
+        extra = [o for o in extra if not o.startswith("algo.learning_starts=")]
+        extra.append(f"algo.learning_starts={a.learning_starts}")
+    return extra
+
+
 EXTRAS = {"box2d": "Box2D", "atari": "ale_py", "mujoco": "mujoco"}  # extra -> the module it installs
-SYSTEMS = ("p2prl-1", "p2prl-2", "sb3")
+SYSTEMS = ("p2prl-1", "p2prl-2", "p2prl-1-global", "sb3")
+# "p2prl-1-global": one peer given the whole global batch that the preset splits over 2 peers, which is
+# SB3's settings for these tasks (the same samples per update, the same updates per sample): the per-core
+# comparison with SB3. Tasks without an entry skip it (their presets are not SB3's settings).
+GLOBAL_BATCH = {"breakout-ppo": ("algo.num_envs=8",),  # 8 envs x 128 steps, minibatches of 256
+                "halfcheetah-ppo": ("algo.num_steps=512",),  # 1 env x 512 steps, minibatches of 64
+                # a target copy every 1,000 steps; learning from the zoo's 100k steps (the preset: CleanRL's 80k)
+                "breakout-dqn": ("algo.target_update_interval=250", "algo.learning_starts=100000")}
 STRATEGIES = tuple(table.STRATEGIES)  # --strategies compares them all
 # --scaling: global steps/s at fixed per-peer work, per task: its overrides, 1-peer steps, and global
 # step counts given per peer (multiplied by the number of peers). DQN learns from its 2,000th step per
@@ -81,14 +98,18 @@ def plan(a: argparse.Namespace, out: Path) -> list[Job]:
             for system in a.systems:
                 if system == "sb3":
                     steps = budget or a.sb3_steps
+                    starts = a.learning_starts if t.algo == "dqn" else None
                     cmd = [sys.executable, "-m", "p2prl.bench.sb3", "--algo", t.algo, "--env", t.gym_id,
                            "--seed", str(seed), *sb3_goal(t, a),
                            "--out", str(out / "runs" / name / system / f"seed{seed}" / "result.json"),
-                           *(["--steps", str(steps)] if steps else [])]
+                           *(["--steps", str(steps)] if steps else []),
+                           *(["--learning-starts", str(starts)] if starts is not None else [])]
+                elif system == "p2prl-1-global" and name not in GLOBAL_BATCH:
+                    continue
                 else:
-                    peers = int(system[-1])
+                    peers = int(system.split("-")[1])
                     cmd = p2prl_cmd(peers, [f"algo={t.algo}", f"env={t.env}", *goal(t, a), *split_overrides(t, peers),
-                                            *a.override])
+                                            *system_overrides(name, system, a), *a.override])
                 jobs.append(_job(out, name, system, seed, cmd, target if t.watch else None))
     return jobs
 

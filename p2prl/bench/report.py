@@ -35,6 +35,8 @@ MEASURES = (*TO_TARGET, "sps", "comm_frac", "comm_ms_per_call", "grad_bytes", "c
 SUMMARY_KEYS = ("reached", "steps_to_target", "time_to_target_s", "first_step_to_target_s", "final_step",
                 "world_size", "wall_s", "sps", "comm_frac", "comm_calls", "comm_bytes", "updates",
                 "episode_return_mean", "eval_return_mean", "evaluations", "timed_out")
+GLOBAL_NOTE = ("\np2prl-1-global: 1 peer given the global batch the preset splits over 2 peers (SB3's settings): "
+               "the per-core comparison; steps/s vs sb3: medians, p2prl-2 on 2 cores")
 
 
 def derive(summary: dict[str, Any], launch_to_exit_s: float) -> dict[str, Any]:
@@ -152,29 +154,41 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
 
 
+def vs_sb3(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Each row's median steps/s over SB3's on the same task ("1.25x"; "-" without both)."""
+    sb3 = {r["task"]: r["sps"]["median"] for r in rows if r["system"] == "sb3" and r.get("sps")}
+    return [f"{r['sps']['median'] / sb3[r['task']]:.2f}x" if r.get("sps") and sb3.get(r["task"]) else "-"
+            for r in rows]
+
+
 def format_results(rows: Sequence[dict[str, Any]]) -> str:
     """The time-to-target table: median (min-max) over seeds per task and system."""
     headers = ("task", "system", "reached", "launch->target s", "1st step->target s", "steps->target",
-               "steps/s", "comm_frac", "comm ms/call")
+               "steps/s", "vs sb3", "comm_frac", "comm ms/call")
     body = [(r["task"], r["system"], f"{r['reached']}/{r['runs']}" + (f", {r['failed']} failed" if r["failed"] else ""),
              fmt(r["launch_to_target_s"]), fmt(r["first_step_to_target_s"]), fmt(r["steps_to_target"], 0),
-             fmt(r["sps"], 0), fmt(r["comm_frac"], 3), fmt(r["comm_ms_per_call"], 2)) for r in rows]
-    return table(headers, body) + "\nmedian (min-max) over seeds; inf: a run that did not reach the target"
+             fmt(r["sps"], 0), ratio, fmt(r["comm_frac"], 3), fmt(r["comm_ms_per_call"], 2))
+            for r, ratio in zip(rows, vs_sb3(rows))]
+    note = GLOBAL_NOTE if any(r["system"] == "p2prl-1-global" for r in rows) else ""
+    return table(headers, body) + "\nmedian (min-max) over seeds; inf: a run that did not reach the target" + note
 
 
 def format_budget(rows: Sequence[dict[str, Any]]) -> str:
     """The fixed-budget table: the return reached at the budget's end (greedy evaluation where the task
-    evaluates), when a watched target was first reached, speed and memory."""
+    evaluates), when a watched target was first reached, speed (and over SB3's) and memory."""
     headers = ("task", "system", "runs", "global steps", "greedy return at the end", "training return at the end",
-               "reached", "steps->target", "time->target s", "steps/s", "peak MiB per peer", "launch->exit s")
+               "reached", "steps->target", "time->target s", "steps/s", "vs sb3", "peak MiB per peer",
+               "launch->exit s")
     body = [(r["task"], r["system"], f"{r['runs']}" + (f", {r['failed']} failed" if r["failed"] else ""),
              fmt(r["final_step"], 0), fmt(r["eval_return_mean"], 1), fmt(r["episode_return_mean"], 1),
              *((f"{r['reached']}/{r['runs']}", fmt(r["steps_to_target"], 0), fmt(r["time_to_target_s"], 0))
                if r.get("watched") else ("-", "-", "-")),
-             fmt(r["sps"], 0), fmt(r["max_rss_mb"], 0), fmt(r["launch_to_exit_s"], 0)) for r in rows]
+             fmt(r["sps"], 0), ratio, fmt(r["max_rss_mb"], 0), fmt(r["launch_to_exit_s"], 0))
+            for r, ratio in zip(rows, vs_sb3(rows))]
+    note = GLOBAL_NOTE if any(r["system"] == "p2prl-1-global" for r in rows) else ""
     return table(headers, body) + ("\nmedian (min-max) over seeds; greedy return: the mean of 10 greedy episodes "
                                    "at the budget; training return: of the last 20 episodes (Atari: games); "
-                                   "target: when the training return first reached it (inf: never)")
+                                   "target: when the training return first reached it (inf: never)") + note
 
 
 def format_presets(rows: Sequence[dict[str, Any]], presets: dict[str, dict[str, Any]]) -> str:

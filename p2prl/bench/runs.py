@@ -4,9 +4,11 @@ Time and steps to the target return, and steps/s, for p2prl on 1 and 2 peers and
 their defaults: `p2prl.bench.options`). Every run is a fresh process, timed from launch to exit.
 
 Fixed-budget tasks (breakout-ppo, breakout-dqn: from pixels; halfcheetah-ppo; pendulum-sac, halfcheetah-sac,
-hopper-sac, halfcheetah-td3) run a step budget instead and report the return reached at its end, steps/s and
-peak memory per peer; the SAC and TD3 tasks also their greedy evaluations (10 episodes at fixed steps and at
-the end, p2prl's `train.eval_every_steps`) and when the training return first reached the target.
+hopper-sac, halfcheetah-td3) run a step budget instead and report the return reached at its end, steps/s (also
+over SB3's) and peak memory per peer; the SAC and TD3 tasks also their greedy evaluations (10 episodes at fixed
+steps and at the end, p2prl's `train.eval_every_steps`) and when the training return first reached the target.
+bench.png shows their steps/s and return. On them `p2prl-1-global` is 1 peer at SB3's settings
+(p2prl.bench.plans.GLOBAL_BATCH).
 
 `--scaling [TASK ...]` instead measures global steps/s at fixed per-peer work (LunarLander PPO,
 HalfCheetah PPO or SAC, Breakout PPO or DQN): N steps on 1 peer and 2N on 2 peers; efficiency = sps2 / (2 * sps1).
@@ -35,7 +37,7 @@ from p2prl.bench import procs, report, startup, stepping
 from p2prl.bench.options import parse_args
 from p2prl.bench.plans import (PORT, TASKS, Job, free_port, p2prl_cmd, plan, plan_presets, plan_scaling,
                                plan_strategies, plan_stragglers)
-from p2prl.plot import bar_chart, read_metrics
+from p2prl.plot import bar_chart, bar_panels, read_metrics
 
 log = logging.getLogger("p2prl.bench")
 
@@ -210,7 +212,11 @@ def main(argv: Optional[list[str]] = None, prog: str = "python -m p2prl.bench") 
         text = "\n\n".join(filter(None, [
             report.format_results([r for r in doc["aggregates"] if r["task"] not in budgeted]) if set(a.tasks) - budgeted else "",
             report.format_budget([r for r in doc["aggregates"] if r["task"] in budgeted]) if budgeted else ""]))
-        png = bar_chart(doc["aggregates"], "launch_to_target_s", "seconds to target, launch to exit", out / "bench.png")
+        # A fixed-budget task has no target: its panels are its speed and the return it reached.
+        panels = {n: [("sps", "global steps/s", False), ("episode_return_mean", "return at the end", False)]
+                  if n in budgeted else [("launch_to_target_s", "seconds to target, launch to exit", True)]
+                  for n in dict.fromkeys(r["task"] for r in doc["aggregates"])}
+        png = bar_panels(doc["aggregates"], panels, out / "bench.png")
     report.write_json(out / "bench.json", doc)
     emit(f"{text}\n\nwrote {out / 'bench.json'} and {png}")
     return 1 if any(r["error"] for r in doc["runs"]) else 0

@@ -129,9 +129,11 @@ def greedy_returns(model: Any, env_id: str, episodes: int, normalize: Any = None
 
 def train(algo: str, env_id: str, seed: int, target: Optional[float], steps: Optional[int],
           deadline: Optional[float], window: int = 20, watch: Optional[float] = None,
-          eval_every: Optional[int] = None, eval_episodes: int = 10) -> dict[str, Any]:
+          eval_every: Optional[int] = None, eval_episodes: int = 10,
+          learning_starts: Optional[int] = None) -> dict[str, Any]:
     """Train one SB3 model; the summary. `deadline` is a `time.time()` at which training stops; `watch`
-    a return whose first crossing is noted without stopping; `eval_every`: greedy evaluations."""
+    a return whose first crossing is noted without stopping; `eval_every`: greedy evaluations;
+    `learning_starts` (DQN) replaces the zoo's."""
     import numpy as np
     import torch
     from stable_baselines3 import DQN, PPO, SAC, TD3
@@ -152,6 +154,8 @@ def train(algo: str, env_id: str, seed: int, target: Optional[float], steps: Opt
     else:
         envs = make_vec_env(env_id, n_envs=spec["n_envs"], seed=seed)  # Monitor-wrapped: info["episode"]
     kwargs = model_kwargs(algo, env_id, budget)
+    if learning_starts is not None:
+        kwargs["learning_starts"] = learning_starts
     if spec.get("normalize"):  # outside Monitor: the episode returns stay the env's own
         from stable_baselines3.common.vec_env import VecNormalize
         envs = VecNormalize(envs, gamma=kwargs["gamma"])
@@ -227,10 +231,14 @@ def main(argv: Optional[list[str]] = None) -> None:
                                                              "without stopping")
     p.add_argument("--eval-every", type=int, default=None, help="greedy evaluation every this many steps and at the end")
     p.add_argument("--eval-episodes", type=int, default=10, help="episodes per greedy evaluation (default 10)")
+    p.add_argument("--learning-starts", type=int, default=None, help="DQN: steps before learning (default: the zoo's)")
     p.add_argument("--out", type=Path, required=True, help="where to write the JSON summary")
     a = p.parse_args(argv)
+    if a.learning_starts is not None and (a.algo != "dqn" or a.learning_starts < 0):
+        p.error(f"--learning-starts={a.learning_starts}: allowed: an integer >= 0, with --algo dqn")
     write_json_atomic(a.out, train(a.algo, a.env, a.seed, a.target, a.steps, a.deadline, watch=a.watch,
-                                   eval_every=a.eval_every, eval_episodes=a.eval_episodes))
+                                   eval_every=a.eval_every, eval_episodes=a.eval_episodes,
+                                   learning_starts=a.learning_starts))
 
 
 if __name__ == "__main__":

@@ -85,19 +85,31 @@ class FlatOptimizer:
 
 
 class FlatAdam(FlatOptimizer):
+    """`fused`: torch's fused Adam kernel (`torch.optim.Adam(fused=True)`'s), one pass over a span
+    instead of seven: about 3x faster on the Nature CNN's 1.7M parameters. It rounds differently (fused
+    multiply-adds), so models whose runs reproduce bit for bit across p2prl versions (MLPs) keep the
+    op-by-op arithmetic."""
+
     def __init__(self, param: torch.Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, groups: Optional[Sequence[Group]] = None) -> None:
+                 eps: float = 1e-8, groups: Optional[Sequence[Group]] = None, fused: bool = False) -> None:
         super().__init__(param, lr, groups)
         self.beta1, self.beta2 = betas
         self.eps = eps
         self.exp_avg = torch.zeros_like(param)
         self.exp_avg_sq = torch.zeros_like(param)
+        self._fused_step = torch.zeros((), device=param.device) if fused else None  # the kernel reads it
 
     def _state(self) -> dict[str, torch.Tensor]:
         return {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
 
     def _update(self, span: slice, lr: float, step: int) -> None:
         grad, exp_avg, exp_avg_sq = self.param.grad[span], self.exp_avg[span], self.exp_avg_sq[span]
+        if self._fused_step is not None:  # a span of the flat parameter is a contiguous view: updated in place
+            self._fused_step.fill_(step)
+            torch._fused_adam_([self.param[span]], [grad], [exp_avg], [exp_avg_sq], [], [self._fused_step],
+                               lr=lr, beta1=self.beta1, beta2=self.beta2, weight_decay=0.0, eps=self.eps,
+                               amsgrad=False, maximize=False)
+            return
         exp_avg.lerp_(grad, 1 - self.beta1)
         exp_avg_sq.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
         step_size = lr / (1 - self.beta1 ** step)
