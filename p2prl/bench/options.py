@@ -32,7 +32,8 @@ def parse_args(argv: Optional[list[str]] = None, prog: str = "python -m p2prl.be
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=f"examples:\n  {prog} --tasks cartpole-ppo --seeds 0 1 --out bench/quick\n"
                                        f"  {prog} --scaling lunarlander-ppo\n"
-                                       f"  {prog} --faults 5 --tasks cartpole-dqn")
+                                       f"  {prog} --faults 5 --tasks cartpole-dqn\n"
+                                       f"  {prog} --report docs/results.md bench/presets bench/sac")
     p.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=None, metavar="TASK",
                    help=f"of {', '.join(TASKS)} (default: cartpole-ppo cartpole-dqn; with --faults: cartpole-ppo)")
     p.add_argument("--lunarlander", action="store_true", help="add lunarlander-ppo and lunarlander-dqn")
@@ -108,6 +109,10 @@ def parse_args(argv: Optional[list[str]] = None, prog: str = "python -m p2prl.be
                    help="global steps of the 1-peer scaling run (default: 100k on LunarLander, 20k on HalfCheetah "
                         "(PPO) and Breakout, 10k on HalfCheetah (SAC))")
     p.add_argument("--out", type=Path, default=None, help="output dir (default: bench/<timestamp>)")
+    p.add_argument("--report", type=Path, default=None, metavar="PAGE.md",
+                   help="run nothing: write the results page PAGE.md (and PNGs in PAGE/) from the BENCH_DIRs that "
+                        "earlier benches wrote (p2prl.bench.results; a run in several dirs: the last named wins)")
+    p.add_argument("bench_dirs", nargs="*", type=Path, metavar="BENCH_DIR", help="with --report: bench --out dirs")
     a = p.parse_args(argv)
     if a.learning_starts is not None and a.learning_starts < 0:
         p.error(f"--learning-starts={a.learning_starts}: must be >= 0")
@@ -117,6 +122,11 @@ def parse_args(argv: Optional[list[str]] = None, prog: str = "python -m p2prl.be
         for v in values:
             if v <= 0:
                 p.error(f"{flag}={v}: must be positive")
+    if a.report is not None:
+        from p2prl.bench.results import check_dirs
+        check_dirs(a.report, a.bench_dirs, p.error)
+    elif a.bench_dirs:
+        p.error(f"BENCH_DIR {a.bench_dirs[0]}: read only with --report PAGE.md")
     if a.faults is not None and a.faults <= 0:
         p.error(f"--faults={a.faults}: must be a positive number of faults")
     if a.tasks is None:
