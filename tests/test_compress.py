@@ -55,6 +55,8 @@ def test_error_feedback_drives_the_accumulated_error_to_zero_on_a_constant_gradi
         c.sum(LocalHop(), x)
         assert torch.equal(x[n:], g[n:]), "the tail must travel exact"
         sent += x
+        # error feedback loses nothing: what was sent plus what is still held back is every true gradient
+        torch.testing.assert_close(sent[:n] + c.residual, t * g[:n], rtol=1e-5, atol=1e-5 * t)
         if t in (1, 200, 400, 800):
             errors[t] = float((sent[:n] / t - g[:n]).norm() / g[:n].norm())
             residuals[t] = float(c.residual.norm())
@@ -77,15 +79,47 @@ def test_int8_codes_and_scales_by_hand(compose):
     assert not codes[0, 4:].any() and not codes[1, 2:].any()
 
 
+def test_int8_sum_of_one_member_by_hand(compose):
+    cfg = compose("comm.compress=int8").comm
+    c = make_compression(cfg, [torch.nn.Parameter(torch.zeros(4))], 1, torch.zeros(1))
+    x = torch.tensor([1.0, -0.5, 0.25, 0.004, 7.0])  # four values, then the exact tail
+    c.sum(LocalHop(), x)
+    decoded = torch.tensor([127.0, -64.0, 32.0, 1.0]) * (1.0 / 127)  # scale: absmax / 127
+    torch.testing.assert_close(x, torch.cat([decoded, torch.tensor([7.0])]))
+    torch.testing.assert_close(c.residual, torch.tensor([1.0, -0.5, 0.25, 0.004]) - decoded)
+    x = torch.tensor([1.0, -0.5, 0.25, 0.004, 7.0])  # the next message carries what the first lost
+    c.sum(LocalHop(), x)
+    want = c.decode(*c.encode(torch.nn.functional.pad(torch.tensor([1.0, -0.5, 0.25, 0.004]) + (
+        torch.tensor([1.0, -0.5, 0.25, 0.004]) - decoded), (0, CHUNK - 4)))).view(-1)[:4]
+    torch.testing.assert_close(x[:4], want)
+
+
+def test_low_rank_of_an_exactly_rank_r_matrix_is_exact(compose):
+    cfg = compose("comm.compress=lowrank", "comm.compress_rank=2").comm
+    params = [torch.nn.Parameter(torch.zeros(64, 48)), torch.nn.Parameter(torch.zeros(48)),
+              torch.nn.Parameter(torch.zeros(()))]  # a matrix, a bias, a 0-d parameter
+    g = torch.Generator().manual_seed(3)
+    m = torch.randn(64, 2, generator=g) @ torch.randn(2, 48, generator=g)  # rank 2
+    x = torch.cat([m.reshape(-1), torch.randn(49, generator=g), torch.tensor([0.5, 1.0, 0.0])])
+    want = x.clone()
+    c = make_compression(cfg, params, TAIL, x)
+    assert [(n, k, r) for _, n, k, r in c.matrices] == [(64, 48, 2)], "only the matrix is factored"
+    c.sum(LocalHop(), x)
+    torch.testing.assert_close(x[:m.numel()], want[:m.numel()], rtol=0, atol=1e-5)
+    assert torch.equal(x[m.numel():], want[m.numel():]), "bias, 0-d parameter and tail travel exact"
+    assert float(c.residual.norm()) < 1e-5 * float(m.norm()), "a rank-2 matrix loses nothing at rank 2"
+
+
 def test_low_rank_pieces_by_hand():
-    a = torch.tensor([[3.0, 1.0], [4.0, 2.0], [0.0, 5.0]])
-    assert orthogonalize(a)
-    torch.testing.assert_close(a.t() @ a, torch.eye(2))
-    torch.testing.assert_close(a[:, 0], torch.tensor([0.6, 0.8, 0.0]))
-    zero = torch.zeros(3, 2)
+    a = torch.tensor([[[3.0, 1.0], [4.0, 2.0], [0.0, 5.0]], [[1.0, 0.0], [0.0, 2.0], [0.0, 0.0]]])
+    assert orthogonalize(a)  # both matrices at once
+    torch.testing.assert_close(a[0].t() @ a[0], torch.eye(2))
+    torch.testing.assert_close(a[0, :, 0], torch.tensor([0.6, 0.8, 0.0]))
+    torch.testing.assert_close(a[1], torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
+    zero = torch.zeros(1, 3, 2)
     assert not orthogonalize(zero) and not zero.any()  # no direction left: zeros, no NaN
     p, q = torch.randn(5, 3), torch.randn(4, 3)
-    torch.testing.assert_close(outer_sum(p, q, torch.empty(5, 4)), p @ q.t())
+    torch.testing.assert_close(outer_sum(p, q, torch.empty(5, 4), torch.empty(5, 4)), p @ q.t())
 
 
 def _sums(rank: int, cfg, form: str, steps: int, pinned: bool = False):

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from p2prl.bench import netns, report
+from p2prl.bench import netns, procs, report
 from p2prl.bench.network import MULTINODE, UNSHAPED, _table, burst_bytes
 from p2prl.bench.plans import TASKS, goal
 from p2prl.sync.compress import COMPRESSIONS
@@ -71,23 +71,23 @@ def run_one(job: dict[str, Any], a: argparse.Namespace, out: Path, env: dict[str
     shaped = {} if job["rate"] == UNSHAPED else {"rate": job["rate"], "burst": burst_bytes(netns.rate_bits(job["rate"]))}
     start = time.perf_counter()
     with netns.Star(hosts, **shaped) as star:
-        procs = []
+        launched = []
         for h in star.hosts:
             host_env = {**env, "NNODES": str(hosts), "HEAD_ADDR": star.hosts[0].addr, "IFNAME": h.dev,
                         "NODE_RANK": str(h.index), "NPROC_PER_NODE": str(per_host), "RUN_ID": f"train-{star.tag}",
                         "TORCHRUN": f"{sys.executable} -m torch.distributed.run"}
             with open(run_dir / f"host{h.index}.log", "w") as f:
-                procs.append(star.popen(h.index, argv, env=host_env, stdout=f, stderr=subprocess.STDOUT))
-        stopped = not _wait_all(procs, start + a.max_seconds)
+                launched.append(star.popen(h.index, argv, env=host_env, stdout=f, stderr=subprocess.STDOUT))
+        stopped = not _wait_all(launched, start + a.max_seconds)
         if stopped:
-            for p in procs:
+            for p in launched:
                 if p.poll() is None:
                     try:
                         os.killpg(p.pid, signal.SIGTERM)  # torchrun's peers save and exit
                     except ProcessLookupError:
                         pass
-            _wait_all(procs, time.perf_counter() + STOP_GRACE_S)  # the star's close kills what is left
-        codes = [p.returncode for p in procs]
+            _wait_all(launched, time.perf_counter() + STOP_GRACE_S)  # the star's close kills what is left
+        codes = [p.returncode for p in launched]
     seconds = time.perf_counter() - start
     summary = report.read_json(run_dir / "summary.json")
     error = None if stopped or (summary is not None and not any(codes)) else \
@@ -99,9 +99,9 @@ def run_one(job: dict[str, Any], a: argparse.Namespace, out: Path, env: dict[str
     return rec
 
 
-def _wait_all(procs: list[subprocess.Popen], deadline: float) -> bool:
+def _wait_all(running: list[subprocess.Popen], deadline: float) -> bool:
     """Wait for every process until `deadline` (perf_counter); whether all of them exited."""
-    for p in procs:
+    for p in running:
         try:
             p.wait(timeout=max(0.0, deadline - time.perf_counter()))
         except subprocess.TimeoutExpired:
@@ -118,19 +118,30 @@ def _last_return(run_dir: Path):
 def run(a: argparse.Namespace, out: Path, env: dict[str, str], emit: Callable[[str], None]) -> int:
     jobs = plan(a, out)
     doc: dict[str, Any] = {"argv": sys.argv, "host": report.host(), "runs": []}
-    for i, job in enumerate(jobs, 1):
-        log.info("[%d/%d] %s %s %s seed %d ...", i, len(jobs), job["rate"], job["task"], job["variant"], job["seed"])
-        rec = run_one(job, a, out, env)
-        doc["runs"].append(rec)
-        log.info("[%d/%d] %s", i, len(jobs), "FAILED: " + rec["error"] if rec["error"] else
-                 f"reached at step {rec['steps_to_target']}, {rec['time_to_target_s']:.0f} s" if rec["reached"] else
-                 f"step {rec['final_step']}, return {rec['return_end']}" + (" (stopped)" if rec["stopped"] else ""))
-        report.write_json(out / "train.json", doc)
+    try:
+        with procs.sigterm_as_interrupt():
+            for i, job in enumerate(jobs, 1):
+                log.info("[%d/%d] %s %s %s seed %d ...", i, len(jobs), job["rate"], job["task"], job["variant"], job["seed"])
+                rec = run_one(job, a, out, env)
+                doc["runs"].append(rec)
+                log.info("[%d/%d] %s", i, len(jobs), _outcome(rec))
+                report.write_json(out / "train.json", doc)  # after every run: a stopped bench keeps what it measured
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the star's exit has removed what it made
+        log.error("interrupted; the runs done so far are in %s", out / "train.json")
+        return 130
     text = markdown(doc["runs"])
     (out / "train.md").write_text(text + "\n")
     png = plot(doc["runs"], out / "train.png")
     emit(f"{text}\n\nwrote {out / 'train.json'}, {out / 'train.md'} and {png}")
     return 1 if any(r["error"] for r in doc["runs"]) else 0
+
+
+def _outcome(r: dict[str, Any]) -> str:
+    if r["error"]:
+        return "FAILED: " + r["error"]
+    if r["reached"]:
+        return f"reached at step {r['steps_to_target']}, {r['time_to_target_s']:.0f} s"
+    return f"step {r['final_step']}, return {r['return_end']}" + (" (stopped)" if r["stopped"] else "")
 
 
 def _f(v, fmt: str) -> str:

@@ -20,6 +20,8 @@ only as DDP comm hooks on DDP's GradBucket, without error feedback: p2prl has no
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from p2prl.comm.hop import Hop
@@ -35,39 +37,49 @@ class Int8(ErrorFeedback):
     def __init__(self, layout: Layout, cfg: CommConfig, like: torch.Tensor) -> None:
         super().__init__(layout, cfg, like)
         self.chunks = -(-self.n // CHUNK)
-        self._values = torch.zeros(self.chunks * CHUNK, dtype=like.dtype, device=like.device)  # padded with zeros
+        shape, kw = (self.chunks, CHUNK), {"dtype": like.dtype, "device": like.device}
+        self._values = torch.zeros(self.chunks * CHUNK, **kw)  # padded with zeros
+        self._codes = torch.zeros(shape, dtype=torch.int8, device=like.device)
+        self._own, self._other, self._sum = (torch.zeros(shape, **kw) for _ in range(3))  # decoded values
         # bytes of a message's parts: codes, then scales (a multiple of CHUNK bytes: the scales stay aligned)
-        self._codes, self._scales = self.chunks * CHUNK, self.chunks * like.element_size()
+        self._nbytes = self.chunks * CHUNK, self.chunks * like.element_size()
 
     def encode(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Codes (chunks, CHUNK) int8 and scales (chunks,) of `values` (chunks * CHUNK,)."""
+        """Codes (chunks, CHUNK) int8 and scales (chunks,) of `values` (chunks * CHUNK,); the codes are
+        this object's buffer, valid until the next call."""
         blocks = values.view(self.chunks, CHUNK)
-        scales = blocks.abs().amax(1) / 127
+        low, high = torch.aminmax(blocks, dim=1)
+        scales = torch.maximum(high, -low) / 127
         # A chunk of zeros keeps scale 0 (decodes to zeros); a non-finite scale decodes to NaN: skipped alike.
         divisor = torch.where(scales > 0, scales, torch.ones_like(scales))
-        codes = (blocks / divisor[:, None]).round_().clamp_(-127, 127).to(torch.int8)
-        return codes, scales
+        self._codes.copy_(torch.div(blocks, divisor[:, None], out=self._other).round_().clamp_(-127, 127))
+        return self._codes, scales
 
     @staticmethod
-    def decode(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        return codes.to(scales.dtype) * scales[:, None]
+    def decode(codes: torch.Tensor, scales: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """codes x scales, (chunks, CHUNK), into `out` if given: a multiply, no fused multiply-add."""
+        out = torch.empty(codes.shape, dtype=scales.dtype, device=codes.device) if out is None else out
+        return out.copy_(codes).mul_(scales[:, None])
 
     @torch.no_grad()
     def sum(self, hop: Hop, x: torch.Tensor) -> None:
-        n, values = self.n, self._values
+        n, values, (n_codes, n_scales) = self.n, self._values, self._nbytes
         torch.add(x[:n], self.residual, out=values[:n])
         codes, scales = self.encode(values)
-        torch.sub(values[:n], self.decode(codes, scales).view(-1)[:n], out=self.residual)
+        own = self.decode(codes, scales, out=self._own).view(-1)
+        torch.sub(values[:n], own[:n], out=self.residual)
         self.keep_residual()
-        tail = x[n:]
-        message = torch.cat([codes.view(-1).view(torch.uint8), scales.view(torch.uint8), tail.view(torch.uint8)])
+        message = torch.cat([codes.view(-1).view(torch.uint8), scales.view(torch.uint8), x[n:].view(torch.uint8)])
         rows = hop.all_gather(message)
-        total = torch.zeros_like(values).view(self.chunks, CHUNK)
-        tails = torch.zeros_like(tail)
-        for row in rows:  # member order
-            c = row[:self._codes].view(torch.int8).view(self.chunks, CHUNK)
-            s = row[self._codes:self._codes + self._scales].view(x.dtype)
-            total += self.decode(c, s)
-            tails += row[self._codes + self._scales:].view(x.dtype)
+        total, tails = self._sum, torch.zeros_like(x[n:])
+        for member, row in enumerate(rows):  # member order, own values where they are ours
+            decoded = self._own if member == hop.rank else self.decode(
+                row[:n_codes].view(torch.int8).view(self.chunks, CHUNK),
+                row[n_codes:n_codes + n_scales].view(x.dtype), out=self._other)
+            if member == 0:
+                total.copy_(decoded)
+            else:
+                total.add_(decoded)
+            tails += row[n_codes + n_scales:].view(x.dtype)
         x[:n] = total.view(-1)[:n]
         x[n:] = tails

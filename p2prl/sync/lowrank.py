@@ -23,6 +23,7 @@ member's own message lost.
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -41,62 +42,69 @@ class LowRank(ErrorFeedback):
         super().__init__(layout, cfg, like)
         self.rank = cfg.compress_rank
         self.matrices: list[tuple[int, int, int, int]] = []  # offset, n, m, r
-        self.exact: list[tuple[int, int]] = []  # (offset, length) of what travels uncompressed
-        for offset, shape in layout.offsets():
-            n, m = (shape[0], math.prod(shape[1:])) if len(shape) >= 2 else (1, math.prod(shape))
+        self.exact: list[tuple[int, int]] = []  # (offset, length) of what travels uncompressed, runs merged
+        for offset, shape in [*layout.offsets(), (self.n, torch.Size([layout.tail]))]:
+            n, m = (shape[0], math.prod(shape[1:])) if len(shape) else (1, 1)  # a 0-d parameter: one value
             r = min(self.rank, n, m)
             if len(shape) >= 2 and (n + m) * r < n * m:
                 self.matrices.append((offset, n, m, r))
+            elif self.exact and sum(self.exact[-1]) == offset:
+                self.exact[-1] = (self.exact[-1][0], self.exact[-1][1] + n * m)
             else:
                 self.exact.append((offset, n * m))
-        self.exact.append((self.n, layout.tail))
-        self._n_p = sum(n * r for _, n, _, r in self.matrices)
-        self._n_exact = sum(k for _, k in self.exact)
+        # Matrices of one shape side by side in P and Q: orthogonalized together, in a handful of ops.
+        self.matrices.sort(key=lambda t: t[1:])
+        kw = {"dtype": like.dtype, "device": like.device}
+        n_p = sum(n * r for _, n, _, r in self.matrices)
+        self._buf_p = torch.zeros(n_p + sum(k for _, k in self.exact), **kw)  # [P of every matrix | exact]
+        self._buf_q = torch.zeros(sum(m * r for _, _, m, r in self.matrices), **kw)
         self._first = self._draw(like)
-        self.q = self._first.clone()  # [Q of every matrix], flat
-        self._buf_p = torch.zeros(self._n_p + self._n_exact, dtype=like.dtype, device=like.device)
-        self._buf_q = torch.zeros_like(self.q)
+        self.q = self._first.clone()  # the warm start: Q of every matrix
+        self._ps, self._p_groups = self._views(self._buf_p, 1)
+        self._qs, self._q_groups = self._views(self._buf_q, 2)
+        self._warm, self._warm_groups = self._views(self.q, 2)
+        self._tmp = torch.zeros(max((n * m for _, n, m, _ in self.matrices), default=0), **kw)
+
+    def _views(self, flat: torch.Tensor, dim: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each matrix's (n or m, by `dim`) x r view into `flat`, and each run of one shape's (B, n or m, r)."""
+        views, groups, offset = [], [], 0
+        for (n, m, r), run in itertools.groupby(self.matrices, key=lambda t: t[1:]):
+            k, count = (n, m)[dim - 1], len(list(run))
+            group = flat[offset:offset + count * k * r].view(count, k, r)
+            groups.append(group)
+            views.extend(group.unbind(0))
+            offset += count * k * r
+        return views, groups
 
     def _draw(self, like: torch.Tensor) -> torch.Tensor:
         g = torch.Generator().manual_seed(SEED)
-        qs = [torch.randn(m, r, generator=g, dtype=like.dtype) for _, _, m, r in self.matrices]
-        for q in qs:
-            orthogonalize(q)
-        return (torch.cat([q.reshape(-1) for q in qs]) if qs else torch.zeros(0, dtype=like.dtype)).to(like.device)
-
-    def _views(self, flat: torch.Tensor, dims: str):
-        """Each matrix's n x r (dims "n") or m x r (dims "m") view into `flat`."""
-        out, offset = [], 0
-        for _, n, m, r in self.matrices:
-            k = n if dims == "n" else m
-            out.append(flat[offset:offset + k * r].view(k, r))
-            offset += k * r
-        return out
+        q = torch.randn(self._buf_q.numel(), generator=g, dtype=like.dtype).to(like.device)
+        for group in self._views(q, 2)[1]:
+            orthogonalize(group)
+        return q
 
     @torch.no_grad()
     def sum(self, hop: Hop, x: torch.Tensor) -> None:
         x[:self.n].add_(self.residual)
         ms = [x[o:o + n * m].view(n, m) for o, n, m, _ in self.matrices]
-        ps, qs = self._views(self._buf_p, "n"), self._views(self.q, "m")
-        for mat, p, q in zip(ms, ps, qs):
+        for mat, p, q in zip(ms, self._ps, self._warm):
             torch.matmul(mat, q, out=p)
-        at = self._n_p
+        at = len(self._buf_p) - sum(k for _, k in self.exact)
         for offset, k in self.exact:
             self._buf_p[at:at + k] = x[offset:offset + k]
             at += k
         hop.all_reduce_sum(self._buf_p)
-        mine = self._views(self._buf_q, "m")
-        for mat, p, q in zip(ms, ps, mine):
-            orthogonalize(p)
+        for group in self._p_groups:
+            orthogonalize(group)
+        for (offset, n, m, _), mat, p, q in zip(self.matrices, ms, self._ps, self._qs):
             torch.matmul(mat.t(), p, out=q)
-        self.residual.zero_()  # the uncompressed values lose nothing
-        for (offset, n, m, _), mat, p, q in zip(self.matrices, ms, ps, mine):
-            self.residual[offset:offset + n * m].view(n, m).copy_(mat).sub_(p @ q.t())
+            # what this member's message loses: M - P^ (M^T P^)^T (the exact values lose nothing: 0 there)
+            torch.addmm(mat, p, q.t(), alpha=-1, out=self.residual[offset:offset + n * m].view(n, m))
         self.keep_residual()
         hop.all_reduce_sum(self._buf_q)
-        for mat, p, q in zip(ms, ps, mine):
-            outer_sum(p, q, out=mat)
-        at = self._n_p
+        for mat, p, q in zip(ms, self._ps, self._qs):
+            outer_sum(p, q, out=mat, tmp=self._tmp[:mat.numel()].view_as(mat))
+        at = len(self._buf_p) - sum(k for _, k in self.exact)
         for offset, k in self.exact:
             x[offset:offset + k] = self._buf_p[at:at + k]
             at += k
@@ -105,8 +113,8 @@ class LowRank(ErrorFeedback):
     def _warm_start(self) -> None:
         """The next update's Q: this sum's, orthogonalized, where it still spans r directions."""
         self.q.copy_(self._buf_q)
-        full = all([orthogonalize(q) for q in self._views(self.q, "m")])
-        if not full or not bool(torch.isfinite(self.q).all()):
+        full = all([orthogonalize(group) for group in self._warm_groups])
+        if not full or not bool(torch.isfinite(self.q.sum())):
             self.q.copy_(self._first)
 
     def state_dict(self) -> dict:
@@ -118,28 +126,26 @@ class LowRank(ErrorFeedback):
 
 
 def orthogonalize(a: torch.Tensor) -> bool:
-    """Gram-Schmidt on the columns of `a` (k x r), in place. A column with no norm left (M had no
-    component there) becomes zeros and contributes nothing; a NaN stays NaN (the update is skipped
-    alike everywhere). Returns whether every column kept a norm."""
-    full = True
-    for i in range(a.shape[1]):
-        col = a[:, i]
-        norm = col.norm()
-        if norm == 0:
-            col.zero_()
-            full = False
-        else:
-            col.div_(norm)
-        if i + 1 < a.shape[1]:
-            rest = a[:, i + 1:]
-            rest.sub_(col[:, None] * (col @ rest)[None, :])
-    return full
+    """Gram-Schmidt on the columns of each matrix of `a` (B, k, r), in place. A column with no norm left
+    (M had no component there) becomes zeros and contributes nothing; a NaN stays NaN (the update is
+    skipped alike everywhere). Returns whether every column kept a norm."""
+    norms = []
+    for i in range(a.shape[2]):
+        col = a[:, :, i]
+        norm = torch.linalg.vector_norm(col, dim=1, keepdim=True)  # (B, 1)
+        norms.append(norm)
+        col.div_(torch.where(norm == 0, torch.ones_like(norm), norm))
+        if i + 1 < a.shape[2]:
+            rest = a[:, :, i + 1:]
+            rest.sub_(col[:, :, None] * torch.bmm(col[:, None, :], rest))
+    return bool((torch.cat(norms) > 0).all())
 
 
-def outer_sum(p: torch.Tensor, q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out = p q^T (n x r by m x r) as the sum of r outer products, elementwise: the same rounding on
-    every CPU, where a matrix product's summation order depends on the CPU's vector width."""
+def outer_sum(p: torch.Tensor, q: torch.Tensor, out: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """out = p q^T (n x r by m x r) as the sum of r outer products, a multiply then an add each (`tmp`:
+    n x m scratch): the same rounding on every CPU, where a matrix product's summation order depends
+    on the CPU's vector width."""
     torch.mul(p[:, :1], q[:, 0][None, :], out=out)
     for k in range(1, p.shape[1]):
-        out.add_(p[:, k:k + 1] * q[:, k][None, :])
+        out.add_(torch.mul(p[:, k:k + 1], q[:, k][None, :], out=tmp))
     return out
