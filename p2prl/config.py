@@ -95,6 +95,7 @@ class CommConfig:
     topology: str
     graph: str
     compress: str
+    compress_rank: int
     average_every: int
     outer_lr: float
     outer_momentum: float
@@ -103,7 +104,7 @@ class CommConfig:
 
     def __post_init__(self) -> None:
         fields(self, "comm.", boolean=("overlap",), positive=("timeout_s", "outer_lr"),
-               positive_int=("check_every", "average_every"), unit_open=("min_rollout_frac",))
+               positive_int=("check_every", "average_every", "compress_rank"), unit_open=("min_rollout_frac",))
         choice("comm.backend", self.backend, ("auto", "gloo", "nccl"))
         choice("comm.topology", self.topology, ("auto", "flat", "hierarchical"))
         if not is_number(self.outer_momentum, False) or not 0 <= self.outer_momentum < 1:
@@ -194,7 +195,7 @@ def section(cls: type, key: str, values: Any) -> Any:
 ADDED_KEYS = {"env": {"wrapper": "none", "frame_stack": None, "terminal_on_life_loss": False,
                       "vectorization": "sync"},
               "train": {"eval_every_steps": None, "eval_episodes": 10},
-              "comm": {"graph": "ring"},
+              "comm": {"graph": "ring", "compress_rank": 4},
               "logger": {"name": "tensorboard", "project": "p2prl", "entity": None, "run_name": None, "group": None,
                          "tags": [], "mode": None}}
 ADDED_SECTIONS = ("logger",)

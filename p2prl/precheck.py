@@ -73,7 +73,7 @@ def preflight(cfg: RunConfig, run_dir: Optional[Path], dir_key: str = DIR_KEYS[0
     from p2prl.host import resolve_devices
     from p2prl.envs import check_vectorization, make_single_env
     from p2prl.resume import check_source
-    algos.check_strategy(cfg.algo.name, cfg.comm.strategy, cfg.comm.straggler_frac)
+    algos.check_strategy(cfg.algo.name, cfg.comm.strategy, cfg.comm.straggler_frac, cfg.comm.compress)
     sync.check_world(cfg.comm, int(os.environ.get("WORLD_SIZE", 1)))
     env = make_single_env(cfg.env)
     check_vectorization(cfg.env)

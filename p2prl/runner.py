@@ -213,12 +213,14 @@ def _train(cfg: RunConfig, run_dir: Path, comm: Communicator, t_start: float, ch
             algo.envs.close(terminate=True)  # async workers end with the run, not the process (multirun jobs share it)
         except Exception as e:  # workers killed with the job (scancel): the reason the run ended matters more
             log.warning("closing the envs failed: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
+    updates = learner.updates if learner is not None else p.iteration - p_start.iteration
     summary = {
         "reached": steps_to_target is not None, "steps_to_target": steps_to_target,
         "time_to_target_s": time_to_target, "final_step": p.step, "world_size": comm.world_size,
         "wall_s": time.perf_counter() - t_start, "loop_s": loop_s, "comm_s": comm_s,
         "comm_frac": comm_s / max(loop_s, 1e-9), "comm_calls": comm_calls, "comm_bytes": comm_bytes,
-        "updates": learner.updates if learner is not None else p.iteration - p_start.iteration,
+        "updates": updates,
+        "comm_bytes_per_update": comm_bytes / updates if updates else None,  # what a comm.compress form saves
         "sps": (p.step - p_start.step) / max(loop_s, 1e-9), "steps_by_rank": steps_by_rank,
         "max_rss_mb": max_rss_mb, "episodes": window.episodes,
         "episode_return_mean": window.mean, "run_dir": str(run_dir),

@@ -20,7 +20,7 @@ def check_contract(run: Path, world_size: int):
     assert steps == sorted(set(steps)) and steps[-1] == BUDGET  # the budget is a multiple of an iteration
     s = json.loads((run / "summary.json").read_text())
     for k in ("reached", "steps_to_target", "time_to_target_s", "final_step", "world_size", "wall_s",
-              "comm_frac", "comm_bytes", "comm_calls", "comm_s", "loop_s", "updates", "config"):
+              "comm_frac", "comm_bytes", "comm_calls", "comm_s", "loop_s", "updates", "comm_bytes_per_update", "config"):
         assert k in s, k
     assert s["world_size"] == world_size and s["final_step"] == BUDGET and s["reached"] is False
     assert 0 <= s["comm_frac"] <= 1 and s["comm_s"] <= s["loop_s"] <= s["wall_s"]
@@ -45,6 +45,7 @@ def test_two_peers_under_torchrun(run_dir, cli):
     n_params = sum(t.numel() for t in torch.load(run_dir / "checkpoints" / f"step_{BUDGET}.pt",
                                                   weights_only=True)["model"].values())
     assert s["comm_calls"] >= s["updates"] and s["comm_bytes"] >= s["updates"] * 4 * n_params
+    assert s["comm_bytes_per_update"] == s["comm_bytes"] / s["updates"]
 
 
 def test_target_return_stops_all_peers(run_dir, cli):

@@ -61,6 +61,19 @@ def check_options(a: argparse.Namespace, error: Callable[[str], None]) -> None:
         error(f"--max-peers={a.max_peers}: leaves no star of --hosts x --peers-per-host to measure")
     if a.point_seconds <= 0:
         error(f"--point-seconds={a.point_seconds:g}: must be positive")
+    if a.train is not None:
+        from p2prl.bench.linktrain import VARIANTS, check_variant
+        for flag, values in (("--hosts", a.hosts), ("--peers-per-host", a.peers_per_host)):
+            if len(values) > 1:
+                error(f"{flag} {' '.join(map(str, values))}: --train runs one layout; allowed: one value")
+        a.variants = a.variants or list(VARIANTS)
+        for v in a.variants:
+            try:
+                check_variant(v)
+            except ValueError as e:
+                error(f"--variants {e}")
+    elif a.variants is not None:
+        error("--variants: needs --train")
     why = netns.available()
     if why is not None:
         error(f"--network: {why}")

@@ -105,6 +105,13 @@ def parse_args(argv: Optional[list[str]] = None, prog: str = "python -m p2prl.be
                    help="with --network: time per strategy and bucket, after one warm-up (default: %(default)s)")
     p.add_argument("--average-every", type=int, default=4,
                    help="with --network: local_sgd's updates between averages (default: %(default)s)")
+    p.add_argument("--train", nargs="+", choices=sorted(TASKS), default=None, metavar="TASK",
+                   help="with --network: train TASK (of %(choices)s) between the shaped hosts instead, once per rate, "
+                        "--variants entry and --seeds seed (p2prl.bench.linktrain); --budget, --target, -o and "
+                        "--max-seconds apply")
+    p.add_argument("--variants", nargs="+", default=None, metavar="VARIANT",
+                   help="with --train: STRATEGY or STRATEGY+COMPRESS, e.g. allreduce local_sgd+int8 "
+                        "(default: every strategy, and allreduce and local_sgd with int8 and lowrank)")
     p.add_argument("--scaling-steps", type=int, default=None,
                    help="global steps of the 1-peer scaling run (default: 100k on LunarLander, 20k on HalfCheetah "
                         "(PPO) and Breakout, 10k on HalfCheetah (SAC))")
@@ -133,6 +140,8 @@ def parse_args(argv: Optional[list[str]] = None, prog: str = "python -m p2prl.be
         a.tasks = ["cartpole-ppo"] if a.faults is not None else ["cartpole-ppo", "cartpole-dqn"]
     if any(s < 0 for s in a.seeds):
         p.error(f"--seeds={min(a.seeds)}: must be >= 0")
+    if a.train is not None and a.network is None:
+        p.error("--train: needs --network RATE [RATE ...]")
     if a.network is not None:
         from p2prl.bench.network import check_options  # torch and the namespaces' tools: only for --network
         check_options(a, p.error)
