@@ -19,7 +19,9 @@ alone, its line in its own log.
 """
 from __future__ import annotations
 
+import logging
 import os
+import re
 import signal
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
@@ -38,6 +40,7 @@ BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 SUBMITIT = "hydra_plugins.hydra_submitit_launcher.submitit_launcher."
 LOCAL_LAUNCHERS = ("hydra._internal.core_plugins.basic_launcher.BasicLauncher", SUBMITIT + "LocalLauncher")
 MAX_JOBS = 256  # a sweep's jobs checked before the first starts
+log = logging.getLogger(__name__)
 
 # Cached: a submitit job composes its config again on its node, and must land in the sweep dir the sweep chose.
 OmegaConf.register_new_resolver("p2prl_run_id", run_id, use_cache=True, replace=True)
@@ -51,6 +54,20 @@ class Stop(BaseException):
     def __init__(self, line: str, code: int = 2) -> None:
         super().__init__(line)
         self.line, self.code = line, code
+
+
+class Crashed(BaseException):
+    """A bug in the callback, carried past Hydra's catch-all (which would run the job unchecked); its
+    cause is the error."""
+
+
+def _unchecked_never(method):
+    def wrapped(self: "Precheck", config: DictConfig, **kwargs: Any) -> None:
+        try:
+            method(self, config, **kwargs)
+        except Exception as e:
+            raise Crashed() from e
+    return wrapped
 
 
 _CHECKED: list[tuple[RunConfig, Preflight]] = []  # a single run's, from the callback to its job
@@ -122,6 +139,11 @@ def sweep_jobs(config: DictConfig) -> list[list[str]]:
     args = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
     parsed = OverridesParser.create().parse_overrides(args)
     if config.hydra.sweeper.get("_target_") == BASIC_SWEEPER:
+        for o in parsed:
+            if o.is_sweep_override() and not o.is_discrete_sweep():
+                raise ConfigError(o.get_key_element(), o.input_line.partition("=")[2],
+                                  "Hydra's basic sweeper lists its jobs, it cannot draw them from an interval; "
+                                  "allowed: a list (a,b,c or range(...)), or a sweeper that draws (hydra/sweeper=optuna)")
         return BasicSweeper.split_arguments(parsed, None)[0][:MAX_JOBS]
     return [[_sampled(o) for o in parsed]]
 
@@ -129,6 +151,7 @@ def sweep_jobs(config: DictConfig) -> list[list[str]]:
 class Precheck(Callback):
     """Hydra's callback (conf/config.yaml, hydra.callbacks) that checks a command line before Hydra writes anything."""
 
+    @_unchecked_never
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         from hydra.core.hydra_config import HydraConfig
         job, error = None, None
@@ -141,6 +164,7 @@ class Precheck(Callback):
         _agree(error, [job.flat()] if job is not None else [], job.comm.timeout_s if job is not None else START_TIMEOUT_S)
         _CHECKED[:] = [(job, checked)]
 
+    @_unchecked_never
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from hydra.core.global_hydra import GlobalHydra
         from hydra.core.hydra_config import HydraConfig
@@ -155,7 +179,8 @@ class Precheck(Callback):
                 if place.here:  # a job's dir is numbered at launch: it checks its resume source itself
                     preflight(job, None, DIR_KEYS[1], out, place.peers)
                 else:
-                    check_peers(job, place.peers[0]) if place.peers else None
+                    if place.peers:
+                        check_peers(job, place.peers[0])
                     check_writable(DIR_KEYS[1], out)
                 flats.append(job.flat())
         except _errors() as e:
@@ -164,6 +189,27 @@ class Precheck(Callback):
             HydraConfig.instance().set_config(config)
         _agree(error, flats, timeout_s)
 
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from p2prl.host import is_rank0
+        from p2prl.search import results_table
+        table = results_table(Path(config.hydra.sweep.dir)) if is_rank0() else None
+        if table:
+            log.info("the sweep's jobs (%s):\n%s", config.hydra.sweep.dir, table)
+
+
+def failed_job(error: BaseException) -> Optional[Stop]:
+    """A sweep's job that failed where it ran (submitit's UncompletedJobError), in one line: the job's
+    own line (exit code 2) or that it failed (1), and where its log is; None for other errors."""
+    if type(error).__name__ != "UncompletedJobError":
+        return None
+    text = str(error)
+    job = re.search(r"Job (\S+) \(task: \d+\) with path (\S+)", text)
+    own = re.search(r"^p2prl: error: (.*)$", text, re.M)
+    where = f" (job {job.group(1)}, its log in {Path(job.group(2)).parent})" if job else ""
+    if own:
+        return Stop(own.group(1) + where)
+    return Stop(f"a job of the sweep failed{where}: {text.splitlines()[0]}", 1)
+
 
 def check_command_line(argv: list[str]) -> Optional[str]:
     """The one line `python -m p2prl.train ARGV` stops with before anything runs, or None: Hydra composes
@@ -171,8 +217,10 @@ def check_command_line(argv: list[str]) -> Optional[str]:
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.types import RunMode
+    from p2prl.search import register_plugin_defaults
     multirun = "-m" in argv or "--multirun" in argv
     overrides = [a for a in argv if not a.startswith("-")]
+    register_plugin_defaults()
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base=None, job_name="train"):
@@ -186,6 +234,8 @@ def check_command_line(argv: list[str]) -> Optional[str]:
             take_checked()
     except Stop as e:
         return e.line
+    except Crashed as e:
+        raise e.__cause__ from None
     finally:
         GlobalHydra.instance().clear()
     return None

@@ -28,9 +28,10 @@ from p2prl.checks import ConfigError
 from p2prl.comm import StartTimeout
 from p2prl.config import conf_dir
 from p2prl.host import is_rank0
-from p2prl.launch import Stop, take_checked
+from p2prl.launch import Crashed, Stop, failed_job, take_checked
 from p2prl.launcher_env import adopt_launcher_env
 from p2prl.precheck import START_TIMEOUT_S, explain, to_run_config
+from p2prl.search import objective, register_plugin_defaults
 
 log = logging.getLogger("p2prl")
 
@@ -64,7 +65,8 @@ def _leave_now(code: int, why: str) -> NoReturn:
 def hydra_main(cfg: DictConfig) -> Optional[float]:
     from hydra.core.hydra_config import HydraConfig
     from p2prl.comm import PeerFailure
-    from p2prl.faults import Interrupted, NonFiniteUpdates, stop_on_signals
+    from p2prl.faults import SIGNALS, Interrupted, NonFiniteUpdates, stop_on_signals
+    from p2prl.requeue import Requeue, hand_over, in_submitit_job, on_preemption
     from p2prl.runner import run
 
     adopt_launcher_env()  # a submitit job's task starts here, not in main()
@@ -73,17 +75,24 @@ def hydra_main(cfg: DictConfig) -> Optional[float]:
     try:
         # A single run's callback checked it already; a sweep's job is checked where it runs (p2prl.launch).
         job, checked = take_checked() or (to_run_config(cfg), None)
-        with stop_on_signals(lambda code: _leave_now(code, "torchrun's agent is gone and this peer is stuck")):
+        # In a submitit job SIGTERM comes with the preemption signal, which saves and requeues (p2prl.requeue).
+        signals = (signal.SIGINT,) if in_submitit_job() else SIGNALS
+        with stop_on_signals(lambda code: _leave_now(code, "torchrun's agent is gone and this peer is stuck"),
+                             signals), on_preemption():
             summary = run(job, Path(HydraConfig.get().runtime.output_dir), checked)
     except ConfigError as e:
         _fail(str(e))
+    except Requeue as e:
+        log.warning("%s", e)
+        if is_rank0():
+            hand_over()  # submitit's handler: resubmits the job and exits
+        _leave(0)
     except (PeerFailure, StartTimeout, NonFiniteUpdates) as e:
         log.error("%s", e)
         _leave(1)
     except Interrupted as e:
         _leave_now(e.exit_code, f"{e}: stopped")
-    # Multirun sweepers (e.g. Optuna) optimise the returned value.
-    return summary["episode_return_mean"]
+    return objective(job, summary, Path(summary["run_dir"]))  # what a sweeper (Optuna's) optimises
 
 
 def main() -> None:
@@ -91,11 +100,14 @@ def main() -> None:
     # Hydra then re-raises what goes wrong while composing, instead of printing its own multi-line
     # report and exiting 1: the peers agree on it and say it in one line, with exit code 2.
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    register_plugin_defaults()
     if not is_rank0():  # a sweep's "Launching N jobs" and its list of jobs: once, from rank 0
         logging.getLogger("hydra._internal.core_plugins.basic_launcher").addFilter(lambda record: False)
     try:
         # Hydra composes once more before that, on its own, to read `hydra.mode` (`Hydra.get_mode`).
         hydra_main()
+    except Crashed as e:
+        raise e.__cause__ from None  # a bug: its traceback
     except Stop as e:
         if e.code == 2:
             _fail(e.line)
@@ -105,6 +117,9 @@ def main() -> None:
         from hydra.errors import HydraException
         from omegaconf.errors import OmegaConfBaseException
         from p2prl.comm import agree_before_start
+        if (job := failed_job(e)) is not None:  # a job a launcher ran elsewhere: its own log says more
+            print(f"p2prl: error: {job.line}", file=sys.stderr, flush=True)
+            _leave(job.code)
         if not isinstance(e, (ConfigError, HydraException, OmegaConfBaseException)):
             raise
         # Hydra's composition, before the callback: the peers still meet, so that every one exits 2 alike.

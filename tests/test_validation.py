@@ -92,6 +92,13 @@ BAD = [
     (["hydra.run.dir={tmp}/acrobot_run"], ["train.resume=auto", "belongs to another run (algo=ppo env=acrobot"]),
     (["train.resume="], ["train.resume=", "allowed: auto, never"]),
     (["algo.lr=1e-3,-1", "-m", "hydra.sweep.dir={tmp}/sweep"], ["algo.lr=-1", "positive number"]),
+    (["-m", "algo.lr=tag(log, interval(1e-4, 1e-2))", "hydra.sweep.dir={tmp}/sweep"],
+     ["algo.lr=tag(log, interval(1e-4, 1e-2)): Hydra's basic sweeper lists its jobs", "hydra/sweeper=optuna"]),
+    (["train.objective=loss"], ["train.objective=loss", "allowed: episode_return_mean, best_eval_return, steps_to_target"]),
+    (["train.objective=best_eval_return"], ["train.objective=best_eval_return", "needs evaluations during training "
+                                            "(train.eval_every_steps); allowed here: episode_return_mean, steps_to_target"]),
+    (["train.objective=steps_to_target", "train.target_return=null"],
+     ["train.objective=steps_to_target: needs a train.target_return; allowed here: episode_return_mean"]),
     (["logger=nosuch"], ["logger=nosuch", "unknown logger; allowed: tensorboard, wandb"]),
     (["logger.mode=sometimes"], ["logger.mode=sometimes", "allowed: online, offline, disabled"]),
     (["logger.tags=notalist"], ["logger.tags=notalist", "must be a list of names"]),
