@@ -5,7 +5,10 @@ for submitit's SLURM executor (Hydra's submitit_slurm launcher) in the tests.
 batch script of each array task in the background with SLURM's job variables (one id per task, the
 allocation's nodes all `localhost`) and records its state in state_dir; srun starts the script's
 command once per task with the task's variables and its output files; sacct reports the recorded
-states; `scontrol requeue` is recorded, not acted on.
+states. `scontrol requeue ID` has the job's batch script run again, with SLURM_RESTART_COUNT one higher,
+once the current attempt's script ends (SLURM would also end the attempt's tasks at once; submitit's
+rank 0 exits right after requeueing, and p2prl's other peers end the run with it). Everything these
+stubs start carries P2PRL_STUB_STATE: `started(state_dir)` finds it.
 """
 from __future__ import annotations
 
@@ -55,8 +58,32 @@ def sbatch(script: str) -> None:
 
 
 def _run(name: str, script: str) -> None:
-    code = subprocess.call(["bash", script])
+    restarts = 0
+    while True:
+        code = subprocess.call(["bash", script], env={**os.environ, "SLURM_RESTART_COUNT": str(restarts)})
+        requeued = _state() / f"requeue_{name}"
+        if not requeued.exists():
+            break
+        requeued.unlink()
+        restarts += 1
+        (_state() / f"restarts_{name}").write_text(str(restarts))
     (_state() / f"job_{name}").write_text("COMPLETED" if code == 0 else "FAILED")
+
+
+def started(state_dir: Path, task_var: str = "P2PRL_STUB_STATE") -> list[int]:
+    """The processes these stubs started for state_dir that have `task_var` in their environment
+    (SLURM_PROCID: srun's tasks)."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            env = dict(e.split(b"=", 1) for e in (proc / "environ").read_bytes().split(b"\0") if b"=" in e)
+        except (OSError, ValueError):
+            continue  # not a process, or gone
+        if env.get(b"P2PRL_STUB_STATE") == str(state_dir).encode() and task_var.encode() in env:
+            out.append(int(proc.name))
+    return out
 
 
 def _pattern(path: str, task: int) -> str:
@@ -83,7 +110,8 @@ def srun(args: list[str]) -> int:
                "SLURM_NODEID": str(task // per_node), "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": str(nodes * per_node),
                "SLURM_STEP_NUM_NODES": str(nodes), "SLURM_STEP_TASKS_PER_NODE": os.environ["SLURM_TASKS_PER_NODE"],
                "SLURM_STEP_NODELIST": os.environ["SLURM_JOB_NODELIST"]}
-        out = open(_pattern(files.get("--output", "/dev/null"), task), "a")
+        # Without --output/--error, srun passes its tasks' output on as its own.
+        out = open(_pattern(files["--output"], task), "a") if "--output" in files else None
         err = open(_pattern(files["--error"], task), "a") if "--error" in files else out
         procs.append(subprocess.Popen(command, env=env, stdout=out, stderr=err))
     return max(p.wait() for p in procs)

@@ -52,6 +52,36 @@ def test_submitits_local_tasks_and_what_is_left_alone():
     assert [first_host(x) for x in ("node[01-02,05],gpu3", "a1,a2", "pre[3-4]-ib")] == ["node01", "a1", "pre3-ib"]
 
 
+@pytest.fixture
+def slurm(tmp_path):
+    import slurm_stub
+    slurm_stub.install(tmp_path / "bin", tmp_path / "slurm")
+    yield {"PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    for pid in slurm_stub.started(tmp_path / "slurm"):  # a failed test's jobs (sbatch's run in their own session)
+        procs.kill_tree(pid)
+
+
+def srun(args: list[str], slurm: dict, job_id: int, timeout: float) -> subprocess.CompletedProcess:
+    """`srun` (the stub) of two tasks on two "nodes", each `python -m p2prl.train ARGS`."""
+    env = {**os.environ, **slurm, "SLURM_JOB_ID": str(job_id), "SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "1",
+           "SLURM_TASKS_PER_NODE": "1(x2)", "SLURM_JOB_NODELIST": "localhost,localhost"}
+    return subprocess.run(["srun", sys.executable, "-m", "p2prl.train", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.timeout(300)
+def test_srun_tasks_are_peers_without_torchrun(tmp_path, slurm):
+    job = 10000 + os.getpid() % 5000  # its port: 20000 + job id mod 20000
+    p = srun([*TINY, f"hydra.run.dir={tmp_path / 'run'}"], slurm, job, 240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["world_size"] == 2 and all(n > 0 for n in s["steps_by_rank"])
+    # A bad value: both tasks meet at rank 0's store before anything is written, and say it once.
+    p = srun(["algo.lr=-1", f"hydra.run.dir={tmp_path / 'bad'}"], slurm, job + 1, 120)
+    assert p.returncode == 2 and p.stderr == "p2prl: error: algo.lr=-1: must be a positive number\n", p.stderr
+    assert not (tmp_path / "bad").exists()
+
+
 # -- Hydra's submitit launchers --------------------------------------------------------------------
 LAUNCHER_BAD = [  # docs/validation.md's rows of the launchers and sweepers, checked as `python -m p2prl.train` would
     (["hydra/launcher=submitit_local", "hydra.launcher.nodes=2"],
@@ -122,13 +152,6 @@ def test_a_2x2_sweep_on_submitit_local_runs_each_job_as_two_peers(tmp_path):
     assert "the sweep's jobs" in p.stdout + p.stderr and "algo.lr" in p.stdout + p.stderr  # the results table
 
 
-@pytest.fixture
-def slurm(tmp_path):
-    import slurm_stub
-    slurm_stub.install(tmp_path / "bin", tmp_path / "slurm")
-    return {"PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}"}
-
-
 @needs_submitit
 @pytest.mark.timeout(600)
 def test_submitit_slurm_jobs_start_peers_that_agree_on_their_ranks(tmp_path, slurm):
@@ -169,24 +192,24 @@ def _tasks(parent: int) -> list[int]:
     return out
 
 
-@needs_submitit
-@pytest.mark.timeout(600)
-def test_a_signalled_job_saves_is_requeued_and_resumes(tmp_path):
-    sweep = tmp_path / "sweep"
-    args = ["-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", *TINY[:-3],
-            "train.total_steps=4096", "train.log_every_steps=64", "train.target_return=null", f"hydra.sweep.dir={sweep}"]
-    job = subprocess.Popen([sys.executable, "-m", "p2prl.train", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)
+def signal_and_resume(args: list[str], sweep: Path, tasks, env: dict | None = None, cwd: Path = ROOT) -> None:
+    """Start a one-job sweep of 4096 steps (ARGS choose its launcher), send its tasks (`tasks()`: their
+    pids) what SLURM sends before the time limit once it logged 3 rows, and check that it saved, was
+    requeued and resumed from that checkpoint to the end."""
+    args = ["-m", *args, *TINY[:-3], "train.total_steps=4096", "train.log_every_steps=64", "train.target_return=null",
+            f"hydra.sweep.dir={sweep}"]
+    job = subprocess.Popen([sys.executable, "-m", "p2prl.train", *args], cwd=cwd, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, env=None if env is None else {**os.environ, **env})
     try:
         metrics = sweep / "0" / "metrics.jsonl"
         deadline = time.monotonic() + 300
         while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
             assert job.poll() is None and time.monotonic() < deadline, "the job ended or never logged"
-            time.sleep(0.2)
-        tasks = _tasks(job.pid)
-        assert len(tasks) == 2
-        for pid in tasks:
-            os.kill(pid, signal.SIGUSR2)  # what SLURM sends before the time limit (submitit's choice)
+            time.sleep(0.2)  # polling a file another process writes, not synchronizing with it
+        pids = tasks()
+        assert len(pids) == 2
+        for pid in pids:
+            os.kill(pid, signal.SIGUSR2)  # submitit's choice of signal
         out, _ = job.communicate(timeout=280)
     finally:
         if job.poll() is None:
@@ -201,6 +224,22 @@ def test_a_signalled_job_saves_is_requeued_and_resumes(tmp_path):
     assert "Requeued job" in log and f"resumed from {s['resumed_from']} at step {saved}" in log
     rows = [json.loads(r)["step"] for r in (sweep / "0" / "metrics.jsonl").read_text().splitlines()]
     assert rows == sorted(set(rows)) and rows[-1] == 4096  # one row per step, the requeued attempt's after the save
+
+
+@needs_submitit
+@pytest.mark.timeout(600)
+def test_a_signalled_local_job_saves_is_requeued_and_resumes(tmp_path):
+    signal_and_resume(["hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2"], tmp_path / "sweep",
+                      lambda: _tasks(os.getpid()))
+
+
+@needs_submitit
+@pytest.mark.timeout(600)
+def test_a_signalled_slurm_job_saves_is_requeued_and_resumes(tmp_path, slurm):
+    import slurm_stub
+    signal_and_resume(["hydra/launcher=submitit_slurm", "hydra.launcher.nodes=2", "hydra.launcher.tasks_per_node=1"],
+                      tmp_path / "sweep", lambda: slurm_stub.started(tmp_path / "slurm", "SLURM_PROCID"), slurm, tmp_path)
+    assert [f.read_text() for f in (tmp_path / "slurm").glob("restarts_*")] == ["1"]  # SLURM ran it once more
 
 
 # -- Optuna ----------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ def namespace() -> str:
     return f"p2prl/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}-{os.environ.get('WORLD_SIZE', '1')}"
 
 
-_OWN: dict[str, dist.TCPStore] = {}  # the store rank 0 hosts without an agent (or a client of it), for the process's life
+_OWN: list[dist.TCPStore] = []  # the store rank 0 hosts without an agent (or a client of it), for the process's life
 
 
 def connect(timeout_s: float = 5.0) -> Optional[dist.Store]:
@@ -56,11 +56,6 @@ def _agent_hosts() -> bool:
     return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
 
 
-def hosting() -> bool:
-    """Whether this process hosts the peers' store (rank 0 without torchrun's agent)."""
-    return "host" in _OWN
-
-
 def peers_store(timeout_s: float, world_size: Optional[int] = None) -> Optional[dist.Store]:
     """The store every peer of this world reaches: a client of torchrun's agent's, or the one rank 0
     hosts without an agent (made once per process: multirun jobs share it); None for a world of one
@@ -75,13 +70,13 @@ def peers_store(timeout_s: float, world_size: Optional[int] = None) -> Optional[
             return None
         rank0 = os.environ.get("RANK", "0") == "0"
         try:
-            _OWN["host" if rank0 else "client"] = dist.TCPStore(
-                host, int(port), is_master=rank0, timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+            _OWN.append(dist.TCPStore(host, int(port), is_master=rank0, timeout=timedelta(seconds=timeout_s),
+                                      wait_for_workers=False))
         except (RuntimeError, ValueError, OSError) as e:
             what = f"cannot host the peers' store at {host}:{port}" if rank0 else \
                 f"rank 0's store at {host}:{port} did not answer within {timeout_s:g} s"
             raise StartTimeout(f"{what} ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from e
-    return next(iter(_OWN.values()))
+    return _OWN[0]
 
 
 def attempt_store(timeout_s: float) -> Optional[dist.Store]:
@@ -119,15 +114,31 @@ def gather_before_start(rank: int, world_size: int, value: Any, timeout_s: float
                                f"{missing} never reached it (stuck, or running other jobs than this peer)")
         time.sleep(POLL_S)
     values = [json.loads(store.get(k)) for k in keys]
-    read = [f"{namespace()}/start/{tag}/read/{r}" for r in range(world_size)]
-    store.set(read[rank], "1")
-    # A bad command line ends every peer at once: rank 0 must not take its store with it while another
-    # peer still reads the verdicts, and under torchrun the first peer to exit has the agent terminate
-    # the others; so all leave the exchange together (bounded: a peer that died reads nothing).
-    deadline = time.monotonic() + timeout_s
-    while not store.check(read) and time.monotonic() < deadline:
-        time.sleep(POLL_S)
+    # A bad command line ends every peer at once. Under torchrun the first peer to exit has the agent
+    # terminate the others: all leave the exchange together, once every peer has read the verdicts.
+    _wait_for(store, [f"{namespace()}/start/{tag}/read/{r}" for r in range(world_size)], rank, timeout_s)
+    # And rank 0 must not take the store it hosts with it while another peer still polls it (the
+    # client's next request fails with C++ warnings on stderr): it leaves last.
+    left = [f"{namespace()}/start/{tag}/left/{r}" for r in range(world_size)]
+    if _hosting():
+        _wait_for(store, left[1:], None, timeout_s)
+    elif _OWN:
+        store.set(left[rank], "1")  # a set waits for no answer: the client's last request
     return values
+
+
+def _hosting() -> bool:
+    """Whether this process hosts the peers' store (rank 0 without torchrun's agent)."""
+    return bool(_OWN) and os.environ.get("RANK", "0") == "0"
+
+
+def _wait_for(store: dist.Store, keys: list[str], own: Optional[int], timeout_s: float) -> None:
+    """Set `keys[own]` (unless None), then wait until every key is set; bounded: a peer that died sets nothing."""
+    if own is not None:
+        store.set(keys[own], "1")
+    deadline = time.monotonic() + timeout_s
+    while not store.check(keys) and time.monotonic() < deadline:
+        time.sleep(POLL_S)
 
 
 class Heartbeat:
