@@ -67,7 +67,7 @@ def register_plugin_defaults() -> None:
 
 
 def results_table(sweep_dir: Path) -> Optional[str]:
-    """The jobs of a sweep, one row each: the keys the jobs differ in, whether and when each reached
+    """The jobs of a sweep, one row each: the keys the jobs differ in (seed included), whether and when each reached
     its target, its last return mean and its objective; the best job marked `*`. None without runs."""
     from p2prl.precheck import to_run_config
     rows = []
@@ -80,7 +80,10 @@ def results_table(sweep_dir: Path) -> Optional[str]:
         rows.append((run, summary, objective(cfg, summary, run)))
     if not rows:
         return None
-    keys = differing_keys([r[1]["config"] for r in rows])
+    configs = [r[1]["config"] for r in rows]
+    keys = differing_keys(configs)
+    if len({c.get("seed") for c in configs}) > 1:  # the plots group repeats; this table tells them apart
+        keys = ["seed", *keys]
     best = max(range(len(rows)), key=lambda i: rows[i][2])
     head = ["job", *keys, "reached", "steps_to_target", "return_mean", "objective"]
     table = [head]

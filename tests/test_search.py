@@ -1,12 +1,13 @@
 """What a sweep's job returns to its sweeper (`train.objective`, p2prl.search), and p2prl's defaults for
 Hydra's Optuna sweeper and submitit launchers (those tests skip without the optuna or submitit extra)."""
 import importlib.util
+import json
 import math
 
 import pytest
 
 from p2prl import checkpoint
-from p2prl.search import TPE_SEED, TPE_STARTUP_TRIALS, objective
+from p2prl.search import TPE_SEED, TPE_STARTUP_TRIALS, objective, results_table
 
 
 def summary(**changes) -> dict:
@@ -34,6 +35,23 @@ def test_the_best_evaluation_return_is_the_one_best_pt_was_kept_for(compose, tmp
     (tmp_path / "checkpoints").mkdir()
     checkpoint.save_atomic({"eval": {"return_mean": 321.0}}, tmp_path / "checkpoints" / "best.pt")
     assert objective(cfg, summary(), tmp_path) == 321.0
+
+
+def test_a_sweeps_table_has_a_row_per_job_and_marks_the_best(compose, tmp_path):
+    for job, (seed, lr, steps) in enumerate([(1, 1e-3, 30000), (2, 1e-3, None), (1, 2e-3, 20000)]):
+        run = tmp_path / str(job)
+        run.mkdir()
+        (run / "metrics.jsonl").write_text("{}\n")
+        cfg = compose(f"seed={seed}", f"algo.lr={lr}", "train.objective=steps_to_target", "train.total_steps=100000")
+        (run / "summary.json").write_text(json.dumps({**summary(reached=steps is not None, steps_to_target=steps),
+                                                      "config": cfg.to_dict()}))
+    (tmp_path / "3").mkdir()  # a job that did not finish: no row
+    (tmp_path / "3" / "metrics.jsonl").write_text("")
+    head, *rows = [line.split() for line in results_table(tmp_path).splitlines()]
+    assert head == ["job", "seed", "algo.lr", "reached", "steps_to_target", "return_mean", "objective"]
+    assert rows == [["0", "1", "0.001", "true", "30000", "120.5", "-30000"],
+                    ["1", "2", "0.001", "false", "-", "120.5", "-100001"],
+                    ["*", "2", "1", "0.002", "true", "20000", "120.5", "-20000"]]
 
 
 def hydra_config(*overrides: str):
