@@ -12,7 +12,7 @@ import logging
 import os
 from datetime import datetime
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Iterable, NamedTuple, Optional
 
 import torch
 
@@ -177,13 +177,15 @@ def _v1_limit(d: Path) -> Optional[float]:
     return quota / period if quota > 0 and period > 0 else None
 
 
-def cores_pinned_by_others(allowed: set[int]) -> dict[int, int]:
+def cores_pinned_by_others(allowed: set[int], pids: Optional[Iterable[int]] = None) -> dict[int, int]:
     """{core: pid} for cores that some other user process (not this job's own peers) is pinned to,
-    i.e. whose affinity is a strict subset of `allowed`. Kernel threads are pinned per core by design
-    and do not count."""
+    i.e. whose affinity is a strict subset of `allowed`; the first such process found per core.
+    Kernel threads are pinned per core by design and do not count. `pids`: only these processes
+    (default: every process in /proc)."""
     me, agent = os.getpid(), os.getppid()
     taken: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
+    entries = Path("/proc").iterdir() if pids is None else (Path("/proc") / str(pid) for pid in pids)
+    for entry in entries:
         if not entry.name.isdigit() or int(entry.name) in (me, agent):
             continue
         pid = int(entry.name)
