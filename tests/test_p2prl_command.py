@@ -74,7 +74,7 @@ def test_train_passes_the_exit_code_through(tmp_path):
 
 
 @pytest.mark.parametrize("bad, line", [
-    ("algo=ppoo", "p2prl: error: algo=ppoo: unknown algo; allowed: a2c, dqn, ppo, qlearning"),
+    ("algo=ppoo", "p2prl: error: algo=ppoo: unknown algo; allowed: a2c, dqn, ppo, qlearning, sac, td3"),
     ("algo.lr=-1", "p2prl: error: algo.lr=-1: must be a positive number")])
 def test_bad_input_on_two_peers_is_one_line_and_exit_2(bad, line, tmp_path):
     # torchrun alone would add a log line per peer, a traceback and its failure summary, and exit 1.
