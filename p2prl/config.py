@@ -73,9 +73,11 @@ class TrainConfig:
     max_skipped_updates: int
     eval_every_steps: Optional[int]  # null or 0: no evaluation during training
     eval_episodes: int
+    profile_iterations: Optional[int]  # null: no profiler trace
 
     def __post_init__(self) -> None:
-        fields(self, "train.", boolean=("pin_cores",), optional_nonneg_int=("eval_every_steps",), positive_int=(
+        fields(self, "train.", boolean=("pin_cores",), optional_nonneg_int=("eval_every_steps",),
+               optional_positive_int=("profile_iterations",), positive_int=(
             "total_steps", "return_window", "log_every_steps", "torch_threads", "max_skipped_updates",
             "eval_episodes"))
         if not isinstance(self.resume, str) or not self.resume.strip():
@@ -193,7 +195,7 @@ def section(cls: type, key: str, values: Any) -> Any:
 # `added_keys`). A section in ADDED_SECTIONS came later as a whole: all of its ADDED_KEYS.
 ADDED_KEYS = {"env": {"wrapper": "none", "frame_stack": None, "terminal_on_life_loss": False,
                       "vectorization": "sync"},
-              "train": {"eval_every_steps": None, "eval_episodes": 10},
+              "train": {"eval_every_steps": None, "eval_episodes": 10, "profile_iterations": None},
               "comm": {"graph": "ring"},
               "logger": {"name": "tensorboard", "project": "p2prl", "entity": None, "run_name": None, "group": None,
                          "tags": [], "mode": None}}
