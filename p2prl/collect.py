@@ -2,15 +2,19 @@
 
 It owns the vector env, the current observations, the autoreset mask, the episode accounting, DD-PPO's
 straggler cut, its share of the per-rank checkpoint and the time spent stepping. An algorithm keeps its
-own loop and calls `step(actions)` once per vector step; it never touches the envs itself:
+own loop and calls `step(actions)` once per vector step; it never touches the envs itself. An
+off-policy loop (DQN's; SAC's or TD3's alike, with a buffer for continuous actions):
 
-    for t in self.collector.rollout(cfg.train_freq):        # t = 0, 1, ...; may end early (stragglers)
-        obs = self.collector.obs                             # (N, *obs_shape), as the envs returned them
-        with self.peer.clock("inference"):
+    c = self.collector
+    for t in c.rollout(cfg.train_freq):                  # t = 0, 1, ...: vector steps of this iteration
+        obs = c.obs                                      # (N, *obs_shape), as the envs returned them
+        with self.clock("inference"):                    # the peer's stopwatch (Peer.clock)
             actions = self.act(obs)
-        s = self.collector.step(actions)                     # s.next_obs, s.rewards, s.valid, ...
-        self.buffer.add(obs[s.valid], actions[s.valid], s.rewards[s.valid], s.next_obs[s.valid],
-                        s.terminated[s.valid])               # truncated: bootstrap from s.next_obs
+        s = c.step(actions)                              # Step: next_obs, rewards, terminated, ..., valid
+        v = s.valid                                      # False: the step that reset an env, no transition
+        self.buffer.add(obs[v], actions[v], s.rewards[v], s.next_obs[v], s.terminated[v])
+
+(`p2prl.algos.transitions.TransitionWriter` does that last line for DQN, n-step windows included.)
 
 gymnasium 1.x vector envs autoreset on the *next* step: on the step where an episode ends, `next_obs`
 is that episode's true final observation (so a truncated transition bootstraps from it, a terminated
@@ -19,7 +23,8 @@ transition crosses two episodes. `Step.valid` is False there: never learn from i
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, NamedTuple, Optional
+import functools
+from typing import Iterator, NamedTuple, Optional
 
 import gymnasium as gym
 import numpy as np
@@ -57,6 +62,9 @@ class Sample(NamedTuple):
 
 
 class Collector:
+    """One peer's collector: `envs` reset to `first_obs` (N, *obs_shape); `preempt` cuts rollouts short
+    (straggler preemption, None: never); `clock` gets the stepping time (`env`)."""
+
     def __init__(self, envs: gym.vector.VectorEnv, first_obs: np.ndarray, preempt: Optional[Preemption] = None,
                  clock: Optional[Stopwatch] = None) -> None:
         self.envs, self.obs = envs, first_obs
@@ -69,8 +77,7 @@ class Collector:
         self.episodes = EpisodeCounter(self.num_envs)
         self.t = 0  # vector steps since the last `take`: episodes are stamped with it
         self.length = 0  # vector steps of the last `rollout` (fewer than asked when cut short)
-        self.continued = True  # whether a resume continued the envs' episodes (False: fresh ones)
-        self._not_restorable: Any = ...  # not_restorable(envs), found once (async envs build a probe copy)
+        self.continued = True  # after `load_state_dict`: whether the envs continue the saved episodes
 
     def rollout(self, steps: int) -> Iterator[int]:
         """The indices 0, 1, ... of a rollout of `steps` vector steps (step the envs once per index).
@@ -117,12 +124,11 @@ class Collector:
         self.envs.close(terminate=True)  # async workers end with the run, not the process (multirun jobs share it)
 
     # -- the per-rank checkpoint -------------------------------------------------------------------
-    @property
+    @functools.cached_property
     def not_restorable(self) -> Optional[str]:
-        """Why the envs' state cannot be saved whole (`p2prl.envstate.not_restorable`); None: it can."""
-        if self._not_restorable is ...:
-            self._not_restorable = not_restorable(self.envs)
-        return self._not_restorable
+        """Why the envs' state cannot be saved whole (`p2prl.envstate.not_restorable`); None: it can.
+        Found once: for async envs it builds a probe copy."""
+        return not_restorable(self.envs)
 
     def state_dict(self) -> dict:
         """At an iteration boundary: the envs (or, where their state cannot be saved, every copy's
@@ -143,7 +149,9 @@ class Collector:
         if self.continued:
             load_vec_env_state(self.envs, s["env"])
             obs = s["obs"] if "obs" in s else s["next_obs"]  # rank files of earlier versions: PPO's key
-            self.obs = obs.numpy().copy()
+            # In the saved layout too: CartPole's native vector env returns column-major batches, and a
+            # policy's matmul rounds a row-major copy of them differently (the resumed run would drift).
+            self.obs = obs.numpy().copy(order="K")
             self.next_valid = s["next_valid"].numpy().copy()
             self.episodes.load_state_dict(s["episodes"])
             return

@@ -1,8 +1,9 @@
 """Where a peer's training time goes: a stopwatch with one bucket per part of the loop.
 
 The parts are disjoint by construction. The collector times env stepping (`env`); an algorithm wraps
-its policy's forward when acting (`inference`) and its loss computation (`forward`: minibatch
-gathering, advantages or TD targets, the network's forward); the learner times `backward` and
+its policy's forward when acting (`inference`), its writes of each step into its rollout or replay
+buffer (`storage`) and its loss computation (`forward`: minibatch gathering, advantages or TD
+targets, the network's forward); the learner times `backward` and
 `optimizer` (clipping, the optimizer step and the strategy's own work on the gradient besides the
 transport); the runner times `checkpoint`, `eval` and `log`. `comm` is the time inside collectives
 (`Communicator.seconds`) plus what the parts time as communication themselves (the straggler cut's
@@ -19,9 +20,9 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-PARTS = ("env", "inference", "forward", "backward", "optimizer", "comm", "checkpoint", "eval", "log")
-SHORT = {"env": "env", "inference": "inf", "forward": "fwd", "backward": "bwd", "optimizer": "opt", "comm": "comm",
-         "checkpoint": "ckpt", "eval": "eval", "log": "log", "rest": "rest"}
+PARTS = ("env", "inference", "storage", "forward", "backward", "optimizer", "comm", "checkpoint", "eval", "log")
+SHORT = {"env": "env", "inference": "inf", "storage": "store", "forward": "fwd", "backward": "bwd", "optimizer": "opt",
+         "comm": "comm", "checkpoint": "ckpt", "eval": "eval", "log": "log", "rest": "rest"}
 
 
 class _NoComm:

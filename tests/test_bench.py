@@ -162,6 +162,23 @@ def test_derive_profile_and_first_step_time():
     assert missed["launch_to_target_s"] is None and missed["first_step_to_target_s"] is None
 
 
+def test_each_run_reports_where_rank_0s_loop_time_went_and_its_unattributed_rest():
+    parts = {"env": 4.0, "inference": 2.0, "forward": 1.0, "backward": 1.0, "optimizer": 0.5, "comm": 1.0,
+             "checkpoint": 0.0, "eval": 0.0, "log": 0.1, "rest": 0.4}
+    summary = {"reached": True, "steps_to_target": 2000, "time_to_target_s": 5.0, "final_step": 2000, "wall_s": 12.0,
+               "sps": 200.0, "time": [{**parts, "loop": 10.0}, {**parts, "rest": 3.0, "loop": 12.6}]}
+    rec = report.derive(summary, launch_to_exit_s=14.0)
+    assert rec["rest_frac"] == pytest.approx(0.04) and rec["time_shares"]["env"] == pytest.approx(0.4)
+    line = bench._describe({**rec, "error": None, "launch_to_exit_s": 14.0, "timed_out": False}, True)
+    assert "rank 0's loop: env 40% inf 20% fwd 10% bwd 10% opt 5% comm 10% log 1% rest 4%" in line
+    rows = report.aggregate([{**rec, "task": "cartpole-ppo", "system": "p2prl-1", "seed": 0, "error": None,
+                              "launch_to_exit_s": 14.0}])
+    assert rows[0]["rest_frac"]["median"] == pytest.approx(0.04)
+    text = report.format_results(rows)
+    assert text.splitlines()[0].split()[-1] == "rest" and "0.040" in text
+    assert report.derive({"final_step": 10, "sps": 1.0}, 2.0)["rest_frac"] is None  # SB3: no breakdown
+
+
 def test_run_stopped_at_the_cap_keeps_its_last_logged_speed(tmp_path):
     assert report.last_metrics(tmp_path) == {}
     (tmp_path / "metrics.jsonl").write_text('{"step": 64, "sps": 10.0, "comm_frac": 0.1}\n'

@@ -29,7 +29,7 @@ def test_frozen_peer_is_named_and_the_job_ends(tmp_path, torchrun):
     job.wait()
     assert reports, "no peer reported the frozen one"
     assert "peer rank 1 (in " in reports[0] and "rank 0 (in" not in reports[0], reports[0]
-    assert any(f"(in {phase})" in reports[0] for phase in ("sampling", "update", "check", "checkpoint")), reports[0]
+    assert any(f"(in {phase})" in reports[0] for phase in ("sampling", "update", "check", "log", "checkpoint")), reports[0]
     assert "comm.timeout_s=4" in reports[0] and job.returncode != 0
 
 

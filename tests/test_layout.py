@@ -27,3 +27,13 @@ def test_a_strategy_name_is_spelled_in_code_only_in_the_table():
     quoted = re.compile("|".join(rf"[\"']{name}[\"']" for name in STRATEGIES))
     found = _lines(quoted)
     assert found and all(where.startswith("sync/table.py:") for where in found), found
+
+
+def test_algorithms_reach_peers_only_through_the_sync_package_and_envs_only_through_the_collector():
+    """No file of p2prl/algos/ imports the communicator, marks a phase, calls a collective or steps an
+    env itself: the runner marks phases, `Peer` offers what is shared, the collector steps the envs."""
+    forbidden = re.compile(r"^\s*(from p2prl\.comm\b|import p2prl\.comm\b|from p2prl import comm\b)|\.phase\s*=|"
+                           r"\.(all_reduce|all_gather|broadcast|sum_with_next|agree)\w*\(|\benvs\.(step|reset)\(")
+    found = [where for where in _lines(forbidden) if where.startswith("algos/")]
+    assert found == []
+    assert any(where.startswith("sync/") for where in _lines(forbidden))  # the pattern does find them

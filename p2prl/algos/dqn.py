@@ -123,8 +123,10 @@ class DQN(Algorithm):
             with self.clock("inference"):
                 actions = self._act()
             s = self.collector.step(actions)
-            next_obs = np.asarray(s.next_obs, dtype=self.obs_dtype)
-            self.writer.add(actions, np.asarray(s.rewards, dtype=np.float32), next_obs, s.terminated, s.truncated, s.valid)
+            with self.clock("storage"):
+                next_obs = np.asarray(s.next_obs, dtype=self.obs_dtype)
+                self.writer.add(actions, np.asarray(s.rewards, dtype=np.float32), next_obs, s.terminated, s.truncated,
+                                s.valid)
         self.vector_steps += vector_steps
 
     def sample(self, progress: float) -> None:

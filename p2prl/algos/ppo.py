@@ -104,21 +104,22 @@ class PPO(Algorithm):
         """A rollout of num_steps vector steps (fewer when cut short as a straggler: `collector.length`)."""
         r, c, clock = self.rollout, self.collector, self.clock
         for t in c.rollout(self.cfg.num_steps):
-            raw = torch.as_tensor(c.obs, dtype=self.obs_dtype)  # the rollout's dtype (frames stay bytes)
             with clock("inference"):
+                raw = torch.as_tensor(c.obs, dtype=self.obs_dtype)  # the rollout's dtype (frames stay bytes)
                 if self.obs_norm is not None:
                     self.obs_norm.observe(raw[torch.from_numpy(c.next_valid)])  # statistics first, as VecNormalize
                 obs = self._policy_input(raw)
                 action, logp, value = self.model.act(obs.to(self.peer.device))
                 a = action.cpu().numpy()
-            r.raw_obs[t], r.obs[t], r.actions[t], r.logprobs[t], r.values[t] = raw, obs, action, logp, value
-            if not self.discrete:
-                a = np.clip(a, self.act_space.low, self.act_space.high)  # the Gaussian is unbounded; the env is not
-            s = c.step(a)
-            reward = np.asarray(s.rewards, dtype=np.float64)
-            scaled = self.scale(reward, s.valid, s.done) if self.scale is not None else reward.astype(np.float32)
-            r.rewards[t] = torch.from_numpy(scaled)
-            r.terminated[t], r.dones[t], r.valid[t] = (torch.from_numpy(x) for x in (s.terminated, s.done, s.valid))
+                if not self.discrete:
+                    a = np.clip(a, self.act_space.low, self.act_space.high)  # the Gaussian is unbounded, the env not
+            s = c.step(a)  # `raw` stays this step's: the envs return new arrays
+            with clock("storage"):
+                r.raw_obs[t], r.obs[t], r.actions[t], r.logprobs[t], r.values[t] = raw, obs, action, logp, value
+                reward = np.asarray(s.rewards, dtype=np.float64)
+                scaled = self.scale(reward, s.valid, s.done) if self.scale is not None else reward.astype(np.float32)
+                r.rewards[t] = torch.from_numpy(scaled)
+                r.terminated[t], r.dones[t], r.valid[t] = (torch.from_numpy(x) for x in (s.terminated, s.done, s.valid))
 
     # -- learning --------------------------------------------------------------------------------
     def _advantages(self, r: Rollout) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -124,13 +124,16 @@ class QLearning(Algorithm):
                 actions = self._actions(obs, explore[t], random_a[t], noise[t])
             step = c.step(actions)
             valid = step.valid
-            self.s[t], self.a[t], self.r[t], self.s2[t] = obs, actions, step.rewards, step.next_obs
-            self.term[t], self.valid[t] = step.terminated, valid
+            with self.clock("storage"):
+                self.s[t], self.a[t], self.r[t], self.s2[t] = obs, actions, step.rewards, step.next_obs
+                self.term[t], self.valid[t] = step.terminated, valid
             if online and valid.any():
-                s, a = obs[valid], actions[valid]
-                delta = td_errors(self.q, s, a, self.r[t, valid], self.s2[t, valid], step.terminated[valid], cfg.gamma)
-                np.add.at(self.q, (s, a), alpha * delta)  # two envs in the same (s, a) both count
-                abs_sum += float(np.abs(delta).sum())
+                with self.clock("optimizer"):  # the online update: TD errors, then the table's step
+                    s, a = obs[valid], actions[valid]
+                    delta = td_errors(self.q, s, a, self.r[t, valid], self.s2[t, valid], step.terminated[valid],
+                                      cfg.gamma)
+                    np.add.at(self.q, (s, a), alpha * delta)  # two envs in the same (s, a) both count
+                    abs_sum += float(np.abs(delta).sum())
         return abs_sum
 
     # -- learning: the transitions recorded in self.s, a, r, s2, term, valid (sync_every, num_envs) -----
@@ -174,7 +177,8 @@ class QLearning(Algorithm):
     def learn(self, progress: float) -> dict[str, float]:
         cfg = self.cfg
         _, alpha = self._schedules(progress)
-        abs_total, n = self._sync_sum(alpha) if cfg.sync == "sum" else self._sync_average(self._abs_sum)
+        with self.clock("optimizer"):  # the table's update (its collective counts as comm)
+            abs_total, n = self._sync_sum(alpha) if cfg.sync == "sum" else self._sync_average(self._abs_sum)
         eps = decayed_epsilon(cfg.eps_start, cfg.eps_end, cfg.exploration_fraction, progress)
         return {"epsilon": eps, "alpha": alpha, "td_abs_mean": abs_total / max(n, 1.0)}
 

@@ -12,6 +12,10 @@ Time columns (all seconds, wall clock):
   (`wall_s` minus the training loop's time, `(final_step - resumed_at_step) / sps`) taken off
   `time_to_target_s`, unless summary.json has `first_step_to_target_s` itself.
 A run that did not reach the target counts as +inf in medians and ranges (`null` in bench.json).
+
+Where the time went (p2prl): `time_shares`, rank 0's breakdown of its training loop (summary.json's
+`time`: env stepping, inference, forward, backward, optimizer, communication, checkpoints, evaluations,
+logging) as shares of the loop, and `rest_frac`, the unattributed share (`rest`), which should stay small.
 """
 from __future__ import annotations
 
@@ -27,11 +31,12 @@ from typing import Any, Iterable, Optional, Sequence
 
 from p2prl.atomic import write_json_atomic
 from p2prl.plot import read_metrics
+from p2prl.timing import shares
 
 TO_TARGET = ("launch_to_target_s", "time_to_target_s", "first_step_to_target_s", "steps_to_target")
 MEASURES = (*TO_TARGET, "sps", "comm_frac", "comm_ms_per_call", "grad_bytes", "calls_per_update",
             "bytes_per_update", "episode_return_mean", "final_step", "max_rss_mb", "launch_to_exit_s",
-            "last_rank_share")
+            "last_rank_share", "rest_frac")
 SUMMARY_KEYS = ("reached", "steps_to_target", "time_to_target_s", "first_step_to_target_s", "final_step",
                 "world_size", "wall_s", "sps", "comm_frac", "comm_calls", "comm_bytes", "updates",
                 "episode_return_mean", "timed_out")
@@ -64,6 +69,9 @@ def derive(summary: dict[str, Any], launch_to_exit_s: float) -> dict[str, Any]:
     rec["comm_bytes_per_call"] = nbytes / calls if nbytes is not None and calls else None
     rec["calls_per_update"] = calls / updates if calls is not None and updates else None
     rec["bytes_per_update"] = nbytes / updates if nbytes is not None and updates else None
+    times = summary.get("time")  # p2prl: every rank's breakdown of its loop; SB3: none
+    rec["time_shares"] = shares(times[0]) if times else None
+    rec["rest_frac"] = rec["time_shares"]["rest"] if times else None
     return rec
 
 
@@ -140,20 +148,22 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def format_results(rows: Sequence[dict[str, Any]]) -> str:
     """The time-to-target table: median (min-max) over seeds per task and system."""
     headers = ("task", "system", "reached", "launch->target s", "1st step->target s", "steps->target",
-               "steps/s", "comm_frac", "comm ms/call")
+               "steps/s", "comm_frac", "comm ms/call", "rest")
     body = [(r["task"], r["system"], f"{r['reached']}/{r['runs']}" + (f", {r['failed']} failed" if r["failed"] else ""),
              fmt(r["launch_to_target_s"]), fmt(r["first_step_to_target_s"]), fmt(r["steps_to_target"], 0),
-             fmt(r["sps"], 0), fmt(r["comm_frac"], 3), fmt(r["comm_ms_per_call"], 2)) for r in rows]
-    return table(headers, body) + "\nmedian (min-max) over seeds; inf: a run that did not reach the target"
+             fmt(r["sps"], 0), fmt(r["comm_frac"], 3), fmt(r["comm_ms_per_call"], 2), fmt(r["rest_frac"], 3))
+            for r in rows]
+    return table(headers, body) + ("\nmedian (min-max) over seeds; inf: a run that did not reach the target; rest: the "
+                                   "share of rank 0's loop no part accounts for")
 
 
 def format_budget(rows: Sequence[dict[str, Any]]) -> str:
     """The fixed-budget table: the return reached at the budget's end, speed and memory."""
     headers = ("task", "system", "runs", "global steps", "return at the end", "steps/s", "peak MiB per peer",
-               "launch->exit s")
+               "launch->exit s", "rest")
     body = [(r["task"], r["system"], f"{r['runs']}" + (f", {r['failed']} failed" if r["failed"] else ""),
              fmt(r["final_step"], 0), fmt(r["episode_return_mean"], 1), fmt(r["sps"], 0), fmt(r["max_rss_mb"], 0),
-             fmt(r["launch_to_exit_s"], 0)) for r in rows]
+             fmt(r["launch_to_exit_s"], 0), fmt(r["rest_frac"], 3)) for r in rows]
     return table(headers, body) + "\nmedian (min-max) over seeds; return: the mean game score of the last 20 games"
 
 

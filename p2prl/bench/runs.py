@@ -34,6 +34,7 @@ from p2prl.bench.options import parse_args
 from p2prl.bench.plans import (PORT, TASKS, Job, free_port, p2prl_cmd, plan, plan_presets, plan_scaling,
                                plan_strategies, plan_stragglers)
 from p2prl.plot import bar_chart
+from p2prl.timing import shares_line
 
 log = logging.getLogger("p2prl.bench")
 
@@ -101,7 +102,9 @@ def _describe(r: dict[str, Any], has_target: bool) -> str:
         return f"FAILED ({r['error'][:200]}), log {r['log']}"
     how = f"reached at step {r['steps_to_target']}" if r["reached"] else \
         f"{'not reached, ' if has_target else ''}step {r['final_step']}"
-    return f"{how}, {r['launch_to_exit_s']:.1f} s launch to exit" + (", stopped at the cap" if r["timed_out"] else "")
+    where = f"; rank 0's loop: {shares_line(r['time_shares'])}" if r.get("time_shares") else ""
+    return f"{how}, {r['launch_to_exit_s']:.1f} s launch to exit" + (", stopped at the cap" if r["timed_out"] else "") \
+        + where
 
 
 def emit(text: str) -> None:
