@@ -3,6 +3,8 @@ which reads them back, for what each holds)."""
 from __future__ import annotations
 
 import logging
+import math
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -16,6 +18,9 @@ from p2prl.metrics import ReturnWindow
 from p2prl.resume import FORMAT, Progress
 
 log = logging.getLogger(__name__)
+# At most one kept boundary a second: algorithms of one-step iterations (SAC: one env step and its
+# updates) would otherwise spend a tenth of their time copying their state at every iteration.
+MARK_EVERY_S = 1.0
 
 
 def _clone(x: Any) -> Any:
@@ -40,6 +45,7 @@ class Checkpointer:
         self.config = cfg.to_dict()
         self.hash = config_hash(self.config)
         self.boundary: Optional[dict] = None
+        self._marked = -math.inf
         self.saved_step: Optional[int] = None
         # A peer killed while writing leaves a temp file beside the checkpoints: each peer removes its own.
         own = [self.folder / f"rank{comm.rank}", *([self.folder] if comm.rank == 0 else [])]
@@ -90,11 +96,14 @@ class Checkpointer:
         self.saved_step = p.step
 
     def mark_boundary(self, p: Progress) -> None:
-        if self.comm.rank == 0:
-            self.boundary = _clone(self._shared(p))
+        """Rank 0 keeps the shared state of this iteration boundary, unless it kept one less than
+        MARK_EVERY_S ago: an interruption saves the model of a boundary at most that old."""
+        now = time.monotonic()
+        if self.comm.rank == 0 and now - self._marked >= MARK_EVERY_S:
+            self.boundary, self._marked = _clone(self._shared(p)), now
 
     def save_interrupted(self, why: str) -> None:
-        """Rank 0: the state of the last iteration boundary to checkpoints/interrupted.pt."""
+        """Rank 0: the state of the last kept iteration boundary to checkpoints/interrupted.pt."""
         if self.comm.rank == 0 and self.boundary is not None:
             save_atomic({**self.boundary, "interrupted_by": why}, self.folder / "interrupted.pt")
             log.warning("saved the model of step %d to %s", self.boundary["step"], self.folder / "interrupted.pt")

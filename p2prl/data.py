@@ -29,11 +29,17 @@ class Rollout(NamedTuple):
 
 
 def allocate_rollout(T: int, N: int, obs_shape: tuple, act_shape: tuple, act_dtype: torch.dtype,
-                     obs_dtype: torch.dtype = torch.float32, raw: bool = True) -> Rollout:
+                     obs_dtype: torch.dtype = torch.float32, raw: bool = True, channels_last: bool = False) -> Rollout:
     """Preallocated rollout storage, reused every iteration (no per-step allocation). Observations
-    keep `obs_dtype` (uint8 frames stay bytes); without `raw` (no normalization) raw_obs is obs."""
+    keep `obs_dtype` (uint8 frames stay bytes); without `raw` (no normalization) raw_obs is obs.
+    `channels_last`: obs (T, N, C, H, W) laid out with C innermost, the layout the CNN computes in, so
+    that minibatches of it (indexing keeps the strides) reach the convolutions without a transposing copy."""
     f = dict(dtype=torch.float32)
-    obs = torch.zeros((T, N, *obs_shape), dtype=obs_dtype)
+    if channels_last:
+        c, h, w = obs_shape
+        obs = torch.zeros((T, N, h, w, c), dtype=obs_dtype).permute(0, 1, 4, 2, 3)
+    else:
+        obs = torch.zeros((T, N, *obs_shape), dtype=obs_dtype)
     return Rollout(
         obs=obs, raw_obs=torch.zeros_like(obs) if raw else obs,
         actions=torch.zeros((T, N, *act_shape), dtype=act_dtype), logprobs=torch.zeros((T, N), **f),
@@ -43,8 +49,9 @@ def allocate_rollout(T: int, N: int, obs_shape: tuple, act_shape: tuple, act_dty
 
 
 class ReplayBatch(NamedTuple):
-    """A minibatch of transitions. obs, next_obs: (B, *obs_shape); actions: (B,) int64; rewards: (B,)
-    (n-step discounted sums); discounts: (B,) = gamma**k for the k rewards summed; terminated: (B,)."""
+    """A minibatch of transitions. obs, next_obs: (B, *obs_shape); actions: (B,) int64 (discrete), or
+    (B, *action_shape) float32 (continuous, scaled to [-1, 1]); rewards: (B,) (n-step discounted sums);
+    discounts: (B,) = gamma**k for the k rewards summed; terminated: (B,)."""
 
     obs: torch.Tensor
     actions: torch.Tensor
@@ -62,11 +69,12 @@ class ReplayBuffer:
     themselves. `FrameReplay` keys by frame index instead.
     """
 
-    def __init__(self, capacity: int, obs_shape: tuple, rng: np.random.Generator) -> None:
+    def __init__(self, capacity: int, obs_shape: tuple, rng: np.random.Generator, action_shape: tuple = (),
+                 action_dtype: type = np.int64) -> None:
         self.capacity, self.rng = capacity, rng
         self.obs = np.zeros((capacity, *obs_shape), dtype=np.float32)
         self.next_obs = np.zeros((capacity, *obs_shape), dtype=np.float32)
-        self.actions = np.zeros(capacity, dtype=np.int64)
+        self.actions = np.zeros((capacity, *action_shape), dtype=action_dtype)
         self.rewards = np.zeros(capacity, dtype=np.float32)
         self.discounts = np.zeros(capacity, dtype=np.float32)
         self.terminated = np.zeros(capacity, dtype=np.float32)

@@ -58,14 +58,16 @@ class RunningNormalizer:
         self._refresh(self._shared)
 
     def _refresh(self, m: Moments) -> None:
+        # Runs every env step: float32 copies made by numpy and wrapped, which costs a fraction of
+        # torch.as_tensor's conversion (the same rounding).
         n = float(m.count)
         var = m.m2 / n if n > 0 else np.ones(self.d)
-        self.mean = torch.as_tensor(m.mean, dtype=torch.float32).reshape(self.shape)
-        self.std = torch.as_tensor(np.sqrt(var + self.eps), dtype=torch.float32).reshape(self.shape)
+        self.mean = torch.from_numpy(m.mean.astype(np.float32).reshape(self.shape))
+        self.std = torch.from_numpy(np.sqrt(var + self.eps).astype(np.float32).reshape(self.shape))
 
     def observe(self, x: torch.Tensor | np.ndarray) -> None:
         """Fold a batch (B, *shape) seen by this peer into the statistics used from now on."""
-        x = np.asarray(x, dtype=np.float64).reshape(-1, self.d)
+        x = np.asarray(x.numpy() if isinstance(x, torch.Tensor) else x, dtype=np.float64).reshape(-1, self.d)
         if len(x) == 0:
             return
         mean = x.mean(0)

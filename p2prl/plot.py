@@ -1,8 +1,8 @@
 """PNG plots: `python -m p2prl.plot RUN_DIR|SWEEP_DIR... [--out FILE] [--x step|time_s]` draws the training
 return curves (`episode_return_mean` from metrics.jsonl) on one chart: the runs are grouped by the config
 keys that differ between them (`p2prl.sweep`; seeds do not count), and each group of several runs is
-drawn as its mean with a min-max band; `bar_chart` draws p2prl.bench's per-task medians with min-max
-ranges.
+drawn as its mean with a min-max band; `bar_chart` and `bar_panels` draw p2prl.bench's per-task medians
+with min-max ranges.
 
 Figures are drawn on matplotlib's Agg canvas without pyplot, so importing this module never switches
 the backend of an interactive session and needs no display.
@@ -121,28 +121,51 @@ def bar_chart(rows: Sequence[dict[str, Any]], field: str, ylabel: str, out: Path
     the range to the top of the panel; with `annotate`, every bar is labelled with how many runs reached
     the target.
     """
-    tasks = list(dict.fromkeys(r["task"] for r in rows))
-    fig, axes = _figure(len(tasks), width=4.2)
-    for ax, task in zip(axes, tasks):
+    tasks = dict.fromkeys(r["task"] for r in rows)
+    return bar_panels(rows, {task: [(field, ylabel, annotate)] for task in tasks}, out)
+
+
+Panel = tuple[str, str, bool]  # (field, y label, annotate with the runs that reached the target)
+
+
+def bar_panels(rows: Sequence[dict[str, Any]], panels: dict[str, Sequence[Panel]], out: Path) -> Path:
+    """`bar_chart` with a column per task of `panels` and, down it, a panel per (field, y label,
+    annotate) of that task: fixed-budget tasks show steps/s and the return at the end, where seconds to
+    a target they have none of would be empty."""
+    tasks = list(panels)
+    depth = max((len(p) for p in panels.values()), default=1)
+    fig = Figure(figsize=(4.2 * max(len(tasks), 1), 4.2 * depth), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(depth, max(len(tasks), 1), squeeze=False)
+    for j, task in enumerate(tasks):
         mine = [r for r in rows if r["task"] == task]
-        stats = [r.get(field) or {"median": math.nan, "min": math.nan, "max": math.nan} for r in mine]
-        finite = [v for s in stats for v in s.values() if math.isfinite(v)]
-        top = 1.15 * max(finite, default=1.0)
-        for i, (r, s) in enumerate(zip(mine, stats)):
-            med = s["median"] if math.isfinite(s["median"]) else 0.0
-            ax.bar(i, med, color=f"C{i}")
-            if math.isfinite(s["min"]):  # the range over runs; an infinite max (a miss) reaches the top
-                lo, hi = s["min"], min(s["max"], top)
-                ax.errorbar(i, (lo + hi) / 2, yerr=(hi - lo) / 2, fmt="none", color="black", capsize=4)
-            if annotate:
-                ax.annotate(f"{r['reached']}/{r['runs']} reached", (i, med), ha="center", va="bottom",
-                            xytext=(0, 3), textcoords="offset points", fontsize="small")
-        ax.set_xticks(range(len(mine)), [r["system"] for r in mine])
-        ax.set_ylim(0, top)
-        ax.set_title(task)
-        ax.set_ylabel(ylabel)
-        ax.grid(axis="y", alpha=0.3)
+        for i in range(depth):
+            if i < len(panels[task]):
+                _bars(axes[i][j], mine, *panels[task][i])
+                axes[i][j].set_title(task)
+            else:
+                axes[i][j].set_axis_off()
     return _save(fig, out)
+
+
+def _bars(ax, mine: Sequence[dict[str, Any]], field: str, ylabel: str, annotate: bool) -> None:
+    stats = [r.get(field) or {"median": math.nan, "min": math.nan, "max": math.nan} for r in mine]
+    finite = [v for s in stats for v in s.values() if math.isfinite(v)]
+    top = 1.15 * max(finite + [0.0]) or 1.0
+    bottom = 1.15 * min(finite + [0.0])  # a negative return reaches below 0
+    for i, (r, s) in enumerate(zip(mine, stats)):
+        med = s["median"] if math.isfinite(s["median"]) else 0.0
+        ax.bar(i, med, color=f"C{i}")
+        if math.isfinite(s["min"]):  # the range over runs; an infinite max (a miss) reaches the top
+            lo, hi = s["min"], min(s["max"], top)
+            ax.errorbar(i, (lo + hi) / 2, yerr=(hi - lo) / 2, fmt="none", color="black", capsize=4)
+        if annotate:
+            ax.annotate(f"{r['reached']}/{r['runs']} reached", (i, med), ha="center", va="bottom",
+                        xytext=(0, 3), textcoords="offset points", fontsize="small")
+    ax.set_xticks(range(len(mine)), [r["system"] for r in mine])
+    ax.set_ylim(bottom, top)
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="y", alpha=0.3)
 
 
 def main(argv: Optional[list[str]] = None, prog: str = "python -m p2prl.plot") -> int:

@@ -81,6 +81,7 @@ def preflight(cfg: RunConfig, run_dir: Optional[Path], dir_key: str = DIR_KEYS[0
         algos.check_spaces(cfg.algo.name, env.observation_space, env.action_space)
         _check_frame_stack(cfg.env, env.observation_space)
         image = algos.spec(cfg.algo.name).check_observations(cfg.algo, env.observation_space)
+        algos.spec(cfg.algo.name).check_actions(cfg.algo, env.action_space)
     finally:
         env.close()
     devices = resolve_devices(cfg.device, cfg.comm.backend, image)

@@ -28,7 +28,7 @@ def test_parse_args_defaults(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec(missing={"stable_baselines3"}))
     a = bench.parse_args([])
     assert a.tasks == ["cartpole-ppo", "cartpole-dqn"] and a.seeds == [0, 1, 2]
-    assert a.systems == ["p2prl-1", "p2prl-2"]  # sb3 dropped: not installed
+    assert a.systems == ["p2prl-1", "p2prl-2", "p2prl-1-global"]  # sb3 dropped: not installed
     assert a.max_seconds == 300 and a.override == [] and not a.scaling
 
 
@@ -78,8 +78,13 @@ def test_plan_scaling_fixes_per_peer_work(monkeypatch, tmp_path):
     monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec())
     a = bench.parse_args(["--scaling", "--scaling-steps", "1000", "--seeds", "0"])
     jobs = bench.plan_scaling(a, tmp_path)
-    assert [(j.task, j.system) for j in jobs] == [(f"{t}-fixed-work", s) for t in ("lunarlander-ppo", "halfcheetah-ppo")
+    assert [(j.task, j.system) for j in jobs] == [(f"{t}-fixed-work", s) for t in ("lunarlander-ppo", "halfcheetah-ppo",
+                                                                                 "halfcheetah-sac")
                                                   for s in ("p2prl-1", "p2prl-2")]
+    # SAC: the same per-peer batch and updates on both; each peer's own warm-up steps alike
+    sac_one, sac_two = jobs[4:]
+    assert {"algo=sac", "algo.learning_starts=1000"} <= set(sac_one.cmd) and "algo.learning_starts=2000" in sac_two.cmd
+    assert not any(c.startswith(("algo.batch_size", "algo.gradient_steps")) for c in sac_one.cmd + sac_two.cmd)
     for one, two, env in ((jobs[0], jobs[1], "lunarlander"), (jobs[2], jobs[3], "halfcheetah")):
         assert "train.total_steps=1000" in one.cmd and "train.total_steps=2000" in two.cmd
         assert {"algo=ppo", f"env={env}", "train.target_return=null"} <= set(two.cmd)
@@ -95,13 +100,47 @@ def test_plan_scaling_fixes_per_peer_work(monkeypatch, tmp_path):
 def test_halfcheetah_runs_a_fixed_budget_against_the_zoos_normalized_ppo(monkeypatch, tmp_path):
     monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec())
     a = bench.parse_args(["--tasks", "halfcheetah-ppo", "--seeds", "0"])
-    one, two, sb3 = bench.plan(a, tmp_path)
+    one, two, whole, sb3 = bench.plan(a, tmp_path)
     assert {"algo=ppo", "env=halfcheetah", "train.target_return=null", "train.total_steps=1000000"} <= set(two.cmd)
+    # 1 peer at SB3's settings: the zoo's 512 samples per rollout on one peer (the preset: 256 per peer)
+    assert whole.system == "p2prl-1-global" and "algo.num_steps=512" in whole.cmd and "p2prl.train" in whole.cmd
     assert sb3.cmd[sb3.cmd.index("--env") + 1] == "HalfCheetah-v5" and "--target" not in sb3.cmd
     assert sb3.cmd[sb3.cmd.index("--steps") + 1] == "1000000"
     spec = bench_sb3.ZOO[("ppo", "HalfCheetah-v5")]
     kwargs = bench_sb3.model_kwargs("ppo", "HalfCheetah-v5", 1_000_000)
     assert spec["normalize"] and spec["n_envs"] * kwargs["n_steps"] == 512 and kwargs["batch_size"] == 64
+
+
+def test_sac_tasks_run_the_zoos_global_batch_and_ratio_on_every_system(monkeypatch, tmp_path):
+    monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec())
+    a = bench.parse_args(["--tasks", "halfcheetah-sac", "--seeds", "0"])
+    one, two, sb3 = bench.plan(a, tmp_path)
+    for job, batch, updates in ((one, 256, 1), (two, 128, 2)):  # the zoo's 256 per update, one update per env step
+        assert {"algo=sac", "env=halfcheetah", "train.target_return=null", "train.total_steps=100000",
+                f"algo.batch_size={batch}", f"algo.gradient_steps={updates}", "algo.train_freq=1",
+                "train.eval_every_steps=10000", "train.log_every_steps=1000"} <= set(job.cmd)
+        assert job.watch == 2500
+    assert sb3.cmd[sb3.cmd.index("--watch") + 1] == "2500" and "--target" not in sb3.cmd
+    assert sb3.cmd[sb3.cmd.index("--eval-every") + 1] == "10000" and sb3.cmd[sb3.cmd.index("--steps") + 1] == "100000"
+    assert bench_sb3.ZOO[("sac", "HalfCheetah-v5")]["kwargs"]["learning_starts"] == 10_000
+
+
+def test_watched_targets_and_evaluations_from_the_rows():
+    rows = [{"step": 1000, "time_s": 10.0, "episode_return_mean": None},
+            {"step": 2000, "time_s": 20.0, "episode_return_mean": -500.0, "eval_return_mean": -400.0, "eval_return_std": 5.0},
+            {"step": 3000, "time_s": 30.0, "episode_return_mean": -190.0},
+            {"step": 4000, "time_s": 40.0, "episode_return_mean": -250.0, "eval_return_mean": -150.0, "eval_return_std": 1.0}]
+    w = report.watched(rows, -200)
+    assert w["reached"] and w["steps_to_target"] == 3000 and w["time_to_target_s"] == 30.0
+    assert w["evaluations"] == [[2000, -400.0, 5.0], [4000, -150.0, 1.0]] and w["eval_return_mean"] == -150.0
+    assert not report.watched(rows, 0)["reached"] and "reached" not in report.watched(rows, None)
+
+
+@pytest.mark.skipif(not HAS_SB3, reason="needs stable-baselines3")
+def test_sb3_sac_evaluates_greedily_and_watches_without_stopping():
+    out = bench_sb3.train("sac", "Pendulum-v1", 0, None, 300, None, watch=-1e9, eval_every=200, eval_episodes=1)
+    assert out["final_step"] == 300 and out["reached"] and out["steps_to_target"] <= 300
+    assert [e[0] for e in out["evaluations"]] == [200, 300] and out["eval_return_mean"] == out["evaluations"][-1][1]
 
 
 @pytest.mark.skipif(not (HAS_SB3 and importlib.util.find_spec("mujoco")), reason="needs stable-baselines3 and mujoco")
@@ -218,6 +257,16 @@ def test_bench_json_and_png_from_synthetic_results(tmp_path):
     assert plot.bar_chart(report.aggregate(none_reached), "launch_to_target_s", "s", tmp_path / "b.png").is_file()
 
 
+def test_fixed_budget_png_shows_speed_and_return(tmp_path):
+    runs_ = [{"task": "breakout-ppo", "system": system, "seed": seed, "error": None, "reached": False,
+              "sps": sps + seed, "episode_return_mean": ret} for seed in range(2)
+             for system, sps, ret in (("p2prl-1", 300.0, 2.5), ("sb3", 272.0, -1.0))]
+    rows = report.aggregate(runs_) + report.aggregate(RUNS)  # and a task with a target
+    panels = {"breakout-ppo": [("sps", "steps/s", False), ("episode_return_mean", "return", False)],
+              RUNS[0]["task"]: [("launch_to_target_s", "seconds", True)]}
+    assert plot.bar_panels(rows, panels, tmp_path / "bench.png").read_bytes()[:8] == PNG
+
+
 def test_plot_cli_draws_return_curves(tmp_path, capsys):
     dirs = [tmp_path / name / "seed0" for name in ("a", "b")]
     for i, d in enumerate(dirs):
@@ -302,9 +351,11 @@ def test_cost_model_fit_and_formulas_by_hand():
 def test_fixed_budget_tasks_run_their_budget_and_report_the_return(monkeypatch, tmp_path):
     monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec())
     a = bench.parse_args(["--tasks", "breakout-ppo", "--seeds", "0", "--budget", "4096"])
-    one, two, sb3 = bench.plan(a, tmp_path)
-    for j in (one, two):
+    one, two, whole, sb3 = bench.plan(a, tmp_path)
+    for j in (one, two, whole):
         assert {"algo=ppo", "env=breakout", "train.target_return=null", "train.total_steps=4096"} <= set(j.cmd)
+    assert "algo.num_envs=8" in whole.cmd and "--nproc_per_node=2" not in whole.cmd  # SB3's 8 envs on 1 peer
+    assert not any(c.startswith("algo.num_envs") for c in one.cmd + two.cmd)  # the preset's 4 per peer
     assert "--target" not in sb3.cmd and sb3.cmd[sb3.cmd.index("--steps") + 1] == "4096"
     assert sb3.cmd[sb3.cmd.index("--env") + 1] == "BreakoutNoFrameskip-v4"
     rec = report.derive({"final_step": 4096, "sps": 80.0, "episode_return_mean": 1.5, "max_rss_mb": [900.0, 950.5],
@@ -314,6 +365,43 @@ def test_fixed_budget_tasks_run_their_budget_and_report_the_return(monkeypatch, 
                               "launch_to_exit_s": 70.0}])
     text = report.format_budget(rows)
     assert "breakout-ppo" in text and "950" in text and "1.5" in text and "80" in text
+
+
+def test_dqn_learning_starts_reach_p2prl_and_sb3_alike(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec())
+    a = bench.parse_args(["--tasks", "breakout-dqn", "breakout-ppo", "--seeds", "0", "--budget", "20000"])
+    whole = next(j for j in bench.plan(a, tmp_path) if j.system == "p2prl-1-global" and j.task == "breakout-dqn")
+    assert {"algo.learning_starts=100000", "algo.target_update_interval=250"} <= set(whole.cmd)  # SB3's (the zoo's)
+    a = bench.parse_args(["--tasks", "breakout-dqn", "breakout-ppo", "--seeds", "0", "--budget", "20000",
+                          "--learning-starts", "2000"])
+    jobs = bench.plan(a, tmp_path)
+    for j in jobs:
+        dqn = j.task == "breakout-dqn"
+        if j.system == "sb3":
+            assert (j.cmd[j.cmd.index("--learning-starts") + 1] == "2000") if dqn else "--learning-starts" not in j.cmd
+        else:
+            starts = [c for c in j.cmd if c.startswith("algo.learning_starts=")]
+            assert starts == (["algo.learning_starts=2000"] if dqn else [])
+    with pytest.raises(SystemExit) as refused:
+        bench.parse_args(["--learning-starts", "-1"])
+    assert refused.value.code == 2
+    assert capsys.readouterr().err == "python -m p2prl.bench: error: --learning-starts=-1: must be >= 0\n"
+    with pytest.raises(SystemExit) as refused:  # the SB3 worker: DQN only
+        bench_sb3.main(["--algo", "ppo", "--env", "CartPole-v1", "--learning-starts", "0", "--out", str(tmp_path / "r")])
+    assert refused.value.code == 2
+    assert "--learning-starts=0: allowed: an integer >= 0, with --algo dqn" in capsys.readouterr().err
+
+
+def test_budget_table_and_png_show_speed_against_sb3_and_the_return(tmp_path):
+    runs_ = [{"task": "breakout-ppo", "system": system, "seed": seed, "error": None, "reached": False,
+              "sps": sps + seed, "episode_return_mean": ret, "final_step": 4096, "launch_to_exit_s": 60.0}
+             for seed in range(2) for system, sps, ret in (("p2prl-1-global", 330.0, 2.5), ("sb3", 272.0, -1.0))]
+    rows = report.aggregate(runs_)
+    assert report.vs_sb3(rows) == [f"{330.5 / 272.5:.2f}x", "1.00x"]
+    text = report.format_budget(rows)
+    assert "vs sb3" in text.splitlines()[0] and "1.21x" in text and "p2prl-1-global: 1 peer" in text
+    panels = {"breakout-ppo": [("sps", "steps/s", False), ("episode_return_mean", "return", False)]}
+    assert plot.bar_panels(rows, panels, tmp_path / "bench.png").read_bytes()[:8] == PNG
 
 
 def test_scaling_on_breakout_and_the_extra_it_needs(monkeypatch, tmp_path, capsys):

@@ -74,6 +74,28 @@ def test_one_step_transitions_skip_the_reset_step(dqn_config):
     assert jump.max() < 1.0, "a stored transition crosses a reset"
 
 
+@pytest.mark.parametrize("epsilon", [1.0, 0.5, 0.0])
+def test_acting_draws_as_before_and_skips_the_network_when_every_env_explores(epsilon, dqn_config):
+    """Actions are epsilon-greedy from the same draws (explore flags, then random actions) whether or not
+    the network runs; it runs only when some env takes its greedy action."""
+    algo = build_algorithm(dqn_config(num_envs=3), LocalComm())
+    algo.epsilon = epsilon
+    calls = []
+    algo.q.register_forward_hook(lambda *_: calls.append(1))
+    twin = np.random.Generator(np.random.PCG64())
+    for _ in range(20):
+        twin.bit_generator.state = algo.rng.bit_generator.state
+        with torch.no_grad():
+            greedy = algo.q(torch.from_numpy(algo.obs)).argmax(1).numpy()
+        calls.clear()
+        explore = twin.random(3) < epsilon
+        expected = np.where(explore, twin.integers(0, algo.n_actions, 3), greedy)
+        assert np.array_equal(algo._act(), expected)
+        assert len(calls) == (0 if explore.all() else 1)
+        assert algo.rng.bit_generator.state == twin.bit_generator.state
+        algo.obs = algo.obs + np.float32(0.1)
+
+
 def test_ape_x_epsilons():
     assert peer_epsilon(0.4, 0, 1, 7.0) == 0.4
     assert peer_epsilon(0.4, 0, 4, 7.0) == 0.4

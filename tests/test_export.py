@@ -71,6 +71,11 @@ RUNS = {
     "ppo-cnn": ["algo=ppo", *PPO, "env=gym", "env.id=P2prlTestSquare-v0", "env.frame_stack=4", "algo.encoder=cnn"],
     "dqn-cnn": [*DQN, "env=gym", "env.id=P2prlTestColourSquare-v0", "algo.encoder=cnn"],
     "qlearning": ["algo=qlearning", "env=taxi", "algo.num_envs=2", "algo.sync_every=16"],
+    # tanh-squashed actions scaled to Pendulum's torque bounds
+    "sac": ["algo=sac", "env=pendulum", "algo.learning_starts=64", "algo.batch_size=16", "algo.buffer_size=500",
+            "algo.hidden_sizes=[32,32]"],
+    "td3": ["algo=td3", "env=pendulum", "algo.learning_starts=64", "algo.batch_size=16", "algo.buffer_size=500",
+            "algo.hidden_sizes=[32,32]", "algo.train_freq=1", "algo.gradient_steps=1"],
 }
 NETWORKS = [k for k in RUNS if k != "qlearning"]
 # Global steps of each run: 256, but one PPO update for the CNN, whose actions are still varied then

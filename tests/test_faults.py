@@ -100,6 +100,27 @@ def test_non_finite_loss_on_one_peer_makes_both_skip(compose, peers):
     assert d0 == d1, "parameters diverged"
 
 
+@pytest.mark.parametrize("bad", ["inf", "-inf", "nan", None])
+def test_a_gradient_with_one_non_finite_value_and_a_finite_loss_is_skipped(bad, compose):
+    """sqrt at 0: a finite loss (0) whose gradient is +inf in one place (-inf negated, NaN times 0).
+    A finite gradient, however large, is applied."""
+    import torch
+
+    from p2prl.comm import LocalComm
+    from p2prl.sync.learner import Learner
+    from p2prl.sync.optim import FlatSGD
+    p = torch.nn.Parameter(torch.ones(5))
+    learner = Learner([p], lambda flat: FlatSGD(flat, lr=1e-3), LocalComm(), None, ("loss",), sync=compose().comm)
+    root = torch.sqrt(p[2] - p[2].detach())  # 0, with gradient +inf
+    odd = {"inf": root, "-inf": -root, "nan": root * 0.0, None: 1e30 * p[2]}[bad]
+    loss = (p ** 2).sum() + odd
+    assert torch.isfinite(loss)
+    learner.step(loss, {"loss": loss.detach()})
+    learner.finish()
+    assert (learner.skipped, learner.updates) == ((1, 0) if bad else (0, 1))
+    assert torch.equal(p.detach(), torch.ones(5)) == (bad is not None)
+
+
 def _nan_forever_on_rank1(rank: int, cfg, run_dir: Path):
     if rank == 1:
         _poison(lambda ppo: ppo.learner.updates >= 20)  # from some iteration on, every update

@@ -92,6 +92,27 @@ def test_hwc_and_chw_of_the_same_pixels_give_the_same_features():
     assert torch.allclose(chw(x), chw(x.float()), atol=1e-6)
 
 
+def test_channels_last_convolutions_match_the_nchw_ones():
+    """The CNN converts its input to channels-last floats (faster oneDNN kernels): features and
+    gradients equal those of plain NCHW convolutions to float tolerance, and a float input is left alone."""
+    torch.manual_seed(0)
+    cnn = NatureCNN((4, 84, 84))
+    x = torch.randint(0, 256, (6, 4, 84, 84), dtype=torch.uint8)
+    out = cnn(x)
+    grads = torch.autograd.grad(out.square().sum(), list(cnn.parameters()))
+    nchw = x.float() * (1.0 / 255.0)
+    assert nchw.is_contiguous() and not nchw.is_contiguous(memory_format=torch.channels_last)
+    ref = cnn.fc(cnn.conv(nchw))
+    ref_grads = torch.autograd.grad(ref.square().sum(), list(cnn.parameters()))
+    assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        assert torch.allclose(g, r, rtol=1e-3, atol=1e-5)
+    floats = x.float().contiguous(memory_format=torch.channels_last)  # needs no conversion
+    kept = floats.clone()
+    assert torch.allclose(cnn(floats), out, atol=1e-6)
+    assert torch.equal(floats, kept)  # scaled into a copy, not in place
+
+
 def test_encoder_choice_and_heads():
     image = gym.spaces.Box(0, 255, (4, 84, 84), np.uint8)
     vector = gym.spaces.Box(-1, 1, (3, 4), np.float32)
@@ -112,6 +133,18 @@ def test_rollout_keeps_uint8_and_shares_raw_obs_without_normalization():
     r = allocate_rollout(3, 2, (4, 84, 84), (), torch.int64, torch.uint8, raw=False)
     assert r.obs.dtype == torch.uint8 and r.raw_obs is r.obs
     assert allocate_rollout(3, 2, (4,), (), torch.int64).raw_obs is not None
+
+
+def test_channels_last_rollout_minibatches_reach_the_cnn_without_a_transposing_copy():
+    r = allocate_rollout(3, 2, (4, 84, 84), (), torch.int64, torch.uint8, raw=False, channels_last=True)
+    frames = torch.randint(0, 256, (3, 2, 4, 84, 84), dtype=torch.uint8)
+    for t in range(3):
+        r.obs[t] = frames[t]
+    assert r.obs.shape == (3, 2, 4, 84, 84) and torch.equal(r.obs, frames)
+    flat = r.obs[:2].reshape(4, 4, 84, 84)  # a shortened rollout, flattened as PPO.learn does
+    batch = flat[torch.tensor([3, 0, 2])]
+    assert batch.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(batch, frames[:2].reshape(4, 4, 84, 84)[torch.tensor([3, 0, 2])])
 
 
 def test_ppo_rollout_holds_the_env_frames_as_uint8(compose):

@@ -37,6 +37,20 @@ def test_running_normalizer_normalizes_after_updates():
     assert torch.allclose(y.std(0, unbiased=False), torch.ones(2), atol=1e-3)
 
 
+def test_observing_tensors_or_arrays_gives_float64_statistics_rounded_once_to_float32():
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randn(n, 3, generator=g) * 3 + 1 for n in (1, 4, 1, 2)]
+    from_tensors, from_arrays = RunningNormalizer((3,)), RunningNormalizer((3,))
+    for x in batches:
+        from_tensors.observe(x)
+        from_arrays.observe(x.numpy())
+        assert torch.equal(from_tensors.mean, from_arrays.mean) and torch.equal(from_tensors.std, from_arrays.std)
+    seen = moments_of(torch.cat(batches))  # float64
+    assert from_tensors.mean.dtype == torch.float32 and from_tensors.mean.shape == (3,)
+    assert torch.equal(from_tensors.mean, seen.mean.float())
+    assert torch.allclose(from_tensors.std.double(), torch.sqrt(seen.m2 / seen.count + 1e-8), rtol=1e-6)
+
+
 def test_statistics_are_used_only_after_they_have_seen_the_data(compose):
     """Observation and reward normalization include each step's data before normalizing it (as SB3's
     VecNormalize), from the first rollout on; the peers' statistics are merged after each rollout."""

@@ -1,5 +1,5 @@
 """A smoke test of every tuned preset (conf/tuned/<algo>_<env>.yaml): two iterations at the preset's own
-shapes and hyperparameters (only the step budget shrunk, and DQN learning from its second iteration), in
+shapes and hyperparameters (only the step budget shrunk, and DQN, SAC and TD3 learning from their second iteration), in
 one process. Presets whose env needs an extra that is not installed are skipped."""
 import importlib.util
 import json
@@ -19,13 +19,15 @@ EXTRA = {env: EXTRAS[extra] for env, extra in ENV_EXTRAS.items()}  # env preset 
 
 def iteration_steps(algo: dict) -> int:
     """Env steps one peer takes per iteration of the algorithm."""
-    per_env = {"ppo": "num_steps", "a2c": "num_steps", "dqn": "train_freq", "qlearning": "sync_every"}[algo["name"]]
+    per_env = {"ppo": "num_steps", "a2c": "num_steps", "dqn": "train_freq", "sac": "train_freq", "td3": "train_freq",
+               "qlearning": "sync_every"}[algo["name"]]
     return algo["num_envs"] * algo[per_env]
 
 
 def test_every_preset_is_covered_here():
-    assert len(PRESETS) >= 19 and {"ppo_cartpole", "dqn_cartpole", "ppo_lunarlander", "ppo_halfcheetah",
-                                   "qlearning_taxi", "dqn_breakout"} <= set(PRESETS)
+    assert len(PRESETS) >= 29 and {"ppo_cartpole", "dqn_cartpole", "ppo_lunarlander", "ppo_halfcheetah",
+                                   "qlearning_taxi", "dqn_breakout", "sac_pendulum", "td3_walker2d",
+                                   "sac_lunarlandercontinuous"} <= set(PRESETS)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -39,7 +41,7 @@ def test_preset_smoke(preset, compose, tmp_path):
     steps = iteration_steps(cfg.to_dict()["algo"])
     overrides = [f"algo={algo}", f"env={env}", f"train.total_steps={2 * steps}", "train.target_return=null",
                  f"train.log_every_steps={steps}"]
-    if algo == "dqn":
+    if algo in ("dqn", "sac", "td3"):  # replay: learning from the second iteration on
         overrides.append(f"algo.learning_starts={steps}")
     cfg = compose(*overrides)
     shrunk = {o.split("=")[0] for o in overrides}

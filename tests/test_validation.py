@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gymnasium as gym
+import numpy as np
 import pytest
 import torch
 
@@ -82,6 +84,13 @@ BAD = [
     (["algo.activation=sigmoid"], ["algo.activation=sigmoid", "allowed: tanh, relu"]),
     (["env.id=FrozenLake-v1"], ["algo=ppo", "needs Box observations, the env has Discrete(16)"]),
     (["algo=dqn", "env=pendulum"], ["algo=dqn", "needs Discrete actions"]),
+    (["algo=sac", "env=cartpole"], ["algo=sac: needs Box actions, the env has Discrete(2); use algo=ppo or algo=dqn"]),
+    (["algo=td3", "env=taxi"], ["algo=td3: needs Box observations, the env has Discrete(500)"]),
+    (["algo=sac", "env=gym", "env.id=p2prl-test/UnboundedPendulum-v0"],
+     ["algo=sac: squashes actions into the env's bounds, which must be finite; the env has Box(-inf, inf"]),
+    (["algo=sac", "algo.batch_size=64", "algo.buffer_size=32"], ["algo.batch_size=64", "must be <= algo.buffer_size=32"]),
+    (["algo=td3", "algo.policy_delay=0"], ["algo.policy_delay=0", "positive integer"]),
+    (["algo=sac", "algo.alpha_init=0"], ["algo.alpha_init=0", "positive number"]),
     (["comm.backend=nccl"], ["comm.backend=nccl", "nccl needs one CUDA GPU per local peer", "allowed here: auto, gloo"]),
     (["hydra.run.dir={tmp}/a_file/run"], ["hydra.run.dir=", "a_file is a file; allowed: a writable directory"]),
     (["hydra.run.dir=/proc/p2prl_no_such_dir/run"],  # root passes os.access there; nobody can make a directory
@@ -108,6 +117,15 @@ BAD = [
     (["hydra.run.dir={tmp}/old_run"], ["train.resume=auto", "holds checkpoints of an earlier p2prl version",
                                        "train.resume=never"]),
 ]
+
+
+def _unbounded_pendulum(**kwargs):
+    """Pendulum with actions declared unbounded (the env clips them itself)."""
+    env = gym.make("Pendulum-v1", **kwargs)
+    return gym.wrappers.TransformAction(env, lambda a: a, gym.spaces.Box(-np.inf, np.inf, (1,), np.float32))
+
+
+gym.register("p2prl-test/UnboundedPendulum-v0", entry_point=_unbounded_pendulum)
 
 
 def fixtures(tmp: Path) -> None:

@@ -78,8 +78,8 @@ class DQN(Algorithm):
         dev = peer.device
         encoder = resolve_encoder(cfg.encoder, obs_space)
         self.q = QNetwork(obs_space, self.n_actions, cfg.hidden_sizes, cfg.activation, encoder).to(dev)
-        self.learner = peer.learner(list(self.q.parameters()), lambda p: FlatAdam(p, lr=cfg.lr),
-                                    cfg.max_grad_norm, TERMS)  # broadcasts rank 0's parameters
+        adam = lambda p: FlatAdam(p, lr=cfg.lr, fused=encoder == "cnn")  # noqa: E731
+        self.learner = peer.learner(list(self.q.parameters()), adam, cfg.max_grad_norm, TERMS)  # broadcasts rank 0's q
         self.target = QNetwork(obs_space, self.n_actions, cfg.hidden_sizes, cfg.activation, encoder).to(dev)
         self.target.load_state_dict(self.q.state_dict())
         self.target.requires_grad_(False)
@@ -114,9 +114,12 @@ class DQN(Algorithm):
 
     @torch.inference_mode()
     def _act(self) -> np.ndarray:
-        greedy = self.q(torch.from_numpy(self.obs).to(self.peer.device)).argmax(1).cpu().numpy()
         explore = self.rng.random(self.num_envs) < self.epsilon
-        return np.where(explore, self.rng.integers(0, self.n_actions, self.num_envs), greedy)
+        random = self.rng.integers(0, self.n_actions, self.num_envs)
+        if explore.all():  # no greedy action is taken: skip the network (most steps early on, as SB3 does)
+            return random
+        greedy = self.q(torch.from_numpy(self.obs).to(self.peer.device)).argmax(1).cpu().numpy()
+        return np.where(explore, random, greedy)
 
     def collect(self, vector_steps: int) -> None:
         for _ in self.collector.rollout(vector_steps):

@@ -58,7 +58,19 @@ class GreedyPolicy(nn.Module):
         return torch.minimum(torch.maximum(out.reshape(-1, *self.shape), self.low), self.high)
 
 
-def _frozen(module: GreedyPolicy) -> GreedyPolicy:
+class Scale(nn.Module):
+    """Actions in [-1, 1] (B, A) -> the env's Box bounds (float32 low, high), for exported policies."""
+
+    def __init__(self, space: gym.spaces.Box) -> None:
+        super().__init__()
+        self.register_buffer("low", torch.as_tensor(space.low, dtype=torch.float32).reshape(-1))
+        self.register_buffer("radius", torch.as_tensor((space.high - space.low) / 2, dtype=torch.float32).reshape(-1))
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return self.low + (a + 1) * self.radius
+
+
+def frozen(module: GreedyPolicy) -> GreedyPolicy:
     # Exported as constants: parameters that need no gradient also give numpy-convertible outputs.
     return module.eval().requires_grad_(False)
 
@@ -74,7 +86,7 @@ def ppo_greedy(cfg: Any, state: dict, obs_space: gym.Space, action_space: gym.Sp
         stats = RunningNormalizer(obs_space.shape)
         stats.load_state_dict(state["obs_norm"])
         norm = ObsNormalization(stats)
-    return _frozen(GreedyPolicy(nn.Sequential(model.encoder, model.actor), action_space, norm))
+    return frozen(GreedyPolicy(nn.Sequential(model.encoder, model.actor), action_space, norm))
 
 
 def dqn_greedy(cfg: Any, state: dict, obs_space: gym.Space, action_space: gym.Space) -> GreedyPolicy:
@@ -82,4 +94,4 @@ def dqn_greedy(cfg: Any, state: dict, obs_space: gym.Space, action_space: gym.Sp
     q = QNetwork(obs_space, int(action_space.n), cfg.hidden_sizes, cfg.activation,
                  resolve_encoder(cfg.encoder, obs_space))
     q.load_state_dict(state["model"])
-    return _frozen(GreedyPolicy(q, action_space))
+    return frozen(GreedyPolicy(q, action_space))

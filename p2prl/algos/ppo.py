@@ -81,8 +81,9 @@ class PPO(Algorithm):
         self.model = ActorCritic(obs_space, act_space, cfg.hidden_sizes, cfg.activation, encoder,
                                  cfg.log_std_init).to(peer.device)
         self.obs_dtype = torch.uint8 if encoder == "cnn" else torch.float32  # frames stay bytes until the CNN
-        optimizer = (lambda p: FlatAdam(p, lr=cfg.lr, eps=cfg.eps)) if cfg.optimizer == "adam" else \
-            (lambda p: FlatRMSprop(p, lr=cfg.lr, alpha=0.99, eps=cfg.eps))
+        stacked = encoder == "cnn" and not self.model.encoder.cnn.channels_last  # (C, H, W) frames: stored C innermost
+        optimizer = (lambda p: FlatAdam(p, lr=cfg.lr, eps=cfg.eps, fused=encoder == "cnn")) \
+            if cfg.optimizer == "adam" else (lambda p: FlatRMSprop(p, lr=cfg.lr, alpha=0.99, eps=cfg.eps))
         self.learner = peer.learner(list(self.model.parameters()), optimizer, cfg.max_grad_norm, TERMS)
         self.act_space, self.discrete = act_space, isinstance(act_space, gym.spaces.Discrete)
         self.obs_norm = RunningNormalizer(obs_space.shape) if cfg.norm_obs else None
@@ -90,7 +91,7 @@ class PPO(Algorithm):
         self.rollout = allocate_rollout(cfg.num_steps, cfg.num_envs, obs_space.shape,
                                         () if self.discrete else act_space.shape,
                                         torch.int64 if self.discrete else torch.float32, self.obs_dtype,
-                                        raw=cfg.norm_obs)
+                                        raw=cfg.norm_obs, channels_last=stacked)
 
     def shared_tensors(self) -> list[torch.Tensor]:
         return list(self.model.parameters())

@@ -72,7 +72,7 @@ class TransitionWriter:
         episodes; if not (fresh episodes, `obs` their first observations), the windows stay empty, since
         the saved ones end old episodes, and no window may span two episodes."""
         if continued:
-            for d, w in zip(self.windows, s["windows"]):
+            for d, w in zip(self.windows, s.get("windows", ())):  # SAC's earlier files: none
                 d.clear()
                 d.extend((o.numpy().copy(), int(a), float(r)) for o, a, r in zip(w["obs"], w["actions"], w["rewards"]))
         if continued and "obs_key" in s:

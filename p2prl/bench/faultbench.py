@@ -56,7 +56,7 @@ def setup(task: str, k: int, extra: list[str]) -> Setup:
     from p2prl.precheck import compose
     t = TASKS[task]
     base = [f"algo={t.algo}", f"env={t.env}", "train.target_return=null", "train.log_every_steps=1",
-            "comm.timeout_s=10", "train.resume=auto", *(["checkpoint.replay=true"] if t.algo == "dqn" else [])]
+            "comm.timeout_s=10", "train.resume=auto", *(["checkpoint.replay=true"] if t.algo in ("dqn", "sac", "td3") else [])]
     cfg = compose(*base, *extra)
     per_peer = getattr(cfg.algo, "num_steps", None) or getattr(cfg.algo, "train_freq", None) or 1
     iteration = PEERS * cfg.algo.num_envs * per_peer

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Optional
 
 from p2prl.bench import stepping
-from p2prl.bench.plans import (ENV_EXTRAS, EXTRAS, SCALING, SCALING_DEFAULT, STRATEGIES, SYSTEMS, TASKS, presets)
+from p2prl.bench.plans import (ENV_EXTRAS, EXTRAS, GLOBAL_BATCH, SCALING, SCALING_DEFAULT, STRATEGIES, SYSTEMS,
+                               TASKS, presets)
 
 log = logging.getLogger("p2prl.bench")
 
@@ -36,7 +37,9 @@ def parse_args(argv: Optional[list[str]] = None, prog: str = "python -m p2prl.be
                    help=f"of {', '.join(TASKS)} (default: cartpole-ppo cartpole-dqn; with --faults: cartpole-ppo)")
     p.add_argument("--lunarlander", action="store_true", help="add lunarlander-ppo and lunarlander-dqn")
     p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS),
-                   metavar="SYSTEM", help="of %(choices)s (default: all; sb3 where stable-baselines3 is installed)")
+                   metavar="SYSTEM", help="of %(choices)s (default: all; sb3 where stable-baselines3 is installed; "
+                                          "p2prl-1-global: 1 peer given the global batch, SB3's settings, on "
+                                          f"{', '.join(GLOBAL_BATCH)} only)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
                    help="(default: %(default)s; --faults runs the first, which also draws the faults)")
     p.add_argument("--target", type=float, default=None,
@@ -45,12 +48,15 @@ def parse_args(argv: Optional[list[str]] = None, prog: str = "python -m p2prl.be
                    help="wall-clock cap per run from launch (default: 300, with --presets or --faults 3600); a run still going "
                         "then has not reached the target")
     p.add_argument("--sb3-steps", type=int, default=None,
-                   help="SB3 step budget (default: the zoo's n_timesteps for PPO, 300k for DQN)")
+                   help="SB3 step budget of tasks run to a target (default: the zoo's n_timesteps for PPO, 300k for DQN)")
     p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
                    help="Hydra override for every p2prl run (repeatable), e.g. -o train.total_steps=50000")
     p.add_argument("--budget", type=int, default=None,
                    help="global steps of the fixed-budget tasks (default: breakout-ppo 100k, breakout-dqn 150k, "
-                        "halfcheetah-ppo 1M)")
+                        "halfcheetah-ppo 1M, pendulum-sac 20k, halfcheetah-sac and halfcheetah-td3 100k, hopper-sac 150k)")
+    p.add_argument("--learning-starts", type=int, default=None,
+                   help="DQN tasks: env steps before learning, for p2prl (algo.learning_starts) and SB3 alike "
+                        "(default: each one's own: the preset's, the zoo's)")
     p.add_argument("--scaling", nargs="*", choices=sorted(SCALING), default=None, metavar="TASK",
                    help="run the 1 vs 2 peer scaling measurement instead, on these tasks (of "
                         f"{', '.join(SCALING)}; none named: {' and '.join(SCALING_DEFAULT)})")
@@ -100,9 +106,11 @@ def parse_args(argv: Optional[list[str]] = None, prog: str = "python -m p2prl.be
                    help="with --network: local_sgd's updates between averages (default: %(default)s)")
     p.add_argument("--scaling-steps", type=int, default=None,
                    help="global steps of the 1-peer scaling run (default: 100k on LunarLander, 20k on HalfCheetah "
-                        "and Breakout)")
+                        "(PPO) and Breakout, 10k on HalfCheetah (SAC))")
     p.add_argument("--out", type=Path, default=None, help="output dir (default: bench/<timestamp>)")
     a = p.parse_args(argv)
+    if a.learning_starts is not None and a.learning_starts < 0:
+        p.error(f"--learning-starts={a.learning_starts}: must be >= 0")
     positive = {"--stepping-num-envs": a.stepping_num_envs, "--stepping-cores": [a.stepping_cores],
                 "--stepping-seconds": [a.stepping_seconds], "--startup": [] if a.startup is None else [a.startup]}
     for flag, values in positive.items():

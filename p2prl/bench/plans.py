@@ -1,6 +1,6 @@
-"""What `p2prl.bench` runs: the tasks, and the plans (the jobs of a bench, interleaved by seed) of its
-modes: time to target (`plan`), strategies, stragglers and scaling. Pure functions of the options;
-`p2prl.bench.runs` launches the jobs."""
+"""What `p2prl.bench` runs: the plans (the jobs of a bench, interleaved by seed) of its modes: time to
+target (`plan`, of the tasks in `p2prl.bench.tasks`), strategies, stragglers, scaling and presets. Pure
+functions of the options; `p2prl.bench.runs` launches the jobs."""
 from __future__ import annotations
 
 import argparse
@@ -9,52 +9,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from p2prl.bench.tasks import ATARI_BUDGETS, TASKS, budget_overrides, goal, sb3_goal, split_overrides
 from p2prl.sync import table
 
 
-@dataclass(frozen=True)
-class Task:
-    algo: str
-    env: str      # p2prl's env preset
-    gym_id: str   # the same env for SB3
-    target: Optional[float]  # None: a fixed step budget, the return reached at its end is the result
-    budget: Optional[int] = None  # global steps of a fixed-budget task (--budget overrides)
-    extra: str = ""  # the extra it needs
+def system_overrides(name: str, system: str, a: argparse.Namespace) -> list[str]:
+    """The p2prl overrides of `system` on task `name` besides its goal: SB3's settings for p2prl-1-global,
+    and `--learning-starts` for DQN (which replaces the one of SB3's settings)."""
+    extra = list(GLOBAL_BATCH[name]) if system == "p2prl-1-global" else []
+    if a.learning_starts is not None and TASKS[name].algo == "dqn":
+        extra = [o for o in extra if not o.startswith("algo.learning_starts=")]
+        extra.append(f"algo.learning_starts={a.learning_starts}")
+    return extra
 
 
-ATARI_BUDGETS = {"ppo": 100_000, "dqn": 150_000}  # global steps of a pixels run here (DQN's first 80k only act)
-TASKS = {
-    "cartpole-ppo": Task("ppo", "cartpole", "CartPole-v1", 475),
-    "cartpole-dqn": Task("dqn", "cartpole", "CartPole-v1", 475),
-    "lunarlander-ppo": Task("ppo", "lunarlander", "LunarLander-v3", 200, extra="box2d"),
-    "lunarlander-dqn": Task("dqn", "lunarlander", "LunarLander-v3", 200, extra="box2d"),
-    # From pixels; DQN's first 80k steps (learning_starts) only act, so its budget goes beyond them.
-    "breakout-ppo": Task("ppo", "breakout", "BreakoutNoFrameskip-v4", None, ATARI_BUDGETS["ppo"], "atari"),
-    "breakout-dqn": Task("dqn", "breakout", "BreakoutNoFrameskip-v4", None, ATARI_BUDGETS["dqn"], "atari"),
-    # MuJoCo: the zoo's budget; the mean return at its end is the result.
-    "halfcheetah-ppo": Task("ppo", "halfcheetah", "HalfCheetah-v5", None, 1_000_000, "mujoco"),
-}
-HORIZON = 10_000_000  # the Atari presets' (and the zoo's) budget, over which their schedules run
-
-
-def budget_overrides(algo: str, budget: int) -> list[str]:
-    """A fixed budget cut from a 10M-step run: the schedules as the SB3 side pins them to the horizon
-    (p2prl.bench.sb3.model_kwargs): PPO's learning rate nearly constant over the first budget steps,
-    DQN's exploration decaying over min(1, 0.1 x 10M / budget) of the budget."""
-    if algo == "ppo":
-        return ["algo.anneal_lr=false"]
-    return [f"algo.exploration_fraction={min(1.0, 0.1 * HORIZON / budget)}"]
-
-
-def goal(t: Task, a: argparse.Namespace) -> list[str]:
-    """The p2prl overrides that say when a run of task `t` ends: its target, or its fixed budget."""
-    target = t.target if a.target is None else a.target
-    if target is not None:
-        return [f"train.target_return={target}"]
-    budget = a.budget or t.budget
-    return ["train.target_return=null", f"train.total_steps={budget}", *budget_overrides(t.algo, budget)]
 EXTRAS = {"box2d": "Box2D", "atari": "ale_py", "mujoco": "mujoco"}  # extra -> the module it installs
-SYSTEMS = ("p2prl-1", "p2prl-2", "sb3")
+SYSTEMS = ("p2prl-1", "p2prl-2", "p2prl-1-global", "sb3")
+# "p2prl-1-global": one peer given the whole global batch that the preset splits over 2 peers, which is
+# SB3's settings for these tasks (the same samples per update, the same updates per sample): the per-core
+# comparison with SB3. Tasks without an entry skip it (their presets are not SB3's settings).
+GLOBAL_BATCH = {"breakout-ppo": ("algo.num_envs=8",),  # 8 envs x 128 steps, minibatches of 256
+                "halfcheetah-ppo": ("algo.num_steps=512",),  # 1 env x 512 steps, minibatches of 64
+                # a target copy every 1,000 steps; learning from the zoo's 100k steps (the preset: CleanRL's 80k)
+                "breakout-dqn": ("algo.target_update_interval=250", "algo.learning_starts=100000")}
 STRATEGIES = tuple(table.STRATEGIES)  # --strategies compares them all
 # --scaling: global steps/s at fixed per-peer work, per task: its overrides, 1-peer steps, and global
 # step counts given per peer (multiplied by the number of peers). DQN learns from its 2,000th step per
@@ -62,11 +39,14 @@ STRATEGIES = tuple(table.STRATEGIES)  # --strategies compares them all
 SCALING = {"lunarlander-ppo": (("algo=ppo", "env=lunarlander", "train.target_return=null"), 100_000, {}),
            "halfcheetah-ppo": (("algo=ppo", "env=halfcheetah", "train.target_return=null"), 20_000, {}),
            "breakout-ppo": (("algo=ppo", "env=breakout"), 20_000, {}),
-           "breakout-dqn": (("algo=dqn", "env=breakout"), 20_000, {"algo.learning_starts": 2000})}
-SCALING_DEFAULT = ("lunarlander-ppo", "halfcheetah-ppo")  # --scaling without a task
+           "breakout-dqn": (("algo=dqn", "env=breakout"), 20_000, {"algo.learning_starts": 2000}),
+           # SAC is update-bound: one all-reduce per update, two updates of 128 per vector step on each peer.
+           "halfcheetah-sac": (("algo=sac", "env=halfcheetah", "train.target_return=null"), 10_000,
+                               {"algo.learning_starts": 1000})}
+SCALING_DEFAULT = ("lunarlander-ppo", "halfcheetah-ppo", "halfcheetah-sac")  # --scaling without a task
 PORT = "<port>"  # in a planned torchrun command: replaced by a free port at launch
 # env preset -> the extra its env needs (presets of other envs need none)
-ENV_EXTRAS = {"lunarlander": "box2d", "halfcheetah": "mujoco", "hopper": "mujoco", "walker2d": "mujoco",
+ENV_EXTRAS = {"lunarlander": "box2d", "lunarlandercontinuous": "box2d", "halfcheetah": "mujoco", "hopper": "mujoco", "walker2d": "mujoco",
               "breakout": "atari", "pong": "atari"}
 # --presets: a longer budget (Atari's 10M, days here) is cut to a fixed one; FrozenLake 8x8's 4M tabular
 # steps take minutes and run whole
@@ -81,6 +61,7 @@ class Job:
     cmd: tuple[str, ...]
     run_dir: Path
     log: Path
+    watch: Optional[float] = None  # a fixed-budget run's target, noted where first reached (p2prl: from its rows)
 
 
 def free_port() -> int:
@@ -99,11 +80,11 @@ def p2prl_cmd(peers: int, overrides: list[str]) -> list[str]:
             "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{PORT}", "-m", "p2prl.train", *overrides]
 
 
-def _job(out: Path, task: str, system: str, seed: int, cmd: list[str]) -> Job:
+def _job(out: Path, task: str, system: str, seed: int, cmd: list[str], watch: Optional[float] = None) -> Job:
     run_dir = out / "runs" / task / system / f"seed{seed}"
     if system != "sb3":
         cmd = [*cmd, f"seed={seed}", f"hydra.run.dir={run_dir.resolve()}"]
-    return Job(task, system, seed, tuple(cmd), run_dir, out / "logs" / f"{task}_{system}_seed{seed}.log")
+    return Job(task, system, seed, tuple(cmd), run_dir, out / "logs" / f"{task}_{system}_seed{seed}.log", watch)
 
 
 def plan(a: argparse.Namespace, out: Path) -> list[Job]:
@@ -113,17 +94,23 @@ def plan(a: argparse.Namespace, out: Path) -> list[Job]:
         for name in a.tasks:
             t = TASKS[name]
             target = t.target if a.target is None else a.target
-            budget = None if target is not None else (a.budget or t.budget)
+            budget = (a.budget or t.budget) if target is None or t.watch else None
             for system in a.systems:
                 if system == "sb3":
                     steps = budget or a.sb3_steps
+                    starts = a.learning_starts if t.algo == "dqn" else None
                     cmd = [sys.executable, "-m", "p2prl.bench.sb3", "--algo", t.algo, "--env", t.gym_id,
-                           "--seed", str(seed), *(["--target", str(target)] if target is not None else []),
+                           "--seed", str(seed), *sb3_goal(t, a),
                            "--out", str(out / "runs" / name / system / f"seed{seed}" / "result.json"),
-                           *(["--steps", str(steps)] if steps else [])]
+                           *(["--steps", str(steps)] if steps else []),
+                           *(["--learning-starts", str(starts)] if starts is not None else [])]
+                elif system == "p2prl-1-global" and name not in GLOBAL_BATCH:
+                    continue
                 else:
-                    cmd = p2prl_cmd(int(system[-1]), [f"algo={t.algo}", f"env={t.env}", *goal(t, a), *a.override])
-                jobs.append(_job(out, name, system, seed, cmd))
+                    peers = int(system.split("-")[1])
+                    cmd = p2prl_cmd(peers, [f"algo={t.algo}", f"env={t.env}", *goal(t, a), *split_overrides(t, peers),
+                                            *system_overrides(name, system, a), *a.override])
+                jobs.append(_job(out, name, system, seed, cmd, target if t.watch else None))
     return jobs
 
 

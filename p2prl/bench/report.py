@@ -35,11 +35,13 @@ from p2prl.timing import shares
 
 TO_TARGET = ("launch_to_target_s", "time_to_target_s", "first_step_to_target_s", "steps_to_target")
 MEASURES = (*TO_TARGET, "sps", "comm_frac", "comm_ms_per_call", "grad_bytes", "calls_per_update",
-            "bytes_per_update", "episode_return_mean", "final_step", "max_rss_mb", "launch_to_exit_s",
-            "last_rank_share", "rest_frac")
+            "bytes_per_update", "episode_return_mean", "eval_return_mean", "final_step", "max_rss_mb",
+            "launch_to_exit_s", "last_rank_share", "rest_frac")
 SUMMARY_KEYS = ("reached", "steps_to_target", "time_to_target_s", "first_step_to_target_s", "final_step",
                 "world_size", "wall_s", "sps", "comm_frac", "comm_calls", "comm_bytes", "updates",
-                "episode_return_mean", "timed_out")
+                "episode_return_mean", "eval_return_mean", "evaluations", "timed_out")
+GLOBAL_NOTE = ("\np2prl-1-global: 1 peer given the global batch the preset splits over 2 peers (SB3's settings): "
+               "the per-core comparison; steps/s vs sb3: medians, p2prl-2 on 2 cores")
 
 
 def derive(summary: dict[str, Any], launch_to_exit_s: float) -> dict[str, Any]:
@@ -73,6 +75,20 @@ def derive(summary: dict[str, Any], launch_to_exit_s: float) -> dict[str, Any]:
     rec["time_shares"] = shares(times[0]) if times else None
     rec["rest_frac"] = rec["time_shares"]["rest"] if times else None
     return rec
+
+
+def watched(rows: Sequence[dict[str, Any]], target: Optional[float]) -> dict[str, Any]:
+    """What a fixed-budget p2prl run's metrics rows say beyond its summary: its greedy evaluations
+    ([step, mean, std] each; `eval_return_mean` the last one's mean) and, for a watched `target`, the
+    first row whose training return window reached it (its step and run time)."""
+    evals = [[r["step"], r["eval_return_mean"], r.get("eval_return_std")] for r in rows
+             if r.get("eval_return_mean") is not None]
+    out: dict[str, Any] = {"evaluations": evals, "eval_return_mean": evals[-1][1] if evals else None}
+    if target is not None:
+        hit = next((r for r in rows if r.get("episode_return_mean") is not None
+                    and r["episode_return_mean"] >= target), None)
+        out.update(reached=hit is not None, steps_to_target=hit and hit["step"], time_to_target_s=hit and hit["time_s"])
+    return out
 
 
 def grad_bytes(run_dir: Path) -> Optional[int]:
@@ -120,7 +136,8 @@ def aggregate(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for (task, system), rs in groups.items():
         row: dict[str, Any] = {"task": task, "system": system, "runs": len(rs),
                                "reached": sum(bool(r.get("reached")) for r in rs),
-                               "failed": sum(r.get("error") is not None for r in rs)}
+                               "failed": sum(r.get("error") is not None for r in rs),
+                               "watched": any(r.get("watched") for r in rs)}
         for key in MEASURES:
             known = [r.get(key) for r in rs]
             # Time and steps to target: a miss is +inf. Other measures: a missing value is unknown.
@@ -145,26 +162,43 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
 
 
+def vs_sb3(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Each row's median steps/s over SB3's on the same task ("1.25x"; "-" without both)."""
+    sb3 = {r["task"]: r["sps"]["median"] for r in rows if r["system"] == "sb3" and r.get("sps")}
+    return [f"{r['sps']['median'] / sb3[r['task']]:.2f}x" if r.get("sps") and sb3.get(r["task"]) else "-"
+            for r in rows]
+
+
 def format_results(rows: Sequence[dict[str, Any]]) -> str:
     """The time-to-target table: median (min-max) over seeds per task and system."""
     headers = ("task", "system", "reached", "launch->target s", "1st step->target s", "steps->target",
-               "steps/s", "comm_frac", "comm ms/call", "rest")
+               "steps/s", "vs sb3", "comm_frac", "comm ms/call", "rest")
     body = [(r["task"], r["system"], f"{r['reached']}/{r['runs']}" + (f", {r['failed']} failed" if r["failed"] else ""),
              fmt(r["launch_to_target_s"]), fmt(r["first_step_to_target_s"]), fmt(r["steps_to_target"], 0),
-             fmt(r["sps"], 0), fmt(r["comm_frac"], 3), fmt(r["comm_ms_per_call"], 2), fmt(r["rest_frac"], 3))
-            for r in rows]
-    return table(headers, body) + ("\nmedian (min-max) over seeds; inf: a run that did not reach the target; rest: the "
-                                   "share of rank 0's loop no part accounts for")
+             fmt(r["sps"], 0), ratio, fmt(r["comm_frac"], 3), fmt(r["comm_ms_per_call"], 2), fmt(r["rest_frac"], 3))
+            for r, ratio in zip(rows, vs_sb3(rows))]
+    note = GLOBAL_NOTE if any(r["system"] == "p2prl-1-global" for r in rows) else ""
+    return table(headers, body) + ("\nmedian (min-max) over seeds; inf: a run that did not reach the target; rest: the share of "
+                                   "rank 0's loop no part accounts for") + note
 
 
 def format_budget(rows: Sequence[dict[str, Any]]) -> str:
-    """The fixed-budget table: the return reached at the budget's end, speed and memory."""
-    headers = ("task", "system", "runs", "global steps", "return at the end", "steps/s", "peak MiB per peer",
+    """The fixed-budget table: the return reached at the budget's end (greedy evaluation where the task
+    evaluates), when a watched target was first reached, speed (and over SB3's) and memory."""
+    headers = ("task", "system", "runs", "global steps", "greedy return at the end", "training return at the end",
+               "reached", "steps->target", "time->target s", "steps/s", "vs sb3", "peak MiB per peer",
                "launch->exit s", "rest")
     body = [(r["task"], r["system"], f"{r['runs']}" + (f", {r['failed']} failed" if r["failed"] else ""),
-             fmt(r["final_step"], 0), fmt(r["episode_return_mean"], 1), fmt(r["sps"], 0), fmt(r["max_rss_mb"], 0),
-             fmt(r["launch_to_exit_s"], 0), fmt(r["rest_frac"], 3)) for r in rows]
-    return table(headers, body) + "\nmedian (min-max) over seeds; return: the mean game score of the last 20 games"
+             fmt(r["final_step"], 0), fmt(r["eval_return_mean"], 1), fmt(r["episode_return_mean"], 1),
+             *((f"{r['reached']}/{r['runs']}", fmt(r["steps_to_target"], 0), fmt(r["time_to_target_s"], 0))
+               if r.get("watched") else ("-", "-", "-")),
+             fmt(r["sps"], 0), ratio, fmt(r["max_rss_mb"], 0), fmt(r["launch_to_exit_s"], 0),
+              fmt(r["rest_frac"], 3))
+            for r, ratio in zip(rows, vs_sb3(rows))]
+    note = GLOBAL_NOTE if any(r["system"] == "p2prl-1-global" for r in rows) else ""
+    return table(headers, body) + ("\nmedian (min-max) over seeds; greedy return: the mean of 10 greedy episodes "
+                                   "at the budget; training return: of the last 20 episodes (Atari: games); "
+                                   "target: when the training return first reached it (inf: never); rest: as above") + note
 
 
 def format_presets(rows: Sequence[dict[str, Any]], presets: dict[str, dict[str, Any]]) -> str:

@@ -3,11 +3,15 @@
 Time and steps to the target return, and steps/s, for p2prl on 1 and 2 peers and SB3 (the options and
 their defaults: `p2prl.bench.options`). Every run is a fresh process, timed from launch to exit.
 
-Fixed-budget tasks (breakout-ppo, breakout-dqn: from pixels; halfcheetah-ppo) run a step budget instead and
-report the return reached at its end, steps/s and peak memory per peer.
+Fixed-budget tasks (breakout-ppo, breakout-dqn: from pixels; halfcheetah-ppo; pendulum-sac, halfcheetah-sac,
+hopper-sac, halfcheetah-td3) run a step budget instead and report the return reached at its end, steps/s (also
+over SB3's) and peak memory per peer; the SAC and TD3 tasks also their greedy evaluations (10 episodes at fixed
+steps and at the end, p2prl's `train.eval_every_steps`) and when the training return first reached the target.
+bench.png shows their steps/s and return. On them `p2prl-1-global` is 1 peer at SB3's settings
+(p2prl.bench.plans.GLOBAL_BATCH).
 
 `--scaling [TASK ...]` instead measures global steps/s at fixed per-peer work (LunarLander PPO,
-HalfCheetah PPO, Breakout PPO or DQN): N steps on 1 peer and 2N on 2 peers; efficiency = sps2 / (2 * sps1).
+HalfCheetah PPO or SAC, Breakout PPO or DQN): N steps on 1 peer and 2N on 2 peers; efficiency = sps2 / (2 * sps1).
 `--stepping [ENV ...]` times env steps/s per core by `env.vectorization` (p2prl.bench.stepping).
 `--startup [REPEATS]` times start-up and shut-down: imports, torchrun alone, 1 and 2 peers (p2prl.bench.startup).
 `--faults K` injects K faults into one run and compares it with the same run uninterrupted (p2prl.bench.faultbench).
@@ -33,7 +37,7 @@ from p2prl.bench import procs, report, startup, stepping
 from p2prl.bench.options import parse_args
 from p2prl.bench.plans import (PORT, TASKS, Job, free_port, p2prl_cmd, plan, plan_presets, plan_scaling,
                                plan_strategies, plan_stragglers)
-from p2prl.plot import bar_chart
+from p2prl.plot import bar_chart, bar_panels, read_metrics
 from p2prl.timing import shares_line
 
 log = logging.getLogger("p2prl.bench")
@@ -83,6 +87,8 @@ def run_job(job: Job, max_seconds: float) -> dict[str, Any]:
         cmd += ["--deadline", str(time.time() + max_seconds)]
     rc, seconds, killed = execute(cmd, job.log, max_seconds + SB3_GRACE_S if is_sb3 else max_seconds)
     summary = report.read_json(job.run_dir / ("result.json" if is_sb3 else "summary.json"))
+    if summary is not None and not is_sb3 and (job.run_dir / "metrics.jsonl").is_file():
+        summary.update(report.watched(read_metrics(job.run_dir), job.watch))
     error = None
     if summary is None or rc != 0:
         if not killed:
@@ -93,6 +99,8 @@ def run_job(job: Job, max_seconds: float) -> dict[str, Any]:
            "launch_to_exit_s": seconds, "returncode": rc, "error": error, "run_dir": str(job.run_dir),
            "log": str(job.log), "cmd": list(job.cmd)}
     rec["timed_out"] = bool(killed or summary.get("timed_out"))
+    if job.watch is not None:  # the run went on past the target: its exit says nothing of when
+        rec.update(watched=True, launch_to_target_s=None)
     rec["grad_bytes"] = None if is_sb3 else report.grad_bytes(job.run_dir)
     return rec
 
@@ -203,11 +211,15 @@ def main(argv: Optional[list[str]] = None, prog: str = "python -m p2prl.bench") 
         text = report.format_strategies(doc["aggregates"], os.cpu_count())
         png = bar_chart(doc["aggregates"], "launch_to_target_s", "seconds to target, launch to exit", out / "bench.png")
     else:
-        budgeted = {n for n in a.tasks if TASKS[n].target is None and a.target is None}
+        budgeted = {n for n in a.tasks if TASKS[n].watch or (TASKS[n].target is None and a.target is None)}
         text = "\n\n".join(filter(None, [
             report.format_results([r for r in doc["aggregates"] if r["task"] not in budgeted]) if set(a.tasks) - budgeted else "",
             report.format_budget([r for r in doc["aggregates"] if r["task"] in budgeted]) if budgeted else ""]))
-        png = bar_chart(doc["aggregates"], "launch_to_target_s", "seconds to target, launch to exit", out / "bench.png")
+        # A fixed-budget task has no target: its panels are its speed and the return it reached.
+        panels = {n: [("sps", "global steps/s", False), ("episode_return_mean", "return at the end", False)]
+                  if n in budgeted else [("launch_to_target_s", "seconds to target, launch to exit", True)]
+                  for n in dict.fromkeys(r["task"] for r in doc["aggregates"])}
+        png = bar_panels(doc["aggregates"], panels, out / "bench.png")
     report.write_json(out / "bench.json", doc)
     emit(f"{text}\n\nwrote {out / 'bench.json'} and {png}")
     return 1 if any(r["error"] for r in doc["runs"]) else 0

@@ -3,8 +3,11 @@
 `python -m p2prl.bench.sb3 --algo ppo --env CartPole-v1 --seed 0 --target 475 --out run.json`
 trains SB3 with rl-baselines3-zoo's hyperparameters for the env and stops as soon as the mean return
 of the 20 most recently finished training episodes reaches the target (p2prl's `episode_return_mean`),
-when the step budget is spent, or at the wall-clock deadline. It writes a JSON summary with the same
-fields p2prl's summary.json uses where they mean the same thing.
+when the step budget is spent, or at the wall-clock deadline. `--watch R` notes when that mean first
+reaches R without stopping; `--eval-every N` plays `--eval-episodes` greedy episodes every N steps (and
+at the end), seeded as p2prl's evaluation during training seeds them (`train.eval_every_steps`), inside
+the timed training loop as p2prl's are. It writes a JSON summary with the same fields p2prl's
+summary.json uses where they mean the same thing.
 """
 from __future__ import annotations
 
@@ -54,6 +57,16 @@ ZOO: dict[tuple[str, str], dict[str, Any]] = {
                     clip_range=0.1, n_epochs=20, gae_lambda=0.92, max_grad_norm=0.8, vf_coef=0.58096,
                     policy_kwargs=dict(log_std_init=-2, ortho_init=False, activation_fn="ReLU",
                                        net_arch=dict(pi=[256, 256], vf=[256, 256])))),
+    # SAC (hyperparams/sac.yml): Pendulum-v1 is SB3's defaults with lr 1e-3; the MuJoCo envs ("mujoco-defaults",
+    # v3 in the zoo, run on v5) SB3's defaults with 10k steps of random actions first. TD3 (td3.yml's MuJoCo
+    # defaults): Gaussian exploration noise of std 0.1 (`noise_std`), lr 1e-3, 400x300 networks.
+    ("sac", "Pendulum-v1"): dict(n_envs=1, horizon=20_000, linear=(), kwargs=dict(learning_rate=1e-3)),
+    ("sac", "HalfCheetah-v5"): dict(n_envs=1, horizon=1_000_000, linear=(), kwargs=dict(learning_starts=10_000)),
+    ("sac", "Hopper-v5"): dict(n_envs=1, horizon=1_000_000, linear=(), kwargs=dict(learning_starts=10_000)),
+    ("td3", "HalfCheetah-v5"): dict(
+        n_envs=1, horizon=1_000_000, linear=(), noise_std=0.1,
+        kwargs=dict(learning_starts=10_000, learning_rate=1e-3, batch_size=256, train_freq=1, gradient_steps=1,
+                    policy_kwargs=dict(net_arch=[400, 300]))),
     ("dqn", "LunarLander-v3"): dict(
         n_envs=1, horizon=100_000, linear=(),
         kwargs=dict(learning_rate=6.3e-4, batch_size=128, buffer_size=50_000, learning_starts=0, gamma=0.99,
@@ -63,7 +76,7 @@ ZOO: dict[tuple[str, str], dict[str, Any]] = {
 
 # PPO's learning rate reaches 0 at the zoo's horizon, so a longer budget cannot help; DQN's schedules
 # are constant past it (final epsilon, fixed learning rate), so DQN may train on until the deadline.
-DEFAULT_BUDGET = {"ppo": None, "dqn": 300_000}  # None: the zoo's horizon
+DEFAULT_BUDGET = {"ppo": None, "dqn": 300_000, "sac": None, "td3": None}  # None: the zoo's horizon
 
 
 def budget_for(algo: str, env_id: str, steps: Optional[int]) -> int:
@@ -92,11 +105,38 @@ def model_kwargs(algo: str, env_id: str, budget: int) -> dict[str, Any]:
     return kwargs
 
 
+def greedy_returns(model: Any, env_id: str, episodes: int, normalize: Any = None) -> list[float]:
+    """`episodes` greedy episodes on a fresh env, seeded as p2prl's evaluation seeds them (its EVAL_SEED
+    + i), observations normalized as in training where the zoo normalizes them (`normalize`: its
+    VecNormalize)."""
+    import gymnasium as gym
+    from p2prl.policy import EVAL_SEED
+    env = gym.make(env_id)
+    returns = []
+    try:
+        for i in range(episodes):
+            obs, _ = env.reset(seed=EVAL_SEED + i)
+            total, done = 0.0, False
+            while not done:
+                action, _ = model.predict(normalize.normalize_obs(obs) if normalize else obs, deterministic=True)
+                obs, reward, term, trunc, _ = env.step(action)
+                total, done = total + float(reward), term or trunc
+            returns.append(total)
+    finally:
+        env.close()
+    return returns
+
+
 def train(algo: str, env_id: str, seed: int, target: Optional[float], steps: Optional[int],
-          deadline: Optional[float], window: int = 20) -> dict[str, Any]:
-    """Train one SB3 model; the summary. `deadline` is a `time.time()` at which training stops."""
+          deadline: Optional[float], window: int = 20, watch: Optional[float] = None,
+          eval_every: Optional[int] = None, eval_episodes: int = 10,
+          learning_starts: Optional[int] = None) -> dict[str, Any]:
+    """Train one SB3 model; the summary. `deadline` is a `time.time()` at which training stops; `watch`
+    a return whose first crossing is noted without stopping; `eval_every`: greedy evaluations;
+    `learning_starts` (DQN) replaces the zoo's."""
+    import numpy as np
     import torch
-    from stable_baselines3 import DQN, PPO
+    from stable_baselines3 import DQN, PPO, SAC, TD3
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.env_util import make_vec_env
 
@@ -114,17 +154,28 @@ def train(algo: str, env_id: str, seed: int, target: Optional[float], steps: Opt
     else:
         envs = make_vec_env(env_id, n_envs=spec["n_envs"], seed=seed)  # Monitor-wrapped: info["episode"]
     kwargs = model_kwargs(algo, env_id, budget)
+    if learning_starts is not None:
+        kwargs["learning_starts"] = learning_starts
     if spec.get("normalize"):  # outside Monitor: the episode returns stay the env's own
         from stable_baselines3.common.vec_env import VecNormalize
         envs = VecNormalize(envs, gamma=kwargs["gamma"])
     if isinstance(kwargs.get("policy_kwargs", {}).get("activation_fn"), str):
         kwargs["policy_kwargs"] = {**kwargs["policy_kwargs"],
                                    "activation_fn": getattr(torch.nn, kwargs["policy_kwargs"]["activation_fn"])}
-    cls = {"ppo": PPO, "dqn": DQN}[algo]
+    if "noise_std" in spec:
+        from stable_baselines3.common.noise import NormalActionNoise
+        n = int(np.prod(envs.action_space.shape))
+        kwargs["action_noise"] = NormalActionNoise(np.zeros(n), spec["noise_std"] * np.ones(n))
+    cls = {"ppo": PPO, "dqn": DQN, "sac": SAC, "td3": TD3}[algo]
     policy = "CnnPolicy" if spec.get("atari") else "MlpPolicy"
     model = cls(policy, envs, seed=seed, device="cpu", verbose=0, **kwargs)
-    state: dict[str, Any] = {"t_first": None, "reached_at": None, "timed_out": False, "episodes": 0}
+    state: dict[str, Any] = {"t_first": None, "reached_at": None, "timed_out": False, "episodes": 0,
+                             "watched_at": None, "evaluations": []}
     returns: deque[float] = deque(maxlen=window)
+
+    def evaluate(step: int) -> None:
+        r = greedy_returns(model, env_id, eval_episodes, envs if spec.get("normalize") else None)
+        state["evaluations"].append([step, float(np.mean(r)), float(np.std(r))])
 
     class StopAtTarget(BaseCallback):
         """Keeps the return window (episodes in env order within a step, as p2prl) and stops training."""
@@ -137,7 +188,12 @@ def train(algo: str, env_id: str, seed: int, target: Optional[float], steps: Opt
                 if "episode" in info:
                     returns.append(float(info["episode"]["r"]))
                     state["episodes"] += 1
-            if target is not None and returns and sum(returns) / len(returns) >= target:
+            mean = sum(returns) / len(returns) if returns else None
+            if watch is not None and state["watched_at"] is None and mean is not None and mean >= watch:
+                state["watched_at"] = (self.num_timesteps, time.perf_counter())
+            if eval_every and self.num_timesteps // eval_every > (self.num_timesteps - self.training_env.num_envs) // eval_every:
+                evaluate(self.num_timesteps)
+            if target is not None and mean is not None and mean >= target:
                 state["reached_at"] = (self.num_timesteps, time.perf_counter())
                 return False
             if deadline is not None and time.time() >= deadline:
@@ -146,8 +202,10 @@ def train(algo: str, env_id: str, seed: int, target: Optional[float], steps: Opt
             return True
 
     model.learn(total_timesteps=budget, callback=StopAtTarget())
+    if eval_every and (not state["evaluations"] or state["evaluations"][-1][0] != model.num_timesteps):
+        evaluate(model.num_timesteps)  # at the end too, as p2prl's last iteration evaluates
     t_end = time.perf_counter()
-    reached = state["reached_at"]
+    reached = state["reached_at"] or state["watched_at"]
     loop_s = max(t_end - state["t_first"], 1e-9)
     return {
         "reached": reached is not None, "steps_to_target": reached[0] if reached else None,
@@ -157,20 +215,30 @@ def train(algo: str, env_id: str, seed: int, target: Optional[float], steps: Opt
         "sps": model.num_timesteps / loop_s, "episodes": state["episodes"],
         "episode_return_mean": sum(returns) / len(returns) if returns else None,
         "timed_out": state["timed_out"], "budget": budget, "max_rss_mb": [peak_rss_mb()],
+        "evaluations": state["evaluations"], "eval_return_mean": state["evaluations"][-1][1] if state["evaluations"] else None,
     }
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="python -m p2prl.bench.sb3", description=__doc__.split("\n")[0])
-    p.add_argument("--algo", choices=("ppo", "dqn"), required=True)
+    p.add_argument("--algo", choices=("ppo", "dqn", "sac", "td3"), required=True)
     p.add_argument("--env", required=True, choices=sorted({env for _, env in ZOO}))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--target", type=float, default=None, help="stop once the return window reaches this (default: never)")
     p.add_argument("--steps", type=int, default=None, help="step budget (default: see DEFAULT_BUDGET)")
     p.add_argument("--deadline", type=float, default=None, help="time.time() at which to stop training")
+    p.add_argument("--watch", type=float, default=None, help="note when the return window first reaches this, "
+                                                             "without stopping")
+    p.add_argument("--eval-every", type=int, default=None, help="greedy evaluation every this many steps and at the end")
+    p.add_argument("--eval-episodes", type=int, default=10, help="episodes per greedy evaluation (default 10)")
+    p.add_argument("--learning-starts", type=int, default=None, help="DQN: steps before learning (default: the zoo's)")
     p.add_argument("--out", type=Path, required=True, help="where to write the JSON summary")
     a = p.parse_args(argv)
-    write_json_atomic(a.out, train(a.algo, a.env, a.seed, a.target, a.steps, a.deadline))
+    if a.learning_starts is not None and (a.algo != "dqn" or a.learning_starts < 0):
+        p.error(f"--learning-starts={a.learning_starts}: allowed: an integer >= 0, with --algo dqn")
+    write_json_atomic(a.out, train(a.algo, a.env, a.seed, a.target, a.steps, a.deadline, watch=a.watch,
+                                   eval_every=a.eval_every, eval_episodes=a.eval_episodes,
+                                   learning_starts=a.learning_starts))
 
 
 if __name__ == "__main__":

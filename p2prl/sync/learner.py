@@ -12,9 +12,15 @@ How the peers share the update is the sync strategy's job (`comm=`, `p2prl.sync.
 all-reduce (default; with `comm.overlap` each gradient is averaged in the background while the next
 is computed, one step stale), a parameter server, local SGD or gossip. Callers see no difference but
 that `step` may return None (nothing finished yet) and that `finish()` completes the last one.
+
+With an optimizer of several parameter groups (`p2prl.sync.optim`: SAC's actor, critics and
+temperature in one bucket), `gates` names a term per gated group: the group steps only on updates where
+that term, averaged over the peers, is not 0 (TD3's actor on its delayed updates). The term rides with its own
+gradient, so the decision follows the update it belongs to under every strategy, overlap included.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Mapping, NamedTuple, Optional, Sequence
 
 import torch
@@ -41,16 +47,19 @@ class Learner:
     def __init__(self, params: Sequence[torch.nn.Parameter],
                  make_optimizer: Callable[[torch.nn.Parameter], FlatOptimizer], comm: Communicator,
                  max_grad_norm: Optional[float], terms: Sequence[str], sync: CommConfig,
-                 clock: Optional[Stopwatch] = None) -> None:
+                 clock: Optional[Stopwatch] = None, gates: Optional[Mapping[str, str]] = None) -> None:
         self.comm, self.max_grad_norm = comm, max_grad_norm
         # backward: the gradient; optimizer: the strategy's sharing besides its collectives, clip, step
         self.clock = clock if clock is not None else Stopwatch(comm)
         self.term_names = tuple(terms)
+        self.gates = dict(gates or {})  # optimizer group -> the term that says whether it steps
+        assert set(self.gates.values()) <= set(self.term_names), f"gates {self.gates} name unknown terms"
         self.bucket = GradientBucket(comm, params, len(self.term_names) + 1)  # + the finiteness flag
         # Before the strategy copies the parameters (DiLoCo's anchor): it must copy rank 0's, not this peer's.
         self.bucket.broadcast_parameters()
         # The optimizer sees one flat parameter (the model's parameters are views of it).
         self.optimizer = make_optimizer(self.bucket.flat_param)
+        assert set(self.gates) <= {g.get("name") for g in self.optimizer.param_groups}, f"gates {self.gates}"
         self.strategy = make_strategy(comm, sync, self.bucket)
         self.updates = 0  # applied
         self.skipped = 0  # non-finite
@@ -95,7 +104,9 @@ class Learner:
         n = self.bucket.grads.numel()
         averaged = flat[n:].tolist()
         terms = dict(zip(self.term_names, averaged))
-        if not bool(torch.isfinite(flat).all()):
+        # min and max propagate NaN and are +-inf where any value is: one pass, where isfinite(flat).all()
+        # allocates a mask in several passes (0.35 ms for 142k values, 6 ms for the Nature CNN's 1.7M).
+        if not all(math.isfinite(x) for x in torch.aminmax(flat)):
             return self._follow(flat[n:], False, False)
         if veto is not None and veto(terms):
             return self._follow(flat[n:], False, True)
@@ -107,7 +118,7 @@ class Learner:
                 grads.mul_(self.max_grad_norm / (norm + 1e-6))
         param = self.bucket.flat_param
         param.grad = grads  # the averaged gradient may live in an overlap send buffer
-        self.optimizer.step()
+        self.optimizer.step(skip=[group for group, term in self.gates.items() if terms[term] == 0.0])
         param.grad = self.bucket.grads
         return self._follow(flat[n:], True, False)
 
@@ -144,6 +155,13 @@ class Learner:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
+    def _load_optimizer(self, state: dict) -> None:
+        """The optimizer's moments and step counts; each group's learning rate stays this run's."""
+        lrs = [group["lr"] for group in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(state)
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "updates": self.updates, "skipped": self.skipped,
                 "vetoed": self.vetoed, "skipped_in_a_row": self.skipped_in_a_row,
@@ -152,9 +170,7 @@ class Learner:
     def load_state_dict(self, s: dict) -> None:
         """Restore the optimizer's moments and the counters. The learning rate stays this run's: it
         follows from the config (and the schedule), which may have changed on resume."""
-        lr = self.lr
-        self.optimizer.load_state_dict(s["optimizer"])
-        self.set_lr(lr)
+        self._load_optimizer(s["optimizer"])
         self.updates, self.skipped, self.vetoed = int(s["updates"]), int(s["skipped"]), int(s["vetoed"])
         self.skipped_in_a_row = int(s["skipped_in_a_row"])
         self.strategy.load_state_dict(s.get("strategy", {}))
@@ -169,6 +185,4 @@ class Learner:
         if "params" in s:
             with torch.no_grad():
                 self.bucket.flat_param.copy_(s["params"])
-            lr = self.lr
-            self.optimizer.load_state_dict(s["optimizer"])
-            self.set_lr(lr)
+            self._load_optimizer(s["optimizer"])

@@ -2,7 +2,7 @@
 with the other peers, all of them in this package, so that no algorithm holds the communicator."""
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -44,10 +44,12 @@ class Peer:
 
     def learner(self, params: Sequence[torch.nn.Parameter],
                 optimizer: Callable[[torch.nn.Parameter], FlatOptimizer], max_grad_norm: Optional[float],
-                terms: Sequence[str]) -> Learner:
+                terms: Sequence[str], gates: Optional[Mapping[str, str]] = None) -> Learner:
         """The learner that averages this model's gradients over the peers (see p2prl.sync.learner);
-        it broadcasts rank 0's parameters first."""
-        return Learner(params, optimizer, self._comm, max_grad_norm, terms, sync=self.sync, clock=self.clock)
+        it broadcasts rank 0's parameters first. `gates`: optimizer groups that step only where a term
+        is not 0."""
+        return Learner(params, optimizer, self._comm, max_grad_norm, terms, sync=self.sync, clock=self.clock,
+                       gates=gates)
 
     def moments(self, *local: Moments) -> list[Moments]:
         """Every peer's moments merged, for each argument, in one collective (bit-identical everywhere)."""

@@ -1,0 +1,141 @@
+"""TD3: a deterministic actor, twin Q critics, target policy smoothing and delayed actor updates
+(Fujimoto et al. 2018, as SB3's TD3).
+
+The loop is the shared off-policy one (`p2prl.algos.offpolicy`: a replay buffer per peer, warm-up,
+lockstep counters); each peer explores with Gaussian noise of std `action_noise` from its own stream.
+One update is one `Learner.step` on the peer's own minibatch:
+- critics: MSE(q1, y) + MSE(q2, y), y = r + discount (1 - terminated) min of the target critics at
+  a' = clip(target actor(s') + clip(target_noise x N(0, 1), +-target_noise_clip), -1, 1);
+- actor, on every `policy_delay`-th update only: -q1(s, actor(s)), through critics that read the online
+  parameters detached (`alias`), so the critics' gradient comes from their loss alone.
+Both gradients fill disjoint segments [actor | critics] of one bucket, averaged by ONE all-reduce. The
+term `actor_update` (1 on the updates that train the actor, else 0) gates the actor's segment: on the
+other updates Adam leaves it alone, moments and step count included, as a separate actor optimizer
+that is not stepped would. After each applied actor update every peer moves the target actor and
+critics by Polyak averaging (one op: they are laid out as the bucket), identically everywhere.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from p2prl import checks as check
+from p2prl.algos.base import ActFn, Collector, Peer
+from p2prl.algos.greedy import GreedyPolicy, Scale, frozen
+from p2prl.algos.offpolicy import OffPolicy, OffPolicyConfig, alias, deterministic_policy, flat_copy
+from p2prl.algos.returns import td_targets
+from p2prl.data import ReplayBatch
+from p2prl.nets import DeterministicActor, TwinQ, flat_dim
+from p2prl.sync.learner import Update
+
+TERMS = ("loss_critic", "loss_actor", "actor_update", "q_mean")
+
+
+@dataclass
+class TD3Config(OffPolicyConfig):
+    """The `algo` section of td3 (conf/algo/td3.yaml: the defaults, commented)."""
+
+    policy_delay: int
+    action_noise: float
+    target_noise: float
+    target_noise_clip: float
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check.fields(self, "algo.", positive_int=("policy_delay",),
+                     nonneg=("action_noise", "target_noise", "target_noise_clip"))
+
+
+class TD3Model(nn.Module):
+    """What a checkpoint's `model` holds: the actor and the twin critics, in the bucket's order."""
+
+    def __init__(self, obs_space: gym.Space, act_space: gym.Space, cfg: TD3Config) -> None:
+        super().__init__()
+        obs_dim, act_dim = flat_dim(obs_space), flat_dim(act_space)
+        self.actor = DeterministicActor(obs_dim, act_dim, cfg.hidden_sizes, cfg.activation)
+        self.critics = TwinQ(obs_dim, act_dim, cfg.hidden_sizes, cfg.activation)
+
+
+class TD3(OffPolicy):
+    def __init__(self, cfg: TD3Config, collector: Collector, peer: Peer) -> None:
+        self.model = TD3Model(collector.observation_space, collector.action_space, cfg).to(peer.device)
+        m = self.model
+        groups = [("actor", list(m.actor.parameters()), cfg.actor_lr),
+                  ("critics", list(m.critics.parameters()), cfg.critic_lr)]
+        super().__init__(cfg, collector, peer, groups, TERMS, gates={"actor": "actor_update"})
+        # After the learner: its broadcast made rank 0's parameters every peer's, and the model's
+        # parameters views of its flat parameter.
+        self.critics_detached = alias(copy.deepcopy(m.critics), m.critics)
+        self.target, self.target_flat = flat_copy(m)  # [actor | critics], as the bucket
+        self.everything = slice(0, self.segments["critics"].stop)
+
+    def shared_tensors(self) -> list[torch.Tensor]:
+        return [self.learner.bucket.flat_param, self.target_flat]
+
+    def explore(self, obs: torch.Tensor) -> np.ndarray:
+        noise = self.rng.normal(0.0, self.cfg.action_noise, (len(obs), self.act_dim))
+        return np.clip(self.model.actor(obs).cpu().numpy() + noise, -1.0, 1.0).astype(np.float32)
+
+    def loss(self, b: ReplayBatch, noise: torch.Tensor, train_actor: bool) -> tuple[torch.Tensor, dict]:
+        """The summed losses on minibatch `b` (B transitions) and their named terms; `noise`: (B, A)
+        standard normal draws for the target policy smoothing; the actor's loss only if `train_actor`."""
+        c, m = self.cfg, self.model
+        with torch.no_grad():
+            smoothing = (noise * c.target_noise).clamp(-c.target_noise_clip, c.target_noise_clip)
+            next_actions = (self.target.actor(b.next_obs) + smoothing).clamp(-1.0, 1.0)
+            # discounts hold gamma (one-step transitions); truncated transitions bootstrap, terminated do not.
+            y = td_targets(b.rewards, torch.min(*self.target.critics(b.next_obs, next_actions)) * b.discounts,
+                           b.terminated, 1.0)
+        q1, q2 = m.critics(b.obs, b.actions)
+        loss = loss_critic = F.mse_loss(q1, y) + F.mse_loss(q2, y)
+        loss_actor = q1.new_zeros(())
+        if train_actor:  # the same decision on every peer: it follows the lockstep update counter
+            loss_actor = -self.critics_detached.first(b.obs, m.actor(b.obs)).mean()
+            loss = loss + loss_actor
+        terms = {"loss_critic": loss_critic.detach(), "loss_actor": loss_actor.detach(),
+                 "actor_update": torch.tensor(float(train_actor)), "q_mean": q1.detach().mean()}
+        return loss, terms
+
+    def losses(self, batch: ReplayBatch) -> tuple[torch.Tensor, dict]:
+        b = ReplayBatch(*(t.to(self.device) for t in batch))
+        noise = torch.randn((len(b.rewards), self.act_dim), device=self.device)  # this peer's torch stream
+        return self.loss(b, noise, self.updates_started % self.cfg.policy_delay == 0)
+
+    def after_update(self, update: Update) -> None:
+        if update.applied and update.terms["actor_update"] != 0.0:
+            self.polyak(self.target_flat, self.everything)
+
+    # -- checkpoint state ------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "target": self.target_flat, **self.counters()}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.model.load_state_dict(s["model"])  # in place: the bucket's views stay the model's parameters
+        self.target_flat.copy_(s["target"])
+        self.load_counters(s)
+
+
+def policy(cfg: TD3Config, state: dict, obs_space: gym.Space, act_space: gym.Space,
+           device: torch.device = torch.device("cpu")) -> ActFn:
+    """A checkpoint's actor scaled to the bounds; not deterministic: with its exploration noise
+    (`algo.action_noise`) from the policy's generator."""
+    model = TD3Model(obs_space, act_space, cfg)
+    model.load_state_dict(state["model"])
+
+    def noisy(obs: torch.Tensor, actor: DeterministicActor, rng: np.random.Generator) -> torch.Tensor:
+        noise = torch.from_numpy(rng.normal(0.0, cfg.action_noise, (len(obs), flat_dim(act_space))).astype(np.float32))
+        return (actor(obs) + noise.to(obs.device)).clamp(-1.0, 1.0)
+    return deterministic_policy(model.actor, act_space, device, noisy)
+
+
+def greedy_module(cfg: TD3Config, state: dict, obs_space: gym.Space, act_space: gym.Space) -> nn.Module:
+    """The actor's action scaled to the bounds (p2prl.algos.greedy)."""
+    model = TD3Model(obs_space, act_space, cfg)
+    model.load_state_dict(state["model"])
+    return frozen(GreedyPolicy(nn.Sequential(model.actor, Scale(act_space)), act_space))

@@ -1,0 +1,216 @@
+"""SAC and TD3: losses against hand-computed cases, the critics detached in the actor's loss, TD3's
+delayed actor step, 2 peers on half batches == 1 peer on the whole, bit-identical peers, exact resume."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from p2prl import checkpoint
+from p2prl.comm import LocalComm, open_comm, parameter_digest
+from p2prl.data import ReplayBatch
+from p2prl.runner import build_algorithm, run
+
+pytestmark = pytest.mark.timeout(180)
+SMALL = ("env=pendulum", "seed=3", "algo.learning_starts=64", "algo.batch_size=16", "algo.buffer_size=2000",
+         "algo.hidden_sizes=[16,16]", "algo.train_freq=1", "algo.gradient_steps=1", "comm.timeout_s=30")
+LOG_2PI = math.log(2 * math.pi)
+
+
+@pytest.fixture
+def small(compose):
+    """`small(algo, *overrides)`: a small SAC or TD3 config on Pendulum."""
+    return lambda algo, *overrides: compose(f"algo={algo}", *SMALL, *overrides)
+
+
+def _set(module: torch.nn.Module, **values: float) -> None:
+    """Every weight of `module` 0, every bias 0 unless named (by the path of its Linear) in `values`."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.fill_(values.get(name.rsplit(".", 1)[0], 0.0) if name.endswith("bias") else 0.0)
+
+
+def _batch(n: int = 4, seed: int = 0) -> ReplayBatch:
+    g = torch.Generator().manual_seed(seed)
+    return ReplayBatch(obs=torch.randn(n, 3, generator=g), actions=torch.rand(n, 1, generator=g) * 2 - 1,
+                       rewards=torch.randn(n, generator=g), next_obs=torch.randn(n, 3, generator=g),
+                       discounts=torch.full((n,), 0.9), terminated=(torch.arange(n) % 3 == 2).float())
+
+
+def test_sac_losses_hand_computed(small):
+    algo = build_algorithm(small("sac", "algo.hidden_sizes=[]", "algo.alpha_init=0.5"), LocalComm())
+    m = algo.model
+    # Actor: mean 0, log std 5 (clamped to 2); critics: q1 = 1, q2 = 2 everywhere (zero weights).
+    _set(m.actor, log_std=5.0)
+    _set(m.critics, **{"q1.0": 1.0, "q2.0": 2.0})
+    algo.target_flat.copy_(algo.flat[algo.segments["critics"]])
+    b = _batch()
+    noise = (torch.full((4, 1), -0.25), torch.full((4, 1), 0.5))
+    loss, terms = algo.loss(b, noise)
+
+    def log_prob(eps: float) -> float:  # of tanh(2 * eps): log N(u; 0, e^2) at u = e^2 * eps, then the squashing
+        a = math.tanh(math.exp(2.0) * eps)
+        return -0.5 * eps ** 2 - 2.0 - 0.5 * LOG_2PI - math.log(1 - a * a + 1e-6)
+    alpha, now, nxt = 0.5, log_prob(-0.25), log_prob(0.5)
+    y = b.rewards + 0.9 * (1 - b.terminated) * (1.0 - alpha * nxt)  # min(q1, q2) = 1 at any action
+    want_critic = 0.5 * (((1 - y) ** 2).mean() + ((2 - y) ** 2).mean())
+    assert terms["loss_critic"].item() == pytest.approx(want_critic.item(), rel=1e-5)
+    assert terms["loss_actor"].item() == pytest.approx(alpha * now - 1.0, rel=1e-5)
+    assert terms["loss_alpha"].item() == pytest.approx(-math.log(alpha) * (now - 1.0), rel=1e-5)  # target entropy -1
+    assert terms["entropy"].item() == pytest.approx(-now, rel=1e-5) and terms["alpha"].item() == pytest.approx(alpha)
+    assert loss.item() == pytest.approx(want_critic.item() + alpha * now - 1.0 - math.log(alpha) * (now - 1.0), rel=1e-5)
+    # The temperature's gradient: d/dlog_alpha of -log_alpha (log pi + target entropy); its other uses are detached.
+    (grad,) = torch.autograd.grad(loss, [m.log_alpha])
+    assert grad.item() == pytest.approx(-(now - 1.0), rel=1e-5)
+
+
+def test_actor_loss_reads_the_critics_detached(small):
+    algo = build_algorithm(small("sac"), LocalComm())
+    b = _batch()
+    actions = b.actions.clone().requires_grad_(True)
+    critics = list(algo.model.critics.parameters())
+    q = algo.critics_detached(b.obs, actions)
+    assert all(torch.equal(x, y) for x, y in zip(q, algo.model.critics(b.obs, b.actions)))
+    grads = torch.autograd.grad(q[0].sum() + q[1].sum(), [actions, *critics], allow_unused=True)
+    assert grads[0].abs().sum() > 0 and all(g is None for g in grads[1:])  # through the action only
+    # It reads the online parameters themselves: an update shows through.
+    for _ in range(70):
+        algo.sample(0.5)
+        algo.learn(0.5)
+    assert algo.learner.updates > 0
+    assert all(torch.equal(x, y) for x, y in zip(algo.critics_detached(b.obs, b.actions), algo.model.critics(b.obs, b.actions)))
+
+
+def test_td3_target_policy_smoothing_hand_computed(small):
+    algo = build_algorithm(small("td3", "algo.hidden_sizes=[]"), LocalComm())
+    target = algo.target
+    # Target actor: tanh(0.8...) = 0.8 everywhere; target critics: q = w * action + c, w on the action input.
+    _set(target.actor, **{"net.0": math.atanh(0.8)})
+    _set(target.critics, **{"q1.0": 0.5, "q2.0": 1.0})
+    with torch.no_grad():
+        target.critics.q1[0].weight[0, 3] = 2.0
+        target.critics.q2[0].weight[0, 3] = -1.0
+    b = _batch()
+    _set(algo.model.critics)  # online q1 = q2 = 0
+    for noise, action in ((10.0, 1.0), (-10.0, 0.3), (0.5, 0.9)):  # 0.2 x noise clipped to +-0.5, then to [-1, 1]
+        _, terms = algo.loss(b, torch.full((4, 1), noise), train_actor=False)
+        y = b.rewards + 0.9 * (1 - b.terminated) * min(0.5 + 2.0 * action, 1.0 - action)
+        assert terms["loss_critic"].item() == pytest.approx(2 * (y ** 2).mean().item(), rel=1e-5), noise
+    assert terms["actor_update"].item() == 0.0 and terms["loss_actor"].item() == 0.0
+    _set(algo.model.critics, **{"q1.0": 3.0})
+    _, terms = algo.loss(b, torch.zeros(4, 1), train_actor=True)
+    assert terms["actor_update"].item() == 1.0 and terms["loss_actor"].item() == pytest.approx(-3.0)
+
+
+def test_td3_moves_the_actor_and_targets_only_on_delayed_updates(small):
+    algo = build_algorithm(small("td3", "algo.gradient_steps=1", "algo.policy_delay=2"), LocalComm())
+    opt, actor = algo.learner.optimizer, algo.segments["actor"]
+    while not algo.ready():
+        algo.sample(0.0)
+    seen = []
+    for i in range(4):
+        before, target = algo.flat.clone(), algo.target_flat.clone()
+        moments = opt.exp_avg[actor].clone(), opt.exp_avg_sq[actor].clone()
+        algo.sample(0.1)
+        algo.learn(0.1)
+        trains_actor = algo.updates_started % 2 == 0
+        moved = not torch.equal(algo.flat[actor], before[actor])
+        seen.append(trains_actor)
+        assert moved == trains_actor and (not torch.equal(algo.target_flat, target)) == trains_actor, i
+        if not trains_actor:  # Adam leaves the actor's moments alone too, as an optimizer not stepped would
+            assert torch.equal(opt.exp_avg[actor], moments[0]) and torch.equal(opt.exp_avg_sq[actor], moments[1])
+        assert not torch.equal(algo.flat[algo.segments["critics"]], before[algo.segments["critics"]])
+    steps = {g["name"]: g["step"] for g in opt.param_groups}
+    assert seen == [False, True, False, True] and steps == {"actor": 2, "critics": 4}
+
+
+# -- 2 peers -------------------------------------------------------------------------------------
+def _one_update(cfg, comm, batch: ReplayBatch, noise: torch.Tensor, rows: slice) -> torch.Tensor:
+    algo = build_algorithm(cfg, comm)
+    part = ReplayBatch(*(t[rows] for t in batch))
+    if cfg.algo.name == "sac":
+        update = algo.learner.step(*algo.loss(part, (noise[0, rows], noise[1, rows])))
+    else:
+        update = algo.learner.step(*algo.loss(part, noise[0, rows], train_actor=True))
+    assert update.applied
+    algo.after_update(update)
+    return torch.cat([algo.flat.clone(), algo.target_flat])
+
+
+def _half_update(rank: int, cfg, batch, noise):
+    return _one_update(cfg, open_comm(cfg.comm, "gloo"), batch, noise, slice(8 * rank, 8 * rank + 8))
+
+
+@pytest.mark.parametrize("name", ["sac", "td3"])
+def test_two_peers_with_half_the_batch_equal_one_peer_with_all(name, small, peers):
+    cfg = small(name)
+    batch, noise = _batch(16), torch.randn(2, 16, 1, generator=torch.Generator().manual_seed(1))
+    before = torch.cat([build_algorithm(cfg, LocalComm()).flat.clone(), build_algorithm(cfg, LocalComm()).target_flat])
+    whole = _one_update(cfg, LocalComm(), batch, noise, slice(0, 16))
+    a, b = peers(_half_update, 2, cfg, batch, noise, timeout=150)
+    assert torch.equal(a, b)
+    assert (whole - before).abs().max() > 1e-4, "the update did not move the parameters"
+    assert torch.allclose(a, whole, atol=1e-6), (a - whole).abs().max()
+
+
+def _short_run(rank: int, cfg):
+    algo = build_algorithm(cfg, open_comm(cfg.comm, "gloo"))
+    for i in range(40):
+        algo.sample(i / 40)
+        algo.learn(i / 40)
+    b = algo.buffer
+    return (algo.learner.updates, parameter_digest(algo.shared_tensors()),
+            torch.from_numpy(b.actions[:b.size].copy()))
+
+
+@pytest.mark.parametrize("name", ["sac", "td3"])
+def test_two_peers_stay_bit_identical_with_their_own_replay(name, small, peers):
+    (ua, da, acts_a), (ub, db, acts_b) = peers(_short_run, 2, small(name, "algo.learning_starts=32"), timeout=150)
+    assert ua == ub > 0 and da == db, "parameters, temperature or targets differ between peers"
+    assert acts_a.shape == acts_b.shape and not torch.equal(acts_a, acts_b), "peers explore alike"
+
+
+# -- resume --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["sac", "td3"])
+def test_a_pendulum_run_resumes_exactly(name, tmp_path, small):
+    """The newest checkpoint set lost: the run resumes from the one before (replay, temperature,
+    targets, optimizer, RNG) and ends with the same parameters, targets and optimizer state bit for bit."""
+    cfg = small(name, "train.total_steps=384", "train.target_return=null", "train.log_every_steps=64",
+                "checkpoint.every_steps=128", "checkpoint.replay=true")
+    run_dir = tmp_path / "run"
+    first = run(cfg, run_dir)
+    folder = run_dir / "checkpoints"
+    ended = checkpoint.load(checkpoint.shared_path(folder, first["final_step"]))
+    checkpoint.shared_path(folder, first["final_step"]).unlink()
+    again = run(cfg, run_dir)
+    assert again["resumed_at_step"] == 256 and again["final_step"] == first["final_step"]
+    redone = checkpoint.load(checkpoint.shared_path(folder, again["final_step"]))
+    for key in ("model", "target", "learner"):
+        want, got = _tensors(ended[key]), _tensors(redone[key])
+        assert want and len(want) == len(got) and all(torch.equal(a, b) for a, b in zip(want, got)), key
+    assert redone["learner"]["updates"] == ended["learner"]["updates"] > 0
+
+
+def _tensors(tree) -> list[torch.Tensor]:
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, dict):
+        return [t for k in sorted(tree, key=str) for t in _tensors(tree[k])]
+    return []
+
+
+def test_policy_and_export_act_in_the_bounds(small):
+    from p2prl import algos
+    cfg = small("sac")
+    algo = build_algorithm(cfg, LocalComm())
+    state = algo.state_dict()
+    space = algo.collector.action_space
+    obs = np.random.default_rng(0).standard_normal((5, 3)).astype(np.float32)
+    act = algos.spec("sac").policy(cfg.algo, state, algo.collector.observation_space, space, torch.device("cpu"))
+    greedy = act(obs, True, np.random.default_rng(0))
+    module = algos.spec("sac").greedy_module(cfg.algo, state, algo.collector.observation_space, space)
+    want = 2.0 * algo.model.actor(torch.from_numpy(obs)).detach().numpy()  # Pendulum's torque in [-2, 2]
+    assert greedy.shape == (5, 1) and np.allclose(greedy, want, atol=1e-6)
+    assert np.allclose(module(torch.from_numpy(obs)).numpy(), greedy, atol=1e-6)
+    sampled = act(obs, False, np.random.default_rng(0))
+    assert not np.allclose(sampled, greedy) and (np.abs(sampled) <= 2.0).all()
