@@ -76,10 +76,9 @@ class TrainConfig:
     profile_iterations: Optional[int]  # null: no profiler trace
 
     def __post_init__(self) -> None:
-        fields(self, "train.", boolean=("pin_cores",), optional_nonneg_int=("eval_every_steps",),
-               optional_positive_int=("profile_iterations",), positive_int=(
+        fields(self, "train.", boolean=("pin_cores",), optional_nonneg_int=("eval_every_steps",), positive_int=(
             "total_steps", "return_window", "log_every_steps", "torch_threads", "max_skipped_updates",
-            "eval_episodes"))
+            "eval_episodes"), optional_positive_int=("profile_iterations",))
         if not isinstance(self.resume, str) or not self.resume.strip():
             raise ConfigError("train.resume", self.resume, "allowed: auto, never, or the path of a run dir "
                                                            "or checkpoint")
