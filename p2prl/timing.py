@@ -39,6 +39,9 @@ class _Timer:
 
     def __enter__(self) -> None:
         w = self.watch
+        # A part timed inside another would count twice (the parts must add up to the loop's time).
+        assert w.active is None, f"the stopwatch's part {self.part!r} was started inside {w.active!r}"
+        w.active = self.part
         if w.profiling:  # the part as a named range in the profiler's trace
             import torch
             self.record = torch.profiler.record_function(self.part)
@@ -49,6 +52,7 @@ class _Timer:
     def __exit__(self, *exc: Any) -> None:
         w = self.watch
         w.seconds[self.part] += time.perf_counter() - self.t0 - (w.comm.seconds - self.c0)
+        w.active = None
         if self.record is not None:
             self.record.__exit__(*exc)
             self.record = None
@@ -61,6 +65,7 @@ class Stopwatch:
     def __init__(self, comm: Any = None) -> None:
         self.comm = comm if comm is not None else _NoComm()
         self.profiling = False
+        self.active: Optional[str] = None  # the part being timed now
         self.seconds = dict.fromkeys(PARTS, 0.0)
         self._timers = {part: _Timer(self, part) for part in PARTS}
         self.start()

@@ -93,7 +93,7 @@ def test_acting_draws_as_before_and_skips_the_network_when_every_env_explores(ep
         assert np.array_equal(algo._act(), expected)
         assert len(calls) == (0 if explore.all() else 1)
         assert algo.rng.bit_generator.state == twin.bit_generator.state
-        algo.obs = algo.obs + np.float32(0.1)
+        algo.collector.obs = algo.obs + np.float32(0.1)
 
 
 def test_ape_x_epsilons():

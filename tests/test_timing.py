@@ -55,6 +55,17 @@ def test_parts_rest_and_loop_add_up_and_intervals_subtract():
     assert shares_line({"env": 0.41, "inference": 0.2, "eval": 0.001, "rest": 0.004}) == "env 41% inf 20% rest 0%"
 
 
+def test_a_part_timed_inside_another_is_refused():
+    clock = Stopwatch()
+    with pytest.raises(AssertionError, match="'env' was started inside 'inference'"):
+        with clock("inference"):
+            with clock("env"):
+                pass
+    with clock("env"):  # the failed nesting left no part running
+        pass
+    assert clock.active is None and clock.seconds["env"] > 0
+
+
 def _check(breakdown: dict) -> None:
     """One rank's breakdown: every column there, none negative, parts and rest summing to the loop."""
     assert set(breakdown) == set(COLUMNS)
