@@ -18,9 +18,13 @@ from p2prl.metrics import ReturnWindow
 from p2prl.resume import FORMAT, Progress
 
 log = logging.getLogger(__name__)
-# At most one kept boundary a second: algorithms of one-step iterations (SAC: one env step and its
-# updates) would otherwise spend a tenth of their time copying their state at every iteration.
+# Copying the state at every iteration boundary cost algorithms of one-step iterations (SAC: one env
+# step and its updates) a tenth of their time: a boundary is kept only once MARK_COST times the last
+# copy's time has passed since that copy began (at most ~5% of the time copying), and at least once
+# every MARK_EVERY_S. Where copies are cheap (PPO's rollouts) every boundary is still kept, so an
+# interruption saves the model of the last iteration.
 MARK_EVERY_S = 1.0
+MARK_COST = 20.0
 
 
 def _clone(x: Any) -> Any:
@@ -45,7 +49,7 @@ class Checkpointer:
         self.config = cfg.to_dict()
         self.hash = config_hash(self.config)
         self.boundary: Optional[dict] = None
-        self._marked = -math.inf
+        self._marked, self._copy_s = -math.inf, 0.0  # when the last kept copy began, how long it took
         self.saved_step: Optional[int] = None
         # A peer killed while writing leaves a temp file beside the checkpoints: each peer removes its own.
         own = [self.folder / f"rank{comm.rank}", *([self.folder] if comm.rank == 0 else [])]
@@ -96,11 +100,12 @@ class Checkpointer:
         self.saved_step = p.step
 
     def mark_boundary(self, p: Progress) -> None:
-        """Rank 0 keeps the shared state of this iteration boundary, unless it kept one less than
-        MARK_EVERY_S ago: an interruption saves the model of a boundary at most that old."""
+        """Rank 0 keeps the shared state of this iteration boundary, unless it kept one too recently
+        (MARK_COST): an interruption saves the model of a boundary at most MARK_EVERY_S old."""
         now = time.monotonic()
-        if self.comm.rank == 0 and now - self._marked >= MARK_EVERY_S:
-            self.boundary, self._marked = _clone(self._shared(p)), now
+        if self.comm.rank == 0 and now - self._marked >= min(MARK_EVERY_S, MARK_COST * self._copy_s):
+            self.boundary = _clone(self._shared(p))
+            self._marked, self._copy_s = now, time.monotonic() - now
 
     def save_interrupted(self, why: str) -> None:
         """Rank 0: the state of the last kept iteration boundary to checkpoints/interrupted.pt."""

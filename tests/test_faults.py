@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -64,6 +65,38 @@ def test_stop_signal_saves_the_model_without_peers_and_exits_128_plus_signum(sig
     saved = checkpoint.load(run_dir / "checkpoints" / "interrupted.pt")
     assert saved is not None and saved["step"] > 0 and "model" in saved
 
+
+
+def test_iteration_boundaries_are_kept_unless_copying_them_would_cost_more_than_a_twentieth(tmp_path, compose,
+                                                                                             monkeypatch):
+    """Rank 0 keeps every boundary where copying is cheap, so an interruption saves the last iteration;
+    where a copy takes long next to an iteration (SAC's one-step ones) it keeps one once 20 copies'
+    time has passed since the last, and at least one a second."""
+    from p2prl import checkpointer
+    from p2prl.comm import LocalComm
+    from p2prl.metrics import ReturnWindow
+    from p2prl.resume import Progress
+    cfg = compose(*ENDLESS[:4])
+    saver = checkpointer.Checkpointer(LocalComm(), cfg, tmp_path, build_algorithm(cfg, LocalComm()), ReturnWindow(5))
+    now, copy_s = [0.0], [0.0]
+    monkeypatch.setattr(checkpointer, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    shared = saver._shared
+    saver._shared = lambda p: (now.__setitem__(0, now[0] + copy_s[0]), shared(p))[1]  # the copy's time
+
+    def kept(steps: range, every_s: float) -> list[int]:
+        out = []
+        for step in steps:
+            before = saver.boundary
+            saver.mark_boundary(Progress(step, step, 0.0))
+            out += [step] if saver.boundary is not before else []
+            now[0] += every_s
+        return out
+    assert kept(range(1, 6), 0.01) == [1, 2, 3, 4, 5]  # free copies: every boundary
+    copy_s[0] = 0.002  # 0.002 s copies at 0.005 s iterations: one in 0.04 s
+    assert kept(range(6, 30), 0.005) == [6, 14, 22]
+    copy_s[0] = 0.2  # 20 copies would take 4 s: one a second
+    assert kept(range(30, 37), 0.3) == [30, 33, 36]  # 0.2 + 3 x 0.3 s
+    assert saver.boundary["step"] == 36
 
 # -- non-finite losses ----------------------------------------------------------------------------
 SMALL = ("seed=3", "algo.num_envs=2", "algo.num_steps=16", "algo.num_minibatches=2", "algo.update_epochs=2",
