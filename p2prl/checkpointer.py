@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import torch
 
-from p2prl import algos
+from p2prl import algos, requeue
 from p2prl.checkpoint import prune, rank_path, remove_partial_writes, rng_state, save_atomic, shared_path
 from p2prl.comm import Communicator
 from p2prl.config import RunConfig, config_hash
@@ -51,6 +51,7 @@ class Checkpointer:
         self.boundary: Optional[dict] = None
         self._marked, self._copy_s = -math.inf, 0.0  # when the last kept copy began, how long it took
         self.saved_step: Optional[int] = None
+        self._vote: Optional[torch.Tensor] = None  # whether some peer's job was signalled (p2prl.requeue)
         # A peer killed while writing leaves a temp file beside the checkpoints: each peer removes its own.
         own = [self.folder / f"rank{comm.rank}", *([self.folder] if comm.rank == 0 else [])]
         for path in (p for folder in own for p in remove_partial_writes(folder)):
@@ -100,12 +101,27 @@ class Checkpointer:
         self.saved_step = p.step
 
     def mark_boundary(self, p: Progress) -> None:
-        """Rank 0 keeps the shared state of this iteration boundary, unless it kept one too recently
-        (MARK_COST): an interruption saves the model of a boundary at most MARK_EVERY_S old."""
+        """Called by every peer at every iteration boundary. Rank 0 keeps the shared state of this
+        boundary, unless it kept one too recently (MARK_COST): an interruption saves the model of a
+        boundary at most MARK_EVERY_S old."""
         now = time.monotonic()
         if self.comm.rank == 0 and now - self._marked >= min(MARK_EVERY_S, MARK_COST * self._copy_s):
             self.boundary = _clone(self._shared(p))
             self._marked, self._copy_s = now, time.monotonic() - now
+        if requeue.armed():
+            self._requeue_if_signalled(p)
+
+    def _requeue_if_signalled(self, p: Progress) -> None:
+        """Within a submitit job: the vote queued at the previous boundary was summed during this
+        iteration (in its first sum of float64s, or at its `comm.settle()`); if some peer was signalled,
+        every peer saves here and the run ends with `Requeue`. Then this boundary's vote."""
+        if self._vote is not None and self._vote.item() > 0:
+            if self.saved_step != p.step:
+                self.save(p)
+            self.comm.agree(False)  # every peer's file is written before rank 0 has the job requeued
+            raise requeue.Requeue(p.step)
+        self._vote = torch.tensor([1.0 if requeue.requested() else 0.0], dtype=torch.float64)
+        self.comm.sum_with_next(self._vote)
 
     def save_interrupted(self, why: str) -> None:
         """Rank 0: the state of the last kept iteration boundary to checkpoints/interrupted.pt."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import signal
 import subprocess
 import sys
@@ -22,9 +23,12 @@ TRAIN_EXAMPLE = """examples:
   p2prl train algo=ppo env=cartpole                       # one peer
   p2prl train --nproc 2 algo=dqn env=cartpole seed=1      # two peers on this machine (torchrun --standalone)
   p2prl train --nproc 2 -m seed=0,1 algo.lr=1e-3,3e-4     # a Hydra multirun sweep: multirun/<id>/<job>/
+  p2prl train -m hydra/launcher=submitit_slurm hydra.launcher.nodes=2 hydra.launcher.tasks_per_node=4 algo.lr=1e-3,3e-4
+                                                          # each job of the sweep a SLURM job of 8 peers (submitit)
 
 OVERRIDES are Hydra's, as for python -m p2prl.train (its --help lists the config groups). Across
-several machines use torchrun directly (launch/multinode.sh)."""
+several machines use torchrun directly (launch/multinode.sh), or SLURM (launch/slurm.sbatch, or the
+submitit launcher above: pip install -e ".[submitit]")."""
 
 
 def train_command(nproc: int, overrides: list[str]) -> list[str]:
@@ -66,6 +70,11 @@ def launch_train(argv: list[str], prog: str = "p2prl train") -> int:
     a = p.parse_args(argv[:i])
     if a.nproc <= 0:
         p.error(f"--nproc={a.nproc}: must be a positive integer")
+    launcher = next((o for o in argv[i:] if re.match(r"\+{0,2}hydra/launcher=submitit", o)), None)
+    if a.nproc > 1 and launcher:
+        print(f"{prog.split()[0]}: error: --nproc={a.nproc}: {launcher.lstrip('+')} starts each job's peers itself "
+              "(hydra.launcher.tasks_per_node x hydra.launcher.nodes); allowed with it: 1", file=sys.stderr)
+        return 2
     return run_child(train_command(a.nproc, argv[i:]))
 
 

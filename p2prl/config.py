@@ -28,6 +28,7 @@ def conf_dir() -> Path:
 
 
 # -- the run-wide sections -------------------------------------------------------------------------
+OBJECTIVES = ("episode_return_mean", "best_eval_return", "steps_to_target")
 @dataclass
 class EnvConfig:
     name: str
@@ -73,12 +74,21 @@ class TrainConfig:
     max_skipped_updates: int
     eval_every_steps: Optional[int]  # null or 0: no evaluation during training
     eval_episodes: int
+    objective: str  # what a job returns to a sweeper (p2prl.search.objective)
     profile_iterations: Optional[int]  # null: no profiler trace
 
     def __post_init__(self) -> None:
         fields(self, "train.", boolean=("pin_cores",), optional_nonneg_int=("eval_every_steps",), positive_int=(
             "total_steps", "return_window", "log_every_steps", "torch_threads", "max_skipped_updates",
             "eval_episodes"), optional_positive_int=("profile_iterations",))
+        choice("train.objective", self.objective, OBJECTIVES)
+        if self.objective == "best_eval_return" and not self.eval_every_steps:
+            raise ConfigError("train.objective", self.objective, "needs evaluations during training "
+                                                                 "(train.eval_every_steps); allowed here: "
+                                                                 "episode_return_mean, steps_to_target")
+        if self.objective == "steps_to_target" and self.target_return is None:
+            raise ConfigError("train.objective", self.objective, "needs a train.target_return; allowed here: "
+                                                                 "episode_return_mean, best_eval_return")
         if not isinstance(self.resume, str) or not self.resume.strip():
             raise ConfigError("train.resume", self.resume, "allowed: auto, never, or the path of a run dir "
                                                            "or checkpoint")
@@ -96,6 +106,7 @@ class CommConfig:
     topology: str
     graph: str
     compress: str
+    compress_rank: int
     average_every: int
     outer_lr: float
     outer_momentum: float
@@ -104,7 +115,7 @@ class CommConfig:
 
     def __post_init__(self) -> None:
         fields(self, "comm.", boolean=("overlap",), positive=("timeout_s", "outer_lr"),
-               positive_int=("check_every", "average_every"), unit_open=("min_rollout_frac",))
+               positive_int=("check_every", "average_every", "compress_rank"), unit_open=("min_rollout_frac",))
         choice("comm.backend", self.backend, ("auto", "gloo", "nccl"))
         choice("comm.topology", self.topology, ("auto", "flat", "hierarchical"))
         if not is_number(self.outer_momentum, False) or not 0 <= self.outer_momentum < 1:
@@ -194,8 +205,9 @@ def section(cls: type, key: str, values: Any) -> Any:
 # `added_keys`). A section in ADDED_SECTIONS came later as a whole: all of its ADDED_KEYS.
 ADDED_KEYS = {"env": {"wrapper": "none", "frame_stack": None, "terminal_on_life_loss": False,
                       "vectorization": "sync"},
-              "train": {"eval_every_steps": None, "eval_episodes": 10, "profile_iterations": None},
-              "comm": {"graph": "ring"},
+              "train": {"eval_every_steps": None, "eval_episodes": 10, "objective": "episode_return_mean",
+                        "profile_iterations": None},
+              "comm": {"graph": "ring", "compress_rank": 4},
               "logger": {"name": "tensorboard", "project": "p2prl", "entity": None, "run_name": None, "group": None,
                          "tags": [], "mode": None}}
 ADDED_SECTIONS = ("logger",)

@@ -49,9 +49,9 @@ def _watch_parent(parent: int, stop: threading.Event, hard_exit: Callable[[int],
 
 
 @contextmanager
-def stop_on_signals(hard_exit: Callable[[int], None]) -> Iterator[None]:
-    """Within the block: SIGTERM/SIGINT raise `Interrupted` (once); under torchrun, the agent's death
-    too, and `hard_exit(code)` ends the process if it does not stop within ORPHAN_GRACE_S."""
+def stop_on_signals(hard_exit: Callable[[int], None], signals: tuple[int, ...] = SIGNALS) -> Iterator[None]:
+    """Within the block: `signals` (SIGTERM/SIGINT) raise `Interrupted` (once); under torchrun, the
+    agent's death too, and `hard_exit(code)` ends the process if it does not stop within ORPHAN_GRACE_S."""
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers belong to the main thread; a caller on another thread keeps its own
         return
@@ -62,7 +62,7 @@ def stop_on_signals(hard_exit: Callable[[int], None]) -> Iterator[None]:
             fired.append(signum)
             raise Interrupted(signum)
 
-    previous = {s: signal.signal(s, handler) for s in SIGNALS}
+    previous = {s: signal.signal(s, handler) for s in signals}
     stop = threading.Event()
     if os.environ.get("TORCHELASTIC_RUN_ID"):
         threading.Thread(target=_watch_parent, args=(os.getppid(), stop, hard_exit), name="p2prl-parent-watch",

@@ -1,9 +1,10 @@
-"""Where this peer runs: what torchrun's environment says about it (ranks, the node's layout), its
+"""Where this peer runs: what its launcher's environment says about it (ranks, the node's layout), its
 device and backend, its cores (the cgroup's CPU quota, the cores free of other jobs, pinning), and
 the run id.
 
 torchrun sets RANK (global identity), LOCAL_RANK (which GPU on this node), WORLD_SIZE and
-LOCAL_WORLD_SIZE. Without them this process is a world of one.
+LOCAL_WORLD_SIZE; a peer that SLURM or submitit started derives them from its launcher's variables
+first (`p2prl.launcher_env`). Without them this process is a world of one.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import logging
 import os
 from datetime import datetime
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Iterable, NamedTuple, Optional
 
 import torch
 
@@ -71,9 +72,9 @@ def choose_devices(device: str, backend: str, gpus: int, local_peers: int, image
     return Devices(device, backend, reason)
 
 
-def resolve_devices(device: str, backend: str, image_obs: bool) -> Devices:
-    """`choose_devices` for this machine and torchrun's local layout."""
-    local_peers = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+def resolve_devices(device: str, backend: str, image_obs: bool, local_peers: Optional[int] = None) -> Devices:
+    """`choose_devices` for this machine and `local_peers` on it (default: torchrun's local layout)."""
+    local_peers = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if local_peers is None else local_peers
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     return choose_devices(device, backend, gpus, local_peers, image_obs)
 
@@ -97,13 +98,17 @@ def _agent_started() -> Optional[datetime]:
 def run_id() -> str:
     """The same id on every peer and across torchrun restarts, so a restarted peer finds its run dir:
     torchrun's run id (--rdzv-id; a fresh uuid with --standalone); without one, the start time of
-    torchrun's agent; without torchrun, the current time."""
+    torchrun's agent; for the tasks of a job that SLURM or submitit started (`p2prl.launcher_env`), the job's
+    id, as launch/slurm.sbatch names it (a requeued job finds its run again); otherwise the current
+    time."""
     global _RUN_ID
     if _RUN_ID is None:
         rid = os.environ.get("TORCHELASTIC_RUN_ID", "")
         started = _agent_started() if "TORCHELASTIC_RESTART_COUNT" in os.environ else None
         if rid and rid != "none":
             _RUN_ID = rid
+        elif os.environ.get("P2PRL_LAUNCHER_JOB"):
+            _RUN_ID = f"p2prl-{os.environ['P2PRL_LAUNCHER_JOB']}"
         else:
             _RUN_ID = (started or datetime.now()).strftime("%Y-%m-%d_%H-%M-%S_%f")[:-3]
     return _RUN_ID
@@ -172,13 +177,15 @@ def _v1_limit(d: Path) -> Optional[float]:
     return quota / period if quota > 0 and period > 0 else None
 
 
-def cores_pinned_by_others(allowed: set[int]) -> dict[int, int]:
+def cores_pinned_by_others(allowed: set[int], pids: Optional[Iterable[int]] = None) -> dict[int, int]:
     """{core: pid} for cores that some other user process (not this job's own peers) is pinned to,
-    i.e. whose affinity is a strict subset of `allowed`. Kernel threads are pinned per core by design
-    and do not count."""
+    i.e. whose affinity is a strict subset of `allowed`; the first such process found per core.
+    Kernel threads are pinned per core by design and do not count. `pids`: only these processes
+    (default: every process in /proc)."""
     me, agent = os.getpid(), os.getppid()
     taken: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
+    entries = Path("/proc").iterdir() if pids is None else (Path("/proc") / str(pid) for pid in pids)
+    for entry in entries:
         if not entry.name.isdigit() or int(entry.name) in (me, agent):
             continue
         pid = int(entry.name)

@@ -192,12 +192,14 @@ class Loop:
     def summary(self) -> dict:
         p, learner, loop_s = self.p, self.learner, max(self.loop_s, 1e-9)
         steps_to_target, time_to_target = self.to_target
+        updates = learner.updates if learner is not None else p.iteration - self.start.iteration
         return {
             "reached": steps_to_target is not None, "steps_to_target": steps_to_target,
             "time_to_target_s": time_to_target, "final_step": p.step, "world_size": self.comm.world_size,
             "wall_s": time.perf_counter() - self.t_start, "loop_s": self.loop_s, "comm_s": self.comm_s,
             "comm_frac": self.comm_s / loop_s, "comm_calls": self.comm_calls, "comm_bytes": self.comm_bytes,
-            "updates": learner.updates if learner is not None else p.iteration - self.start.iteration,
+            "updates": updates,
+            "comm_bytes_per_update": self.comm_bytes / updates if updates else None,  # what a comm.compress form saves
             "sps": (p.step - self.start.step) / loop_s, "steps_by_rank": self.steps_by_rank,
             "time": self.times, "max_rss_mb": self.max_rss_mb, "episodes": self.window.episodes,
             "episode_return_mean": self.window.mean, "run_dir": str(self.run_dir),

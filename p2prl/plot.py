@@ -56,11 +56,15 @@ def _target(run_dir: Path) -> Optional[float]:
         return None
 
 
+def series(rows: Sequence[dict[str, Any]], x: str = "step", y: str = "episode_return_mean") -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) of the metrics rows that have a `y`, in the order of x."""
+    rows = sorted((r for r in rows if r.get(y) is not None), key=lambda r: r[x])
+    return np.array([r[x] for r in rows], dtype=float), np.array([r[y] for r in rows], dtype=float)
+
+
 def curve(run_dir: Path, x: str = "step") -> tuple[np.ndarray, np.ndarray]:
     """(x, episode_return_mean) of a run's rows that have a return, in the order of x."""
-    rows = [r for r in read_metrics(run_dir) if r.get("episode_return_mean") is not None]
-    rows.sort(key=lambda r: r[x])
-    return (np.array([r[x] for r in rows], dtype=float), np.array([r["episode_return_mean"] for r in rows], dtype=float))
+    return series(read_metrics(run_dir), x)
 
 
 def band(curves: Sequence[tuple[np.ndarray, np.ndarray]],
@@ -90,6 +94,16 @@ def run_groups(run_dirs: Sequence[Path]) -> list[Group]:
     return group_runs(run_dirs, [saved_config(d) for d in run_dirs])
 
 
+def draw_band(ax: Any, curves: Sequence[tuple[np.ndarray, np.ndarray]], held: Sequence[bool], color: str,
+              label: str, **style: Any) -> None:
+    """Several runs' curves as their mean (`band`) with a min-max band, labelled with how many; one run
+    as its own line. `style`: matplotlib line options (a marker, a dashed line)."""
+    grid, mean, lo, hi = band(curves, held)
+    ax.plot(grid, mean, color=color, label=label if len(curves) == 1 else f"{label} (mean of {len(curves)})", **style)
+    if len(curves) > 1:
+        ax.fill_between(grid, lo, hi, color=color, alpha=0.2, linewidth=0)
+
+
 def plot_returns(run_dirs: Sequence[Path], out: Path, x: str = "step",
                  groups: Optional[Sequence[Group]] = None) -> Path:
     """`episode_return_mean` against `x`: one line per group (`run_groups`), a group of several runs as
@@ -97,12 +111,8 @@ def plot_returns(run_dirs: Sequence[Path], out: Path, x: str = "step",
     run's target as a dashed line."""
     fig, (ax,) = _figure()
     for i, g in enumerate(groups if groups is not None else run_groups(run_dirs)):
-        grid, mean, lo, hi = band([curve(d, x) for d in g.runs], [_reached(d) for d in g.runs])
-        if len(g.runs) == 1:
-            ax.plot(grid, mean, marker=".", color=f"C{i}", label=g.label)
-        else:
-            ax.plot(grid, mean, color=f"C{i}", label=f"{g.label} (mean of {len(g.runs)})")
-            ax.fill_between(grid, lo, hi, color=f"C{i}", alpha=0.2, linewidth=0)
+        draw_band(ax, [curve(d, x) for d in g.runs], [_reached(d) for d in g.runs], f"C{i}", g.label,
+                  **({"marker": "."} if len(g.runs) == 1 else {}))
     target = _target(run_dirs[0]) if run_dirs else None
     if target is not None:
         ax.axhline(target, color="gray", linestyle="--", linewidth=1, label=f"target {target:g}")

@@ -1,14 +1,12 @@
 """Every user-caused error, caught before training in one place.
 
-The command line is composed with Hydra's compose API (each job of a sweep too) and turned into the
-typed config, which checks every value (`to_run_config`: the schema's checks, then those the
-strategy table holds). Then `preflight` checks what needs the outside world: the env's spaces against
-the algorithm, the strategy against the number of peers, the comm backend against the hardware, the
-run dir writable, the checkpoint to resume readable and fitting this config. Under torchrun the peers
-then swap their verdicts and configs through torchrun's store: if any peer found an error, or the
-peers' configs differ, every peer stops with the same one line. All of it happens before Hydra creates
-a run dir, so a bad command overwrites nothing of an existing run. What `preflight` established is
-kept (`Preflight`), so the run does not check it again.
+Hydra composes the command line once; `p2prl.launch`'s callback hands what it composed to the checks
+here before Hydra creates a run dir. `to_run_config` turns it into the typed config, which checks every
+value (the schema's checks, then those the strategy table holds). `preflight` checks what needs the
+outside world: the env's spaces against the algorithm, the strategy against the number of peers, the
+comm backend against the hardware, the run dir writable, the checkpoint to resume readable and fitting
+this config. `explain` turns Hydra's and OmegaConf's errors (a group option or key that does not exist)
+into the same kind of line. `agreed_preflight` is a sweep job's check where the job runs.
 """
 from __future__ import annotations
 
@@ -24,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from p2prl import algos
 from p2prl.checks import ConfigError
-from p2prl.config import RunConfig, build_config, conf_dir, config_hash, upgrade
+from p2prl.config import RunConfig, build_config, conf_dir, upgrade
 from p2prl.sync import table as sync
 
 if TYPE_CHECKING:
@@ -32,8 +30,8 @@ if TYPE_CHECKING:
 
 GROUPS = ("algo", "env", "comm", "checkpoint", "logger")
 DIR_KEYS = ("hydra.run.dir", "hydra.sweep.dir")
-MAX_JOBS = 256
 START_TIMEOUT_S = 60.0  # the start-up exchange's wait when the command line did not even compose
+_JOBS = itertools.count()  # sweep jobs this process checked where they run: every peer counts alike
 
 
 def env_label(choice: str, env_id: str) -> str:
@@ -66,15 +64,22 @@ def to_run_config(cfg: DictConfig | dict) -> RunConfig:
     return cfg
 
 
-def preflight(cfg: RunConfig, run_dir: Optional[Path], dir_key: str = DIR_KEYS[0],
-              out_dir: Optional[Path] = None) -> Preflight:
+def check_peers(cfg: RunConfig, world_size: int) -> None:
+    """What the number of peers decides: the strategy's graph, the straggler cut."""
+    algos.check_strategy(cfg.algo.name, cfg.comm.strategy, cfg.comm.straggler_frac, cfg.comm.compress)
+    sync.check_world(cfg.comm, world_size)
+
+
+def preflight(cfg: RunConfig, run_dir: Optional[Path], dir_key: str = DIR_KEYS[0], out_dir: Optional[Path] = None,
+              peers: Optional[tuple[int, int]] = None) -> Preflight:
     """Check what needs the outside world; `run_dir` None: a sweep's job dir, numbered at launch, whose
-    resume source the run checks itself."""
+    resume source the job checks itself. `peers`: (world size, peers on this node) of the job, if not
+    this process's own (torchrun's environment)."""
     from p2prl.host import resolve_devices
     from p2prl.envs import check_vectorization, make_single_env
     from p2prl.resume import check_source
-    algos.check_strategy(cfg.algo.name, cfg.comm.strategy, cfg.comm.straggler_frac)
-    sync.check_world(cfg.comm, int(os.environ.get("WORLD_SIZE", 1)))
+    world, local = peers or (int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    check_peers(cfg, world)
     env = make_single_env(cfg.env)
     check_vectorization(cfg.env)
     try:
@@ -84,15 +89,37 @@ def preflight(cfg: RunConfig, run_dir: Optional[Path], dir_key: str = DIR_KEYS[0
         algos.spec(cfg.algo.name).check_actions(cfg.algo, env.action_space)
     finally:
         env.close()
-    devices = resolve_devices(cfg.device, cfg.comm.backend, image)
+    devices = resolve_devices(cfg.device, cfg.comm.backend, image, local)
     if cfg.logger.name == "wandb" and importlib.util.find_spec("wandb") is None:
         # Checked on every peer: torchrun's rendezvous may place rank 0, the one that logs, on any node.
         raise ConfigError("logger", "wandb", 'needs the wandb package: pip install -e ".[wandb]" (on every node); '
                                              "allowed here: tensorboard")
-    _check_writable(dir_key, out_dir or run_dir or Path("."))
+    check_writable(dir_key, out_dir or run_dir or Path("."))
     explicit = cfg.train.resume not in ("auto", "never")  # a path: the same source for every job
     checked = check_source(cfg, run_dir or out_dir or Path(".")) if run_dir is not None or explicit else None
     return Preflight(devices, checked)
+
+
+def agreed_preflight(cfg: RunConfig, run_dir: Path) -> Preflight:
+    """A sweep job's `preflight` where it runs, then every peer's verdict and config compared through
+    the launcher's store, so a bad job stops every peer alike.
+
+    The sweep's jobs were checked before the first one started, but Hydra's launcher composes each
+    job anew (on a compute node, for a remote launcher, where it is checked the first time); handing
+    the earlier results over would mean matching the launcher's configs to ours, so the job checks
+    again here, and checks its own resume source, known only now that its dir is numbered."""
+    from p2prl.comm import agree_before_start
+    error = None
+    checked = None
+    try:
+        checked = preflight(cfg, run_dir)
+    except ConfigError as e:
+        error = str(e)
+    # Keyed by the job's number, not its config: peers whose configs differ must meet to find out.
+    error = agree_before_start(error, [cfg.flat()], cfg.comm.timeout_s, tag=f"job-{next(_JOBS)}")
+    if error is not None:
+        raise ConfigError.line(error)
+    return checked
 
 
 def _check_frame_stack(env, space) -> None:
@@ -103,7 +130,7 @@ def _check_frame_stack(env, space) -> None:
                                                               "here: null")
 
 
-def _check_writable(key: str, path: Path) -> None:
+def check_writable(key: str, path: Path) -> None:
     """The dir exists and is writable, or its nearest existing ancestor is a directory in which one can be made."""
     probe = path.absolute()
     while not probe.exists() and probe != probe.parent:
@@ -125,120 +152,82 @@ def _options(group: str) -> list[str]:
     return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
 
 
-def _job_overrides(argv: list[str]) -> list[list[str]]:
-    """Per override, the list of its values as `key=value` strings (sweeps expanded); of Hydra's
-    own overrides only the output dirs."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    args = []
-    skip_next = False
+def _overrides(argv: list[str]) -> list[str]:
+    """The overrides of a command line, without Hydra's own flags and their values."""
+    out, skip_next = [], False
     for a in argv:
         if skip_next:
             skip_next = False
-        elif a in ("-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir",
-                   "--info", "-i", "--cfg", "-c", "--package", "-p"):
-            skip_next = a not in ("--info", "-i")
+        elif a in ("-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir", "--cfg", "-c",
+                   "--package", "-p"):
+            skip_next = True
         elif not a.startswith("-"):
-            args.append(a)
-    out = []
-    for o in OverridesParser.create().parse_overrides(args):
-        key = o.key_or_group
-        if key not in DIR_KEYS and (key == "hydra" or key.startswith(("hydra.", "hydra/"))):
-            continue
-        if o.is_sweep_override():
-            prefix = o.input_line.split("=", 1)[0]
-            out.append([f"{prefix}={v}" for v in o.sweep_string_iterator()])
-        else:
-            out.append([o.input_line])
-        if key in GROUPS:
-            for item in out[-1]:
-                value = item.split("=", 1)[1]
-                if value not in _options(key):
-                    hint = ""
-                    if key == "env" and re.search(r"-v\d+$", value):  # a gymnasium id, as SB3 takes it
-                        hint = f" (a gymnasium id: env=gym env.id={value})"
-                    raise ConfigError(key, value, f"unknown {key}; allowed: {', '.join(_options(key))}{hint}")
+            out.append(a)
     return out
 
 
-def _compose(overrides: list[str], hydra_config: bool = True) -> DictConfig:
-    """Hydra's compose; an override of a key that does not exist says which keys do."""
-    from hydra import compose
-    from hydra.errors import ConfigCompositionException
+def check_group_choices(argv: list[str]) -> None:
+    """An option of p2prl's config groups that conf/ does not have, in one line (Hydra's says it in six)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    for o in OverridesParser.create().parse_overrides(_overrides(argv)):
+        key = o.key_or_group
+        if key not in GROUPS:
+            continue
+        values = list(o.sweep_string_iterator()) if o.is_discrete_sweep() else [o.get_value_element_as_str()]
+        for value in values:
+            if value not in _options(key):
+                hint = ""
+                if key == "env" and re.search(r"-v\d+$", value):  # a gymnasium id, as SB3 takes it
+                    hint = f" (a gymnasium id: env=gym env.id={value})"
+                raise ConfigError(key, value, f"unknown {key}; allowed: {', '.join(_options(key))}{hint}")
+
+
+def explain(error: BaseException, argv: list[str]) -> str:
+    """The one line for an error of composing the command line `argv` (Hydra's, OmegaConf's or ours)."""
+    if isinstance(error, ConfigError):
+        return str(error)
     try:
-        return compose(config_name="config", overrides=overrides, return_hydra_config=hydra_config)
-    except ConfigCompositionException as e:
-        m = re.search(r"Could not override '([^']+)'", str(e))
+        check_group_choices(argv)
+        m = re.search(r"Could not override '([^']+)'", str(error))
+        overrides = _overrides(argv)
         bad = [o for o in overrides if m and o.split("=", 1)[0] == m.group(1)]
-        if not bad:
-            raise
-        key, value = bad[0].split("=", 1)
-        section = OmegaConf.select(compose(config_name="config", overrides=[o for o in overrides if o != bad[0]]),
-                                   key.rpartition(".")[0])
-        allowed = ", ".join(sorted(section.keys())) if isinstance(section, DictConfig) else "none"
-        raise ConfigError(key, value, f"unknown key; allowed: {allowed}") from e
+        if bad:
+            key, value = bad[0].split("=", 1)
+            # The error path only: compose once more without the bad key, to say which keys its section has.
+            section = OmegaConf.select(_compose_plain([o for o in overrides if o != bad[0]]), key.rpartition(".")[0])
+            allowed = ", ".join(sorted(section.keys())) if isinstance(section, DictConfig) else "none"
+            return str(ConfigError(key, value, f"unknown key; allowed: {allowed}"))
+    except ConfigError as e:
+        return str(e)
+    except Exception:  # the sweep syntax itself is broken: Hydra's own message says where
+        pass
+    return one_line(error)
 
 
-def compose(*overrides: str) -> RunConfig:
-    """The typed config that `python -m p2prl.train <overrides>` would run (conf/'s defaults, the
-    tuned preset of the algo/env pair, then the overrides), checked, without running anything."""
+def _compose_plain(overrides: list[str]) -> DictConfig:
+    from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
-            return to_run_config(_compose(list(overrides), hydra_config=False))
+            return hydra_compose(config_name="config", overrides=overrides)
     finally:
         GlobalHydra.instance().clear()
 
 
-def compose_jobs(argv: list[str]) -> dict[str, tuple[RunConfig, Preflight]]:
-    """Compose and check every job the command line asks for: {config hash: (config, preflight)}.
-
-    Raises ConfigError (or Hydra's and OmegaConf's own errors) for the first bad job."""
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-
-    multirun = "-m" in argv or "--multirun" in argv
-    dir_key = DIR_KEYS[1] if multirun else DIR_KEYS[0]
-    combos = list(itertools.islice(itertools.product(*_job_overrides(argv)), MAX_JOBS))
-    jobs: dict[str, tuple[RunConfig, Preflight]] = {}
-    try:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
-            for overrides in combos:
-                cfg = _compose(list(overrides))
-                HydraConfig.instance().set_config(cfg)  # resolves ${hydra:...} in the output dirs
-                job = to_run_config(cfg)  # first: the output dirs interpolate config values
-                out_dir = Path(OmegaConf.select(cfg, dir_key))
-                # A sweep's job dirs are numbered at launch; each job checks its own resume source then.
-                jobs[config_hash(job.to_dict())] = (job, preflight(job, None if multirun else out_dir, dir_key,
-                                                                   out_dir))
-    finally:
-        GlobalHydra.instance().clear()
-    return jobs
-
-
-def check_command_line(argv: list[str]) -> tuple[Optional[str], dict[str, tuple[RunConfig, Preflight]]]:
-    """(the one error line every peer stops with, or None; the checked jobs). Under torchrun every
-    peer's verdict and configs are compared through torchrun's store before any peer goes on."""
+def compose(*overrides: str) -> RunConfig:
+    """The typed config that `python -m p2prl.train <overrides>` would run (conf/'s defaults, the
+    tuned preset of the algo/env pair, then the overrides), checked, without running anything."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
-
-    from p2prl.comm import agree_before_start
-
-    error, jobs, timeout_s = None, {}, START_TIMEOUT_S
     try:
-        jobs = compose_jobs(argv)
-        timeout_s = next(iter(jobs.values()))[0].comm.timeout_s if jobs else timeout_s
-    except ConfigError as e:
-        error = str(e)
-    except (HydraException, OmegaConfBaseException, ValueError) as e:
-        error = _one_line(e)
-    flat = [job.flat() for job, _ in jobs.values()]
-    return agree_before_start(error, flat, timeout_s), jobs
+        return to_run_config(_compose_plain(list(overrides)))
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError.line(explain(e, list(overrides))) from e
 
 
-def _one_line(e: Optional[BaseException]) -> str:
+def one_line(e: Optional[BaseException]) -> str:
     """Hydra/OmegaConf errors span several lines; keep the informative ones on one."""
     parts: list[str] = []
     while e is not None and len(parts) < 3:

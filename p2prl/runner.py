@@ -4,7 +4,6 @@ agree to stop, the phases marked there). Raises; never exits."""
 from __future__ import annotations
 
 import gc
-import itertools
 import logging
 import os
 import random
@@ -17,21 +16,19 @@ import torch
 
 from p2prl import algos
 from p2prl.atomic import write_json_atomic
-from p2prl.checks import ConfigError
 from p2prl.collect import Collector
-from p2prl.comm import Communicator, PeerFailure, agree_before_start, agree_on_config, open_comm
+from p2prl.comm import Communicator, PeerFailure, agree_on_config, open_comm
 from p2prl.config import RunConfig, config_hash
 from p2prl.envs import make_vec_env
 from p2prl.faults import Interrupted
 from p2prl.host import pin, place
 from p2prl.loop import Loop
-from p2prl.precheck import Preflight, preflight
+from p2prl.precheck import Preflight, agreed_preflight
 from p2prl.preemption import preemption
 from p2prl.seeding import env_seed
 from p2prl.timing import Stopwatch
 
 log = logging.getLogger(__name__)
-_JOBS = itertools.count()  # jobs this process started: every peer counts alike, whatever its config
 
 
 def build_algorithm(cfg: RunConfig, comm: Communicator, tag: str = "", clock: Optional[Stopwatch] = None
@@ -52,34 +49,17 @@ def build_algorithm(cfg: RunConfig, comm: Communicator, tag: str = "", clock: Op
     return algo
 
 
-def _agreed_preflight(cfg: RunConfig, run_dir: Path, checked: Optional[Preflight]) -> Preflight:
-    """`preflight` for a job the precheck did not compose (a sweeper's; `checked` None), then every
-    peer's verdict and config compared through torchrun's store, so a bad job stops every peer alike."""
-    job = next(_JOBS)
-    error = None
-    if checked is None:
-        try:
-            checked = preflight(cfg, run_dir)
-        except ConfigError as e:
-            error = str(e)
-    # Keyed by the job's number, not its config: peers whose configs differ must meet to find out. Every
-    # job, also a precomposed one: a sweeper may hand one peer a precomposed config and another not.
-    error = agree_before_start(error, [cfg.flat()], cfg.comm.timeout_s, tag=f"job-{job}")
-    if error is not None:
-        raise ConfigError.line(error)
-    return checked
-
-
 def run(cfg: RunConfig, run_dir: Path, checked: Optional[Preflight] = None) -> dict:
     """Train until the target return or the global step budget; returns the summary (all ranks).
 
-    `checked`: what `p2prl.precheck` established for this job (checked here if None). Raises
+    `checked`: what the precheck established for this job (a single run's, from Hydra's callback);
+    None: a sweep's job, or a caller's, checked here, every peer's verdict compared. Raises
     `Interrupted` (SIGTERM/SIGINT, or torchrun's agent died), `PeerFailure` (a peer died or froze),
     `NonFiniteUpdates` and `ConfigError`; on the first two, rank 0 first saves the model of the last
     iteration boundary to checkpoints/interrupted.pt.
     """
     t_start = time.perf_counter()
-    checked = _agreed_preflight(cfg, run_dir, checked)
+    checked = checked if checked is not None else agreed_preflight(cfg, run_dir)
     torch.set_num_threads(cfg.train.torch_threads)
     affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     placement = place(cfg.train.torch_threads) if cfg.train.pin_cores else None
@@ -98,8 +78,6 @@ def run(cfg: RunConfig, run_dir: Path, checked: Optional[Preflight] = None) -> d
         if placement is not None and placement.cores is not None:
             os.sched_setaffinity(0, affinity)
         comm.close()
-
-
 
 
 def _train(cfg: RunConfig, run_dir: Path, comm: Communicator, t_start: float, checked: Optional[Path]) -> dict:

@@ -19,11 +19,26 @@ BAD_INPUT = 2
 
 
 class _BadInputFailures(logging.Filter):
-    """Drops the agent's per-peer "failed (exitcode: 2)" record: that peer has said why itself."""
+    """Drops the agent's per-peer "failed (exitcode: 2)" record: that peer has said why itself. Holds
+    back its "Sending process ... closing signal" records until the outcome is known: after bad input
+    they only say that one peer exited a moment before the others."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[logging.LogRecord] = []
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("Sending process") and not getattr(record, "p2prl_released", False):
+            self.held.append(record)
+            return False
         return not (str(record.msg).startswith("failed (exitcode") and record.args
                     and record.args[0] == BAD_INPUT)
+
+    def release(self, logger: logging.Logger) -> None:
+        for record in self.held:
+            record.p2prl_released = True
+            logger.handle(record)
+        self.held.clear()
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -31,14 +46,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_BadInputFailures())
+    agent_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+    failures = _BadInputFailures()
+    agent_log.addFilter(failures)
     try:
         torchrun.run(torchrun.parse_args(argv))
     except ChildFailedError as e:
         if all(f.exitcode == BAD_INPUT for f in e.failures.values()):
             return BAD_INPUT
+        failures.release(agent_log)
         print(e.format_msg(), file=sys.stderr)
         return 1
+    failures.release(agent_log)
     return 0
 
 

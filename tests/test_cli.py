@@ -20,7 +20,7 @@ def check_contract(run: Path, world_size: int):
     assert steps == sorted(set(steps)) and steps[-1] == BUDGET  # the budget is a multiple of an iteration
     s = json.loads((run / "summary.json").read_text())
     for k in ("reached", "steps_to_target", "time_to_target_s", "final_step", "world_size", "wall_s",
-              "comm_frac", "comm_bytes", "comm_calls", "comm_s", "loop_s", "updates", "config"):
+              "comm_frac", "comm_bytes", "comm_calls", "comm_s", "loop_s", "updates", "comm_bytes_per_update", "config"):
         assert k in s, k
     assert s["world_size"] == world_size and s["final_step"] == BUDGET and s["reached"] is False
     assert 0 <= s["comm_frac"] <= 1 and s["comm_s"] <= s["loop_s"] <= s["wall_s"]
@@ -45,6 +45,7 @@ def test_two_peers_under_torchrun(run_dir, cli):
     n_params = sum(t.numel() for t in torch.load(run_dir / "checkpoints" / f"step_{BUDGET}.pt",
                                                   weights_only=True)["model"].values())
     assert s["comm_calls"] >= s["updates"] and s["comm_bytes"] >= s["updates"] * 4 * n_params
+    assert s["comm_bytes_per_update"] == s["comm_bytes"] / s["updates"]
 
 
 def test_target_return_stops_all_peers(run_dir, cli):
@@ -59,7 +60,7 @@ def test_target_return_stops_all_peers(run_dir, cli):
 BAD = [
     (["env=nosuchenv"], "env=nosuchenv", "cartpole"),
     (["algo.num_envs=3", "algo.num_steps=5", "algo.num_minibatches=4"], "algo.num_minibatches=4", "divide"),
-    (["algo.lr=1e-3,-1", "-m"], "algo.lr=-1", "positive"),
+    (["-m", "algo.lr=1e-3,-1"], "algo.lr=-1", "positive"),
 ]
 
 
@@ -81,3 +82,30 @@ def test_bad_override_on_two_peers_every_peer_exits_2(tmp_path, cli):
     assert p.stderr.count("p2prl: error: algo.lr=-1") == 1, p.stderr  # rank 0 prints it once
     assert "exitcode  : 2" in p.stderr and "exitcode  : 1" not in p.stderr
     assert "Traceback" not in p.stderr.split("p2prl: error")[0]
+
+
+COUNT_COMPOSES = """
+import os, sys
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
+import p2prl.train as train
+real, modes = ConfigLoaderImpl.load_configuration, []
+def counting(self, *args, **kwargs):
+    modes.append(str(kwargs.get("run_mode")))
+    return real(self, *args, **kwargs)
+ConfigLoaderImpl.load_configuration = counting
+train._leave = lambda code: (print("composed:", " ".join(modes), flush=True), os._exit(code))
+sys.argv[1:] = {args!r}
+train.main()
+"""
+
+
+def test_a_single_run_is_composed_once_and_checked_on_that_config(run_dir, tmp_path):
+    import subprocess
+    import sys
+    args = [*TINY, f"hydra.run.dir={run_dir}"]
+    p = subprocess.run([sys.executable, "-c", COUNT_COMPOSES.format(args=args)], cwd=Path(__file__).parents[1],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    # Hydra's own look at `hydra.mode` (Hydra.get_mode), then the one compose the run and its check share.
+    assert p.stdout.strip().splitlines()[-1] == "composed: RunMode.MULTIRUN RunMode.RUN", p.stdout
+    assert json.loads((run_dir / "summary.json").read_text())["final_step"] == BUDGET

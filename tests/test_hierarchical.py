@@ -68,7 +68,8 @@ def _which(rank: int, cfg):
 def test_topology_auto_is_hierarchical_only_with_several_nodes_of_several_peers(topology, per_node, expected,
                                                                                  compose, peers):
     cfg = compose("comm.timeout_s=30", f"comm.topology={topology}").comm
-    assert peers(_which, 4, cfg, per_node=per_node) == [expected] * 4
+    # Four spawned peers each import torch and open gloo: on 2 busy cores that alone can take a minute.
+    assert peers(_which, 4, cfg, per_node=per_node, timeout=120) == [expected] * 4
 
 
 def _train(rank: int, cfg):

@@ -435,17 +435,17 @@ def test_evaluation_counts_whole_games_through_lost_lives():
 
 @pytest.mark.skipif(not HAS_ALE, reason="needs the atari extra")
 def test_observation_normalization_is_refused_for_images(tmp_path):
-    from p2prl.precheck import check_command_line
-    error, _ = check_command_line(["env=breakout", "algo.norm_obs=true", f"hydra.run.dir={tmp_path / 'r'}"])
+    from p2prl.launch import check_command_line
+    error = check_command_line(["env=breakout", "algo.norm_obs=true", f"hydra.run.dir={tmp_path / 'r'}"])
     assert error.startswith("algo.norm_obs=true: does not apply to image observations") and "allowed here: false" in error
 
 
 def test_refusals_of_stacked_colour_frames_and_frames_too_small_for_the_cnn(tmp_path):
-    from p2prl.precheck import check_command_line
+    from p2prl.launch import check_command_line
     run = f"hydra.run.dir={tmp_path / 'r'}"
-    error, _ = check_command_line(["env=gym", "env.id=P2prlTestColour-v0", "env.frame_stack=4", run])
+    error = check_command_line(["env=gym", "env.id=P2prlTestColour-v0", "env.frame_stack=4", run])
     assert error.startswith("env.frame_stack=4: stacks vectors or 2-D (grey) frames; the env's frames are (40, 40, 3)")
-    error, _ = check_command_line(["env=gym", "env.id=P2prlTestColour-v0", run])
+    error = check_command_line(["env=gym", "env.id=P2prlTestColour-v0", run])
     assert error is None  # 40x40x3 colour: the CNN, channels last
     small = gym.spaces.Box(0, 255, (4, 20, 20), np.uint8)
     assert resolve_encoder("auto", small) == "mlp"

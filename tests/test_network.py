@@ -127,6 +127,33 @@ def test_network_options_and_their_refusals(monkeypatch, capsys):
     assert e.value.code == 2 and "--network: network namespaces need root" in capsys.readouterr().err
 
 
+def test_train_options_plan_and_refusals(monkeypatch, capsys, tmp_path):
+    from p2prl.bench import linktrain
+    a = _options(monkeypatch, ["10mbit", "100mbit", "--train", "lunarlander-ppo", "--variants", "allreduce",
+                               "local_sgd+int8", "--seeds", "0", "1", "-o", "comm.average_every=8"])
+    jobs = linktrain.plan(a, tmp_path)
+    assert [(j["seed"], j["rate"], j["variant"]) for j in jobs][:3] == [(0, "10mbit", "allreduce"),
+                                                                       (0, "10mbit", "local_sgd+int8"),
+                                                                       (0, "100mbit", "allreduce")]
+    assert len(jobs) == 8 and jobs[1]["run_dir"] == tmp_path / "runs" / "10mbit" / "lunarlander-ppo" / "local_sgd-int8" / "seed0"
+    ov = linktrain.overrides("lunarlander-ppo", "local_sgd+int8", 1, tmp_path / "r", a)
+    assert ov[:5] == ["algo=ppo", "env=lunarlander", "train.target_return=200", "comm=local_sgd", "comm.compress=int8"]
+    assert ov[-3:] == ["comm.average_every=8", "seed=1", f"hydra.run.dir={(tmp_path / 'r').resolve()}"]
+    assert _options(monkeypatch, ["1gbit", "--train", "breakout-ppo"]).variants == list(linktrain.VARIANTS)
+    for argv, line in ((["1gbit", "--train", "breakout-ppo", "--variants", "allreduce+zip"],
+                        "--variants allreduce+zip: allowed: a strategy (allreduce, param_server, local_sgd, gossip), "
+                        "optionally +bf16|int8|lowrank"),
+                       (["1gbit", "--train", "breakout-ppo", "--hosts", "2", "4"],
+                        "--hosts 2 4: --train runs one layout; allowed: one value"),
+                       (["1gbit", "--variants", "allreduce"], "--variants: needs --train")):
+        with pytest.raises(SystemExit) as e:
+            _options(monkeypatch, argv)
+        assert e.value.code == 2 and line in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--train", "cartpole-ppo"])
+    assert e.value.code == 2 and "--train: needs --network RATE" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("module", [None, "p2prl.bench.syncbench"])
 def test_multinode_runs_the_module_it_is_given(tmp_path, module):
     stub = tmp_path / "torchrun"
@@ -183,19 +210,42 @@ def _ours() -> tuple[list[str], list[str]]:
     return [n for n in names.split() if n.startswith("p2prl-")], sorted(p.name for p in Path("/dev/shm").glob(".p2prl-*"))
 
 
+def _bench(tmp_path: Path, *argv: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """`python -m p2prl.bench --network 50mbit *argv` into tmp_path/bench, which must succeed."""
+    out = tmp_path / "bench"
+    p = subprocess.run([sys.executable, "-m", "p2prl.bench", "--network", "50mbit", *argv, "--out", str(out)],
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=560)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return p, out
+
+
 @needs_netns
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_bench_network_end_to_end_on_two_shaped_hosts_leaves_nothing(tmp_path):
     before = _ours()
-    out = tmp_path / "bench"
-    p = subprocess.run([sys.executable, "-m", "p2prl.bench", "--network", "50mbit", "--hosts", "2", "--bucket-bytes",
-                        "20000", "--point-seconds", "0.2", "--out", str(out)], cwd=ROOT, env=_env(),
-                       capture_output=True, text=True, timeout=560)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    p, out = _bench(tmp_path, "--hosts", "2", "--bucket-bytes", "20000", "--point-seconds", "0.2")
     r = json.loads((out / "network.json").read_text())
     assert {q["strategy"] for q in r["points"]} == {"allreduce", "param_server", "local_sgd", "gossip"}
     assert r["links"][0]["shaping"]["burst"] == 3028 and len(r["probes"][0]["pairs"]) == 2
     assert "| 50mbit | 2x1 | 20 KB | param_server |" in (out / "network.md").read_text()
     assert "Per-update sync" in p.stdout
     assert _ours() == before  # namespaces, links (inside them) and each host's /dev/shm, all removed
+
+
+@needs_netns
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_bench_network_train_on_two_shaped_hosts_reports_each_variant_and_leaves_nothing(tmp_path):
+    before = _ours()
+    _, out = _bench(tmp_path, "--train", "cartpole-ppo", "--variants", "allreduce", "allreduce+int8", "--seeds", "0",
+                    "--max-seconds", "400", "-o", "train.total_steps=1024", "-o", "train.log_every_steps=256")
+    runs = {r["variant"]: r for r in json.loads((out / "train.json").read_text())["runs"]}
+    assert set(runs) == {"allreduce", "allreduce+int8"} and all(r["final_step"] == 1024 for r in runs.values())
+    # the same updates, a quarter of the gradient's bytes and a little more (scales, terms) per update
+    assert runs["allreduce"]["updates"] == runs["allreduce+int8"]["updates"] > 0
+    ratio = runs["allreduce+int8"]["bytes_per_update"] / runs["allreduce"]["bytes_per_update"]
+    assert 0.2 < ratio < 0.4, ratio
+    assert "| cartpole-ppo | 50mbit | 2x1 | allreduce+int8 | 0 |" in (out / "train.md").read_text()
+    assert (out / "train.png").stat().st_size > 0
+    assert _ours() == before

@@ -53,6 +53,13 @@ def test_nproc_must_be_positive(capsys):
     assert e.value.code == 2 and "--nproc=0: must be a positive integer" in capsys.readouterr().err
 
 
+def test_nproc_with_a_submitit_launcher_is_refused(capsys):
+    assert cli.main(["train", "--nproc", "2", "-m", "hydra/launcher=submitit_slurm", "algo.lr=1e-3,3e-4"]) == 2
+    assert capsys.readouterr().err == ("p2prl: error: --nproc=2: hydra/launcher=submitit_slurm starts each job's "
+                                       "peers itself (hydra.launcher.tasks_per_node x hydra.launcher.nodes); "
+                                       "allowed with it: 1\n")
+
+
 def test_train_on_two_peers_through_torchrun(run_dir):
     p = p2prl("train", "--nproc", "2", *TINY, f"hydra.run.dir={run_dir}")
     assert p.returncode == 0, p.stderr[-3000:]

@@ -174,19 +174,21 @@ def test_where_parameters_differ_rank_0_saves_their_mean_and_each_rank_its_own(t
 
 
 def _compressed_mean(rank: int, cfg, name: str):
-    from p2prl.sync.compress import COMPRESSIONS
+    from p2prl.sync.compress import make_compression
     comm = open_comm(cfg, "gloo")
     flat = torch.tensor([1.0 + 2 ** -10, -3.0, 0.1]) * (rank + 1)  # 1 + 2^-10 needs more than bf16's 8 bits
-    COMPRESSIONS[name](flat).mean(comm, flat)
+    params = [torch.nn.Parameter(torch.zeros(2))]  # two gradient values, then one term that travels exact
+    make_compression(dataclasses.replace(cfg, compress=name), params, 1, flat).mean(comm, flat)
     return flat
 
 
 def test_bf16_compression_averages_the_rounded_gradients_alike_on_every_peer(compose, peers):
     cfg = compose("comm.timeout_s=30").comm
     got = peers(_compressed_mean, 2, cfg, "bf16")
-    sent = [(torch.tensor([1.0 + 2 ** -10, -3.0, 0.1]) * (r + 1)).bfloat16() for r in range(2)]
+    sent = [(torch.tensor([1.0 + 2 ** -10, -3.0, 0.1]) * (r + 1)) for r in range(2)]
     assert torch.equal(got[0], got[1])
-    assert torch.equal(got[0], (sent[0] + sent[1]).float() / 2)
+    assert torch.equal(got[0][:2], (sent[0][:2].bfloat16() + sent[1][:2].bfloat16()).float() / 2)
+    assert torch.equal(got[0][2:], (sent[0][2:] + sent[1][2:]) / 2)  # the term stays exact
     exact = peers(_compressed_mean, 2, cfg, "none")[0]
     assert not torch.equal(got[0], exact)  # the rounding is visible: the bytes did travel as bf16
 

@@ -13,7 +13,7 @@ import torch
 
 from p2prl.checkpoint import save_atomic
 from p2prl.resume import FORMAT
-from p2prl.precheck import check_command_line
+from p2prl.launch import check_command_line
 
 pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,15 +33,20 @@ BAD = [
     (["algo=qlearning", "env=taxi", "comm=gossip"],
      ["comm=gossip", "algo=qlearning cannot share its updates this way; allowed: allreduce"]),
     (["comm=gossip", "comm.overlap=true"], ["comm.overlap=true", "only comm=allreduce overlaps", "allowed: false"]),
-    (["comm=param_server", "comm.compress=bf16"],
-     ["comm.compress=bf16", "only comm=allreduce compresses its sums, not comm=param_server", "allowed: none"]),
-    (["comm.overlap=true", "comm.compress=bf16"], ["comm.compress=bf16", "blocking sums only", "allowed here: none"]),
+    (["comm=param_server", "comm.compress=int8"],
+     ["comm.compress=int8", "only comm=allreduce or comm=local_sgd compresses its sums, not comm=param_server",
+      "allowed: none"]),
+    (["comm=gossip", "comm.compress=lowrank"], ["comm.compress=lowrank", "not comm=gossip", "allowed: none"]),
+    (["comm.overlap=true", "comm.compress=int8"], ["comm.compress=int8", "blocking sums only", "allowed here: none"]),
+    (["algo=qlearning", "env=taxi", "comm.compress=int8"],
+     ["comm.compress=int8", "algo=qlearning sums exact tables, not gradients", "allowed: none"]),
+    (["comm.compress_rank=0"], ["comm.compress_rank=0", "positive integer"]),
     (["comm=gossip", "comm.graph=flat"], ["comm.graph=flat", "allowed: ring, hypercube"]),
     (["comm=gossip", "comm.topology=ring"], ["comm.topology=ring", "allowed: auto, flat, hierarchical"]),
     (["comm.outer_momentum=1"], ["comm.outer_momentum=1", "must be in [0, 1)"]),
     (["comm.straggler_frac=0"], ["comm.straggler_frac=0", "must be in (0, 1]"]),
     (["comm.min_rollout_frac=0"], ["comm.min_rollout_frac=0", "must be in (0, 1]"]),
-    (["comm.compress=fp8"], ["comm.compress=fp8", "allowed: none, bf16"]),
+    (["comm.compress=fp8"], ["comm.compress=fp8", "allowed: none, bf16, int8, lowrank"]),
     (["env=gym"], ["env.id=???", "env=gym needs the gymnasium id to train on"]),
     (["env.wrapper=mujoco"], ["env.wrapper=mujoco", "allowed: none, atari"]),
     (["env.terminal_on_life_loss=true"], ["env.terminal_on_life_loss=true", "needs env.wrapper=atari"]),
@@ -102,6 +107,13 @@ BAD = [
     (["hydra.run.dir={tmp}/acrobot_run"], ["train.resume=auto", "belongs to another run (algo=ppo env=acrobot"]),
     (["train.resume="], ["train.resume=", "allowed: auto, never"]),
     (["algo.lr=1e-3,-1", "-m", "hydra.sweep.dir={tmp}/sweep"], ["algo.lr=-1", "positive number"]),
+    (["-m", "algo.lr=tag(log, interval(1e-4, 1e-2))", "hydra.sweep.dir={tmp}/sweep"],
+     ["algo.lr=tag(log, interval(1e-4, 1e-2)): Hydra's basic sweeper lists its jobs", "hydra/sweeper=optuna"]),
+    (["train.objective=loss"], ["train.objective=loss", "allowed: episode_return_mean, best_eval_return, steps_to_target"]),
+    (["train.objective=best_eval_return"], ["train.objective=best_eval_return", "needs evaluations during training "
+                                            "(train.eval_every_steps); allowed here: episode_return_mean, steps_to_target"]),
+    (["train.objective=steps_to_target", "train.target_return=null"],
+     ["train.objective=steps_to_target: needs a train.target_return; allowed here: episode_return_mean"]),
     (["logger=nosuch"], ["logger=nosuch", "unknown logger; allowed: tensorboard, wandb"]),
     (["logger.mode=sometimes"], ["logger.mode=sometimes", "allowed: online, offline, disabled"]),
     (["logger.tags=notalist"], ["logger.tags=notalist", "must be a list of names"]),
@@ -149,7 +161,7 @@ def test_bad_input_is_one_line_before_anything_is_written(args, expected, tmp_pa
     if not any(a.startswith("hydra.") for a in args):
         args.append(f"hydra.run.dir={tmp_path / 'run'}")
     before = _snapshot(tmp_path)
-    error, _ = check_command_line(args)  # what `python -m p2prl.train` prints after "p2prl: error: ", exit 2
+    error = check_command_line(args)  # what `python -m p2prl.train` prints after "p2prl: error: ", exit 2
     assert error is not None and "\n" not in error, error
     for text in expected:
         assert text in error, error
@@ -259,13 +271,13 @@ def test_a_peer_missing_from_a_start_up_check_is_named_in_one_line(monkeypatch, 
 
 def test_hypercube_gossip_needs_a_power_of_two_peers(monkeypatch, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "3")
-    error, _ = check_command_line(["comm=gossip", "comm.graph=hypercube", f"hydra.run.dir={tmp_path / 'run'}"])
+    error = check_command_line(["comm=gossip", "comm.graph=hypercube", f"hydra.run.dir={tmp_path / 'run'}"])
     assert error == "comm.graph=hypercube: needs a power of two peers, here 3; allowed: ring"
 
 
 def test_logger_wandb_needs_the_wandb_package(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "wandb", None)  # how Python marks a module that cannot be imported
-    error, _ = check_command_line(["logger=wandb", f"hydra.run.dir={tmp_path / 'run'}"])
+    error = check_command_line(["logger=wandb", f"hydra.run.dir={tmp_path / 'run'}"])
     assert error == ('logger=wandb: needs the wandb package: pip install -e ".[wandb]" (on every node); '
                      "allowed here: tensorboard")
 
@@ -273,14 +285,14 @@ def test_logger_wandb_needs_the_wandb_package(monkeypatch, tmp_path):
 def test_envpool_where_it_is_not_installed(monkeypatch, tmp_path):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "envpool" else real(name, *a))
-    error, _ = check_command_line(["env.vectorization=envpool", f"hydra.run.dir={tmp_path / 'run'}"])
+    error = check_command_line(["env.vectorization=envpool", f"hydra.run.dir={tmp_path / 'run'}"])
     assert error == "env.vectorization=envpool: envpool is not installed (pip install envpool); allowed: sync, async"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("envpool") is None, reason="envpool is not installed")
 def test_envpool_refuses_envs_it_lacks_and_keywords_it_does_not_take(tmp_path):
     run = f"hydra.run.dir={tmp_path / 'run'}"
-    error, _ = check_command_line(["env=taxi", "algo=qlearning", "env.vectorization=envpool", run])
+    error = check_command_line(["env=taxi", "algo=qlearning", "env.vectorization=envpool", run])
     assert error == "env.vectorization=envpool: EnvPool has no Taxi-v4; allowed here: sync, async"
-    error, _ = check_command_line(["+env.kwargs.sutton_barto_reward=true", "env.vectorization=envpool", run])
+    error = check_command_line(["+env.kwargs.sutton_barto_reward=true", "env.vectorization=envpool", run])
     assert error.startswith("env.kwargs={'sutton_barto_reward': True}: rejected by EnvPool's CartPole-v1: "), error

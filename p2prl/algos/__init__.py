@@ -124,12 +124,14 @@ def added_keys() -> dict[str, Mapping[str, Any]]:
     return {name: s.added_keys for name, s in REGISTRY.items()}
 
 
-def check_strategy(name: str, strategy: str, straggler_frac) -> None:
-    """Refuse an algorithm/strategy pair (or straggler preemption) that cannot work."""
+def check_strategy(name: str, strategy: str, straggler_frac, compress: str = "none") -> None:
+    """Refuse an algorithm/strategy pair (or straggler preemption, or a compression) that cannot work."""
     if spec(name).tables and not sync.strategy(strategy).tables:
         allowed = [s for s, cls in sync.STRATEGIES.items() if cls.tables]
         raise ConfigError("comm", strategy, f"algo={name} cannot share its updates this way; allowed: "
                                             f"{', '.join(allowed)}")
+    if spec(name).tables and compress != "none":  # its exact tables would stop being exact
+        raise ConfigError("comm.compress", compress, f"algo={name} sums exact tables, not gradients; allowed: none")
     if straggler_frac is not None and not spec(name).stragglers:
         raise ConfigError("comm.straggler_frac", straggler_frac, f"algo={name} does not collect rollouts that "
                                                                  "could be cut short; allowed: null")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import random
-import signal
 import statistics
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 
-from p2prl.bench import nodeloss, report, tables
+from p2prl.bench import nodeloss, procs, report, tables
 from p2prl.bench.faults import KINDS, FaultError, Injector, JobLog, plan
 from p2prl.bench.plans import PORT, TASKS, free_port, p2prl_cmd
 from p2prl.bench.runs import child_env, execute
@@ -211,18 +210,14 @@ def main(a: Any, out: Path, prog: str, emit: Callable[[str], None]) -> int:
     doc: dict[str, Any] = {"created": datetime.now().isoformat(timespec="seconds"), "argv": sys.argv,
                            "host": report.host(), "tasks": []}
 
-    def stop(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt  # a SIGTERM cleans up as Ctrl-C does: every `finally` kills what it started
-    previous = signal.signal(signal.SIGTERM, stop)
     try:
-        for s in setups:
-            doc["tasks"].append(run_task(s, a.faults, a.seeds[0], out, a.max_seconds))
-            report.write_json(out / "faults.json", doc)  # after every task: a stopped bench keeps what it measured
+        with procs.sigterm_as_interrupt():  # a SIGTERM cleans up as Ctrl-C does
+            for s in setups:
+                doc["tasks"].append(run_task(s, a.faults, a.seeds[0], out, a.max_seconds))
+                report.write_json(out / "faults.json", doc)  # after every task: a stopped bench keeps what it measured
     except KeyboardInterrupt:
         log.error("interrupted; the tasks done so far are in %s", out / "faults.json")
         return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     text = "\n\n".join(format_task(r) for r in doc["tasks"])
     emit(f"{text}\n\nwrote {out / 'faults.json'}")
     return 0 if all(passed(r) for r in doc["tasks"]) else 1

@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional
 from p2prl.bench import cost, linkprobe, netmodel, netns, syncbench
 from p2prl.bench.netmodel import fmt_bytes, fmt_s
 from p2prl.bench.report import read_json, write_json
+from p2prl.bench.tables import markdown_table
 
 log = logging.getLogger("p2prl.bench")
 MULTINODE = Path(__file__).resolve().parents[2] / "launch" / "multinode.sh"
@@ -61,6 +62,19 @@ def check_options(a: argparse.Namespace, error: Callable[[str], None]) -> None:
         error(f"--max-peers={a.max_peers}: leaves no star of --hosts x --peers-per-host to measure")
     if a.point_seconds <= 0:
         error(f"--point-seconds={a.point_seconds:g}: must be positive")
+    if a.train is not None:
+        from p2prl.bench.linktrain import VARIANTS, check_variant
+        for flag, values in (("--hosts", a.hosts), ("--peers-per-host", a.peers_per_host)):
+            if len(values) > 1:
+                error(f"{flag} {' '.join(map(str, values))}: --train runs one layout; allowed: one value")
+        a.variants = a.variants or list(VARIANTS)
+        for v in a.variants:
+            try:
+                check_variant(v)
+            except ValueError as e:
+                error(f"--variants {e}")
+    elif a.variants is not None:
+        error("--variants: needs --train")
     why = netns.available()
     if why is not None:
         error(f"--network: {why}")
@@ -159,14 +173,9 @@ def _mbit(bits: Optional[float]) -> str:
     return "-" if bits is None else f"{bits / 1e6:,.0f}" if bits >= 1e8 else f"{bits / 1e6:.1f}"
 
 
-def _table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
-    return "\n".join(["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers),
-                      *("| " + " | ".join(r) + " |" for r in rows)])
-
-
 def markdown(r: dict[str, Any]) -> str:
     """The links, the per-update table (measured beside predicted), the checks, the 256-peer table."""
-    links = _table(("rate", "tbf burst / queue limit", "TCP achieved Mbit/s (min/median/max)", "round trip (measured)",
+    links = markdown_table(("rate", "tbf burst / queue limit", "TCP achieved Mbit/s (min/median/max)", "round trip (measured)",
                     "alpha (fitted)", "all-reduce Mbit/s (fitted 1/beta)", "bound by"), [
         (lk["rate"], "-" if not lk["shaping"] else f"{lk['shaping']['burst']:,} B / {lk['shaping']['limit']:,} B",
          "/".join(_mbit(b) for b in lk["achieved_bits_per_s"]), f"{lk['rtt_s'] * 1e6:.0f} us",
@@ -176,7 +185,7 @@ def markdown(r: dict[str, Any]) -> str:
              str(p["blocks"] * p["block"]), fmt_s(p["predicted_s"]),
              f"{100 * p['error']:+.0f}%" + (" !" if abs(p["error"]) > netmodel.WITHIN else ""),
              "CPU" if p["cpu_bound"] else "link") for p in r["points"]]
-    sync = _table(("rate", "hosts x peers", "bucket", "strategy", "measured per update (median)", "updates timed",
+    sync = markdown_table(("rate", "hosts x peers", "bucket", "strategy", "measured per update (median)", "updates timed",
                    "predicted", "error", "bound by"), rows)
     big = r["big"]
     eff = f"{big['efficiency']:.0%} of the line rate ({big['efficiency_source']})" if big["efficiency"] else \
@@ -188,7 +197,7 @@ def markdown(r: dict[str, Any]) -> str:
     for which, alpha in lat.items():
         cell = {(row["strategy"], row["rate"], row["bytes"]): row["per_update_s"] for row in big["rows"]
                 if row["latency"] == which}
-        tables.append(f"alpha {alpha * 1e6:.0f} us ({which}):\n\n" + _table(
+        tables.append(f"alpha {alpha * 1e6:.0f} us ({which}):\n\n" + markdown_table(
             ("strategy", *(f"{rate}, {fmt_bytes(b)}" for rate, b in cols)),
             [(s, *(fmt_s(cell[(s, rate, b)]) for rate, b in cols)) for s in strategies]))
     return "\n\n".join([

@@ -32,7 +32,8 @@ def parse_args(argv: Optional[list[str]] = None, prog: str = "python -m p2prl.be
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=f"examples:\n  {prog} --tasks cartpole-ppo --seeds 0 1 --out bench/quick\n"
                                        f"  {prog} --scaling lunarlander-ppo\n"
-                                       f"  {prog} --faults 5 --tasks cartpole-dqn")
+                                       f"  {prog} --faults 5 --tasks cartpole-dqn\n"
+                                       f"  {prog} --report docs/results.md bench/presets bench/sac")
     p.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=None, metavar="TASK",
                    help=f"of {', '.join(TASKS)} (default: cartpole-ppo cartpole-dqn; with --faults: cartpole-ppo)")
     p.add_argument("--lunarlander", action="store_true", help="add lunarlander-ppo and lunarlander-dqn")
@@ -104,10 +105,21 @@ def parse_args(argv: Optional[list[str]] = None, prog: str = "python -m p2prl.be
                    help="with --network: time per strategy and bucket, after one warm-up (default: %(default)s)")
     p.add_argument("--average-every", type=int, default=4,
                    help="with --network: local_sgd's updates between averages (default: %(default)s)")
+    p.add_argument("--train", nargs="+", choices=sorted(TASKS), default=None, metavar="TASK",
+                   help="with --network: train TASK (of %(choices)s) between the shaped hosts instead, once per rate, "
+                        "--variants entry and --seeds seed (p2prl.bench.linktrain); --budget, --target, -o and "
+                        "--max-seconds apply")
+    p.add_argument("--variants", nargs="+", default=None, metavar="VARIANT",
+                   help="with --train: STRATEGY or STRATEGY+COMPRESS, e.g. allreduce local_sgd+int8 "
+                        "(default: every strategy, and allreduce and local_sgd with int8 and lowrank)")
     p.add_argument("--scaling-steps", type=int, default=None,
                    help="global steps of the 1-peer scaling run (default: 100k on LunarLander, 20k on HalfCheetah "
                         "(PPO) and Breakout, 10k on HalfCheetah (SAC))")
     p.add_argument("--out", type=Path, default=None, help="output dir (default: bench/<timestamp>)")
+    p.add_argument("--report", type=Path, default=None, metavar="PAGE.md",
+                   help="run nothing: write the results page PAGE.md (and PNGs in PAGE/) from the BENCH_DIRs that "
+                        "earlier benches wrote (p2prl.bench.results; a run in several dirs: the last named wins)")
+    p.add_argument("bench_dirs", nargs="*", type=Path, metavar="BENCH_DIR", help="with --report: bench --out dirs")
     a = p.parse_args(argv)
     if a.learning_starts is not None and a.learning_starts < 0:
         p.error(f"--learning-starts={a.learning_starts}: must be >= 0")
@@ -117,12 +129,19 @@ def parse_args(argv: Optional[list[str]] = None, prog: str = "python -m p2prl.be
         for v in values:
             if v <= 0:
                 p.error(f"{flag}={v}: must be positive")
+    if a.report is not None:
+        from p2prl.bench.results import check_dirs
+        check_dirs(a.report, a.bench_dirs, p.error)
+    elif a.bench_dirs:
+        p.error(f"BENCH_DIR {a.bench_dirs[0]}: read only with --report PAGE.md")
     if a.faults is not None and a.faults <= 0:
         p.error(f"--faults={a.faults}: must be a positive number of faults")
     if a.tasks is None:
         a.tasks = ["cartpole-ppo"] if a.faults is not None else ["cartpole-ppo", "cartpole-dqn"]
     if any(s < 0 for s in a.seeds):
         p.error(f"--seeds={min(a.seeds)}: must be >= 0")
+    if a.train is not None and a.network is None:
+        p.error("--train: needs --network RATE [RATE ...]")
     if a.network is not None:
         from p2prl.bench.network import check_options  # torch and the namespaces' tools: only for --network
         check_options(a, p.error)

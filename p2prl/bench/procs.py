@@ -1,14 +1,29 @@
 """A torchrun job's processes, read from Linux's /proc: its workers by rank, a process's descendants.
 
 torchrun starts every worker in a session of its own, so killing the agent's process group misses them:
-whoever stops a job finds them here (`kill_tree`).
+whoever stops a job finds them here (`kill_tree`). A bench that starts jobs stops them on SIGTERM as on
+Ctrl-C (`sigterm_as_interrupt`).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from pathlib import Path
-from typing import Optional
+from typing import Any, Iterator, Optional
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block a SIGTERM raises KeyboardInterrupt, as Ctrl-C does: every `finally` and context
+    exit on the way kills what it started (network namespaces included)."""
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _stat(pid: int) -> list[str]:

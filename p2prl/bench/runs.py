@@ -15,7 +15,9 @@ HalfCheetah PPO or SAC, Breakout PPO or DQN): N steps on 1 peer and 2N on 2 peer
 `--stepping [ENV ...]` times env steps/s per core by `env.vectorization` (p2prl.bench.stepping).
 `--startup [REPEATS]` times start-up and shut-down: imports, torchrun alone, 1 and 2 peers (p2prl.bench.startup).
 `--faults K` injects K faults into one run and compares it with the same run uninterrupted (p2prl.bench.faultbench).
-`--network RATE [RATE ...]` times every strategy's sync between shaped hosts (p2prl.bench.network).
+`--network RATE [RATE ...]` times every strategy's sync between shaped hosts (p2prl.bench.network);
+with `--train TASK ...` it trains between them instead (p2prl.bench.linktrain).
+`--report PAGE.md BENCH_DIR ...` runs nothing: it writes the results page from earlier bench dirs (p2prl.bench.results).
 
 Writes OUT/bench.json (settings, host, every run, aggregates; rewritten after each run), OUT/bench.png
 (or scaling.png), the runs under OUT/runs/<task>/<system>/seed<N>/ and their output under OUT/logs/.
@@ -155,6 +157,9 @@ def cost_model(out: Path, max_seconds: float) -> int:
 def main(argv: Optional[list[str]] = None, prog: str = "python -m p2prl.bench") -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     a = parse_args(argv, prog)
+    if a.report is not None:
+        from p2prl.bench import results
+        return results.main(a.report, a.bench_dirs, emit)
     out = a.out or Path("bench") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     if (out / "runs").exists():  # p2prl would resume from the old runs' checkpoints
         log.error("p2prl.bench: %s already holds runs; choose a fresh --out", out)
@@ -165,6 +170,9 @@ def main(argv: Optional[list[str]] = None, prog: str = "python -m p2prl.bench") 
     out.mkdir(parents=True, exist_ok=True)
     if a.cost_model:
         return cost_model(out, a.max_seconds)
+    if a.network is not None and a.train is not None:
+        from p2prl.bench import linktrain
+        return linktrain.run(a, out, child_env(), emit)
     if a.network is not None:
         from p2prl.bench import network
         return network.run(a, out, child_env(), emit)

@@ -10,13 +10,14 @@ GLOBAL_NOTE = ("\np2prl-1-global: 1 peer given the global batch the preset split
                "the per-core comparison; steps/s vs sb3: medians, p2prl-2 on 2 cores")
 
 
-def fmt(s: Optional[dict[str, float]], digits: int = 1) -> str:
-    """`median (min-max)`, or one number where they agree; `-` when unknown, `inf` for a miss."""
+def fmt(s: Optional[dict[str, float]], digits: int = 1, center: str = "median") -> str:
+    """`median (min-max)` (or `center`: "mean"), or one number where they agree; `-` when unknown, `inf`
+    for a miss."""
     if s is None:
         return "-"
     f = (lambda x: "inf" if math.isinf(x) else f"{x:.{digits}f}")
-    med, lo, hi = f(s["median"]), f(s["min"]), f(s["max"])
-    return med if med == lo == hi else f"{med} ({lo}-{hi})"
+    med, lo, hi = f(s[center]), f(s["min"]), f(s["max"])
+    return med if med == lo == hi else f"{med} ({lo} to {hi})" if s["min"] < 0 else f"{med} ({lo}-{hi})"
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -31,6 +32,12 @@ def vs_sb3(rows: Sequence[dict[str, Any]]) -> list[str]:
     sb3 = {r["task"]: r["sps"]["median"] for r in rows if r["system"] == "sb3" and r.get("sps")}
     return [f"{r['sps']['median'] / sb3[r['task']]:.2f}x" if r.get("sps") and sb3.get(r["task"]) else "-"
             for r in rows]
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown (GitHub) table."""
+    return "\n".join(["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers),
+                      *("| " + " | ".join(r) + " |" for r in rows)])
 
 
 def format_results(rows: Sequence[dict[str, Any]]) -> str:

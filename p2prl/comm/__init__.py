@@ -1,9 +1,10 @@
 """How bytes move between peers: the transport. The only package that imports torch.distributed.
 
 base.py (the Communicator interface), local.py (a world of one), process_group.py (gloo/NCCL),
-hierarchical.py (node, leaders, node), connect.py (`open_comm`: joining, flat or hierarchical),
-shm.py (sums through shared memory on one node) in segment.py's segment, store.py (heartbeats,
-start-up exchange), agreement.py (same config everywhere), digest.py (same parameters everywhere).
+hierarchical.py (node, leaders, node), hop.py (the network hop a compressed sum crosses), connect.py
+(`open_comm`: joining, flat or hierarchical), shm.py (sums through shared memory on one node) in
+segment.py's segment, store.py (heartbeats, start-up exchange), agreement.py (same config everywhere),
+digest.py (same parameters everywhere).
 What is exchanged (the learner, the sync strategies) is `p2prl.sync`'s; where a peer runs,
 `p2prl.host`'s.
 """

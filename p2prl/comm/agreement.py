@@ -8,6 +8,8 @@ from p2prl.comm.base import Communicator
 from p2prl.comm.store import gather_before_start
 from p2prl.host import torchrun_world
 
+_EXCHANGED: set[str] = set()  # the start-up exchanges this process took part in
+
 
 def differing_keys(everyone: list[dict[str, Any]]) -> list[str]:
     """Keys whose value is not the same in every peer's flat config."""
@@ -36,18 +38,20 @@ def agree_before_start(error: Optional[str], configs: list[dict[str, Any]], time
     error, else the keys in which the peers' configs (one flat dict per job) differ.
 
     Runs through the launcher's store, before any process group exists, so every peer exits alike;
-    `tag` names the exchange (each one once per attempt).
+    `tag` names the exchange, which happens once per process: asked again (an error after the
+    exchange, which every peer meets alike), the peer's own `error` stands.
     """
     rank, _, world_size = torchrun_world()
-    if world_size == 1:
+    if world_size == 1 or tag in _EXCHANGED:
         return error
+    _EXCHANGED.add(tag)
     everyone = gather_before_start(rank, world_size, {"error": error, "configs": configs}, timeout_s, tag)
     if everyone is None:
         return error
     for r, peer in enumerate(everyone):
         if peer["error"]:
             return peer["error"] if r == 0 else f"rank {r}: {peer['error']}"
-    for job in range(len(configs)):
+    for job in range(min(len(peer["configs"]) for peer in everyone)):
         keys = differing_keys([peer["configs"][job] for peer in everyone])
         if keys:
             return str(_differs(keys))

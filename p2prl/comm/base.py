@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
+
+from p2prl.comm.hop import Hop
+
+Across = Callable[[Hop, torch.Tensor], None]  # a compression's sum over a hop (p2prl.comm.hop)
 
 
 class Communicator(ABC):
@@ -82,6 +86,31 @@ class Communicator(ABC):
                 offset += t.numel()
         self._account(start, sum(t.numel() * t.element_size() for t in group))
         return tensors[0]
+
+    def all_reduce_sum_across(self, tensor: torch.Tensor, across: Across) -> torch.Tensor:
+        """Sum `tensor` over all peers, in place, where `across(hop, part)` carries the part of the sum
+        that crosses the network (`p2prl.comm.hop`: all peers in a flat layout, the nodes' leaders with
+        their nodes' sums in a hierarchical one; what shared memory sums stays exact). Every peer gets
+        the same bytes; returns `tensor`. Tensors queued with `sum_with_next` wait for the next plain sum:
+        they must stay exact."""
+        start = time.perf_counter()
+        sent = self._sum_across(tensor, across)
+        self._account(start, tensor.numel() * tensor.element_size() if sent is None else sent)
+        return tensor
+
+    def _sum_across(self, tensor: torch.Tensor, across: Across) -> Optional[int]:
+        """The sum of `all_reduce_sum_across`; the bytes this peer handed to the hop's collectives, None
+        where no hop ran here (a world of one, shared memory, a node's other peers): those count as
+        the tensor's."""
+        self._all_reduce_sum(tensor)
+        return None
+
+    @staticmethod
+    def _on_hop(hop: Hop, across: Across, tensor: torch.Tensor) -> int:
+        """Run `across` on `hop`; the bytes it handed to the hop's collectives."""
+        before = hop.bytes
+        across(hop, tensor)
+        return hop.bytes - before
 
     def sum_with_next(self, tensor: torch.Tensor) -> None:
         """Sum `tensor` over all peers, in place, within the next `all_reduce_sum` of the same dtype

@@ -6,16 +6,19 @@ per node (`p2prl.comm.shm`); otherwise through the node's own process group (glo
 a GPU node): reduce to the leader, the leaders' all-reduce, broadcast from the leader. Either way every
 peer of every node ends with the same bytes: each node's sum is computed once (by its leader, in rank
 order), the leaders' all-reduce leaves the same result on every leader, and the node's peers copy it.
-Only the leaders' traffic crosses the network: one message per node instead of one per peer.
+Only the leaders' traffic crosses the network: one message per node instead of one per peer, and
+the only hop a compressed sum (`all_reduce_sum_across`) compresses: the node's sums stay exact.
 """
 from __future__ import annotations
 
 import logging
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 
+from p2prl.comm.base import Across
+from p2prl.comm.hop import Hop
 from p2prl.comm.process_group import ProcessGroupComm
 from p2prl.comm.shm import SharedMemorySum
 
@@ -79,16 +82,33 @@ class HierarchicalComm(ProcessGroupComm):
             self._run(lambda t: dist.all_reduce(t, group=self.groups.leaders, async_op=True), tensor)
 
     def _all_reduce_sum(self, tensor: torch.Tensor) -> None:
+        self._node_then(tensor, self._across)
+
+    @property
+    def hop(self) -> Hop:
+        """The nodes' leaders, as the network hop of a sum (on a leader)."""
+        if self._hop is None:
+            leaders = self.layout.leaders
+            self._hop = Hop(leaders.index(self.leader), len(leaders), self.groups.leaders, self._run)
+        return self._hop
+
+    def _sum_across(self, tensor: torch.Tensor, across: Across) -> Optional[int]:
+        sent: list[int] = []  # only a leader's sum crosses the network
+        self._node_then(tensor, lambda t: sent.append(self._on_hop(self.hop, across, t)))
+        return sent[0] if sent else None
+
+    def _node_then(self, tensor: torch.Tensor, across: Callable[[torch.Tensor], None]) -> None:
+        """The node's sum into its leader, `across(node sum)` on the leader, the result to the node's peers."""
         if len(self.node) == 1:
-            self._across(tensor)
+            across(tensor)
         elif self.node_shared is not None and self.node_shared.fits(tensor):
-            across = self._across if self.rank == self.leader else (lambda t: None)
+            across = across if self.rank == self.leader else (lambda t: None)
             self._shared(lambda: self.node_shared.finish(self.node_shared.publish(tensor, self.timeout_s), across))
         else:
             group, leader = self.groups.node, self.leader
             self._run(lambda t: dist.reduce(t, dst=leader, group=group, async_op=True), tensor)
             if self.rank == leader:
-                self._across(tensor)
+                across(tensor)
             self._run(lambda t: dist.broadcast(t, src=leader, group=group, async_op=True), tensor)
 
     def _start_all_reduce_sum(self, tensor: torch.Tensor):

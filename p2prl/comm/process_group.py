@@ -13,7 +13,8 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from p2prl.comm.base import Communicator
+from p2prl.comm.base import Across, Communicator
+from p2prl.comm.hop import Hop
 from p2prl.comm.shm import SharedMemorySum, SumFailed
 from p2prl.comm.store import Heartbeat
 
@@ -39,6 +40,7 @@ class ProcessGroupComm(Communicator):
         super().__init__()
         self.spin = spin and backend == "gloo"
         self.shared: Optional[SharedMemorySum] = None
+        self._hop: Optional[Hop] = None
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.backend = backend
@@ -107,6 +109,19 @@ class ProcessGroupComm(Communicator):
             self._shared(lambda: self.shared.sum(tensor, self.timeout_s))
         else:
             self._run(_start_sum, tensor)
+
+    @property
+    def hop(self) -> Hop:
+        """Every peer, as the network hop of a flat sum (`all_reduce_sum_across`)."""
+        if self._hop is None:
+            self._hop = Hop(self.rank, self.world_size, None, self._run)
+        return self._hop
+
+    def _sum_across(self, tensor: torch.Tensor, across: Across) -> Optional[int]:
+        if self._in_memory(tensor):  # one node, through shared memory: no link to cross, the sum stays exact
+            self._all_reduce_sum(tensor)
+            return None
+        return self._on_hop(self.hop, across, tensor)
 
     def _all_reduce_mean(self, tensor: torch.Tensor) -> None:
         if self._in_memory(tensor):  # each peer scales its part as it publishes it: one pass less

@@ -1,12 +1,15 @@
-"""torchrun's key-value store, for what must work when collectives cannot: heartbeats and start-up checks.
+"""The peers' key-value store, for what must work when collectives cannot: heartbeats and start-up checks.
 
 A gloo collective that times out only tells a survivor that *some* peer did not show up. Every peer
 therefore runs a daemon thread that writes `<beat> <phase>` to the store once a second; the beat of a
 frozen (SIGSTOP) or dead peer stops. After a failed collective the survivors read every beat twice
 and name the ranks whose beat did not move, with the phase each was last in.
 
-The store is the one torchrun's agent hosts (MASTER_ADDR:MASTER_PORT; with plain env:// start-up,
-rank 0 hosts it). Keys are namespaced by attempt (`namespace`): the agent's store outlives restarts.
+The store is the one torchrun's agent hosts (MASTER_ADDR:MASTER_PORT). Peers started without an agent
+(SLURM's or submitit's tasks, p2prl.launcher_env; or plain env:// start-up) have rank 0 host it there
+for the whole process (`peers_store`), from the first start-up exchange on, so that their verdicts on
+the command line meet before any process group exists; the process group then opens on it. Keys are
+namespaced by attempt (`namespace`): the agent's store outlives restarts.
 """
 from __future__ import annotations
 
@@ -34,6 +37,9 @@ def namespace() -> str:
     return f"p2prl/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}-{os.environ.get('WORLD_SIZE', '1')}"
 
 
+_OWN: list[dist.TCPStore] = []  # the store rank 0 hosts without an agent (or a client of it), for the process's life
+
+
 def connect(timeout_s: float = 5.0) -> Optional[dist.Store]:
     """A client of the launcher's store, or None without one (a world of one, another launcher)."""
     host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
@@ -46,16 +52,41 @@ def connect(timeout_s: float = 5.0) -> Optional[dist.Store]:
         return None
 
 
+def _agent_hosts() -> bool:
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+
+
+def peers_store(timeout_s: float, world_size: Optional[int] = None) -> Optional[dist.Store]:
+    """The store every peer of this world reaches: a client of torchrun's agent's, or the one rank 0
+    hosts without an agent (made once per process: multirun jobs share it); None for a world of one
+    or without MASTER_ADDR/MASTER_PORT. Raises `StartTimeout` when rank 0's store does not come up."""
+    if (world_size or int(os.environ.get("WORLD_SIZE", 1))) <= 1:
+        return None
+    if _agent_hosts():
+        return connect(timeout_s)
+    if not _OWN:
+        host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+        if not host or not port:
+            return None
+        rank0 = os.environ.get("RANK", "0") == "0"
+        try:
+            _OWN.append(dist.TCPStore(host, int(port), is_master=rank0, timeout=timedelta(seconds=timeout_s),
+                                      wait_for_workers=False))
+        except (RuntimeError, ValueError, OSError) as e:
+            what = f"cannot host the peers' store at {host}:{port}" if rank0 else \
+                f"rank 0's store at {host}:{port} did not answer within {timeout_s:g} s"
+            raise StartTimeout(f"{what} ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from e
+    return _OWN[0]
+
+
 def attempt_store(timeout_s: float) -> Optional[dist.Store]:
-    """Under torchrun, the store for this attempt's process group; None elsewhere (init from env://).
+    """The store for this attempt's process group (`peers_store`, keys prefixed by attempt).
 
     torchrun's agent keeps one store across restarts, and a process group's keys from the previous
     attempt (peer addresses) are still there: the restarted peers may read them and dial dead ports
     (pytorch/pytorch#135712). Namespacing the keys by attempt avoids that.
     """
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return None
-    store = connect(timeout_s)
+    store = peers_store(timeout_s)
     return None if store is None else dist.PrefixStore(f"{namespace()}/pg", store)
 
 
@@ -66,13 +97,10 @@ class StartTimeout(RuntimeError):
 def gather_before_start(rank: int, world_size: int, value: Any, timeout_s: float, tag: str) -> Optional[list]:
     """Every peer's JSON-able `value`, by rank, through the store: no process group is needed yet.
 
-    Used to check every peer's configuration before any of them starts. None unless torchrun's agent
-    hosts the store (otherwise rank 0 hosts it only once its process group exists). Raises
-    `StartTimeout` when some peer's value is not there within `timeout_s`.
+    Used to check every peer's configuration before any of them starts. None without a store (a world
+    of one). Raises `StartTimeout` when some peer's value is not there within `timeout_s`.
     """
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return None
-    store = connect(timeout_s)
+    store = peers_store(timeout_s, world_size)
     if store is None:
         return None
     keys = [f"{namespace()}/start/{tag}/{r}" for r in range(world_size)]
@@ -85,7 +113,32 @@ def gather_before_start(rank: int, world_size: int, value: Any, timeout_s: float
             raise StartTimeout(f"the start-up check '{tag}' timed out after comm.timeout_s={timeout_s:g}: rank(s) "
                                f"{missing} never reached it (stuck, or running other jobs than this peer)")
         time.sleep(POLL_S)
-    return [json.loads(store.get(k)) for k in keys]
+    values = [json.loads(store.get(k)) for k in keys]
+    # A bad command line ends every peer at once. Under torchrun the first peer to exit has the agent
+    # terminate the others: all leave the exchange together, once every peer has read the verdicts.
+    _wait_for(store, [f"{namespace()}/start/{tag}/read/{r}" for r in range(world_size)], rank, timeout_s)
+    # And rank 0 must not take the store it hosts with it while another peer still polls it (the
+    # client's next request fails with C++ warnings on stderr): it leaves last.
+    left = [f"{namespace()}/start/{tag}/left/{r}" for r in range(world_size)]
+    if _hosting():
+        _wait_for(store, left[1:], None, timeout_s)
+    elif _OWN:
+        store.set(left[rank], "1")  # a set waits for no answer: the client's last request
+    return values
+
+
+def _hosting() -> bool:
+    """Whether this process hosts the peers' store (rank 0 without torchrun's agent)."""
+    return bool(_OWN) and os.environ.get("RANK", "0") == "0"
+
+
+def _wait_for(store: dist.Store, keys: list[str], own: Optional[int], timeout_s: float) -> None:
+    """Set `keys[own]` (unless None), then wait until every key is set; bounded: a peer that died sets nothing."""
+    if own is not None:
+        store.set(keys[own], "1")
+    deadline = time.monotonic() + timeout_s
+    while not store.check(keys) and time.monotonic() < deadline:
+        time.sleep(POLL_S)
 
 
 class Heartbeat:

@@ -3,7 +3,8 @@
 With `comm.overlap` the gradient is averaged in the background while the next one is computed: each
 step then starts this gradient's average and finishes and applies the previous one (one step stale);
 every peer still applies the same averaged gradients in the same order. `comm.compress` chooses how a
-blocking sum travels (`p2prl.sync.compress`: bf16 sends half the bytes).
+blocking sum's network hop travels (`p2prl.sync.compress`: bf16, int8, lowrank); the named terms and
+the finiteness flag always travel exact.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 
 from p2prl.checks import ConfigError
 from p2prl.sync.base import Apply, Follow, Link, Strategy
-from p2prl.sync.compress import COMPRESSIONS
+from p2prl.sync.compress import make_compression
 
 
 class AllReduce(Strategy):
@@ -37,7 +38,7 @@ class AllReduce(Strategy):
         self._spares = [torch.zeros_like(bucket.flat) for _ in range(2)] if self.overlap else []
         self._pending = None
         self._calls = 0
-        self._compress = COMPRESSIONS[cfg.compress](bucket.flat)
+        self._compress = make_compression(cfg, bucket.params, bucket.extras.numel(), bucket.flat)
 
     def step(self, apply: Apply, follow: Follow, veto: Any) -> Optional[Any]:
         flat = self.bucket.flat
@@ -56,3 +57,15 @@ class AllReduce(Strategy):
             return None
         flat, self._pending = self._pending.wait(), None
         return None if discard else apply(flat, veto)
+
+    def state_dict(self) -> dict:
+        return {"compress": self._compress.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._compress.load_state_dict(state.get("compress", {}))
+
+    def rank_state_dict(self) -> dict:
+        return self._compress.rank_state_dict()
+
+    def load_rank_state_dict(self, state: dict) -> None:
+        self._compress.load_rank_state_dict(state)

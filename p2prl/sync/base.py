@@ -116,6 +116,13 @@ class Strategy:
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    def rank_state_dict(self) -> dict:
+        """This peer's own state (its rank's checkpoint file): a compression's residual."""
+        return {}
+
+    def load_rank_state_dict(self, state: dict) -> None:
+        pass
+
 
 def _local_terms(strategy: Strategy, apply: Apply, veto: Any):
     """For strategies whose peers step alone: average only the terms (and the finiteness flag, which

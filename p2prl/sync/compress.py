@@ -1,38 +1,61 @@
-"""How a gradient travels in a blocking sum (`comm.compress`): as it is, or compressed.
+"""How a sum's network hop travels (`comm.compress`): as it is, or compressed; the table of the forms.
 
-`none` averages the flat gradient as it is. `bf16` sends it as bfloat16: half the bytes; every peer
-adds the same rounded values in the same order, so every peer gets the same rounded sum and the
-parameters stay identical. Each form is a class in COMPRESSIONS whose `mean(comm, flat)` averages
-`flat` (the learner's bucket: [gradient | named terms | finiteness flag]) over the peers in place.
+| form | the hop's message per member | collectives | error feedback |
+|---|---|---|---|
+| none | the tensor (float32) | 1 | - |
+| bf16 | the parameters' part as bfloat16 (half the bytes), the exact tail apart | 2 | no |
+| int8 | 8-bit codes and a scale per 1024 values (`p2prl.sync.int8`) | 1 all-gather | yes |
+| lowrank | rank-r factors of each large matrix (PowerSGD, `p2prl.sync.lowrank`) | 2 | yes |
+
+Each form is a class (`p2prl.sync.compression.Compression`) whose `mean(comm, flat)` averages `flat`
+over the peers in place: the allreduce strategy's gradient bucket ([gradient | named terms |
+finiteness flag]) or local SGD's pseudo-gradient. Every form leaves the same bytes on every peer, keeps
+the tail (terms, flag) exact, and compresses only what crosses the network: a node's shared-memory sum
+stays exact, and in a hierarchical layout only the nodes' leaders' sum is compressed.
 """
 from __future__ import annotations
 
 import torch
 
 from p2prl.comm import Communicator
+from p2prl.comm.hop import Hop
+from p2prl.config import CommConfig
+from p2prl.sync.compression import Compression, Layout
+from p2prl.sync.int8 import Int8
+from p2prl.sync.lowrank import LowRank
 
 
-class Uncompressed:
-    """The gradient travels as it is: one all-reduce mean."""
+class Uncompressed(Compression):
+    """The tensor travels as it is: one all-reduce mean (through shared memory where it may)."""
 
-    def __init__(self, like: torch.Tensor) -> None:
-        pass
+    name = "none"
 
     def mean(self, comm: Communicator, flat: torch.Tensor) -> None:
         comm.all_reduce_mean(flat)
 
 
-class BFloat16(Uncompressed):
-    """The sum travels as bfloat16 (half the bytes); the mean is taken after it, in `flat`'s dtype."""
+class BFloat16(Compression):
+    """The parameters' part travels as bfloat16 (half the bytes) and is summed in it: every member adds
+    the same rounded values in the same order. The exact tail is summed apart, in its own dtype."""
 
-    def __init__(self, like: torch.Tensor) -> None:
-        super().__init__(like)
-        self._half = torch.zeros_like(like, dtype=torch.bfloat16)
+    name = "bf16"
 
-    def mean(self, comm: Communicator, flat: torch.Tensor) -> None:
-        self._half.copy_(flat)
-        comm.all_reduce_sum(self._half)
-        flat.copy_(self._half).div_(comm.world_size)
+    def __init__(self, layout: Layout, cfg: CommConfig, like: torch.Tensor) -> None:
+        super().__init__(layout, cfg, like)
+        self._half = torch.zeros(self.n, dtype=torch.bfloat16, device=like.device)
+
+    @torch.no_grad()
+    def sum(self, hop: Hop, x: torch.Tensor) -> None:
+        self._half.copy_(x[:self.n])
+        hop.all_reduce_sum(self._half)
+        x[:self.n] = self._half
+        if self.layout.tail:
+            hop.all_reduce_sum(x[self.n:])
 
 
-COMPRESSIONS: dict[str, type[Uncompressed]] = {"none": Uncompressed, "bf16": BFloat16}
+COMPRESSIONS: dict[str, type[Compression]] = {c.name: c for c in (Uncompressed, BFloat16, Int8, LowRank)}
+
+
+def make_compression(cfg: CommConfig, params: list[torch.nn.Parameter], tail: int, like: torch.Tensor) -> Compression:
+    """The form `comm.compress` names, for a flat tensor of `params`' values then `tail` exact ones."""
+    return COMPRESSIONS[cfg.compress](Layout.of(params, tail), cfg, like)

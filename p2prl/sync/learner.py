@@ -175,14 +175,18 @@ class Learner:
         self.skipped_in_a_row = int(s["skipped_in_a_row"])
         self.strategy.load_state_dict(s.get("strategy", {}))
 
-    # -- where peers' parameters differ (local_sgd, gossip): each rank keeps its own -----------------
+    # -- each rank's own: its parameters and optimizer where they differ (local_sgd, gossip), and its
+    # strategy's own state (a compression's residual) --------------------------------------------------
     def rank_state_dict(self) -> dict:
-        if not self.strategy.differs:
-            return {}
-        return {"params": self.bucket.flat_param.detach().clone(), "optimizer": self.optimizer.state_dict()}
+        own = self.strategy.rank_state_dict()
+        s = {"strategy": own} if own else {}
+        if self.strategy.differs:
+            s.update(params=self.bucket.flat_param.detach().clone(), optimizer=self.optimizer.state_dict())
+        return s
 
     def load_rank_state_dict(self, s: dict) -> None:
         if "params" in s:
             with torch.no_grad():
                 self.bucket.flat_param.copy_(s["params"])
             self._load_optimizer(s["optimizer"])
+        self.strategy.load_rank_state_dict(s.get("strategy", {}))

@@ -7,6 +7,11 @@ the average goes through an outer optimizer instead (DiLoCo): the pseudo-gradien
 delta = anchor - mean(params) (anchor: the parameters after the previous average) takes a Nesterov
 momentum step, v <- mu v + delta, params <- anchor - outer_lr (delta + mu v), on every peer alike.
 outer_lr=1 and outer_momentum=0 is plain parameter averaging.
+
+With `comm.compress` the average travels as each peer's pseudo-gradient delta_i = anchor - params_i,
+compressed (`p2prl.sync.compress`, error feedback per peer): every peer then sets its parameters from
+the same anchor and the same averaged delta, so they are identical after every average, as without
+compression. The anchor is kept for plain averaging too (params <- anchor - mean(delta)).
 """
 from __future__ import annotations
 
@@ -15,12 +20,13 @@ from typing import Any, Mapping, Optional
 import torch
 
 from p2prl.sync.base import Apply, Follow, Link, Strategy, _local_terms
+from p2prl.sync.compress import make_compression
 
 
 class LocalSGD(Strategy):
     differs = True
     local = True
-    keys = ("average_every", "outer_lr", "outer_momentum")
+    keys = ("average_every", "outer_lr", "outer_momentum", "compress")
 
     @classmethod
     def period(cls, settings: Mapping[str, Any]) -> int:
@@ -35,7 +41,8 @@ class LocalSGD(Strategy):
         self.calls = 0  # identical on every peer
         self.outer = cfg.outer_lr != 1.0 or cfg.outer_momentum > 0
         param = bucket.flat_param.detach()
-        self.anchor = param.clone() if self.outer else None
+        self.compress = make_compression(cfg, bucket.params, 0, param) if cfg.compress != "none" else None
+        self.anchor = param.clone() if self.outer or self.compress is not None else None
         self.momentum = torch.zeros_like(param) if self.outer else None
 
     def step(self, apply: Apply, follow: Follow, veto: Any) -> Optional[Any]:
@@ -49,23 +56,45 @@ class LocalSGD(Strategy):
     def sync(self) -> None:
         """Average the peers' parameters (through the outer optimizer, if any); a collective."""
         param = self.bucket.flat_param.data
-        mean = self.comm.all_reduce_mean(param.clone())
-        if not self.outer:
-            param.copy_(mean)
-            return
-        mu, delta = self.cfg.outer_momentum, self.anchor - mean
-        self.momentum.mul_(mu).add_(delta)
-        param.copy_(self.anchor - self.cfg.outer_lr * (delta + mu * self.momentum))
+        if self.compress is None:
+            mean = self.comm.all_reduce_mean(param.clone())
+            if not self.outer:
+                param.copy_(mean)
+                return
+            delta = self.anchor - mean
+        else:
+            delta = self.anchor - param
+            self.compress.mean(self.comm, delta)
+        if self.outer:
+            mu = self.cfg.outer_momentum
+            self.momentum.mul_(mu).add_(delta)
+            param.copy_(self.anchor - self.cfg.outer_lr * (delta + mu * self.momentum))
+        else:
+            param.copy_(self.anchor - delta)
         self.anchor.copy_(param)
 
     def state_dict(self) -> dict:
         s = {"calls": self.calls}
+        if self.anchor is not None:
+            s["anchor"] = self.anchor.clone()
         if self.outer:
-            s.update(anchor=self.anchor.clone(), momentum=self.momentum.clone())
+            s["momentum"] = self.momentum.clone()
+        if self.compress is not None:
+            s["compress"] = self.compress.state_dict()
         return s
 
     def load_state_dict(self, state: dict) -> None:
         self.calls = int(state["calls"])
-        if self.outer and "anchor" in state:
+        if self.anchor is not None and "anchor" in state:
             self.anchor.copy_(state["anchor"])
+        if self.outer and "momentum" in state:
             self.momentum.copy_(state["momentum"])
+        if self.compress is not None:
+            self.compress.load_state_dict(state.get("compress", {}))
+
+    def rank_state_dict(self) -> dict:
+        return {} if self.compress is None else self.compress.rank_state_dict()
+
+    def load_rank_state_dict(self, state: dict) -> None:
+        if self.compress is not None:
+            self.compress.load_rank_state_dict(state)
