@@ -84,9 +84,8 @@ class Checkpointer:
     def save(self, p: Progress) -> None:
         """Every rank writes its own file, rank 0 also the shared one (`shared_state`: where the
         peers' parameters differ, their average) and each rank's file its own."""
-        self.comm.phase = "checkpoint"
         rank, learner = self.comm.rank, self.algo.learner
-        own_state = self.algo.rank_state_dict(self.replay)
+        own_state = {**self.algo.rank_state_dict(self.replay), "collector": self.algo.collector.state_dict()}
         if learner is not None:
             own_state["learner"] = learner.rank_state_dict()
         own = {"step": p.step, "rank": rank, "world_size": self.comm.world_size, "rng": rng_state()}

@@ -75,11 +75,12 @@ class TrainConfig:
     eval_every_steps: Optional[int]  # null or 0: no evaluation during training
     eval_episodes: int
     objective: str  # what a job returns to a sweeper (p2prl.search.objective)
+    profile_iterations: Optional[int]  # null: no profiler trace
 
     def __post_init__(self) -> None:
         fields(self, "train.", boolean=("pin_cores",), optional_nonneg_int=("eval_every_steps",), positive_int=(
             "total_steps", "return_window", "log_every_steps", "torch_threads", "max_skipped_updates",
-            "eval_episodes"))
+            "eval_episodes"), optional_positive_int=("profile_iterations",))
         choice("train.objective", self.objective, OBJECTIVES)
         if self.objective == "best_eval_return" and not self.eval_every_steps:
             raise ConfigError("train.objective", self.objective, "needs evaluations during training "
@@ -204,7 +205,8 @@ def section(cls: type, key: str, values: Any) -> Any:
 # `added_keys`). A section in ADDED_SECTIONS came later as a whole: all of its ADDED_KEYS.
 ADDED_KEYS = {"env": {"wrapper": "none", "frame_stack": None, "terminal_on_life_loss": False,
                       "vectorization": "sync"},
-              "train": {"eval_every_steps": None, "eval_episodes": 10, "objective": "episode_return_mean"},
+              "train": {"eval_every_steps": None, "eval_episodes": 10, "objective": "episode_return_mean",
+                        "profile_iterations": None},
               "comm": {"graph": "ring", "compress_rank": 4},
               "logger": {"name": "tensorboard", "project": "p2prl", "entity": None, "run_name": None, "group": None,
                          "tags": [], "mode": None}}

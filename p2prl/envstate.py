@@ -5,7 +5,9 @@ SyncVectorEnv, of every copy's chain), and MuJoCo's physics (`_mujoco_state`). T
 gymnasium's native CartPole vector env (state, steps, prev_done: the autoreset flags, np_random), the
 classic-control envs (state, TimeLimit's _elapsed_steps, np_random, SyncVectorEnv's _autoreset_envs)
 and the MuJoCo envs. `restorable` says where state lives elsewhere (Box2D's worlds, worker processes,
-an emulator): there a resume must start fresh episodes, or its first steps would splice two.
+an emulator): there a resume must start fresh episodes, or its first steps would splice two. Those
+fresh episodes continue the run's random stream: `copy_rngs` saves every copy's generator (also in
+AsyncVectorEnv's workers), `load_copy_rngs` puts it back before a reset without a seed.
 """
 from __future__ import annotations
 
@@ -161,3 +163,22 @@ def load_vec_env_state(envs: gym.vector.VectorEnv, state: dict) -> None:
     for env, layers in zip(getattr(envs.unwrapped, "envs", None) or [], state.get("copies", [])):
         for layer, s in zip(_layers(env), layers):
             _load_plain(layer, s)
+
+
+def copy_rngs(envs: gym.vector.VectorEnv) -> Optional[list]:
+    """Every copy's numpy generator state (`np_random`), wherever the copy lives; None where the vector
+    env cannot say (EnvPool, whose C++ envs keep their own)."""
+    get_attr = getattr(envs, "get_attr", None)
+    if get_attr is None or not (_in_process(envs) or isinstance(envs.unwrapped, gym.vector.AsyncVectorEnv)):
+        return None
+    return [g.bit_generator.state for g in get_attr("np_random")]
+
+
+def load_copy_rngs(envs: gym.vector.VectorEnv, states: list) -> None:
+    """Give every copy the generator state `copy_rngs` saved (a reset without a seed then draws on)."""
+    rngs = []
+    for state in states:
+        g = np.random.Generator(getattr(np.random, state["bit_generator"])())
+        g.bit_generator.state = state
+        rngs.append(g)
+    envs.set_attr("np_random", rngs)

@@ -12,7 +12,10 @@ import numpy as np
 import torch
 
 from p2prl.atomic import jsonable, write_atomic
+from p2prl.timing import shares_line
 from p2prl.trackers import Tracker, scalars
+
+SHARE = "time/"  # a row's keys of rank 0's time shares (p2prl.timing), one per part
 
 log = logging.getLogger(__name__)
 
@@ -145,11 +148,13 @@ class MetricsWriter:
             tracker.log(numbers, row["step"])
         ret = row.get("episode_return_mean")
         shown = "n/a" if ret is None else f"{ret:.1f}"
+        parts = {k[len(SHARE):]: v for k, v in row.items() if k.startswith(SHARE) and v is not None}
+        where = f", {shares_line(parts)}" if parts else ""  # where the time went since the last row
         if self.bar is not None:
             self.bar.n = min(row["step"], self.bar.total)
-            self.bar.set_postfix_str(f"return {shown}, {row['sps']:.0f} steps/s", refresh=True)
+            self.bar.set_postfix_str(f"return {shown}, {row['sps']:.0f} steps/s{where}", refresh=True)
         else:
-            log.info("step %d  return %s  %.0f steps/s", row["step"], shown, row["sps"])
+            log.info("step %d  return %s  %.0f steps/s%s", row["step"], shown, row["sps"], where)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -1,4 +1,4 @@
-"""Count-weighted running mean/variance, merged across peers with the parallel-variance formula."""
+"""Count-weighted running mean/variance and the parallel-variance merge (across peers: `p2prl.sync.stats`)."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -6,7 +6,6 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from p2prl.comm import Communicator
 
 
 class Moments(NamedTuple):
@@ -35,29 +34,6 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
     return Moments(n, mean, m2)
 
 
-def global_moments(comm: Communicator, *local: Moments) -> list[Moments]:
-    """Merge every peer's moments in rank order, for each argument, in one collective.
-
-    The result is the same, bit for bit, on every peer.
-    """
-    dims = [m.mean.numel() for m in local]
-    width = sum(1 + 2 * d for d in dims)
-    table = torch.zeros(comm.world_size, width, dtype=torch.float64)
-    table[comm.rank] = torch.cat([torch.cat([m.count.reshape(1), m.mean.reshape(-1), m.m2.reshape(-1)])
-                                  for m in local])
-    comm.all_reduce_sum(table)  # rows are disjoint: a sum is an all-gather
-    out = []
-    offset = 0
-    for d in dims:
-        block = table[:, offset:offset + 1 + 2 * d]
-        offset += 1 + 2 * d
-        merged = Moments(block[0, 0], block[0, 1:1 + d], block[0, 1 + d:])
-        for r in range(1, comm.world_size):
-            merged = merge_moments(merged, Moments(block[r, 0], block[r, 1:1 + d], block[r, 1 + d:]))
-        out.append(merged)
-    return out
-
-
 def _empty(d: int) -> Moments:
     return Moments(np.float64(0.0), np.zeros(d), np.zeros(d))
 
@@ -68,7 +44,7 @@ class RunningNormalizer:
     Statistics are used only after they have seen data: `observe` folds each new batch in before
     `__call__` normalizes it. Between merges a peer normalizes with the statistics every peer shares
     plus what it observed itself since (`pending()`); `update` folds the peers' merged pending
-    moments (see `global_moments`) into the shared statistics, identically on every peer.
+    moments (`p2prl.sync.stats.global_moments`) into the shared statistics, identically on every peer.
     """
 
     def __init__(self, shape: tuple[int, ...], clip: float = 10.0, eps: float = 1e-8,
@@ -125,3 +101,34 @@ class RunningNormalizer:
     def load_state_dict(self, state: dict) -> None:
         self.stats = Moments(state["count"], state["mean"], state["m2"])
         self._set_shared()
+
+    @classmethod
+    def saved(cls, shape: tuple[int, ...], state: dict | None) -> "RunningNormalizer | None":
+        """The normalizer a checkpoint saved (`state_dict()`), or None where it saved none."""
+        if state is None:
+            return None
+        norm = cls(shape)
+        norm.load_state_dict(state)
+        return norm
+
+
+class ReturnScaler:
+    """norm_reward, as SB3's VecNormalize: rewards divided by the running std of each env's discounted
+    return, whose statistics include the current step; `clip` (or None) bounds the result.
+
+    `norm` holds the statistics, merged over the peers like any `RunningNormalizer`'s; `returns` (N,),
+    each env's discounted return under way, is this peer's own (reset where an episode ends).
+    """
+
+    def __init__(self, num_envs: int, gamma: float, clip: float | None) -> None:
+        self.norm = RunningNormalizer((1,), center=False)
+        self.returns = np.zeros(num_envs, dtype=np.float64)
+        self.gamma, self.clip = gamma, clip
+
+    def __call__(self, reward: np.ndarray, valid: np.ndarray, done: np.ndarray) -> np.ndarray:
+        """Scaled rewards (N,) float32 from rewards (N,) float64; `valid`, `done`: (N,) bool."""
+        self.returns = self.returns * self.gamma + reward
+        self.norm.observe(self.returns[valid, None])
+        scaled = reward / self.norm.std.item()
+        self.returns[done] = 0.0
+        return (scaled if self.clip is None else np.clip(scaled, -self.clip, self.clip)).astype(np.float32)

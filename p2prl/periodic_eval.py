@@ -65,7 +65,6 @@ class PeriodicEval:
     def __call__(self, p: Progress) -> dict[str, float]:
         """Evaluate the shared policy (a collective); the metrics row's eval keys."""
         comm = self.comm
-        comm.phase = "eval"
         state = self.saver.shared_state(p)
         with torch.random.fork_rng(devices=[]):  # a new model's initialisation must not move training's stream
             policy = Policy(self.cfg, state, self.env.observation_space, self.env.action_space, device=comm.device)

@@ -21,7 +21,6 @@ from p2prl.checkpoint import list_steps, load, set_rng_state, shared_path, step_
 from p2prl.checks import ConfigError, show
 from p2prl.comm import Communicator
 from p2prl.config import RunConfig, flatten, upgrade
-from p2prl.envstate import not_restorable
 from p2prl.metrics import ReturnWindow
 
 log = logging.getLogger(__name__)
@@ -139,7 +138,6 @@ def restore(comm: Communicator, cfg: RunConfig, run_dir: Path, algo: algos.Algor
 
     `checked`: the checkpoint `check_source` already found to fit (the precheck's; not checked again).
     """
-    comm.phase = "resume"
     paths = comm.broadcast_object([str(p) for p in candidates(cfg.train.resume, run_dir)])
     for path in map(Path, paths):
         shared = load(path)
@@ -172,9 +170,12 @@ def _load(comm: Communicator, cfg: RunConfig, algo: algos.Algorithm, window: Ret
     window.load_state_dict(shared["return_window"])
     if own is not None:
         set_rng_state(own["rng"])
+        collector = own.get("collector", own)  # rank files of earlier versions kept its state at the top
+        algo.collector.load_state_dict(collector)
         algo.load_rank_state_dict(own)
-        if (why := not_restorable(algo.envs)) is not None and comm.rank == 0:
-            log.info("the envs' state cannot be restored (%s): every env starts a fresh episode", why)
+        if (why := algo.collector.not_restorable) is not None and comm.rank == 0:
+            how = "its random stream continued" if "env_rngs" in collector else "from its seed"
+            log.info("the envs' state cannot be restored (%s): every env starts a fresh episode, %s", why, how)
         if algo.learner is not None:
             algo.learner.load_rank_state_dict(own.get("learner", {}))
     elif comm.rank == 0:

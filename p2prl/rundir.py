@@ -19,7 +19,8 @@ from p2prl.comm import Communicator
 log = logging.getLogger(__name__)
 PREVIOUS = "previous"
 # What a run (or p2prl evaluate / plot on it) writes; checkpoints/ holds best.pt, interrupted.pt and rank dirs.
-EARLIER = ("checkpoints", "metrics.jsonl", "summary.json", "tb", "wandb", "eval.json", "videos", "returns.png")
+EARLIER = ("checkpoints", "metrics.jsonl", "summary.json", "tb", "wandb", "eval.json", "videos", "returns.png",
+           "profile")
 
 
 def _stamp(previous: Path) -> str:

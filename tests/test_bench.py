@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from p2prl import plot, sweep
-from p2prl.bench import plans, report, runs as bench, sb3 as bench_sb3
+from p2prl.bench import plans, report, runs as bench, sb3 as bench_sb3, tables
 
 pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,6 +201,23 @@ def test_derive_profile_and_first_step_time():
     assert missed["launch_to_target_s"] is None and missed["first_step_to_target_s"] is None
 
 
+def test_each_run_reports_where_rank_0s_loop_time_went_and_its_unattributed_rest():
+    parts = {"env": 4.0, "inference": 2.0, "forward": 1.0, "backward": 1.0, "optimizer": 0.5, "comm": 1.0,
+             "checkpoint": 0.0, "eval": 0.0, "log": 0.1, "rest": 0.4}
+    summary = {"reached": True, "steps_to_target": 2000, "time_to_target_s": 5.0, "final_step": 2000, "wall_s": 12.0,
+               "sps": 200.0, "time": [{**parts, "loop": 10.0}, {**parts, "rest": 3.0, "loop": 12.6}]}
+    rec = report.derive(summary, launch_to_exit_s=14.0)
+    assert rec["rest_frac"] == pytest.approx(0.04) and rec["time_shares"]["env"] == pytest.approx(0.4)
+    line = bench._describe({**rec, "error": None, "launch_to_exit_s": 14.0, "timed_out": False}, True)
+    assert "rank 0's loop: env 40% inf 20% fwd 10% bwd 10% opt 5% comm 10% log 1% rest 4%" in line
+    rows = report.aggregate([{**rec, "task": "cartpole-ppo", "system": "p2prl-1", "seed": 0, "error": None,
+                              "launch_to_exit_s": 14.0}])
+    assert rows[0]["rest_frac"]["median"] == pytest.approx(0.04)
+    text = tables.format_results(rows)
+    assert text.splitlines()[0].split()[-1] == "rest" and "0.040" in text
+    assert report.derive({"final_step": 10, "sps": 1.0}, 2.0)["rest_frac"] is None  # SB3: no breakdown
+
+
 def test_run_stopped_at_the_cap_keeps_its_last_logged_speed(tmp_path):
     assert report.last_metrics(tmp_path) == {}
     (tmp_path / "metrics.jsonl").write_text('{"step": 64, "sps": 10.0, "comm_frac": 0.1}\n'
@@ -211,7 +228,7 @@ def test_run_stopped_at_the_cap_keeps_its_last_logged_speed(tmp_path):
 
 
 def test_results_table():
-    text = report.format_results(report.aggregate(RUNS))
+    text = tables.format_results(report.aggregate(RUNS))
     lines = text.splitlines()
     assert lines[0].split()[:3] == ["task", "system", "reached"]
     p2, sb3 = lines[2], lines[3]
@@ -225,7 +242,7 @@ def test_scaling_report():
                                                                     "comm_frac": 0.05}]
     s = report.scaling(runs)
     assert s["efficiency"] == pytest.approx(0.9) and s["speedup"] == pytest.approx(1.8)
-    assert "0.90" in report.format_scaling(s)
+    assert "0.90" in tables.format_scaling(s)
     assert report.scaling(runs[:1])["efficiency"] is None
 
 
@@ -310,9 +327,9 @@ def test_plan_strategies_covers_every_strategy_and_peer_count(monkeypatch, tmp_p
 
 def test_strategy_table_says_when_peers_outnumber_cores():
     rows = report.aggregate([run("allreduce_x4", 0, True, 3.0, comm_calls=10, updates=5)])
-    text = report.format_strategies(rows, cores=2)
+    text = tables.format_strategies(rows, cores=2)
     assert "allreduce_x4" in text and "4 peers on 2 cores are oversubscribed" in text
-    assert "oversubscribed" not in report.format_strategies(rows, cores=8)
+    assert "oversubscribed" not in tables.format_strategies(rows, cores=8)
 
 
 def test_cost_model_fit_and_formulas_by_hand():
@@ -346,7 +363,7 @@ def test_fixed_budget_tasks_run_their_budget_and_report_the_return(monkeypatch, 
     assert rec["max_rss_mb"] == 950.5 and not rec["reached"]
     rows = report.aggregate([{**rec, "task": "breakout-ppo", "system": "p2prl-2", "seed": 0, "error": None,
                               "launch_to_exit_s": 70.0}])
-    text = report.format_budget(rows)
+    text = tables.format_budget(rows)
     assert "breakout-ppo" in text and "950" in text and "1.5" in text and "80" in text
 
 
@@ -380,8 +397,8 @@ def test_budget_table_and_png_show_speed_against_sb3_and_the_return(tmp_path):
               "sps": sps + seed, "episode_return_mean": ret, "final_step": 4096, "launch_to_exit_s": 60.0}
              for seed in range(2) for system, sps, ret in (("p2prl-1-global", 330.0, 2.5), ("sb3", 272.0, -1.0))]
     rows = report.aggregate(runs_)
-    assert report.vs_sb3(rows) == [f"{330.5 / 272.5:.2f}x", "1.00x"]
-    text = report.format_budget(rows)
+    assert tables.vs_sb3(rows) == [f"{330.5 / 272.5:.2f}x", "1.00x"]
+    text = tables.format_budget(rows)
     assert "vs sb3" in text.splitlines()[0] and "1.21x" in text and "p2prl-1-global: 1 peer" in text
     panels = {"breakout-ppo": [("sps", "steps/s", False), ("episode_return_mean", "return", False)]}
     assert plot.bar_panels(rows, panels, tmp_path / "bench.png").read_bytes()[:8] == PNG
@@ -421,7 +438,7 @@ def test_straggler_plan_and_table(monkeypatch, tmp_path):
                          "time_to_target_s": 2.5, "loop_s": 2.0, "steps_to_target": 1000}, 4.0)
     assert rec["last_rank_share"] == pytest.approx(0.2)
     rows = report.aggregate([{**rec, "task": "t", "system": cut.system, "seed": 0, "error": None}])
-    assert "0.200" in report.format_stragglers(rows)
+    assert "0.200" in tables.format_stragglers(rows)
 
 
 def test_the_straggler_env_is_slower_on_rank_1_only(monkeypatch):
@@ -500,5 +517,5 @@ def test_presets_run_every_tuned_preset_on_two_peers_with_atari_budgets_cut(monk
     assert not any("breakout" in p.name for p in bench.parse_args(["--presets"]).preset_list)  # skipped
     rows = report.aggregate([run("p2prl-2", s, r, t) | {"task": "ppo_cartpole", "episode_return_mean": 480.0}
                              for s, r, t in ((0, True, 10.0), (1, False, None))])
-    text = report.format_presets(rows, {"ppo_cartpole": {"target": 475, "budget": 100_000, "cut": False}})
+    text = tables.format_presets(rows, {"ppo_cartpole": {"target": 475, "budget": 100_000, "cut": False}})
     assert "ppo_cartpole  475     100,000  1/2" in text and "inf" in text and "480.0" in text

@@ -21,9 +21,10 @@ def _train_iterations(rank: int, cfg, iterations: int, shared: bool):
     algo = build_algorithm(cfg, comm)
     initial = parameter_digest(list(algo.model.parameters()))
     episodes = []
-    first_obs = algo.next_obs.clone()
+    first_obs = torch.as_tensor(algo.collector.obs).clone()
     for i in range(iterations):
-        episodes += [(e.ret, e.length) for e in algo.sample(i / iterations).episodes]
+        algo.sample(i / iterations)
+        episodes += [(e.ret, e.length) for e in algo.collector.take().episodes]
         algo.learn(i / iterations)
     params = list(algo.model.parameters())
     return {"initial": initial, "final": parameter_digest(params), "first_obs": first_obs,
@@ -78,7 +79,7 @@ def _fixed_rollout(cfg):
     algo.sample(0.0)
     r = algo.rollout
     assert r.dones.any() and not r.valid.all()
-    return ({k: v.clone() for k, v in r._asdict().items()}, algo.next_obs.clone(),
+    return ({k: v.clone() for k, v in r._asdict().items()}, torch.as_tensor(algo.collector.obs).clone(),
             {k: v.clone() for k, v in algo.model.state_dict().items()})
 
 
@@ -88,7 +89,7 @@ def _update_on(cfg, rollout: dict, next_obs, state, env_slice, comm):
     algo.model.load_state_dict(state)
     for k, v in rollout.items():
         getattr(algo.rollout, k).copy_(v[:, env_slice])
-    algo.next_obs = next_obs[env_slice].clone()
+    algo.collector.obs, algo.collector.length = next_obs[env_slice].numpy().copy(), cfg.algo.num_steps
     algo.learn(progress=0.0)
     return torch.cat([p.detach().reshape(-1) for p in algo.model.parameters()])
 
@@ -116,8 +117,10 @@ def _windows(rank: int, cfg):
     carried, separate = ReturnWindow(5), ReturnWindow(5)
     step, calls = 0, []
     for i in range(4):
-        sample = algo.sample(i / 4)
-        table = carried.local_table(comm.rank, comm.world_size, step, algo.num_envs, sample.episodes, sample.steps)
+        algo.sample(i / 4)
+        sample = algo.collector.take()
+        table = carried.local_table(comm.rank, comm.world_size, step, algo.collector.num_envs, sample.episodes,
+                                    sample.steps)
         alone = table.clone()
         before = comm.calls
         comm.sum_with_next(table)

@@ -1,10 +1,12 @@
-"""DQN: n-step windows across episode ends, per-peer replay, target sync on the same update."""
+"""DQN: n-step windows across episode ends (TransitionWriter), per-peer replay, target sync on the same
+update."""
 import numpy as np
 import pytest
 import torch
 
 from p2prl.algos.returns import nstep_return
 from p2prl.algos.schedules import peer_epsilon
+from p2prl.algos.transitions import TransitionWriter
 from p2prl.comm import LocalComm, open_comm, parameter_digest
 from p2prl.data import ReplayBuffer
 from p2prl.runner import build_algorithm
@@ -26,6 +28,7 @@ def dqn_config(compose):
 
 def iterate(algo, progress: float) -> None:
     algo.sample(progress)
+    algo.collector.take()  # as the runner does
     algo.learn(progress)
 
 
@@ -35,16 +38,15 @@ def test_nstep_return_hand_computed():
 
 
 @pytest.mark.parametrize("terminated", [False, True])
-def test_nstep_windows_flush_at_episode_end(terminated, dqn_config):
-    algo = build_algorithm(dqn_config(n_step=3, gamma=0.5), LocalComm())
+def test_nstep_windows_flush_at_episode_end(terminated):
+    b = ReplayBuffer(100, (4,), np.random.default_rng(0))
     o = lambda t: np.full((1, 4), float(t), dtype=np.float32)
+    writer = TransitionWriter(b, o(0), num_envs=1, n_step=3, gamma=0.5)  # the plain buffer keys by observations
     # Steps 0..3 with rewards 1..4; step 3 ends the episode; step 4 is the autoreset step (invalid).
     for t in range(5):
         end = np.array([t == 3])
-        algo.obs = algo.obs_key = o(t)  # the plain buffer keys transitions by the observations
-        algo._store(np.array([t % 2]), np.array([t + 1.0], dtype=np.float32), o(t + 1),
-                    end & terminated, end & (not terminated), np.array([t != 4]))
-    b = algo.buffer
+        writer.add(np.array([t % 2]), np.array([t + 1.0], dtype=np.float32), o(t + 1),
+                   end & terminated, end & (not terminated), np.array([t != 4]))
     assert b.size == 4
     expected = [  # (first obs, reward sum, discount, bootstrap obs, terminated)
         (0, 1 + 0.5 * 2 + 0.25 * 3, 0.125, 3, 0.0),
@@ -62,7 +64,7 @@ def test_one_step_transitions_skip_the_reset_step(dqn_config):
     algo = build_algorithm(dqn_config(num_envs=2, buffer_size=5000, n_step=1), LocalComm())
     algo.collect(600)  # many CartPole episodes end in 600 steps under a random-ish policy
     b = algo.buffer
-    ended = algo.episodes.take()
+    ended = algo.collector.take().episodes
     resets = sum(1 for e in ended if e.t < 599)  # each end is followed by one dropped reset step
     assert resets > 5
     assert b.size == 2 * 600 - resets
@@ -91,7 +93,7 @@ def test_acting_draws_as_before_and_skips_the_network_when_every_env_explores(ep
         assert np.array_equal(algo._act(), expected)
         assert len(calls) == (0 if explore.all() else 1)
         assert algo.rng.bit_generator.state == twin.bit_generator.state
-        algo.obs = algo.obs + np.float32(0.1)
+        algo.collector.obs = algo.obs + np.float32(0.1)
 
 
 def test_ape_x_epsilons():
@@ -131,12 +133,13 @@ def test_checkpointed_state_resumes_bit_for_bit(tmp_path, dqn_config):
     for i in range(6):
         iterate(a, i / 12)
     path = tmp_path / "state.pt"
-    torch.save({"shared": a.state_dict(), "learner": a.learner.state_dict(), "own": a.rank_state_dict(replay=True)},
-               path)
+    torch.save({"shared": a.state_dict(), "learner": a.learner.state_dict(), "own": a.rank_state_dict(replay=True),
+                "collector": a.collector.state_dict()}, path)
     saved = torch.load(path, weights_only=True)
     b = build_algorithm(cfg, LocalComm())
     b.load_state_dict(saved["shared"])
     b.learner.load_state_dict(saved["learner"])
+    b.collector.load_state_dict(saved["collector"])
     b.load_rank_state_dict(saved["own"])
     torch.manual_seed(123)
     iterate(a, 0.5)
@@ -144,7 +147,7 @@ def test_checkpointed_state_resumes_bit_for_bit(tmp_path, dqn_config):
     iterate(b, 0.5)
     assert parameter_digest(list(a.q.parameters())) == parameter_digest(list(b.q.parameters()))
     assert a.buffer.size == b.buffer.size and np.array_equal(a.buffer.obs, b.buffer.obs)
-    for da, db in zip(a.pending, b.pending):
+    for da, db in zip(a.writer.windows, b.writer.windows):
         assert len(da) == len(db) and all(np.array_equal(x[0], y[0]) and x[1:] == y[1:] for x, y in zip(da, db))
 
 

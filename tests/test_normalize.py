@@ -2,7 +2,8 @@
 import torch
 
 from p2prl.comm import LocalComm
-from p2prl.normalize import RunningNormalizer, global_moments, merge_moments, moments_of
+from p2prl.normalize import RunningNormalizer, merge_moments, moments_of
+from p2prl.sync.stats import global_moments
 
 
 def test_merge_equals_concatenated():
@@ -60,13 +61,13 @@ def test_statistics_are_used_only_after_they_have_seen_the_data(compose):
     cfg = compose("algo=ppo", "env=pendulum", f"algo.num_envs={n}", f"algo.num_steps={T}", "algo.num_minibatches=1",
                   "algo.norm_obs=true", "algo.norm_reward=true")
     algo = build_algorithm(cfg, LocalComm())
-    raw_rewards, step = [], algo.envs.step
+    raw_rewards, step = [], algo.collector.envs.step
 
     def recording(actions):
         out = step(actions)
         raw_rewards.append(np.asarray(out[1], dtype=np.float64))
         return out
-    algo.envs.step = recording
+    algo.collector.envs.step = recording
     algo.sample(0.0)
     r = algo.rollout
     assert bool(r.valid.all())  # Pendulum's episodes are 200 steps: none ends here
@@ -82,7 +83,7 @@ def test_statistics_are_used_only_after_they_have_seen_the_data(compose):
         want_r = raw_rewards[t] / np.sqrt(np.concatenate(returns).var() + 1e-8)
         np.testing.assert_allclose(r.rewards[t].numpy(), want_r, rtol=1e-4, err_msg=f"rewards at step {t}")
     algo.learn(0.0)  # merges what this (only) peer saw into the shared statistics
-    assert float(algo.obs_norm.stats.count) == n * T and float(algo.ret_norm.stats.count) == n * T
+    assert float(algo.obs_norm.stats.count) == n * T and float(algo.scale.norm.stats.count) == n * T
     np.testing.assert_allclose(algo.obs_norm.stats.mean.numpy(), np.concatenate(seen).mean(0), rtol=1e-9)
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from p2prl.algos import Peer
+from p2prl.collect import Collector
 from p2prl.algos.qlearning import QLearning, apply_td_sums, td_errors
 from p2prl.algos.schedules import decayed_epsilon, peer_epsilon
 from p2prl.algos.tabular_eval import greedy, policy_return, rollout_returns, tabular_model, value_iteration
@@ -69,7 +70,8 @@ class Chain(gym.Env):
 
 
 def iterate(algo, progress: float):
-    sample = algo.sample(progress)
+    algo.sample(progress)
+    sample = algo.collector.take()
     return sample, algo.learn(progress)
 
 
@@ -81,7 +83,7 @@ def _chain_tables(rank: int, limits_by_rank: list[list[int]]) -> list[np.ndarray
     comm = open_comm(cfg.comm, "gloo") if len(limits_by_rank) > 1 else LocalComm()
     envs = gym.vector.SyncVectorEnv([partial(gym.wrappers.TimeLimit, Chain(), n) for n in limits])
     obs, _ = envs.reset(seed=0)
-    algo = QLearning(cfg.algo, envs, obs, Peer(comm, seed=rank, sync=cfg.comm))
+    algo = QLearning(cfg.algo, Collector(envs, obs), Peer(comm, seed=rank, sync=cfg.comm))
     return [(iterate(algo, 0.0), algo.q.copy())[1] for _ in range(2)]
 
 
@@ -188,11 +190,12 @@ def test_checkpointed_state_resumes_bit_for_bit():
     for i in range(5):
         iterate(a, i / 10)
     buf = io.BytesIO()
-    torch.save({"shared": a.state_dict(), "own": a.rank_state_dict()}, buf)
+    torch.save({"shared": a.state_dict(), "own": a.rank_state_dict(), "collector": a.collector.state_dict()}, buf)
     buf.seek(0)
     saved = torch.load(buf, weights_only=True)
     b = build_algorithm(cfg, LocalComm())
     b.load_state_dict(saved["shared"])
+    b.collector.load_state_dict(saved["collector"])
     b.load_rank_state_dict(saved["own"])
     for x in (a, b):
         iterate(x, 0.6)

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from p2prl import algos, checkpoint
-from p2prl.algos.base import Algorithm, Peer, Sample
+from p2prl.algos.base import Algorithm, Peer
 from p2prl.checks import ConfigError
+from p2prl.collect import Collector
 from p2prl.comm import LocalComm
-from p2prl.metrics import EpisodeCounter
 from p2prl.runner import build_algorithm, run
 from p2prl.sync.optim import FlatAdam
 
@@ -31,24 +31,23 @@ class TinyConfig:
 class MeanReward(Algorithm):
     """Acts at random and learns, by gradient, the mean reward per step over all peers' envs."""
 
-    def __init__(self, cfg: TinyConfig, envs: gym.vector.VectorEnv, first_obs: np.ndarray, peer: Peer) -> None:
-        self.cfg, self.envs, self.num_envs = cfg, envs, cfg.num_envs
+    def __init__(self, cfg: TinyConfig, collector: Collector, peer: Peer) -> None:
+        self.cfg, self.collector, self.clock = cfg, collector, peer.clock
         self.estimate = torch.nn.Parameter(torch.zeros(1))
         self.learner = peer.learner([self.estimate], lambda p: FlatAdam(p, lr=cfg.lr), None, ("loss",))
         self.rng = peer.rng("explore")
-        self.episodes = EpisodeCounter(cfg.num_envs)
         self.rewards = np.zeros((cfg.num_steps, cfg.num_envs))
-        self.next_valid = np.ones(cfg.num_envs, dtype=bool)
 
-    def sample(self, progress: float) -> Sample:
-        for t in range(self.cfg.num_steps):
-            _, reward, term, trunc, _ = self.envs.step(self.rng.integers(0, 2, self.num_envs))
-            self.episodes.step(t, reward, term | trunc, self.next_valid)
-            self.rewards[t], self.next_valid = reward, ~(term | trunc)
-        return Sample(self.cfg.num_steps * self.num_envs, self.episodes.take())
+    def sample(self, progress: float) -> None:
+        c = self.collector
+        for t in c.rollout(self.cfg.num_steps):
+            with self.clock("inference"):
+                actions = self.rng.integers(0, 2, c.num_envs)
+            self.rewards[t] = c.step(actions).rewards
 
     def learn(self, progress: float) -> dict[str, float]:
-        loss = (self.estimate - torch.as_tensor(self.rewards.mean(), dtype=torch.float32)).pow(2).sum()
+        with self.clock("forward"):
+            loss = (self.estimate - torch.as_tensor(self.rewards.mean(), dtype=torch.float32)).pow(2).sum()
         self.learner.step(loss, {"loss": loss.detach()})
         self.learner.finish()
         return {**self.learner.take_means(), "estimate": float(self.estimate)}

@@ -65,27 +65,34 @@ def test_env_state_round_trip_continues_the_same_episodes(env_id, tmp_path, comp
 
 @BOX2D
 @pytest.mark.parametrize("algo", [PPO, DQN], ids=["ppo", "dqn"])
-def test_box2d_envs_resume_fresh_episodes_never_spliced_ones(algo, compose):
+def test_box2d_envs_resume_fresh_episodes_that_continue_the_random_stream(algo, compose):
     # LunarLander's world cannot be saved: its counters and prev_shaping restored onto a fresh world made
-    # the first reward after a resume shaping(new episode) - prev_shaping(old episode).
+    # the first reward after a resume shaping(new episode) - prev_shaping(old episode). Fresh episodes
+    # from the seeds would replay the run's first ones; they continue each env's generator instead.
     cfg = compose("seed=1", "env=lunarlander", *algo)
     a = build_algorithm(cfg, LocalComm())
-    assert not restorable(a.envs)
+    assert a.collector.not_restorable is not None
     for _ in range(3):
         a.sample(0.0)  # its envs mid-episode
     state = io.BytesIO()
-    torch.save(a.rank_state_dict(replay=True), state)
+    torch.save({"own": a.rank_state_dict(replay=True), "collector": a.collector.state_dict()}, state)
     state.seek(0)
+    saved = torch.load(state, weights_only=True)
     resumed, fresh = build_algorithm(cfg, LocalComm()), build_algorithm(cfg, LocalComm())
-    resumed.load_rank_state_dict(torch.load(state, weights_only=True))
-    current = (lambda x: x.next_obs.numpy()) if algo is PPO else (lambda x: x.obs)
-    assert np.array_equal(current(resumed), current(fresh)) and not np.array_equal(current(resumed), current(a))
+    resumed.collector.load_state_dict(saved["collector"])
+    resumed.load_rank_state_dict(saved["own"])
+    assert not resumed.collector.continued
+    mid = np.array(a.collector.obs)
+    following, _ = a.collector.envs.reset()  # the episodes the saved envs' generators begin next
+    got = resumed.collector.obs
+    assert np.array_equal(got, following) and not np.array_equal(got, mid)
+    assert not np.array_equal(got, fresh.collector.obs)  # not the run's first episodes again
     if algo is DQN:
-        assert not any(resumed.pending) and np.array_equal(resumed.obs_key, resumed.obs)
-    space = fresh.envs.action_space
+        assert not any(resumed.writer.windows) and np.array_equal(resumed.writer.keys, resumed.obs)
+    space = fresh.collector.envs.action_space
     space.seed(0)
     for action in [space.sample() for _ in range(60)]:  # the fresh episodes' own transitions
-        for want, got in zip(fresh.envs.step(action)[:4], resumed.envs.step(action)[:4]):
+        for want, got in zip(a.collector.envs.step(action)[:4], resumed.collector.envs.step(action)[:4]):
             assert np.array_equal(want, got)
 
 

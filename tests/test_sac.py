@@ -204,11 +204,11 @@ def test_policy_and_export_act_in_the_bounds(small):
     cfg = small("sac")
     algo = build_algorithm(cfg, LocalComm())
     state = algo.state_dict()
-    space = algo.envs.single_action_space
+    space = algo.collector.action_space
     obs = np.random.default_rng(0).standard_normal((5, 3)).astype(np.float32)
-    act = algos.spec("sac").policy(cfg.algo, state, algo.envs.single_observation_space, space, torch.device("cpu"))
+    act = algos.spec("sac").policy(cfg.algo, state, algo.collector.observation_space, space, torch.device("cpu"))
     greedy = act(obs, True, np.random.default_rng(0))
-    module = algos.spec("sac").greedy_module(cfg.algo, state, algo.envs.single_observation_space, space)
+    module = algos.spec("sac").greedy_module(cfg.algo, state, algo.collector.observation_space, space)
     want = 2.0 * algo.model.actor(torch.from_numpy(obs)).detach().numpy()  # Pendulum's torque in [-2, 2]
     assert greedy.shape == (5, 1) and np.allclose(greedy, want, atol=1e-6)
     assert np.allclose(module(torch.from_numpy(obs)).numpy(), greedy, atol=1e-6)

@@ -78,6 +78,7 @@ BAD = [
     (["train.eval_every_steps=-1"], ["train.eval_every_steps=-1", "must be an integer >= 0"]),
     (["train.eval_every_steps=0.5"], ["train.eval_every_steps=0.5", "must be an integer >= 0"]),
     (["train.eval_episodes=0"], ["train.eval_episodes=0", "positive integer"]),
+    (["train.profile_iterations=0"], ["train.profile_iterations=0", "positive integer"]),
     (["train.pin_cores=maybe"], ["train.pin_cores=maybe", "must be true or false"]),
     (["comm.timeout_s=0"], ["comm.timeout_s=0", "positive number"]),
     (["comm.timeout_s=-5"], ["comm.timeout_s=-5", "positive number"]),

@@ -5,8 +5,8 @@ and observations it accepts), resume (the keys a resume may not change, those th
 rank's own state), the runner (how to build it), p2prl.policy (a checkpoint's policy, for evaluate, the
 evaluation during training and `p2prl.load`) and p2prl.export (the greedy policy as a torch module)
 read this table; nothing else branches on an algorithm's name. Adding one is its file (a config
-dataclass, an `Algorithm` subclass, a policy function, for a network its greedy module) plus
-`register(...)` or a line in REGISTRY, and its conf/algo/<name>.yaml.
+dataclass, an `Algorithm` subclass that steps envs through its collector, a policy function, for a
+network its greedy module) plus `register(...)` or a line in REGISTRY, and its conf/algo/<name>.yaml.
 """
 from __future__ import annotations
 
@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
 import gymnasium as gym
-import numpy as np
 import torch
 from torch import nn
 
-from p2prl.algos.base import ActFn, Algorithm, Peer, Sample
+from p2prl.algos.base import ActFn, Algorithm, Peer
 from p2prl.algos.dqn import DQN, DQNConfig
 from p2prl.algos.dqn import policy as dqn_policy
 from p2prl.algos.greedy import dqn_greedy, ppo_greedy
@@ -29,6 +28,7 @@ from p2prl.algos.offpolicy import check_bounds
 from p2prl.algos.qlearning import policy as qlearning_policy
 from p2prl.algos import sac, td3
 from p2prl.checks import ConfigError
+from p2prl.collect import Collector
 from p2prl.nets import resolve_encoder
 from p2prl.sync import table as sync
 
@@ -38,7 +38,7 @@ Box, Discrete = gym.spaces.Box, gym.spaces.Discrete
 @dataclass(frozen=True)
 class AlgorithmSpec:
     config: type  # the dataclass of its `algo` section (fields = the keys of conf/algo/<name>.yaml)
-    build: Callable[[Any, gym.vector.VectorEnv, np.ndarray, Peer], Algorithm]  # (algo cfg, envs, first obs, peer)
+    build: Callable[[Any, Collector, Peer], Algorithm]  # (algo cfg, this peer's collector, peer)
     observations: tuple[type, ...]  # the gymnasium observation spaces it accepts
     actions: tuple[type, ...]  # and action spaces
     # (algo cfg, shared state, obs space, action space, device) -> its policy on a batch (base.ActFn)
@@ -146,5 +146,5 @@ def check_spaces(name: str, obs_space: gym.Space, action_space: gym.Space) -> No
             raise ConfigError("algo", name, f"needs {kinds} {what}, the env has {space}{s.hint}")
 
 
-__all__ = ["ActFn", "Algorithm", "AlgorithmSpec", "Peer", "REGISTRY", "Sample", "added_keys", "algo_sections",
+__all__ = ["ActFn", "Algorithm", "AlgorithmSpec", "Peer", "REGISTRY", "added_keys", "algo_sections",
            "check_spaces", "check_strategy", "register", "spec"]

@@ -5,12 +5,11 @@ own minibatch; the learner averages the gradients of every update across peers, 
 same online network. Counters that schedule updates (vector steps, updates) advance in lockstep on
 every peer, so each peer makes the same number of updates and syncs its target network on the same
 update: no peer ever waits in a collective another one skipped. Like ppo.py, the file reads top to
-bottom as the whole algorithm (config, sampling into either replay buffer, losses, checkpoint state,
-its policy for evaluation), a little over 250 lines.
+bottom as the whole algorithm (config, sampling through the collector into either replay buffer,
+losses, checkpoint state, its policy for evaluation).
 """
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 from typing import Optional
 
@@ -20,17 +19,15 @@ import torch
 import torch.nn.functional as F
 
 from p2prl import checks as check
-from p2prl.algos.base import (ActFn, Algorithm, Peer, Sample, epsilon_greedy, load_sampler_state,
-                              sampler_state)
-from p2prl.algos.returns import nstep_return, td_targets
+from p2prl.algos.base import ActFn, Algorithm, Peer, epsilon_greedy
+from p2prl.algos.returns import td_targets
 from p2prl.algos.schedules import decayed_epsilon, peer_epsilon
+from p2prl.algos.transitions import TransitionWriter
+from p2prl.collect import Collector
 from p2prl.data import ReplayBatch, ReplayBuffer
 from p2prl.frame_replay import FrameReplay
-from p2prl.envstate import restorable, stack_size
-from p2prl.metrics import EpisodeCounter
 from p2prl.nets import ENCODERS, QNetwork, resolve_encoder
 from p2prl.sync.optim import FlatAdam
-from p2prl.wrappers import episode_signal
 
 TERMS = ("loss_td", "q_mean")
 
@@ -74,11 +71,11 @@ class DQNConfig:
 
 
 class DQN(Algorithm):
-    def __init__(self, cfg: DQNConfig, envs: gym.vector.VectorEnv, first_obs: np.ndarray, peer: Peer) -> None:
-        self.cfg, self.envs, self.comm = cfg, envs, peer.comm
-        obs_space = envs.single_observation_space
-        self.n_actions = int(envs.single_action_space.n)
-        dev = self.comm.device
+    def __init__(self, cfg: DQNConfig, collector: Collector, peer: Peer) -> None:
+        self.cfg, self.collector, self.peer, self.clock = cfg, collector, peer, peer.clock
+        obs_space = collector.observation_space
+        self.n_actions = int(collector.action_space.n)
+        dev = peer.device
         encoder = resolve_encoder(cfg.encoder, obs_space)
         self.q = QNetwork(obs_space, self.n_actions, cfg.hidden_sizes, cfg.activation, encoder).to(dev)
         adam = lambda p: FlatAdam(p, lr=cfg.lr, fused=encoder == "cnn")  # noqa: E731
@@ -90,7 +87,7 @@ class DQN(Algorithm):
         self.obs_dtype = np.uint8 if encoder == "cnn" else np.float32  # frames stay bytes until the CNN
         # Images: every frame stored once, keyed by index; else the observations themselves.
         if encoder == "cnn":
-            k = stack_size(envs)
+            k = collector.frame_stack
             least = (k + cfg.n_step + cfg.train_freq) * cfg.num_envs  # the frames a stored transition reaches
             if cfg.buffer_size < least:
                 raise check.ConfigError("algo.buffer_size", cfg.buffer_size, f"must hold at least {least} frames "
@@ -99,11 +96,7 @@ class DQN(Algorithm):
         else:
             self.buffer = ReplayBuffer(cfg.buffer_size, obs_space.shape, self.rng)
         self.num_envs = cfg.num_envs
-        self.obs = np.asarray(first_obs, dtype=self.obs_dtype)
-        self.obs_key = self.buffer.begin(self.obs)  # what transitions from self.obs are stored by
-        self.next_valid = np.ones(cfg.num_envs, dtype=bool)  # False on next-step autoreset steps
-        self.pending = [deque() for _ in range(cfg.num_envs)]  # n-step windows per env
-        self.episodes = EpisodeCounter(cfg.num_envs)
+        self.writer = TransitionWriter(self.buffer, self.obs, cfg.num_envs, cfg.n_step, cfg.gamma)
         self.vector_steps = 0  # identical on every peer
         # Vector step from which learning_starts counts: moves to the resume point when the replay
         # buffers were not restored, so no peer ever samples an empty or nearly empty buffer.
@@ -114,69 +107,40 @@ class DQN(Algorithm):
         return list(self.q.parameters()) + list(self.target.parameters())
 
     # -- acting ----------------------------------------------------------------------------------
+    @property
+    def obs(self) -> np.ndarray:
+        """The collector's current observations (N, *obs_shape) in the network's dtype."""
+        return np.asarray(self.collector.obs, dtype=self.obs_dtype)
+
     @torch.inference_mode()
     def _act(self) -> np.ndarray:
         explore = self.rng.random(self.num_envs) < self.epsilon
         random = self.rng.integers(0, self.n_actions, self.num_envs)
         if explore.all():  # no greedy action is taken: skip the network (most steps early on, as SB3 does)
             return random
-        greedy = self.q(torch.from_numpy(self.obs).to(self.comm.device)).argmax(1).cpu().numpy()
+        greedy = self.q(torch.from_numpy(self.obs).to(self.peer.device)).argmax(1).cpu().numpy()
         return np.where(explore, random, greedy)
 
-    def _store(self, actions, rewards, next_key, term, trunc, valid) -> None:
-        """Store this step's valid transitions (n-step windows if n_step > 1).
-
-        Under next-step autoreset `next_obs` of an ending step is the true final observation, so a
-        truncated transition bootstraps from it; the following reset step (valid=False) is dropped.
-        """
-        c = self.cfg
-        if c.n_step == 1:
-            v = valid
-            self.buffer.add(self.obs_key[v], actions[v], rewards[v], next_key[v],
-                            np.full(int(v.sum()), c.gamma, dtype=np.float32), term[v].astype(np.float32))
-            return
-        for i in np.flatnonzero(valid):
-            window = self.pending[i]
-            window.append((self.obs_key[i], int(actions[i]), float(rewards[i])))
-            if term[i] or trunc[i]:
-                while window:  # flush: shorter windows, bootstrap only if truncated
-                    self._emit(window, next_key[i], bool(term[i]))
-                    window.popleft()
-            elif len(window) == c.n_step:
-                self._emit(window, next_key[i], False)
-                window.popleft()
-
-    def _emit(self, window: deque, boot_key: np.ndarray, terminated: bool) -> None:
-        ret, disc = nstep_return([w[2] for w in window], self.cfg.gamma)
-        key, action, _ = window[0]
-        self.buffer.add(np.asarray(key)[None], np.array([action]), np.array([ret], dtype=np.float32),
-                        np.asarray(boot_key)[None],
-                        np.array([disc], dtype=np.float32), np.array([float(terminated)], dtype=np.float32))
-
     def collect(self, vector_steps: int) -> None:
-        self.comm.phase = "sampling"
-        for t in range(vector_steps):
-            actions = self._act()
-            next_obs, rewards, term, trunc, infos = self.envs.step(actions)
-            next_obs = np.asarray(next_obs, dtype=self.obs_dtype)
-            done = term | trunc
-            valid = self.next_valid
-            self.episodes.step(t, *episode_signal(rewards, done, infos), valid)
-            next_key = self.buffer.observe(next_obs, valid)
-            self._store(actions, np.asarray(rewards, dtype=np.float32), next_key, term, trunc, valid)
-            self.obs, self.obs_key, self.next_valid = next_obs, next_key, ~done
+        for _ in self.collector.rollout(vector_steps):
+            with self.clock("inference"):
+                actions = self._act()
+            s = self.collector.step(actions)
+            with self.clock("storage"):
+                next_obs = np.asarray(s.next_obs, dtype=self.obs_dtype)
+                self.writer.add(actions, np.asarray(s.rewards, dtype=np.float32), next_obs, s.terminated, s.truncated,
+                                s.valid)
         self.vector_steps += vector_steps
 
-    def sample(self, progress: float) -> Sample:
+    def sample(self, progress: float) -> None:
         c = self.cfg
         eps = decayed_epsilon(c.eps_start, c.eps_end, c.exploration_fraction, progress)
-        self.epsilon = peer_epsilon(eps, self.comm.rank, self.comm.world_size, c.apex_alpha)
+        self.epsilon = peer_epsilon(eps, self.peer.rank, self.peer.world_size, c.apex_alpha)
         self.collect(c.train_freq)
-        return Sample(c.train_freq * self.num_envs, self.episodes.take())
 
     # -- learning --------------------------------------------------------------------------------
     def loss(self, b: ReplayBatch) -> tuple[torch.Tensor, dict]:
-        dev = self.comm.device
+        dev = self.peer.device
         obs, next_obs = b.obs.to(dev), b.next_obs.to(dev)
         q = self.q(obs).gather(1, b.actions.to(dev)[:, None]).squeeze(1)
         with torch.no_grad():
@@ -195,7 +159,7 @@ class DQN(Algorithm):
         # Counted in finished updates, identical on every peer: targets sync on the same step.
         if self.cfg.tau < 1.0 or self.learner.attempts % self.cfg.target_update_interval == 0:
             tau = self.cfg.tau
-            with torch.no_grad():
+            with torch.no_grad(), self.clock("optimizer"):
                 for t, p in zip(self.target.parameters(), self.q.parameters()):
                     t.copy_(p) if tau >= 1.0 else t.lerp_(p, tau)
 
@@ -204,10 +168,11 @@ class DQN(Algorithm):
         logs = {"epsilon": self.epsilon, "buffer_size": self.buffer.size}
         filled = self.vector_steps - self.fill_from  # agreed on every peer
         # n_step + 1 vector steps guarantee every peer has stored a transition, whatever the resets.
-        if filled * self.num_envs * self.comm.world_size >= c.learning_starts and filled > c.n_step:
-            self.comm.phase = "update"
+        if filled * self.num_envs * self.peer.world_size >= c.learning_starts and filled > c.n_step:
             for _ in range(c.gradient_steps):
-                if self.learner.step(*self.loss(self.buffer.sample(c.batch_size))) is not None:
+                with self.clock("forward"):  # the replay minibatch, its TD targets and Q values
+                    loss, terms = self.loss(self.buffer.sample(c.batch_size))
+                if self.learner.step(loss, terms) is not None:
                     self._after_update()
             if self.learner.finish() is not None:  # comm.overlap: the last one was still in flight
                 self._after_update()
@@ -225,37 +190,18 @@ class DQN(Algorithm):
         self.fill_from = self.vector_steps  # until load_rank_state_dict restores the replay buffers
 
     def rank_state_dict(self, replay: bool = False) -> dict:
-        """This peer's own state: envs, sampler carry-over, n-step windows, RNG, replay if asked."""
-        windows = [{"obs": torch.from_numpy(np.stack([w[0] for w in d])) if d else torch.zeros(0),
-                    "actions": torch.tensor([w[1] for w in d], dtype=torch.int64),
-                    "rewards": torch.tensor([w[2] for w in d], dtype=torch.float64)} for d in self.pending]
-        s = {**sampler_state(self.envs, self.obs, self.next_valid, self.episodes, self.rng), "windows": windows}
-        if replay:
-            s["replay"] = self.buffer.state_dict()
-            s["obs_key"] = torch.from_numpy(np.asarray(self.obs_key).copy())
-        return s
+        """This peer's own state: exploration RNG, n-step windows, replay if asked."""
+        s = {"explore_rng": self.rng.bit_generator.state, **self.writer.state_dict(keys=replay)}
+        return {**s, "replay": self.buffer.state_dict()} if replay else s
 
     def load_rank_state_dict(self, s: dict) -> None:
-        """Restore what rank_state_dict saved. Envs whose state cannot be restored (`restorable`) start
-        fresh episodes instead, their replay kept: no n-step window then spans two episodes."""
-        exact = restorable(self.envs)  # if not, the windows stay empty: saved ones end old episodes
-        if exact:
-            self.obs, self.next_valid = load_sampler_state(self.envs, self.episodes, self.rng, s)
-            for d, w in zip(self.pending, s["windows"]):
-                d.clear()
-                d.extend((o.numpy().copy(), int(a), float(r)) for o, a, r in zip(w["obs"], w["actions"], w["rewards"]))
-        else:
-            self.rng.bit_generator.state = s["explore_rng"]
+        """Restore what rank_state_dict saved; where the collector started fresh episodes (envs whose
+        state cannot be restored) the replay is kept, the n-step windows are not."""
+        self.rng.bit_generator.state = s["explore_rng"]
         if "replay" in s:  # checkpoint.replay is a config value: the same branch on every peer
             self.buffer.load_state_dict(s["replay"])  # global frame indices (keys) stay valid
             self.fill_from = 0
-        if exact and "obs_key" in s:
-            self.obs_key = s["obs_key"].numpy().copy()
-        else:  # fresh episodes, or a fresh buffer that the windows' frame indices would not point into
-            self.obs_key = self.buffer.begin(self.obs)
-            if isinstance(self.buffer, FrameReplay):
-                for d in self.pending:
-                    d.clear()
+        self.writer.load_state_dict(s, self.obs, continued=self.collector.continued)
 
 
 def policy(cfg: DQNConfig, state: dict, obs_space: gym.Space, act_space: gym.Space,

@@ -1,9 +1,10 @@
 """What SAC and TD3 share: continuous actions in the env's bounds, a replay buffer per peer, warm-up,
 lockstep counters and Polyak-averaged targets on the learner's one flat parameter.
 
-Every peer steps its own envs into its OWN replay buffer: uniform random actions from its own stream
-until `learning_starts` global steps, then the algorithm's exploring policy (`explore`, with noise from
-the same per-peer stream). One iteration is `train_freq` vector steps of every peer, then
+Every peer steps its own envs (through its collector) into its OWN replay buffer: uniform random
+actions from its own stream
+until `learning_starts` global steps, then the algorithm's exploring policy
+(`explore`, with noise from the same per-peer stream). One iteration is `train_freq` vector steps of every peer, then
 `gradient_steps` updates, each one `Learner.step` of the summed losses on a minibatch of `batch_size`
 from the peer's own buffer: the losses' gradients land in disjoint segments of one bucket (actor |
 critics | temperature) and ONE all-reduce per update averages them, so every peer applies the same
@@ -31,14 +32,12 @@ import torch
 from torch import nn
 
 from p2prl import checks as check
-from p2prl.algos.base import Algorithm, Peer, Sample, load_sampler_state, sampler_state
+from p2prl.algos.base import Algorithm, Collector, Peer
 from p2prl.algos.greedy import Scale
+from p2prl.algos.transitions import TransitionWriter
 from p2prl.data import ReplayBatch, ReplayBuffer
-from p2prl.envstate import restorable
-from p2prl.metrics import EpisodeCounter
 from p2prl.sync.learner import Update
 from p2prl.sync.optim import FlatAdam
-from p2prl.wrappers import episode_signal
 
 
 @dataclass
@@ -98,14 +97,14 @@ def alias(module: nn.Module, like: nn.Module) -> nn.Module:
 
 class OffPolicy(Algorithm):
     """The shared loop; a subclass builds its networks, passes `groups` [(name, parameters, lr)] in
-    bucket order, and implements `explore`, `update` and `after_update`."""
+    bucket order, and implements `explore`, `losses` and `after_update`."""
 
-    def __init__(self, cfg: OffPolicyConfig, envs: gym.vector.VectorEnv, first_obs: np.ndarray, peer: Peer,
+    def __init__(self, cfg: OffPolicyConfig, collector: Collector, peer: Peer,
                  groups: Sequence[tuple[str, Sequence[nn.Parameter], float]], terms: Sequence[str],
                  gates: Optional[dict[str, str]] = None) -> None:
-        self.cfg, self.envs, self.num_envs = cfg, envs, cfg.num_envs
+        self.cfg, self.collector, self.clock, self.num_envs = cfg, collector, peer.clock, cfg.num_envs
         self.device, self.world_size = peer.device, peer.world_size
-        space = envs.single_action_space
+        space = collector.action_space
         self.act_dim = int(np.prod(space.shape))  # actions flat inside: (B, act_dim); the env's shape outside
         self.low = space.low.astype(np.float64).reshape(-1)
         self.half = (space.high.astype(np.float64).reshape(-1) - self.low) / 2
@@ -118,11 +117,9 @@ class OffPolicy(Algorithm):
         self.learner = peer.learner([p for _, params, _ in groups for p in params],
                                     lambda p: FlatAdam(p, lr=self.base_lrs[0], groups=sizes), None, terms, gates)
         self.rng = peer.rng("explore")  # warm-up actions, exploration noise and replay sampling
-        self.buffer = ReplayBuffer(cfg.buffer_size, envs.single_observation_space.shape, self.rng,
+        self.buffer = ReplayBuffer(cfg.buffer_size, collector.observation_space.shape, self.rng,
                                    (self.act_dim,), np.float32)
-        self.obs = np.asarray(first_obs, dtype=np.float32)
-        self.next_valid = np.ones(cfg.num_envs, dtype=bool)  # False on next-step autoreset steps
-        self.episodes = EpisodeCounter(cfg.num_envs)
+        self.writer = TransitionWriter(self.buffer, self.obs, cfg.num_envs, 1, cfg.gamma)  # one-step transitions
         self.vector_steps = 0  # identical on every peer
         self.updates_started = 0  # updates started, identical on every peer (TD3's delay counts them)
         # Vector step from which learning_starts counts: moves to the resume point when the replay
@@ -135,13 +132,18 @@ class OffPolicy(Algorithm):
         return self.learner.bucket.flat_param.detach()
 
     # -- acting ----------------------------------------------------------------------------------
+    @property
+    def obs(self) -> np.ndarray:
+        """The collector's current observations (N, *obs_shape) as the networks take them (float32)."""
+        return np.asarray(self.collector.obs, dtype=np.float32)
+
     def explore(self, obs: torch.Tensor) -> np.ndarray:
         """The exploring policy's actions in [-1, 1], (num_envs, act_dim), noise from self.rng."""
         raise NotImplementedError
 
     def to_env(self, actions: np.ndarray) -> np.ndarray:
         """[-1, 1] (N, act_dim) -> the env's bounds and action shape."""
-        space = self.envs.single_action_space
+        space = self.collector.action_space
         return (self.low + (actions + 1.0) * self.half).astype(space.dtype).reshape(len(actions), *space.shape)
 
     def _act(self) -> np.ndarray:
@@ -151,29 +153,24 @@ class OffPolicy(Algorithm):
             return self.explore(torch.from_numpy(self.obs).to(self.device))
 
     def collect(self, vector_steps: int) -> None:
-        """Step this peer's envs and store their valid transitions. Under next-step autoreset `next_obs`
-        of an ending step is the true final observation, so a truncated transition bootstraps from it;
-        the following reset step (valid=False) crosses episodes and is dropped."""
-        gamma = np.float32(self.cfg.gamma)
-        for t in range(vector_steps):
-            actions = self._act()
-            next_obs, rewards, term, trunc, infos = self.envs.step(self.to_env(actions))
-            next_obs = np.asarray(next_obs, dtype=np.float32)
-            done = term | trunc
-            v = self.next_valid
-            self.episodes.step(t, *episode_signal(rewards, done, infos), v)
-            self.buffer.add(self.obs[v], actions[v], np.asarray(rewards, dtype=np.float32)[v], next_obs[v],
-                            np.full(int(v.sum()), gamma), term[v].astype(np.float32))
-            self.obs, self.next_valid = next_obs, ~done
+        """Step this peer's envs and store their valid transitions (`TransitionWriter`: a truncated one
+        bootstraps from the episode's true final observation; the reset step after an end is dropped)."""
+        for _ in self.collector.rollout(vector_steps):
+            with self.clock("inference"):
+                actions = self._act()
+                env_actions = self.to_env(actions)
+            s = self.collector.step(env_actions)
+            with self.clock("storage"):
+                self.writer.add(actions, np.asarray(s.rewards, dtype=np.float32), np.asarray(s.next_obs, dtype=np.float32),
+                                s.terminated, s.truncated, s.valid)
         self.vector_steps += vector_steps
 
-    def sample(self, progress: float) -> Sample:
+    def sample(self, progress: float) -> None:
         self.collect(self.cfg.train_freq)
-        return Sample(self.cfg.train_freq * self.num_envs, self.episodes.take())
 
     # -- learning --------------------------------------------------------------------------------
-    def update(self, batch: ReplayBatch) -> Optional[Update]:
-        """One update on this peer's minibatch: the losses' `Learner.step`."""
+    def losses(self, batch: ReplayBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The summed loss of one update on this peer's minibatch (B transitions) and its named terms."""
         raise NotImplementedError
 
     def after_update(self, update: Update) -> None:
@@ -182,7 +179,7 @@ class OffPolicy(Algorithm):
 
     def polyak(self, target: torch.Tensor, segment: slice) -> None:
         """target <- (1 - tau) target + tau online, over one segment of the flat parameter."""
-        with torch.no_grad():
+        with torch.no_grad(), self.clock("optimizer"):
             target.lerp_(self.flat[segment], self.cfg.tau)
 
     def ready(self) -> bool:
@@ -200,7 +197,9 @@ class OffPolicy(Algorithm):
         if self.ready():
             for _ in range(c.gradient_steps):
                 self.updates_started += 1
-                finished = self.update(self.buffer.sample(c.batch_size))
+                with self.clock("forward"):  # the replay minibatch, its targets and losses
+                    loss, terms = self.losses(self.buffer.sample(c.batch_size))
+                finished = self.learner.step(loss, terms)
                 if finished is not None:
                     self.after_update(finished)
             finished = self.learner.finish()  # comm.overlap: the last one was still in flight
@@ -218,22 +217,18 @@ class OffPolicy(Algorithm):
         self.fill_from = self.vector_steps  # until load_rank_state_dict restores the replay buffers
 
     def rank_state_dict(self, replay: bool = False) -> dict:
-        """This peer's own state: envs, sampler carry-over, RNG, and its replay if asked."""
-        s = sampler_state(self.envs, self.obs, self.next_valid, self.episodes, self.rng)
-        if replay:
-            s["replay"] = self.buffer.state_dict()
-        return s
+        """This peer's own state: its RNG, and its replay if asked (the collector saves the envs)."""
+        s = {"explore_rng": self.rng.bit_generator.state, **self.writer.state_dict(keys=replay)}
+        return {**s, "replay": self.buffer.state_dict()} if replay else s
 
     def load_rank_state_dict(self, s: dict) -> None:
-        """Restore what rank_state_dict saved; envs whose state cannot be restored (`restorable`) start
-        fresh episodes instead, their replay kept."""
-        if restorable(self.envs):
-            self.obs, self.next_valid = load_sampler_state(self.envs, self.episodes, self.rng, s)
-        else:
-            self.rng.bit_generator.state = s["explore_rng"]
+        """Restore what rank_state_dict saved; where the collector started fresh episodes (envs whose
+        state cannot be restored) the replay is kept."""
+        self.rng.bit_generator.state = s["explore_rng"]
         if "replay" in s:  # checkpoint.replay is a config value: the same branch on every peer
             self.buffer.load_state_dict(s["replay"])
             self.fill_from = 0
+        self.writer.load_state_dict(s, self.obs, continued=self.collector.continued)
 
 
 def deterministic_policy(actor: nn.Module, space: gym.spaces.Box, device: torch.device, noisy):

@@ -3,8 +3,8 @@
 Each peer samples `num_envs x num_steps` transitions from its own vector env, computes GAE, then runs
 `update_epochs` epochs of `num_minibatches` minibatches. Every minibatch gradient is averaged across
 peers by the learner (one flat all-reduce), so N peers behave like one peer with N times the envs.
-The file reads top to bottom as the whole algorithm (config, sampling, advantages, losses, checkpoint
-state, its policy for evaluation and p2prl.load), which is why it stays one file a little over 250 lines.
+The file reads top to bottom as the whole algorithm (config, sampling through the collector,
+advantages, losses, checkpoint state, its policy for evaluation and p2prl.load).
 """
 from __future__ import annotations
 
@@ -16,15 +16,13 @@ import numpy as np
 import torch
 
 from p2prl import checks as check
-from p2prl.algos.base import ActFn, Algorithm, Peer, Sample
-from p2prl.algos.returns import gae
+from p2prl.algos.base import ActFn, Algorithm, Peer
+from p2prl.algos.returns import gae, sample_weights
+from p2prl.collect import Collector
 from p2prl.data import Rollout, allocate_rollout
-from p2prl.envstate import load_vec_env_state, restorable, vec_env_state
-from p2prl.metrics import EpisodeCounter
 from p2prl.nets import ENCODERS, ActorCritic, resolve_encoder
-from p2prl.normalize import RunningNormalizer, global_moments, moments_of
+from p2prl.normalize import ReturnScaler, RunningNormalizer, moments_of
 from p2prl.sync.optim import FlatAdam, FlatRMSprop
-from p2prl.wrappers import episode_signal
 
 TERMS = ("approx_kl", "loss_policy", "loss_value", "entropy", "clip_frac")
 
@@ -76,34 +74,24 @@ class PPOConfig:
 
 
 class PPO(Algorithm):
-    def __init__(self, cfg: PPOConfig, envs: gym.vector.VectorEnv, first_obs: np.ndarray, peer: Peer) -> None:
-        self.cfg, self.envs, self.comm = cfg, envs, peer.comm
-        obs_space, act_space = envs.single_observation_space, envs.single_action_space
+    def __init__(self, cfg: PPOConfig, collector: Collector, peer: Peer) -> None:
+        self.cfg, self.collector, self.peer, self.clock = cfg, collector, peer, peer.clock
+        obs_space, act_space = collector.observation_space, collector.action_space
         encoder = resolve_encoder(cfg.encoder, obs_space)
         self.model = ActorCritic(obs_space, act_space, cfg.hidden_sizes, cfg.activation, encoder,
-                                 cfg.log_std_init).to(self.comm.device)
+                                 cfg.log_std_init).to(peer.device)
         self.obs_dtype = torch.uint8 if encoder == "cnn" else torch.float32  # frames stay bytes until the CNN
         stacked = encoder == "cnn" and not self.model.encoder.cnn.channels_last  # (C, H, W) frames: stored C innermost
         optimizer = (lambda p: FlatAdam(p, lr=cfg.lr, eps=cfg.eps, fused=encoder == "cnn")) \
             if cfg.optimizer == "adam" else (lambda p: FlatRMSprop(p, lr=cfg.lr, alpha=0.99, eps=cfg.eps))
         self.learner = peer.learner(list(self.model.parameters()), optimizer, cfg.max_grad_norm, TERMS)
-        self.discrete = isinstance(act_space, gym.spaces.Discrete)
-        if not self.discrete:
-            self.act_low, self.act_high = act_space.low, act_space.high
+        self.act_space, self.discrete = act_space, isinstance(act_space, gym.spaces.Discrete)
         self.obs_norm = RunningNormalizer(obs_space.shape) if cfg.norm_obs else None
-        self.ret_norm = RunningNormalizer((1,), center=False) if cfg.norm_reward else None
-        self.disc_return = np.zeros(cfg.num_envs, dtype=np.float64)  # whose std scales rewards (norm_reward)
+        self.scale = ReturnScaler(cfg.num_envs, cfg.gamma, cfg.clip_reward) if cfg.norm_reward else None
         self.rollout = allocate_rollout(cfg.num_steps, cfg.num_envs, obs_space.shape,
                                         () if self.discrete else act_space.shape,
                                         torch.int64 if self.discrete else torch.float32, self.obs_dtype,
                                         raw=cfg.norm_obs, channels_last=stacked)
-        self.next_obs = torch.as_tensor(first_obs, dtype=self.obs_dtype)
-        # False on the step after an episode ended: the env resets then and ignores the action.
-        self.next_valid = np.ones(cfg.num_envs, dtype=bool)
-        self.episodes = EpisodeCounter(cfg.num_envs)
-        self.num_envs = cfg.num_envs
-        self.preempt = peer.preempt
-        self.length = cfg.num_steps  # vector steps of the last rollout (fewer when cut short as a straggler)
 
     def shared_tensors(self) -> list[torch.Tensor]:
         return list(self.model.parameters())
@@ -113,45 +101,26 @@ class PPO(Algorithm):
         return self.obs_norm(raw) if self.obs_norm is not None else raw
 
     @torch.inference_mode()
-    def sample(self, progress: float) -> Sample:
-        r, cfg, pre = self.rollout, self.cfg, self.preempt
-        self.comm.phase = "sampling"
-        if pre is not None:
-            pre.begin()
-        for t in range(cfg.num_steps):
-            raw, valid = self.next_obs, self.next_valid
-            if self.obs_norm is not None:
-                self.obs_norm.observe(raw[torch.from_numpy(valid)])  # statistics first, as VecNormalize
-            obs = self._policy_input(raw)
-            action, logp, value = self.model.act(obs.to(self.comm.device))
-            r.raw_obs[t], r.obs[t], r.actions[t], r.logprobs[t], r.values[t] = raw, obs, action, logp, value
-            a = action.cpu().numpy()
-            if not self.discrete:
-                a = np.clip(a, self.act_low, self.act_high)  # the Gaussian is unbounded; the env is not
-            next_obs, reward, term, trunc, infos = self.envs.step(a)
-            done = term | trunc
-            self.episodes.step(t, *episode_signal(reward, done, infos), valid)
-            r.rewards[t] = torch.from_numpy(self._scaled(np.asarray(reward, dtype=np.float64), valid, done))
-            r.terminated[t], r.dones[t], r.valid[t] = (torch.from_numpy(x) for x in (term, done, valid))
-            self.next_valid = ~done
-            self.next_obs = torch.as_tensor(next_obs, dtype=self.obs_dtype)
-            self.length = t + 1
-            if pre is not None and pre.cut(t + 1, cfg.num_steps):
-                break  # enough peers have finished: learn from what there is (DD-PPO)
-        if pre is not None:
-            pre.finished()
-        return Sample(cfg.num_envs * self.length, self.episodes.take())
-
-    def _scaled(self, reward: np.ndarray, valid: np.ndarray, done: np.ndarray) -> np.ndarray:
-        """norm_reward: reward / std of the discounted return, its statistics including this step."""
-        if self.ret_norm is None:
-            return reward.astype(np.float32)
-        self.disc_return = self.disc_return * self.cfg.gamma + reward
-        self.ret_norm.observe(self.disc_return[valid, None])
-        scaled = reward / self.ret_norm.std.item()
-        self.disc_return[done] = 0.0
-        clip = self.cfg.clip_reward
-        return (scaled if clip is None else np.clip(scaled, -clip, clip)).astype(np.float32)
+    def sample(self, progress: float) -> None:
+        """A rollout of num_steps vector steps (fewer when cut short as a straggler: `collector.length`)."""
+        r, c, clock = self.rollout, self.collector, self.clock
+        for t in c.rollout(self.cfg.num_steps):
+            with clock("inference"):
+                raw = torch.as_tensor(c.obs, dtype=self.obs_dtype)  # the rollout's dtype (frames stay bytes)
+                if self.obs_norm is not None:
+                    self.obs_norm.observe(raw[torch.from_numpy(c.next_valid)])  # statistics first, as VecNormalize
+                obs = self._policy_input(raw)
+                action, logp, value = self.model.act(obs.to(self.peer.device))
+                a = action.cpu().numpy()
+                if not self.discrete:
+                    a = np.clip(a, self.act_space.low, self.act_space.high)  # the Gaussian is unbounded, the env not
+            s = c.step(a)  # `raw` stays this step's: the envs return new arrays
+            with clock("storage"):
+                r.raw_obs[t], r.obs[t], r.actions[t], r.logprobs[t], r.values[t] = raw, obs, action, logp, value
+                reward = np.asarray(s.rewards, dtype=np.float64)
+                scaled = self.scale(reward, s.valid, s.done) if self.scale is not None else reward.astype(np.float32)
+                r.rewards[t] = torch.from_numpy(scaled)
+                r.terminated[t], r.dones[t], r.valid[t] = (torch.from_numpy(x) for x in (s.terminated, s.done, s.valid))
 
     # -- learning --------------------------------------------------------------------------------
     def _advantages(self, r: Rollout) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -159,12 +128,12 @@ class PPO(Algorithm):
         also merges what the normalizers observed during the rollout."""
         cfg = self.cfg
         with torch.inference_mode():
-            next_value = self.model.value(self._policy_input(self.next_obs).to(self.comm.device)).cpu()
+            last = torch.as_tensor(self.collector.obs, dtype=self.obs_dtype)  # after the rollout's last step
+            next_value = self.model.value(self._policy_input(last).to(self.peer.device)).cpu()
         adv = gae(r.rewards, r.values, next_value, r.terminated, r.dones, cfg.gamma, cfg.gae_lambda) * r.valid
         returns = adv + r.values
-        norms = [n for n in (self.obs_norm, self.ret_norm) if n is not None]
-        merged = global_moments(self.comm, moments_of(adv.reshape(-1, 1)[r.valid.reshape(-1)]),
-                                *(n.pending() for n in norms))
+        norms = list(self._norms().values())
+        merged = self.peer.moments(moments_of(adv.reshape(-1, 1)[r.valid.reshape(-1)]), *(n.pending() for n in norms))
         for norm, m in zip(norms, merged[1:]):
             norm.update(m)
         adv_stats, n_valid = merged[0], int(merged[0].count)
@@ -175,35 +144,33 @@ class PPO(Algorithm):
 
     def learn(self, progress: float) -> dict[str, float]:
         """Epochs of minibatch updates on this peer's rollout; progress in [0, 1] anneals lr / clip."""
-        cfg, learner = self.cfg, self.learner
-        r = Rollout(*(x[:self.length] for x in self.rollout))
-        self.comm.phase = "update"
-        adv, returns, n_valid = self._advantages(r)
+        cfg, learner, clock, length = self.cfg, self.learner, self.clock, self.collector.length
         frac = 1.0 - progress
         if cfg.anneal_lr:
             learner.set_lr(cfg.lr * frac)
         clip = cfg.clip_coef * frac if (cfg.clip_coef is not None and cfg.anneal_clip) else cfg.clip_coef
-        B, M = cfg.num_envs * self.length, cfg.num_minibatches
-        flat = lambda x: x.reshape(B, *x.shape[2:]).to(self.comm.device)  # noqa: E731
-        batch = [flat(x) for x in (r.obs, r.actions, r.logprobs, r.values, adv, returns)]
-        weight = sample_weights(flat(r.valid), n_valid, M, self.comm.world_size)
+        B, M = cfg.num_envs * length, cfg.num_minibatches
+        with clock("forward"):  # advantages and the flat batch
+            r = Rollout(*(x[:length] for x in self.rollout))
+            adv, returns, n_valid = self._advantages(r)
+            flat = lambda x: x.reshape(B, *x.shape[2:]).to(self.peer.device)  # noqa: E731
+            batch = [flat(x) for x in (r.obs, r.actions, r.logprobs, r.values, adv, returns)]
+            weight = sample_weights(flat(r.valid), n_valid, M, self.peer.world_size)
         # The KL is averaged over peers before the learner's veto, so every peer stops alike.
         veto = None if cfg.target_kl is None else (lambda t: t["approx_kl"] > 1.5 * cfg.target_kl)
         stopped = False
-        for _ in range(cfg.update_epochs):
-            # M minibatches on every peer (the same number of collectives), whatever its rollout's length.
-            for idx in torch.tensor_split(torch.randperm(B), M):
+        # M minibatches per epoch on every peer (the same number of collectives), whatever its rollout's length.
+        for idx in (i for _ in range(cfg.update_epochs) for i in torch.tensor_split(torch.randperm(B), M)):
+            with clock("forward"):
                 loss, terms = self.loss(*(x[idx] for x in batch), weight[idx], clip)
-                update = learner.step(loss, terms, veto)
-                if update is not None and update.vetoed:
-                    stopped = True
-                    break
-            if stopped:
+            update = learner.step(loss, terms, veto)
+            if update is not None and update.vetoed:
+                stopped = True
                 break
         last = learner.finish(veto, discard=stopped)  # comm.overlap: the last gradient is still in flight
         stopped = stopped or (last is not None and last.vetoed)
         return {**learner.take_means(), "lr": learner.lr, "early_stop": int(stopped), "updates": learner.updates,
-                "rollout_frac": self.length / cfg.num_steps}
+                "rollout_frac": length / cfg.num_steps}
 
     def loss(self, obs, act, old_logp, old_val, adv, ret, w, clip) -> tuple[torch.Tensor, dict]:
         """The clipped surrogate, value and entropy losses of a minibatch, weighted by `w` (B,)."""
@@ -231,41 +198,25 @@ class PPO(Algorithm):
         return loss, terms
 
     # -- checkpoint state ------------------------------------------------------------------------
+    def _norms(self) -> dict[str, RunningNormalizer]:
+        ret_norm = self.scale.norm if self.scale is not None else None
+        return {k: n for k, n in (("obs_norm", self.obs_norm), ("ret_norm", ret_norm)) if n is not None}
+
     def state_dict(self) -> dict:
-        s = {"model": self.model.state_dict()}
-        for key, norm in (("obs_norm", self.obs_norm), ("ret_norm", self.ret_norm)):
-            if norm is not None:
-                s[key] = norm.state_dict()
-        return s
+        return {"model": self.model.state_dict(), **{k: n.state_dict() for k, n in self._norms().items()}}
 
     def load_state_dict(self, s: dict) -> None:
         self.model.load_state_dict(s["model"])
-        for key, norm in (("obs_norm", self.obs_norm), ("ret_norm", self.ret_norm)):
-            if norm is not None:
-                norm.load_state_dict(s[key])
+        for key, norm in self._norms().items():
+            norm.load_state_dict(s[key])
 
     def rank_state_dict(self, replay: bool = False) -> dict:
-        """This peer's own state at a rollout boundary: its envs and what the sampler carries over."""
-        return {"env": vec_env_state(self.envs), "next_obs": self.next_obs.clone(),
-                "next_valid": torch.from_numpy(self.next_valid.copy()), "episodes": self.episodes.state_dict(),
-                "disc_return": torch.from_numpy(self.disc_return.copy())}
+        """The discounted returns under way (norm_reward), at a rollout boundary."""
+        return {"disc_return": torch.from_numpy(self.scale.returns.copy())} if self.scale is not None else {}
 
     def load_rank_state_dict(self, s: dict) -> None:
-        if not restorable(self.envs):  # fresh episodes from their seeds, their first observations kept
-            return
-        load_vec_env_state(self.envs, s["env"])
-        self.next_obs = s["next_obs"].clone()
-        self.next_valid = s["next_valid"].numpy().copy()
-        self.episodes.load_state_dict(s["episodes"])
-        self.disc_return = s["disc_return"].numpy().copy()
-
-
-def sample_weights(valid: torch.Tensor, n_valid: int, minibatches: int, world_size: int) -> torch.Tensor:
-    """Per-sample loss weights (B,): a minibatch's weighted sum, averaged over the peers, is the mean
-    over the global minibatch, whatever each peer's number of samples (stragglers contribute fewer);
-    reset steps weigh 0. `n_valid`: valid samples over all peers. Exact for one minibatch: 2 peers with
-    half the data each (or 7 and 3 samples) = 1 peer with all of it."""
-    return valid.float() * (minibatches * world_size / max(n_valid, 1))
+        if self.scale is not None and self.collector.continued:  # else fresh episodes: returns start at 0
+            self.scale.returns = s["disc_return"].numpy().copy()
 
 
 def policy(cfg: PPOConfig, state: dict, obs_space: gym.Space, act_space: gym.Space,
@@ -277,10 +228,7 @@ def policy(cfg: PPOConfig, state: dict, obs_space: gym.Space, act_space: gym.Spa
                         resolve_encoder(cfg.encoder, obs_space))
     model.load_state_dict(state["model"])
     model.to(device)
-    norm = None
-    if "obs_norm" in state:
-        norm = RunningNormalizer(obs_space.shape)
-        norm.load_state_dict(state["obs_norm"])
+    norm = RunningNormalizer.saved(obs_space.shape, state.get("obs_norm"))
 
     @torch.inference_mode()
     def act(obs: np.ndarray, deterministic: bool, rng: np.random.Generator) -> np.ndarray:

@@ -32,10 +32,9 @@ import numpy as np
 import torch
 
 from p2prl import checks as check
-from p2prl.algos.base import ActFn, Algorithm, Peer, Sample, epsilon_greedy, load_sampler_state, sampler_state
+from p2prl.algos.base import ActFn, Algorithm, Peer, epsilon_greedy
 from p2prl.algos.schedules import decayed_epsilon, linear, peer_epsilon
-from p2prl.envstate import restorable
-from p2prl.metrics import EpisodeCounter
+from p2prl.collect import Collector
 
 
 @dataclass
@@ -80,26 +79,22 @@ def td_errors(q: np.ndarray, s: np.ndarray, a: np.ndarray, r: np.ndarray, s2: np
 class QLearning(Algorithm):
     """Tabular Q-learning; the table is `q` (n_states, n_actions)."""
 
-    def __init__(self, cfg: QLearningConfig, envs: gym.vector.VectorEnv, first_obs: np.ndarray, peer: Peer) -> None:
-        self.cfg, self.envs, self.comm = cfg, envs, peer.comm
-        self.n_states = int(envs.single_observation_space.n)
-        self.n_actions = int(envs.single_action_space.n)
+    def __init__(self, cfg: QLearningConfig, collector: Collector, peer: Peer) -> None:
+        self.cfg, self.collector, self.peer, self.clock = cfg, collector, peer, peer.clock
+        self.n_states = int(collector.observation_space.n)
+        self.n_actions = int(collector.action_space.n)
         self.num_envs = cfg.num_envs
         self.rng = peer.rng("explore")  # this peer's exploration only
         self.q = np.zeros((self.n_states, self.n_actions), dtype=np.float64)
-        self.q_view = torch.from_numpy(self.q)  # shares memory: collectives update self.q in place
-        self.comm.broadcast(self.q_view, src=0)
+        self.q_view = torch.from_numpy(self.q)  # shares memory: rank 0's table is copied into self.q
         sa = self.n_states * self.n_actions
         # sum mode: [delta sums (S*A) | visit counts (S*A) | sum |delta|]; average mode: [Q | sum |delta| | n].
-        self.sync_buf = torch.zeros(2 * sa + 1 if cfg.sync == "sum" else sa + 2, dtype=torch.float64)
+        self.sums = peer.table_sums(self.q_view, 2 * sa + 1 if cfg.sync == "sum" else sa + 2)
         T, E = cfg.sync_every, cfg.num_envs
         self.s, self.a, self.s2 = (np.zeros((T, E), dtype=np.int64) for _ in range(3))
         self.r = np.zeros((T, E), dtype=np.float64)
         self.term = np.zeros((T, E), dtype=bool)
         self.valid = np.zeros((T, E), dtype=bool)
-        self.obs = np.asarray(first_obs, dtype=np.int64)
-        self.next_valid = np.ones(E, dtype=bool)  # False on the reset step after an episode ended
-        self.episodes = EpisodeCounter(E)
         self.epsilon = cfg.eps_start
         self._abs_sum = 0.0  # average mode: this peer's sum |delta| over the last sample
 
@@ -107,9 +102,9 @@ class QLearning(Algorithm):
         return [self.q_view]
 
     # -- acting ----------------------------------------------------------------------------------
-    def _actions(self, explore: np.ndarray, random_a: np.ndarray, noise: np.ndarray) -> np.ndarray:
-        """Epsilon-greedy actions (E,); `noise` (E, A) breaks argmax ties uniformly at random."""
-        rows = self.q[self.obs]
+    def _actions(self, obs: np.ndarray, explore: np.ndarray, random_a: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        """Epsilon-greedy actions (E,) in states `obs` (E,); `noise` (E, A) breaks argmax ties uniformly at random."""
+        rows = self.q[obs]
         greedy = np.where(rows == rows.max(1, keepdims=True), noise, -1.0).argmax(1)
         return np.where(explore, random_a, greedy)
 
@@ -122,22 +117,23 @@ class QLearning(Algorithm):
         random_a = self.rng.integers(0, self.n_actions, (T, E))
         noise = self.rng.random((T, E, self.n_actions))
         online = cfg.sync == "average"
-        abs_sum = 0.0
-        for t in range(T):
-            actions = self._actions(explore[t], random_a[t], noise[t])
-            next_obs, reward, term, trunc, _ = self.envs.step(actions)
-            done = term | trunc
-            valid = self.next_valid
-            self.episodes.step(t, reward, done, valid)
-            self.s[t], self.a[t], self.r[t], self.s2[t] = self.obs, actions, reward, next_obs
-            self.term[t], self.valid[t] = term, valid
+        abs_sum, c = 0.0, self.collector
+        for t in c.rollout(T):
+            obs = np.asarray(c.obs, dtype=np.int64)
+            with self.clock("inference"):
+                actions = self._actions(obs, explore[t], random_a[t], noise[t])
+            step = c.step(actions)
+            valid = step.valid
+            with self.clock("storage"):
+                self.s[t], self.a[t], self.r[t], self.s2[t] = obs, actions, step.rewards, step.next_obs
+                self.term[t], self.valid[t] = step.terminated, valid
             if online and valid.any():
-                s, a = self.obs[valid], actions[valid]
-                delta = td_errors(self.q, s, a, self.r[t, valid], self.s2[t, valid], term[valid], cfg.gamma)
-                np.add.at(self.q, (s, a), alpha * delta)  # two envs in the same (s, a) both count
-                abs_sum += float(np.abs(delta).sum())
-            self.next_valid = ~done
-            self.obs = np.asarray(next_obs, dtype=np.int64)
+                with self.clock("optimizer"):  # the online update: TD errors, then the table's step
+                    s, a = obs[valid], actions[valid]
+                    delta = td_errors(self.q, s, a, self.r[t, valid], self.s2[t, valid], step.terminated[valid],
+                                      cfg.gamma)
+                    np.add.at(self.q, (s, a), alpha * delta)  # two envs in the same (s, a) both count
+                    abs_sum += float(np.abs(delta).sum())
         return abs_sum
 
     # -- learning: the transitions recorded in self.s, a, r, s2, term, valid (sync_every, num_envs) -----
@@ -148,11 +144,11 @@ class QLearning(Algorithm):
                           self.cfg.gamma)
         idx = self.s[m] * self.n_actions + self.a[m]
         sa = self.q.size
-        buf = self.sync_buf.numpy()  # view: filling it fills the tensor that is reduced
+        buf = self.sums.buffer  # filling it fills what is summed
         buf[:sa] = np.bincount(idx, weights=delta, minlength=sa)
         buf[sa:2 * sa] = np.bincount(idx, minlength=sa)
         buf[-1] = np.abs(delta).sum()
-        self.comm.all_reduce_sum(self.sync_buf)
+        self.sums.sum()
         counts = buf[sa:2 * sa]
         apply_td_sums(self.q.reshape(-1), buf[:sa], counts, alpha)
         return float(buf[-1]), float(counts.sum())
@@ -160,31 +156,29 @@ class QLearning(Algorithm):
     def _sync_average(self, abs_sum: float) -> tuple[float, float]:
         """Average the peers' tables (one all-reduce, with the |delta| statistics riding along)."""
         sa = self.q.size
-        buf = self.sync_buf.numpy()
+        buf = self.sums.buffer
         buf[:sa] = self.q.reshape(-1)
         buf[sa], buf[sa + 1] = abs_sum, self.valid.sum()
-        self.comm.all_reduce_sum(self.sync_buf)
-        self.q.reshape(-1)[:] = buf[:sa] / self.comm.world_size  # same arithmetic on every peer
+        self.sums.sum()
+        self.q.reshape(-1)[:] = buf[:sa] / self.peer.world_size  # same arithmetic on every peer
         return float(buf[sa]), float(buf[sa + 1])
 
     def _schedules(self, progress: float) -> tuple[float, float]:
         """(this peer's epsilon, alpha) at `progress`."""
         cfg = self.cfg
         eps = decayed_epsilon(cfg.eps_start, cfg.eps_end, cfg.exploration_fraction, progress)
-        return peer_epsilon(eps, self.comm.rank, self.comm.world_size, cfg.apex_alpha), \
+        return peer_epsilon(eps, self.peer.rank, self.peer.world_size, cfg.apex_alpha), \
             linear(cfg.alpha, cfg.alpha_end, progress)
 
-    def sample(self, progress: float) -> Sample:
+    def sample(self, progress: float) -> None:
         self.epsilon, alpha = self._schedules(progress)
-        self.comm.phase = "sampling"
         self._abs_sum = self._sample(alpha)
-        return Sample(self.cfg.sync_every * self.num_envs, self.episodes.take())
 
     def learn(self, progress: float) -> dict[str, float]:
         cfg = self.cfg
         _, alpha = self._schedules(progress)
-        self.comm.phase = "update"
-        abs_total, n = self._sync_sum(alpha) if cfg.sync == "sum" else self._sync_average(self._abs_sum)
+        with self.clock("optimizer"):  # the table's update (its collective counts as comm)
+            abs_total, n = self._sync_sum(alpha) if cfg.sync == "sum" else self._sync_average(self._abs_sum)
         eps = decayed_epsilon(cfg.eps_start, cfg.eps_end, cfg.exploration_fraction, progress)
         return {"epsilon": eps, "alpha": alpha, "td_abs_mean": abs_total / max(n, 1.0)}
 
@@ -196,14 +190,11 @@ class QLearning(Algorithm):
         self.q[...] = state["q_table"].to(torch.float64).numpy()  # in place: q_view stays shared
 
     def rank_state_dict(self, replay: bool = False) -> dict:
-        """This peer's own state: envs, sampler carry-over and exploration RNG (exact resume)."""
-        return sampler_state(self.envs, self.obs, self.next_valid, self.episodes, self.rng)
+        """This peer's own state: its exploration RNG (the collector saves the envs)."""
+        return {"explore_rng": self.rng.bit_generator.state}
 
     def load_rank_state_dict(self, s: dict) -> None:
-        if restorable(self.envs):
-            self.obs, self.next_valid = load_sampler_state(self.envs, self.episodes, self.rng, s)
-        else:  # (async, EnvPool): fresh episodes from their seeds, their first observations kept
-            self.rng.bit_generator.state = s["explore_rng"]
+        self.rng.bit_generator.state = s["explore_rng"]
 
 
 def policy(cfg: QLearningConfig, state: dict, obs_space: gym.Space, act_space: gym.Space,

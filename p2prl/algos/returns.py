@@ -1,4 +1,5 @@
-"""Return estimators as pure functions, so tests can check them against hand-computed cases.
+"""Return estimators (and PPO's sample weights) as pure functions, so tests can check them against
+hand-computed cases.
 
 Conventions (gymnasium 1.x, next-step autoreset): arrays are (T, N) over T vector steps of N envs.
 Step t took action a_t in obs_t and got rewards[t]; `terminated[t]` / `truncated[t]` say the episode
@@ -52,3 +53,11 @@ def nstep_return(rewards: list[float], gamma: float) -> tuple[float, float]:
         total += discount * r
         discount *= gamma
     return total, discount
+
+
+def sample_weights(valid: torch.Tensor, n_valid: int, minibatches: int, world_size: int) -> torch.Tensor:
+    """Per-sample loss weights (B,): a minibatch's weighted sum, averaged over the peers, is the mean
+    over the global minibatch, whatever each peer's number of samples (stragglers contribute fewer);
+    reset steps weigh 0. `n_valid`: valid samples over all peers. Exact for one minibatch: 2 peers with
+    half the data each (or 7 and 3 samples) = 1 peer with all of it."""
+    return valid.float() * (minibatches * world_size / max(n_valid, 1))

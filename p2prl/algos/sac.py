@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from p2prl import checks as check
-from p2prl.algos.base import ActFn, Peer
+from p2prl.algos.base import ActFn, Collector, Peer
 from p2prl.algos.greedy import GreedyPolicy, Scale, frozen
 from p2prl.algos.offpolicy import OffPolicy, OffPolicyConfig, alias, deterministic_policy, flat_copy
 from p2prl.algos.returns import td_targets
@@ -65,15 +65,15 @@ class SACModel(nn.Module):
 
 
 class SAC(OffPolicy):
-    def __init__(self, cfg: SACConfig, envs: gym.vector.VectorEnv, first_obs: np.ndarray, peer: Peer) -> None:
-        act_space = envs.single_action_space
-        self.model = SACModel(envs.single_observation_space, act_space, cfg).to(peer.device)
+    def __init__(self, cfg: SACConfig, collector: Collector, peer: Peer) -> None:
+        act_space = collector.action_space
+        self.model = SACModel(collector.observation_space, act_space, cfg).to(peer.device)
         m = self.model
         groups = [("actor", list(m.actor.parameters()), cfg.actor_lr),
                   ("critics", list(m.critics.parameters()), cfg.critic_lr)]
         if cfg.autotune:  # a fixed temperature has no segment: nothing to step
             groups.append(("alpha", [m.log_alpha], cfg.alpha_lr))
-        super().__init__(cfg, envs, first_obs, peer, groups, TERMS)  # broadcasts rank 0's parameters
+        super().__init__(cfg, collector, peer, groups, TERMS)  # broadcasts rank 0's parameters
         # After the learner: its broadcast made rank 0's parameters every peer's, and the model's
         # parameters views of its flat parameter.
         self.critics_detached = alias(copy.deepcopy(m.critics), m.critics)
@@ -110,10 +110,10 @@ class SAC(OffPolicy):
                  "q_mean": q1.detach().mean()}
         return loss, terms
 
-    def update(self, batch: ReplayBatch) -> Optional[Update]:
+    def losses(self, batch: ReplayBatch) -> tuple[torch.Tensor, dict]:
         b = ReplayBatch(*(t.to(self.device) for t in batch))
         noise = torch.randn((2, len(b.rewards), self.act_dim), device=self.device)  # this peer's torch stream
-        return self.learner.step(*self.loss(b, (noise[0], noise[1])))
+        return self.loss(b, (noise[0], noise[1]))
 
     def after_update(self, update: Update) -> None:
         if update.applied:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Optional
 
 import gymnasium as gym
 import numpy as np
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from p2prl import checks as check
-from p2prl.algos.base import ActFn, Peer
+from p2prl.algos.base import ActFn, Collector, Peer
 from p2prl.algos.greedy import GreedyPolicy, Scale, frozen
 from p2prl.algos.offpolicy import OffPolicy, OffPolicyConfig, alias, deterministic_policy, flat_copy
 from p2prl.algos.returns import td_targets
@@ -64,12 +63,12 @@ class TD3Model(nn.Module):
 
 
 class TD3(OffPolicy):
-    def __init__(self, cfg: TD3Config, envs: gym.vector.VectorEnv, first_obs: np.ndarray, peer: Peer) -> None:
-        self.model = TD3Model(envs.single_observation_space, envs.single_action_space, cfg).to(peer.device)
+    def __init__(self, cfg: TD3Config, collector: Collector, peer: Peer) -> None:
+        self.model = TD3Model(collector.observation_space, collector.action_space, cfg).to(peer.device)
         m = self.model
         groups = [("actor", list(m.actor.parameters()), cfg.actor_lr),
                   ("critics", list(m.critics.parameters()), cfg.critic_lr)]
-        super().__init__(cfg, envs, first_obs, peer, groups, TERMS, gates={"actor": "actor_update"})
+        super().__init__(cfg, collector, peer, groups, TERMS, gates={"actor": "actor_update"})
         # After the learner: its broadcast made rank 0's parameters every peer's, and the model's
         # parameters views of its flat parameter.
         self.critics_detached = alias(copy.deepcopy(m.critics), m.critics)
@@ -103,10 +102,10 @@ class TD3(OffPolicy):
                  "actor_update": torch.tensor(float(train_actor)), "q_mean": q1.detach().mean()}
         return loss, terms
 
-    def update(self, batch: ReplayBatch) -> Optional[Update]:
+    def losses(self, batch: ReplayBatch) -> tuple[torch.Tensor, dict]:
         b = ReplayBatch(*(t.to(self.device) for t in batch))
         noise = torch.randn((len(b.rewards), self.act_dim), device=self.device)  # this peer's torch stream
-        return self.learner.step(*self.loss(b, noise, self.updates_started % self.cfg.policy_delay == 0))
+        return self.loss(b, noise, self.updates_started % self.cfg.policy_delay == 0)
 
     def after_update(self, update: Update) -> None:
         if update.applied and update.terms["actor_update"] != 0.0:

@@ -141,7 +141,7 @@ def plot(m: dict, sizes: dict[str, float], out: Path) -> Path:
 
 
 def table(m: dict, nbytes: float, label: str, peers: Optional[Sequence[int]] = None) -> str:
-    from p2prl.bench.report import table as text_table
+    from p2prl.bench.tables import table as text_table
     peers = peers or PEERS
     preds = predictions(m, nbytes)
     body = [(s, *(f"{1000 * preds[s][PEERS.index(n)]:.2f}" for n in peers)) for s in ROWS]

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 
-from p2prl.bench import nodeloss, procs, report
+from p2prl.bench import nodeloss, procs, report, tables
 from p2prl.bench.faults import KINDS, FaultError, Injector, JobLog, plan
 from p2prl.bench.plans import PORT, TASKS, free_port, p2prl_cmd
 from p2prl.bench.runs import child_env, execute
@@ -179,7 +179,7 @@ def format_task(r: dict[str, Any]) -> str:
     lines = [f"{r['task']}: {r['k']} faults in one run of {PEERS} peers (torchrun --max-restarts={r['k']}; "
              f"{r['budget']:,} steps, checkpoint.every_steps={r['every_steps']}, one iteration {r['iteration_steps']} steps, "
              "comm.timeout_s=10)",
-             report.table(("fault", "injected", "survived", "steps lost median / max", "seconds lost median / max"), rows),
+             tables.table(("fault", "injected", "survived", "steps lost median / max", "seconds lost median / max"), rows),
              f"restarts observed: {f['restarts']}; torchrun exit code {f['returncode']}; final step "
              f"{f['final_step'] or 0:,} of {r['budget']:,}" + (f"; ERROR: {f['error']}" if f["error"] else ""),
              f"steps lost per fault at most checkpoint.every_steps + one iteration ({bound:,}): "

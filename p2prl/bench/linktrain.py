@@ -30,13 +30,15 @@ from typing import Any, Callable
 from p2prl.bench import netns, procs, report
 from p2prl.bench.network import MULTINODE, UNSHAPED, burst_bytes
 from p2prl.bench.plans import TASKS, goal
+from p2prl.bench.tables import markdown_table
 from p2prl.sync.compress import COMPRESSIONS
 from p2prl.sync.table import STRATEGIES
 
 log = logging.getLogger("p2prl.bench")
-# Every strategy, then each one that compresses its sums with each compression (the table says which).
-VARIANTS = (*STRATEGIES, *(f"{name}+{c}" for name, cls in STRATEGIES.items() if "compress" in cls.keys
-                           for c in COMPRESSIONS if c != "none"))
+# Every strategy, and those that compress their sums (comm.compress among their keys) with int8 and lowrank;
+# read from the strategy table, where alone a strategy's name is spelled.
+VARIANTS = tuple(v for name, strategy in STRATEGIES.items()
+                 for v in (name, *(f"{name}+{c}" for c in ("int8", "lowrank") if "compress" in strategy.keys)))
 STOP_GRACE_S = 30.0  # after SIGTERM the peers save and exit; then the star's close kills what is left
 
 
@@ -157,7 +159,7 @@ def markdown(runs: list[dict[str, Any]]) -> str:
              _f(r["return_end"], ".1f"), _f(r["wall_s"], ".0f"), _f(r["comm_frac"], ".3f"),
              _f(None if r["bytes_per_update"] is None else r["bytes_per_update"] / 1024, ",.1f"), _f(r["sps"], ",.0f"))
             for r in runs]
-    return report.markdown_table(("task", "rate", "hosts x peers", "variant", "seed", "reached", "steps to target",
+    return markdown_table(("task", "rate", "hosts x peers", "variant", "seed", "reached", "steps to target",
                          "s to target", "final step", "return at end", "wall s", "comm_frac", "KiB/update", "steps/s"),
                         rows)
 

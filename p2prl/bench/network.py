@@ -26,7 +26,8 @@ from typing import Any, Callable, Optional
 
 from p2prl.bench import cost, linkprobe, netmodel, netns, syncbench
 from p2prl.bench.netmodel import fmt_bytes, fmt_s
-from p2prl.bench.report import markdown_table, read_json, write_json
+from p2prl.bench.report import read_json, write_json
+from p2prl.bench.tables import markdown_table
 
 log = logging.getLogger("p2prl.bench")
 MULTINODE = Path(__file__).resolve().parents[2] / "launch" / "multinode.sh"

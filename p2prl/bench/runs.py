@@ -21,7 +21,7 @@ with `--train TASK ...` it trains between them instead (p2prl.bench.linktrain).
 
 Writes OUT/bench.json (settings, host, every run, aggregates; rewritten after each run), OUT/bench.png
 (or scaling.png), the runs under OUT/runs/<task>/<system>/seed<N>/ and their output under OUT/logs/.
-The columns are defined in `p2prl.bench.report`.
+The columns are defined in `p2prl.bench.report` (records) and `p2prl.bench.tables` (tables).
 """
 from __future__ import annotations
 
@@ -35,11 +35,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional
 
-from p2prl.bench import procs, report, startup, stepping
+from p2prl.bench import procs, report, startup, stepping, tables
 from p2prl.bench.options import parse_args
 from p2prl.bench.plans import (PORT, TASKS, Job, free_port, p2prl_cmd, plan, plan_presets, plan_scaling,
                                plan_strategies, plan_stragglers)
 from p2prl.plot import bar_chart, bar_panels, read_metrics
+from p2prl.timing import shares_line
 
 log = logging.getLogger("p2prl.bench")
 
@@ -111,7 +112,9 @@ def _describe(r: dict[str, Any], has_target: bool) -> str:
         return f"FAILED ({r['error'][:200]}), log {r['log']}"
     how = f"reached at step {r['steps_to_target']}" if r["reached"] else \
         f"{'not reached, ' if has_target else ''}step {r['final_step']}"
-    return f"{how}, {r['launch_to_exit_s']:.1f} s launch to exit" + (", stopped at the cap" if r["timed_out"] else "")
+    where = f"; rank 0's loop: {shares_line(r['time_shares'])}" if r.get("time_shares") else ""
+    return f"{how}, {r['launch_to_exit_s']:.1f} s launch to exit" + (", stopped at the cap" if r["timed_out"] else "") \
+        + where
 
 
 def emit(text: str) -> None:
@@ -142,12 +145,12 @@ def cost_model(out: Path, max_seconds: float) -> int:
     png = cost.plot(m, MODEL_SIZES, out / "cost.png")
     fitted = (f"alpha {1e6 * m['alpha_s']:.1f} us, beta {1e9 * m['beta_s_per_byte']:.3f} ns/byte; shared memory: "
               f"alpha {1e6 * m['alpha_shm_s']:.1f} us, beta {1e9 * m['beta_shm_s_per_byte']:.3f} ns/byte")
-    check = report.table(("bytes", "all-reduce ms (fitted)", "send/recv ms", "model ms"), [
+    check = tables.table(("bytes", "all-reduce ms (fitted)", "send/recv ms", "model ms"), [
         (str(r["bytes"]), f"{1000 * r['allreduce_s']:.3f}", "-" if r["exchange_s"] is None else f"{1000 * r['exchange_s']:.3f}",
          f"{1000 * r['model_s']:.3f}") for r in m["measured_vs_model"]])
-    tables = "\n\n".join([f"2 peers, measured (medians) and modelled:\n{check}",
-                            *(cost.table(m, size, label) for label, size in MODEL_SIZES.items())])
-    emit(f"fitted on this machine: {fitted}\n\n{tables}\n\nwrote {out / 'cost.json'} and {png}")
+    text = "\n\n".join([f"2 peers, measured (medians) and modelled:\n{check}",
+                          *(cost.table(m, size, label) for label, size in MODEL_SIZES.items())])
+    emit(f"fitted on this machine: {fitted}\n\n{text}\n\nwrote {out / 'cost.json'} and {png}")
     return 0
 
 
@@ -203,23 +206,23 @@ def main(argv: Optional[list[str]] = None, prog: str = "python -m p2prl.bench") 
     if scaling:
         doc["scaling"] = {name: report.scaling([r for r in doc["runs"] if r["task"] == f"{name}-fixed-work"])
                           for name in a.scaling}
-        text = "\n\n".join(f"{name}, fixed work per peer:\n{report.format_scaling(s)}"
+        text = "\n\n".join(f"{name}, fixed work per peer:\n{tables.format_scaling(s)}"
                             for name, s in doc["scaling"].items())
         png = bar_chart(doc["aggregates"], "sps", "global steps/s", out / "scaling.png", annotate=False)
     elif a.presets is not None:
-        text = report.format_presets(doc["aggregates"], doc["presets"])
+        text = tables.format_presets(doc["aggregates"], doc["presets"])
         png = bar_chart(doc["aggregates"], "launch_to_target_s", "seconds to target, launch to exit", out / "bench.png")
     elif a.stragglers:
-        text = report.format_stragglers(doc["aggregates"])
+        text = tables.format_stragglers(doc["aggregates"])
         png = bar_chart(doc["aggregates"], "launch_to_target_s", "seconds to target, launch to exit", out / "bench.png")
     elif a.strategies:
-        text = report.format_strategies(doc["aggregates"], os.cpu_count())
+        text = tables.format_strategies(doc["aggregates"], os.cpu_count())
         png = bar_chart(doc["aggregates"], "launch_to_target_s", "seconds to target, launch to exit", out / "bench.png")
     else:
         budgeted = {n for n in a.tasks if TASKS[n].watch or (TASKS[n].target is None and a.target is None)}
         text = "\n\n".join(filter(None, [
-            report.format_results([r for r in doc["aggregates"] if r["task"] not in budgeted]) if set(a.tasks) - budgeted else "",
-            report.format_budget([r for r in doc["aggregates"] if r["task"] in budgeted]) if budgeted else ""]))
+            tables.format_results([r for r in doc["aggregates"] if r["task"] not in budgeted]) if set(a.tasks) - budgeted else "",
+            tables.format_budget([r for r in doc["aggregates"] if r["task"] in budgeted]) if budgeted else ""]))
         # A fixed-budget task has no target: its panels are its speed and the return it reached.
         panels = {n: [("sps", "global steps/s", False), ("episode_return_mean", "return at the end", False)]
                   if n in budgeted else [("launch_to_target_s", "seconds to target, launch to exit", True)]

@@ -72,7 +72,7 @@ def measure(execute: Callable[[list[str], Path, float], tuple[int, float, bool]]
 
 
 def format_startup(m: dict[str, Any]) -> str:
-    from p2prl.bench.report import table
+    from p2prl.bench.tables import table
     body = table(("probe", "launch->exit s, median", "min-max", "training loop s"),
                  [(r["probe"], f"{r['median']:.2f}", f"{min(r['seconds']):.2f}-{max(r['seconds']):.2f}",
                    f"{r['loop_s']:.2f}" if r["loop_s"] else "-") for r in m["rows"]])

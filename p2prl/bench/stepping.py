@@ -69,7 +69,7 @@ def _cell(value: Any) -> str:
 
 def format_stepping(m: dict[str, Any]) -> str:
     """The table (steps/s per core), then each reason a kind was not measured, once."""
-    from p2prl.bench.report import table
+    from p2prl.bench.tables import table
     head = table(("env", "num_envs", *(f"{k} steps/s/core" for k in KINDS)),
                  [(r["env"], str(r["num_envs"]), *(_cell(r[k]) for k in KINDS)) for r in m["rows"]])
     reasons: dict[str, Optional[str]] = {}

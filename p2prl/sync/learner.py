@@ -30,6 +30,7 @@ from p2prl.config import CommConfig
 from p2prl.sync.bucket import GradientBucket
 from p2prl.sync.optim import FlatOptimizer
 from p2prl.sync.table import make_strategy
+from p2prl.timing import Stopwatch
 
 Veto = Callable[[dict[str, float]], bool]
 
@@ -46,8 +47,10 @@ class Learner:
     def __init__(self, params: Sequence[torch.nn.Parameter],
                  make_optimizer: Callable[[torch.nn.Parameter], FlatOptimizer], comm: Communicator,
                  max_grad_norm: Optional[float], terms: Sequence[str], sync: CommConfig,
-                 gates: Optional[Mapping[str, str]] = None) -> None:
+                 clock: Optional[Stopwatch] = None, gates: Optional[Mapping[str, str]] = None) -> None:
         self.comm, self.max_grad_norm = comm, max_grad_norm
+        # backward: the gradient; optimizer: the strategy's sharing besides its collectives, clip, step
+        self.clock = clock if clock is not None else Stopwatch(comm)
         self.term_names = tuple(terms)
         self.gates = dict(gates or {})  # optimizer group -> the term that says whether it steps
         assert set(self.gates.values()) <= set(self.term_names), f"gates {self.gates} name unknown terms"
@@ -79,20 +82,23 @@ class Learner:
         (None on the first call).
         """
         assert set(terms) == set(self.term_names), f"terms {sorted(terms)} != {sorted(self.term_names)}"
-        self.bucket.zero_grad()
-        loss.backward()
-        extras = self.bucket.extras
-        for i, name in enumerate(self.term_names):
-            extras[i] = terms[name].detach()
-        # 0 if finite, NaN for NaN or inf: for the loss, and where peers step alone their gradients too.
-        flag = loss.detach() * 0
-        extras[-1] = flag + self.bucket.grads.sum() * 0 if self.strategy.local else flag
-        return self.strategy.step(self._apply, self._follow, veto)
+        with self.clock("backward"):
+            self.bucket.zero_grad()
+            loss.backward()
+            extras = self.bucket.extras
+            for i, name in enumerate(self.term_names):
+                extras[i] = terms[name].detach()
+            # 0 if finite, NaN for NaN or inf: for the loss, and where peers step alone their gradients too.
+            flag = loss.detach() * 0
+            extras[-1] = flag + self.bucket.grads.sum() * 0 if self.strategy.local else flag
+        with self.clock("optimizer"):
+            return self.strategy.step(self._apply, self._follow, veto)
 
     def finish(self, veto: Optional[Veto] = None, discard: bool = False) -> Optional[Update]:
         """Complete the update still in flight (comm.overlap) and apply it, or only drop it with
         `discard` (after an early stop); None when nothing is in flight."""
-        return self.strategy.finish(self._apply, veto, discard)
+        with self.clock("optimizer"):
+            return self.strategy.finish(self._apply, veto, discard)
 
     def _apply(self, flat: torch.Tensor, veto: Optional[Veto]) -> Update:
         n = self.bucket.grads.numel()
