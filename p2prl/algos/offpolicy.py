@@ -96,8 +96,9 @@ def alias(module: nn.Module, like: nn.Module) -> nn.Module:
 
 
 class OffPolicy(Algorithm):
-    """The shared loop; a subclass builds its networks, passes `groups` [(name, parameters, lr)] in
-    bucket order, and implements `explore`, `losses` and `after_update`."""
+    """The shared loop; a subclass builds its networks (`model`, and `target_flat`: its target
+    networks' one flat tensor), passes `groups` [(name, parameters, lr)] in bucket order, and
+    implements `explore`, `losses` and `after_update`."""
 
     def __init__(self, cfg: OffPolicyConfig, collector: Collector, peer: Peer,
                  groups: Sequence[tuple[str, Sequence[nn.Parameter], float]], terms: Sequence[str],
@@ -209,10 +210,14 @@ class OffPolicy(Algorithm):
         return {**logs, "updates": self.learner.updates}
 
     # -- checkpoint state ------------------------------------------------------------------------
-    def counters(self) -> dict:
-        return {"vector_steps": self.vector_steps, "updates_started": self.updates_started}
+    def state_dict(self) -> dict:
+        """The shared state: the subclass's `model` and `target_flat` (its target networks), the counters."""
+        return {"model": self.model.state_dict(), "target": self.target_flat,
+                "vector_steps": self.vector_steps, "updates_started": self.updates_started}
 
-    def load_counters(self, s: dict) -> None:
+    def load_state_dict(self, s: dict) -> None:
+        self.model.load_state_dict(s["model"])  # in place: the bucket's views stay the model's parameters
+        self.target_flat.copy_(s["target"])
         self.vector_steps, self.updates_started = int(s["vector_steps"]), int(s["updates_started"])
         self.fill_from = self.vector_steps  # until load_rank_state_dict restores the replay buffers
 

@@ -119,15 +119,6 @@ class SAC(OffPolicy):
         if update.applied:
             self.polyak(self.target_flat, self.segments["critics"])
 
-    # -- checkpoint state ------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "target": self.target_flat, **self.counters()}
-
-    def load_state_dict(self, s: dict) -> None:
-        self.model.load_state_dict(s["model"])  # in place: the bucket's views stay the model's parameters
-        self.target_flat.copy_(s["target"])
-        self.load_counters(s)
-
 
 def policy(cfg: SACConfig, state: dict, obs_space: gym.Space, act_space: gym.Space,
            device: torch.device = torch.device("cpu")) -> ActFn:

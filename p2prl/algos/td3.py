@@ -111,15 +111,6 @@ class TD3(OffPolicy):
         if update.applied and update.terms["actor_update"] != 0.0:
             self.polyak(self.target_flat, self.everything)
 
-    # -- checkpoint state ------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "target": self.target_flat, **self.counters()}
-
-    def load_state_dict(self, s: dict) -> None:
-        self.model.load_state_dict(s["model"])  # in place: the bucket's views stay the model's parameters
-        self.target_flat.copy_(s["target"])
-        self.load_counters(s)
-
 
 def policy(cfg: TD3Config, state: dict, obs_space: gym.Space, act_space: gym.Space,
            device: torch.device = torch.device("cpu")) -> ActFn:
