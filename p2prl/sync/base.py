@@ -51,7 +51,27 @@ class Link(Protocol):
     colocated: int  # peers per node in a flat layout (ranks numbered node by node, as torchrun does)
 
 
-class Strategy:
+class Checkpointed:
+    """The checkpoint hooks of a strategy or a compression, here with nothing to save: a subclass that
+    keeps state overrides them."""
+
+    def state_dict(self) -> dict:
+        """Shared state (identical on every peer, the shared checkpoint): schedule counters, outer
+        optimizer state, a compression's warm start."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def rank_state_dict(self) -> dict:
+        """This peer's own state (its rank's checkpoint file): a compression's residual."""
+        return {}
+
+    def load_rank_state_dict(self, state: dict) -> None:
+        pass
+
+
+class Strategy(Checkpointed):
     differs = False  # True: peers' parameters differ between syncs (no bit-identity check)
     local = False  # True: each peer applies its own gradient (its finiteness must ride in the flag)
     # True: also serves algorithms that sum exact tables themselves instead of gradients (tabular
@@ -108,20 +128,6 @@ class Strategy:
         mean = self.average_parameters()
         sq = torch.tensor([float((param - mean).pow(2).sum())], dtype=torch.float64)
         return {"consensus_distance": float(self.comm.all_reduce_mean(sq)) ** 0.5}
-
-    def state_dict(self) -> dict:
-        """Shared state (identical on every peer): schedule counters, outer optimizer state."""
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-    def rank_state_dict(self) -> dict:
-        """This peer's own state (its rank's checkpoint file): a compression's residual."""
-        return {}
-
-    def load_rank_state_dict(self, state: dict) -> None:
-        pass
 
 
 def _local_terms(strategy: Strategy, apply: Apply, veto: Any):

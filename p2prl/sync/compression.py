@@ -25,6 +25,7 @@ import torch
 from p2prl.comm import Communicator
 from p2prl.comm.hop import Hop
 from p2prl.config import CommConfig
+from p2prl.sync.base import Checkpointed
 
 
 class Layout(NamedTuple):
@@ -51,7 +52,7 @@ class Layout(NamedTuple):
         return out
 
 
-class Compression:
+class Compression(Checkpointed):
     """How the network hop of a sum travels (a subclass per `comm.compress` form).
 
     `mean(comm, flat)` averages `flat` (shaped as `layout`, on `like`'s device and dtype) over every
@@ -72,20 +73,6 @@ class Compression:
     def sum(self, hop: Hop, x: torch.Tensor) -> None:
         """Replace `x` (this member's part of the sum) by the sum of every member's, compressed."""
         raise NotImplementedError
-
-    def state_dict(self) -> dict:
-        """State identical on every peer (the shared checkpoint)."""
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-    def rank_state_dict(self) -> dict:
-        """This peer's own state (its rank's checkpoint file)."""
-        return {}
-
-    def load_rank_state_dict(self, state: dict) -> None:
-        pass
 
 
 class ErrorFeedback(Compression):
