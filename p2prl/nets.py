@@ -162,9 +162,11 @@ class ActorCritic(nn.Module):
         return self.critic(self.encoder(obs)).squeeze(-1)
 
     def _dist(self, out: torch.Tensor) -> Distribution:
+        # No argument validation: it only raises (on NaN parameters, which the learner never applies) and
+        # costs more than the small networks' forward at every env step and minibatch.
         if self.discrete:
-            return Categorical(logits=out)
-        return Normal(out, self.log_std.exp().expand_as(out))
+            return Categorical(logits=out, validate_args=False)
+        return Normal(out, self.log_std.exp().expand_as(out), validate_args=False)
 
     def dist_value(self, obs: torch.Tensor) -> tuple[Distribution, torch.Tensor]:
         """The action distribution and the values, the observation encoded once."""
@@ -185,10 +187,19 @@ class ActorCritic(nn.Module):
         return e if self.discrete else e.sum(-1)
 
     def act(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Sample actions: (actions, log_probs (B,), values (B,))."""
-        d, v = self.dist_value(obs)
-        a = d.sample()
-        return a, self.log_prob(d, a), v
+        """Sample actions: (actions, log_probs (B,), values (B,)). Gaussian: the ops (and draws) of
+        Normal.sample and Normal.log_prob, without building the distribution at every env step."""
+        f = self.encoder(obs)
+        out, v = self.actor(f), self.critic(f).squeeze(-1)
+        if self.discrete:
+            d = self._dist(out)
+            a = d.sample()
+            return a, d.log_prob(a), v
+        scale = self.log_std.exp().expand_as(out)
+        with torch.no_grad():
+            a = torch.normal(out, scale)
+        logp = -((a - out) ** 2) / (2 * scale ** 2) - scale.log() - math.log(math.sqrt(2 * math.pi))
+        return a, logp.sum(-1), v
 
 
 class QNetwork(nn.Module):

@@ -68,10 +68,14 @@ class RunningNormalizer:
     def observe(self, x: torch.Tensor | np.ndarray) -> None:
         """Fold a batch (B, *shape) seen by this peer into the statistics used from now on."""
         x = np.asarray(x.numpy() if isinstance(x, torch.Tensor) else x, dtype=np.float64).reshape(-1, self.d)
-        if len(x) == 0:
+        n = len(x)
+        if n == 0:
             return
-        mean = x.mean(0)
-        self._pending = merge_moments(self._pending, Moments(np.float64(len(x)), mean, ((x - mean) ** 2).sum(0)))
+        # x.mean(0) and ((x - mean) ** 2).sum(0) without numpy's Python wrappers (the same sums, the same
+        # division): this runs at every env step.
+        mean = np.add.reduce(x, 0) / n
+        dev = x - mean
+        self._pending = merge_moments(self._pending, Moments(np.float64(n), mean, np.add.reduce(dev * dev, 0)))
         self._refresh(merge_moments(self._shared, self._pending))
 
     def pending(self) -> Moments:

@@ -108,7 +108,7 @@ class PPO(Algorithm):
             with clock("inference"):
                 raw = torch.as_tensor(c.obs, dtype=self.obs_dtype)  # the rollout's dtype (frames stay bytes)
                 if self.obs_norm is not None:
-                    self.obs_norm.observe(raw[torch.from_numpy(c.next_valid)])  # statistics first, as VecNormalize
+                    self.obs_norm.observe(raw.numpy()[c.next_valid])  # statistics first, as VecNormalize
                 obs = self._policy_input(raw)
                 action, logp, value = self.model.act(obs.to(self.peer.device))
                 a = action.cpu().numpy()
