@@ -60,15 +60,21 @@ class Nodes:
             try:
                 outs[node] = agent.communicate(timeout=timeout)[0] or ""
             except subprocess.TimeoutExpired:
-                self.close()
-                raise AssertionError(f"node {node} did not finish")
+                tails = self.close()
+                raise AssertionError(f"node {node} did not finish; the last lines of each node: {tails}")
         return outs
 
-    def close(self) -> None:
-        for agent in self.agents.values():
+    def close(self) -> dict[int, str]:
+        """Kill the nodes still running; the last lines each printed (for a failure's message)."""
+        tails = {}
+        for node, agent in self.agents.items():
             if agent.poll() is None:
                 os.killpg(agent.pid, signal.SIGKILL)
-                agent.communicate()
+            try:
+                tails[node] = "\n".join((agent.communicate()[0] or "").splitlines()[-25:])
+            except ValueError:  # its output was read already
+                pass
+        return tails
 
 
 @pytest.fixture
