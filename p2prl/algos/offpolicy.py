@@ -2,8 +2,7 @@
 lockstep counters and Polyak-averaged targets on the learner's one flat parameter.
 
 Every peer steps its own envs (through its collector) into its OWN replay buffer: uniform random
-actions from its own stream
-until `learning_starts` global steps, then the algorithm's exploring policy
+actions from its own stream until `learning_starts` global steps, then the algorithm's exploring policy
 (`explore`, with noise from the same per-peer stream). One iteration is `train_freq` vector steps of every peer, then
 `gradient_steps` updates, each one `Learner.step` of the summed losses on a minibatch of `batch_size`
 from the peer's own buffer: the losses' gradients land in disjoint segments of one bucket (actor |
@@ -18,7 +17,7 @@ env's Box bounds only on the way to the env (`to_env`), as SB3 and CleanRL do.
 Update-to-data ratio: per update, `batch_size` samples on each of N peers (N x batch_size in all); per
 iteration, `gradient_steps` updates for `train_freq x num_envs x N` global env steps. N peers thus
 behave as one peer with N times the envs and N times the batch (its replay split N ways, each part
-sampled alike).
+sampled alike). About 250 lines: the shared loop and its checkpoint state read together.
 """
 from __future__ import annotations
 
