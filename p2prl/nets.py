@@ -168,10 +168,15 @@ class ActorCritic(nn.Module):
             return Categorical(logits=out, validate_args=False)
         return Normal(out, self.log_std.exp().expand_as(out), validate_args=False)
 
-    def dist_value(self, obs: torch.Tensor) -> tuple[Distribution, torch.Tensor]:
-        """The action distribution and the values, the observation encoded once."""
+    def _heads(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The actor's output and the values (B,), the observation encoded once."""
         f = self.encoder(obs)
-        return self._dist(self.actor(f)), self.critic(f).squeeze(-1)
+        return self.actor(f), self.critic(f).squeeze(-1)
+
+    def dist_value(self, obs: torch.Tensor) -> tuple[Distribution, torch.Tensor]:
+        """The action distribution and the values."""
+        out, v = self._heads(obs)
+        return self._dist(out), v
 
     def mode(self, obs: torch.Tensor) -> torch.Tensor:
         """The greedy action: argmax, or the Gaussian's mean."""
@@ -189,8 +194,7 @@ class ActorCritic(nn.Module):
     def act(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Sample actions: (actions, log_probs (B,), values (B,)). Gaussian: the ops (and draws) of
         Normal.sample and Normal.log_prob, without building the distribution at every env step."""
-        f = self.encoder(obs)
-        out, v = self.actor(f), self.critic(f).squeeze(-1)
+        out, v = self._heads(obs)
         if self.discrete:
             d = self._dist(out)
             a = d.sample()
