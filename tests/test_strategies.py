@@ -20,22 +20,27 @@ def _model() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
 
 
-def _sgd_steps(rank: int, cfg, steps: int, nan_at: int = -1):
-    """`steps` plain-SGD updates of a small model on this rank's own data; the parameters after each."""
+def _sgd_steps(rank: int, cfg, steps: int, nan_at: int = -1, veto=None):
+    """`steps` plain-SGD updates of a small model on this rank's own data; the parameters after each,
+    the updates applied here, the skipped count, the streak, the mean loss (take_means, at the end) and
+    the collectives made by the updates alone."""
     comm = open_comm(cfg, "gloo", cores=None)
     model = _model()
     learner = Learner(list(model.parameters()), lambda p: FlatSGD(p, lr=LR), comm, None, ("loss",), sync=cfg)
     g = torch.Generator().manual_seed(10 + rank)
-    out = []
+    out, calls = [], 0
     for i in range(steps):
         x, y = torch.randn(16, 3, generator=g), torch.randn(16, 1, generator=g)
         loss = ((model(x) - y) ** 2).mean()
         if i == nan_at and rank == 1:
             loss = loss * float("nan")
-        learner.step(loss, {"loss": loss.detach()})
+        before = comm.calls
+        learner.step(loss, {"loss": loss.detach()}, veto)
         learner.finish()
+        calls += comm.calls - before
         out.append(learner.bucket.flat_param.detach().clone())
-    return out, learner.updates, learner.skipped
+    means = learner.take_means()
+    return out, learner.updates, learner.skipped, learner.skipped_in_a_row, means.get("loss"), calls
 
 
 @pytest.mark.parametrize("strategy", ["param_server", "local_sgd"])
@@ -51,11 +56,49 @@ def test_equals_allreduce_for_plain_sgd(strategy, compose, peers):
         torch.testing.assert_close(got[0][0][step], ref[0][0][step], rtol=1e-6, atol=1e-7)
 
 
+def _never(terms) -> bool:
+    """A veto that refuses nothing: it only asks for the terms to be shared before each update."""
+    return False
+
+
 @pytest.mark.parametrize("strategy", ["param_server", "local_sgd", "gossip"])
-def test_a_nan_on_one_peer_is_skipped_by_every_peer(strategy, compose, peers):
+def test_a_nan_on_one_peer_is_skipped_by_every_peer_where_a_veto_shares_the_terms(strategy, compose, peers):
     cfg = compose(f"comm={strategy}", "comm.timeout_s=30").comm
-    (_, u0, s0), (_, u1, s1) = peers(_sgd_steps, 2, cfg, 4, 2)
+    (_, u0, s0, *_), (_, u1, s1, *_) = peers(_sgd_steps, 2, cfg, 4, 2, _never)
     assert (u0, s0) == (u1, s1) == (3, 1)
+
+
+@pytest.mark.parametrize("strategy", ["local_sgd", "gossip"])
+def test_without_a_veto_peers_that_step_alone_skip_their_own_nan_and_share_terms_once(strategy, compose, peers):
+    """No collective per update but the strategy's own (local SGD averaging every 5th: none in 4);
+    the NaN peer skips alone; take_means() agrees on the skips and averages the terms over the peers."""
+    cfg = dataclasses.replace(compose(f"comm={strategy}", "comm.timeout_s=30").comm, average_every=5)
+    (p0, u0, s0, r0, m0, c0), (p1, u1, s1, r1, m1, c1) = peers(_sgd_steps, 2, cfg, 4, 2)
+    assert (u0, u1) == (4, 3), "only the peer whose gradient was NaN skips it"
+    assert (s0, s1) == (1, 1) and (r0, r1) == (0, 0), "agreed after take_means"
+    if strategy == "local_sgd":  # (gossip mixes the parameters after every update)
+        assert torch.equal(p1[1], p1[2]) and not torch.equal(p0[1], p0[2])
+    assert c0 == c1 == (0 if strategy == "local_sgd" else 4), "local_sgd: no collective in 4 updates"
+    assert m0 == m1 and m0 > 0, "the mean over both peers' 7 applied updates, the same on every peer"
+
+
+def test_a_streak_of_skips_on_one_peer_is_every_peers_streak(compose, peers):
+    cfg = dataclasses.replace(compose("comm=local_sgd", "comm.timeout_s=30").comm, average_every=100)
+    (_, u0, s0, r0, *_), (_, u1, s1, r1, *_) = peers(_sgd_streak, 2, cfg)
+    assert (u0, u1) == (4, 1) and (s0, s1) == (3, 3) and (r0, r1) == (3, 3)
+
+
+def _sgd_streak(rank: int, cfg):
+    """Rank 1's last three losses are NaN."""
+    comm = open_comm(cfg, "gloo", cores=None)
+    model = _model()
+    learner = Learner(list(model.parameters()), lambda p: FlatSGD(p, lr=LR), comm, None, ("loss",), sync=cfg)
+    x, y = torch.randn(16, 3), torch.randn(16, 1)
+    for i in range(4):
+        loss = ((model(x) - y) ** 2).mean()
+        learner.step(loss * float("nan") if rank == 1 and i > 0 else loss, {"loss": loss.detach()})
+    learner.take_means()
+    return None, learner.updates, learner.skipped, learner.skipped_in_a_row
 
 
 def _gossip_once(rank: int, cfg):

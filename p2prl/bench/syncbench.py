@@ -54,6 +54,12 @@ def _applied(*_) -> _Applied:
     return _Applied()
 
 
+def _veto(terms) -> bool:
+    """A veto that refuses nothing (PPO's KL stop, say): local SGD and gossip then share the terms every
+    update, as the model's `terms` cost counts them (without one they share them once per iteration)."""
+    return False
+
+
 def _name(strategy: str) -> str:
     """The table's name of a row (the hierarchical row is the default strategy on hierarchical sums)."""
     return DEFAULT if strategy == HIERARCHICAL else strategy
@@ -87,7 +93,7 @@ def time_point(comm: Communicator, strategy: str, nbytes: int, average_every: in
             bucket.grads.copy_(grad)  # a fresh gradient every update; the copy is not timed
             bucket.extras.zero_()
             start = time.perf_counter()
-            sync.step(_applied, _applied, None)
+            sync.step(_applied, _applied, _veto)
             spent += time.perf_counter() - start
         return spent
 

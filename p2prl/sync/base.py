@@ -10,11 +10,13 @@ step to its strategy, which owns the communication and calls back:
 |---|---|---|
 | allreduce | one all-reduce of the gradient (+ terms) | identical |
 | param_server | every peer sends its gradient to rank 0, which steps and sends the parameters back | identical |
-| local_sgd | a small all-reduce of the terms; parameters averaged every `comm.average_every` updates (optionally through an outer Nesterov step, DiLoCo) | differ between averages |
-| gossip | a small all-reduce of the terms; parameters averaged with one partner | differ |
+| local_sgd | none (the terms: once per iteration; every update with a KL veto); parameters averaged every `comm.average_every` updates (optionally through an outer Nesterov step, DiLoCo) | differ between averages |
+| gossip | parameters averaged with one partner (the terms: as local_sgd) | differ |
 
-Every decision that changes the schedule (NaN skip, KL early stop) is taken on terms averaged over all
-peers, so every peer takes it alike under every strategy.
+Every decision that changes the schedule (KL early stop, a NaN skip where the peers' parameters are
+identical) is taken on terms averaged over all peers, so every peer takes it alike under every strategy.
+Where each peer steps alone, a non-finite gradient without a veto is skipped by its own peer only: it
+changes that peer's parameters, not the schedule.
 
 Each strategy also declares what the rest of p2prl needs to know of it (the class attributes below,
 `check`, `check_world` and `predict`): the table (`p2prl.sync.table`) is where they are read.
@@ -131,7 +133,12 @@ class Strategy(Checkpointed):
 
 
 def _local_terms(strategy: Strategy, apply: Apply, veto: Any):
-    """For strategies whose peers step alone: average only the terms (and the finiteness flag, which
-    covers every peer's gradient), then apply this peer's own gradient with them."""
-    strategy.comm.all_reduce_mean(strategy.bucket.extras)
+    """For strategies whose peers step alone: apply this peer's own gradient. With a veto (a decision
+    every peer must take alike, PPO's KL stop) the terms and the finiteness flag are averaged first, a
+    small all-reduce per update, and a non-finite gradient anywhere is skipped everywhere. Without
+    one nothing is shared here: each peer checks its own gradient and terms, and the learner sums the
+    terms and the skips over the peers once per iteration (`Learner.take_means`), so that a model
+    whose gradients are too small to hide a collective's latency does not pay one every update."""
+    if veto is not None:
+        strategy.comm.all_reduce_mean(strategy.bucket.extras)
     return apply(strategy.bucket.flat, veto)

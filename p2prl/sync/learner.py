@@ -8,6 +8,13 @@ sum), so every peer skips that update alike; a non-finite loss rides along in th
 flag, so it skips the update even where its gradient happens to be finite. `skipped_in_a_row`
 (identical on every peer) lets the runner stop a run that only produces NaNs.
 
+Where peers step alone (local_sgd, gossip) and no veto asks for a shared decision, the terms are not
+shared per update (`p2prl.sync.base._local_terms`): each peer skips its own non-finite gradient, and
+`take_means()`, which every algorithm calls once per iteration on every peer, sums the terms, the
+skips and each peer's streak of skips over the peers in one small collective; after it `skipped` and
+`skipped_in_a_row` (the longest streak on any peer) are identical on every peer again. `updates`
+counts this peer's own.
+
 How the peers share the update is the sync strategy's job (`comm=`, `p2prl.sync.base`): the
 all-reduce (default; with `comm.overlap` each gradient is averaged in the background while the next
 is computed, one step stale), a parameter server, local SGD or gossip. Callers see no difference but
@@ -67,6 +74,10 @@ class Learner:
         self.skipped_in_a_row = 0
         self._sums = [0.0] * len(self.term_names)
         self._summed = 0
+        # Terms kept on each peer and summed once per iteration (local strategies without a veto):
+        self._deferred = False  # whether an update since the last take_means() kept its terms here
+        self._own_streak = 0  # this peer's own skips in a row
+        self._agreed_skipped = 0  # `skipped` as of the last sum over the peers
 
     @property
     def attempts(self) -> int:
@@ -91,6 +102,7 @@ class Learner:
             # 0 if finite, NaN for NaN or inf: for the loss, and where peers step alone their gradients too.
             flag = loss.detach() * 0
             extras[-1] = flag + self.bucket.grads.sum() * 0 if self.strategy.local else flag
+        self._deferred = self._deferred or (self.strategy.local and veto is None)
         with self.clock("optimizer"):
             return self.strategy.step(self._apply, self._follow, veto)
 
@@ -128,24 +140,43 @@ class Learner:
         terms = dict(zip(self.term_names, averaged))
         if applied:
             self.updates += 1
-            self.skipped_in_a_row = 0
+            self.skipped_in_a_row = self._own_streak = 0
             self._sums = [a + b for a, b in zip(self._sums, averaged)]
             self._summed += 1
         elif vetoed:
             self.vetoed += 1
         else:
             self.skipped += 1
-            self.skipped_in_a_row += 1
+            self._own_streak += 1
+            self.skipped_in_a_row = self._own_streak
         return Update(applied, vetoed, terms)
 
     def take_means(self) -> dict[str, float]:
-        """The mean of each term over the updates applied since the last call (empty if none)."""
+        """The mean of each term over the updates applied since the last call (empty if none). Every
+        peer calls it at the same points; where terms stayed on each peer it is a collective (above)."""
+        if self._deferred:
+            self._sum_kept_terms()
         if self._summed == 0:
             return {}
         out = {k: v / self._summed for k, v in zip(self.term_names, self._sums)}
         self._sums = [0.0] * len(self.term_names)
         self._summed = 0
         return out
+
+    def _sum_kept_terms(self) -> None:
+        """Sum the terms, applied updates and skips kept on each peer since the last call, and gather
+        each peer's streak of skips, in one collective; `skipped` and `skipped_in_a_row` agree after it."""
+        n, world = len(self.term_names), self.comm.world_size
+        table = torch.zeros(n + 2 + world, dtype=torch.float64)
+        table[:n] = torch.tensor(self._sums, dtype=torch.float64)
+        table[n] = self._summed
+        table[n + 1] = self.skipped - self._agreed_skipped
+        table[n + 2 + self.comm.rank] = self._own_streak  # slots are disjoint: the sum gathers
+        self.comm.all_reduce_sum(table)
+        self._sums, self._summed = table[:n].tolist(), int(table[n])
+        self.skipped = self._agreed_skipped = self._agreed_skipped + int(table[n + 1])
+        self.skipped_in_a_row = int(table[n + 2:].max())
+        self._deferred = False
 
     @property
     def lr(self) -> float:
@@ -172,7 +203,8 @@ class Learner:
         follows from the config (and the schedule), which may have changed on resume."""
         self._load_optimizer(s["optimizer"])
         self.updates, self.skipped, self.vetoed = int(s["updates"]), int(s["skipped"]), int(s["vetoed"])
-        self.skipped_in_a_row = int(s["skipped_in_a_row"])
+        self.skipped_in_a_row = self._own_streak = int(s["skipped_in_a_row"])
+        self._agreed_skipped = self.skipped
         self.strategy.load_state_dict(s.get("strategy", {}))
 
     # -- each rank's own: its parameters and optimizer where they differ (local_sgd, gossip), and its

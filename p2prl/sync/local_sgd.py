@@ -1,7 +1,8 @@
 """Local SGD, and DiLoCo's outer optimizer on top of it.
 
-Every peer applies its own gradient with its own optimizer; only the named terms (and the finiteness
-flag) are averaged each update, so collective decisions stay shared. Every `comm.average_every`
+Every peer applies its own gradient with its own optimizer; the named terms and the finiteness flag
+are shared once per iteration (`p2prl.sync.base._local_terms`; every update where a veto such as PPO's
+KL stop needs them, a small all-reduce). Every `comm.average_every`
 updates the peers average their parameters. With `comm.outer_lr != 1` or `comm.outer_momentum > 0`
 the average goes through an outer optimizer instead (DiLoCo): the pseudo-gradient
 delta = anchor - mean(params) (anchor: the parameters after the previous average) takes a Nesterov
@@ -34,6 +35,7 @@ class LocalSGD(Strategy):
 
     @classmethod
     def predict(cls, link: Link, n: int, nbytes: float, settings: Mapping[str, Any]) -> float:
+        # with the terms shared every update (a veto; the bench times it so): without one, drop terms(n)
         return link.allreduce(nbytes, n) / settings["average_every"] + link.terms(n)
 
     def __init__(self, comm, cfg, bucket) -> None:
