@@ -40,7 +40,7 @@ def _sgd_steps(rank: int, cfg, steps: int, nan_at: int = -1, veto=None):
         calls += comm.calls - before
         out.append(learner.bucket.flat_param.detach().clone())
     means = learner.take_means()
-    return out, learner.updates, learner.skipped, learner.skipped_in_a_row, means.get("loss"), calls
+    return out, learner.updates, learner.skipped, learner.skipped_in_a_row, means.get("loss"), calls, learner.attempts
 
 
 @pytest.mark.parametrize("strategy", ["param_server", "local_sgd"])
@@ -73,8 +73,9 @@ def test_without_a_veto_peers_that_step_alone_skip_their_own_nan_and_share_terms
     """No collective per update but the strategy's own (local SGD averaging every 5th: none in 4);
     the NaN peer skips alone; take_means() agrees on the skips and averages the terms over the peers."""
     cfg = dataclasses.replace(compose(f"comm={strategy}", "comm.timeout_s=30").comm, average_every=5)
-    (p0, u0, s0, r0, m0, c0), (p1, u1, s1, r1, m1, c1) = peers(_sgd_steps, 2, cfg, 4, 2)
+    (p0, u0, s0, r0, m0, c0, a0), (p1, u1, s1, r1, m1, c1, a1) = peers(_sgd_steps, 2, cfg, 4, 2)
     assert (u0, u1) == (4, 3), "only the peer whose gradient was NaN skips it"
+    assert a0 == a1 == 4, "finished updates stay the same count on every peer (DQN's target copies)"
     assert (s0, s1) == (1, 1) and (r0, r1) == (0, 0), "agreed after take_means"
     if strategy == "local_sgd":  # (gossip mixes the parameters after every update)
         assert torch.equal(p1[1], p1[2]) and not torch.equal(p0[1], p0[2])

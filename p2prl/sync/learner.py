@@ -78,11 +78,9 @@ class Learner:
         self._deferred = False  # whether an update since the last take_means() kept its terms here
         self._own_streak = 0  # this peer's own skips in a row
         self._agreed_skipped = 0  # `skipped` as of the last sum over the peers
-
-    @property
-    def attempts(self) -> int:
-        """Finished gradients, applied or not: identical on every peer (DQN syncs its target on it)."""
-        return self.updates + self.skipped + self.vetoed
+        # Finished gradients, applied or not: identical on every peer (DQN syncs its target on it), also
+        # where `updates` is this peer's own and `skipped` the sum over the peers.
+        self.attempts = 0
 
     def step(self, loss: torch.Tensor, terms: Mapping[str, torch.Tensor], veto: Optional[Veto] = None
              ) -> Optional[Update]:
@@ -138,6 +136,7 @@ class Learner:
         """Count an update (applied here, or by the parameter server) and keep its terms' sums."""
         averaged = extras.tolist()
         terms = dict(zip(self.term_names, averaged))
+        self.attempts += 1
         if applied:
             self.updates += 1
             self.skipped_in_a_row = self._own_streak = 0
@@ -195,7 +194,7 @@ class Learner:
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "updates": self.updates, "skipped": self.skipped,
-                "vetoed": self.vetoed, "skipped_in_a_row": self.skipped_in_a_row,
+                "vetoed": self.vetoed, "skipped_in_a_row": self.skipped_in_a_row, "attempts": self.attempts,
                 "strategy": self.strategy.state_dict()}
 
     def load_state_dict(self, s: dict) -> None:
@@ -203,6 +202,7 @@ class Learner:
         follows from the config (and the schedule), which may have changed on resume."""
         self._load_optimizer(s["optimizer"])
         self.updates, self.skipped, self.vetoed = int(s["updates"]), int(s["skipped"]), int(s["vetoed"])
+        self.attempts = int(s.get("attempts", self.updates + self.skipped + self.vetoed))  # older checkpoints
         self.skipped_in_a_row = self._own_streak = int(s["skipped_in_a_row"])
         self._agreed_skipped = self.skipped
         self.strategy.load_state_dict(s.get("strategy", {}))
