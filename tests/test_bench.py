@@ -3,8 +3,10 @@ results, and one end-to-end run on a tiny budget. Timings are never asserted."""
 import importlib.util
 import json
 import math
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -519,3 +521,36 @@ def test_presets_run_every_tuned_preset_on_two_peers_with_atari_budgets_cut(monk
                              for s, r, t in ((0, True, 10.0), (1, False, None))])
     text = tables.format_presets(rows, {"ppo_cartpole": {"target": 475, "budget": 100_000, "cut": False}})
     assert "ppo_cartpole  475     100,000  1/2" in text and "inf" in text and "480.0" in text
+
+
+def _processes_naming(text: str) -> list[int]:
+    """Live processes whose command line contains `text`."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(proc.name))
+        except OSError:  # it ended while we looked
+            pass
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_sigterm_stops_the_bench_and_the_run_under_way(tmp_path):
+    # A long 2-peer run: torchrun's peers run in sessions of their own, so a bench that died on SIGTERM
+    # without killing them would leave them training.
+    cmd = [sys.executable, "-m", "p2prl.bench", "--tasks", "cartpole-ppo", "--seeds", "0", "--systems", "p2prl-2",
+           "-o", "train.target_return=null", "-o", "train.total_steps=100000000", "--out", str(tmp_path)]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 90
+    while not list(tmp_path.glob("runs/**/metrics.jsonl")) and time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.05)  # polls for the first logged row: the peers are training
+    assert list(tmp_path.glob("runs/**/metrics.jsonl")), "the run never logged a row"
+    assert _processes_naming(str(tmp_path)), "no peer of the run found"
+    p.send_signal(signal.SIGTERM)
+    out = p.communicate(timeout=60)[0]
+    assert p.returncode == 130 and "interrupted" in out, out[-2000:]
+    deadline = time.monotonic() + 10
+    while _processes_naming(str(tmp_path)) and time.monotonic() < deadline:
+        time.sleep(0.05)  # SIGKILL lands asynchronously
+    assert _processes_naming(str(tmp_path)) == [], "the bench left processes of its run behind"

@@ -25,6 +25,7 @@ The columns are defined in `p2prl.bench.report` (records) and `p2prl.bench.table
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import signal
@@ -161,6 +162,17 @@ def main(argv: Optional[list[str]] = None, prog: str = "python -m p2prl.bench") 
         from p2prl.bench import results
         return results.main(a.report, a.bench_dirs, emit)
     out = a.out or Path("bench") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    # A SIGTERM stops the bench as Ctrl-C does: the run under way (torchrun's peers run in sessions of
+    # their own) is killed with it, not left training; what finished is in `out` already.
+    with procs.sigterm_as_interrupt():
+        try:
+            return _run(a, out, prog)
+        except KeyboardInterrupt:
+            log.error("p2prl.bench: interrupted; the runs finished so far are in %s", out)
+            return 130
+
+
+def _run(a: argparse.Namespace, out: Path, prog: str) -> int:
     if (out / "runs").exists():  # p2prl would resume from the old runs' checkpoints
         log.error("p2prl.bench: %s already holds runs; choose a fresh --out", out)
         return 2
