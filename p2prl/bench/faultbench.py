@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 
-from p2prl.bench import nodeloss, procs, report, tables
+from p2prl.bench import nodeloss, report, tables
 from p2prl.bench.faults import KINDS, FaultError, Injector, JobLog, plan
 from p2prl.bench.plans import PORT, TASKS, free_port, p2prl_cmd
 from p2prl.bench.runs import child_env, execute
@@ -210,11 +210,10 @@ def main(a: Any, out: Path, prog: str, emit: Callable[[str], None]) -> int:
     doc: dict[str, Any] = {"created": datetime.now().isoformat(timespec="seconds"), "argv": sys.argv,
                            "host": report.host(), "tasks": []}
 
-    try:
-        with procs.sigterm_as_interrupt():  # a SIGTERM cleans up as Ctrl-C does
-            for s in setups:
-                doc["tasks"].append(run_task(s, a.faults, a.seeds[0], out, a.max_seconds))
-                report.write_json(out / "faults.json", doc)  # after every task: a stopped bench keeps what it measured
+    try:  # the bench's main() turns a SIGTERM into KeyboardInterrupt, as Ctrl-C
+        for s in setups:
+            doc["tasks"].append(run_task(s, a.faults, a.seeds[0], out, a.max_seconds))
+            report.write_json(out / "faults.json", doc)  # after every task: a stopped bench keeps what it measured
     except KeyboardInterrupt:
         log.error("interrupted; the tasks done so far are in %s", out / "faults.json")
         return 130

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from p2prl.bench import netns, procs, report
+from p2prl.bench import netns, report
 from p2prl.bench.network import MULTINODE, UNSHAPED, burst_bytes
 from p2prl.bench.plans import TASKS, goal
 from p2prl.bench.tables import markdown_table
@@ -121,14 +121,13 @@ def _last_return(run_dir: Path):
 def run(a: argparse.Namespace, out: Path, env: dict[str, str], emit: Callable[[str], None]) -> int:
     jobs = plan(a, out)
     doc: dict[str, Any] = {"argv": sys.argv, "host": report.host(), "runs": []}
-    try:
-        with procs.sigterm_as_interrupt():
-            for i, job in enumerate(jobs, 1):
-                log.info("[%d/%d] %s %s %s seed %d ...", i, len(jobs), job["rate"], job["task"], job["variant"], job["seed"])
-                rec = run_one(job, a, out, env)
-                doc["runs"].append(rec)
-                log.info("[%d/%d] %s", i, len(jobs), _outcome(rec))
-                report.write_json(out / "train.json", doc)  # after every run: a stopped bench keeps what it measured
+    try:  # the bench's main() turns a SIGTERM into KeyboardInterrupt, as Ctrl-C
+        for i, job in enumerate(jobs, 1):
+            log.info("[%d/%d] %s %s %s seed %d ...", i, len(jobs), job["rate"], job["task"], job["variant"], job["seed"])
+            rec = run_one(job, a, out, env)
+            doc["runs"].append(rec)
+            log.info("[%d/%d] %s", i, len(jobs), _outcome(rec))
+            report.write_json(out / "train.json", doc)  # after every run: a stopped bench keeps what it measured
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the star's exit has removed what it made
         log.error("interrupted; the runs done so far are in %s", out / "train.json")
         return 130
