@@ -164,14 +164,14 @@ def markdown(runs: list[dict[str, Any]]) -> str:
 
 
 def plot(runs: list[dict[str, Any]], out: Path) -> Path:
-    """Return against seconds since the run's start: a panel per (task, rate), a line per variant and seed."""
+    """Return against seconds since the run's start: a panel per (task, rate, layout), a line per variant and seed."""
     from p2prl.plot import _figure, _save, curve
-    panels = list(dict.fromkeys((r["task"], r["rate"]) for r in runs))
+    panels = list(dict.fromkeys((r["task"], r["rate"], r["hosts"], r["per_host"]) for r in runs))
     fig, axes = _figure(ncols=max(len(panels), 1), width=5.0, height=4.0)
     variants = list(dict.fromkeys(r["variant"] for r in runs))
-    for ax, (task, rate) in zip(axes, panels):
+    for ax, (task, rate, hosts, per_host) in zip(axes, panels):
         for r in runs:
-            if (r["task"], r["rate"]) != (task, rate) or not (Path(r["run_dir"]) / "metrics.jsonl").is_file():
+            if (r["task"], r["rate"], r["hosts"], r["per_host"]) != (task, rate, hosts, per_host) or not (Path(r["run_dir"]) / "metrics.jsonl").is_file():
                 continue
             x, y = curve(Path(r["run_dir"]), "time_s")
             ax.plot(x, y, color=f"C{variants.index(r['variant'])}", linestyle="-" if r["seed"] == min(
@@ -179,7 +179,7 @@ def plot(runs: list[dict[str, Any]], out: Path) -> Path:
         target = TASKS[task].target
         if target is not None:
             ax.axhline(target, color="gray", linestyle="--", linewidth=1)
-        ax.set_title(f"{task}, {rate}", fontsize="medium")
+        ax.set_title(f"{task}, {hosts} hosts x {per_host} peer(s), {rate}", fontsize="medium")
         ax.set_xlabel("seconds since start")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="x-small")
