@@ -166,12 +166,15 @@ def markdown(runs: list[dict[str, Any]]) -> str:
 def plot(runs: list[dict[str, Any]], out: Path) -> Path:
     """Return against seconds since the run's start: a panel per (task, rate, layout), a line per variant and seed."""
     from p2prl.plot import _figure, _save, curve
-    panels = list(dict.fromkeys((r["task"], r["rate"], r["hosts"], r["per_host"]) for r in runs))
+    def panel(r: dict[str, Any]) -> tuple:
+        return r["task"], r["rate"], r["hosts"], r["per_host"]
+    panels = list(dict.fromkeys(panel(r) for r in runs))
     fig, axes = _figure(ncols=max(len(panels), 1), width=5.0, height=4.0)
     variants = list(dict.fromkeys(r["variant"] for r in runs))
-    for ax, (task, rate, hosts, per_host) in zip(axes, panels):
+    for ax, key in zip(axes, panels):
+        task, rate, hosts, per_host = key
         for r in runs:
-            if (r["task"], r["rate"], r["hosts"], r["per_host"]) != (task, rate, hosts, per_host) or not (Path(r["run_dir"]) / "metrics.jsonl").is_file():
+            if panel(r) != key or not (Path(r["run_dir"]) / "metrics.jsonl").is_file():
                 continue
             x, y = curve(Path(r["run_dir"]), "time_s")
             ax.plot(x, y, color=f"C{variants.index(r['variant'])}", linestyle="-" if r["seed"] == min(
