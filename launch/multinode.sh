@@ -21,8 +21,9 @@
 #   TORCH_DISABLE_SHARE_RDZV_TCP_STORE
 #                   1 (the default for elastic NNODES=MIN:MAX or MAX_RESTARTS > 0): each rendezvous round gets a
 #                   fresh store, hosted by that round's RANK 0. torchrun's shared store cannot admit a node that
-#                   joins a running job (it waits forever for the new round's MASTER_ADDR), and keeps keys of
-#                   earlier rounds.
+#                   joins a running job (it waits forever for the new round's MASTER_ADDR), keeps keys of
+#                   earlier rounds, and tells rounds apart by restart counts that the agents of different
+#                   nodes may count differently (a peer that failed counts, a membership change does not).
 #   TORCHRUN        the torchrun command (default torchrun)
 #   MODULE          the Python module every peer runs (default p2prl.train); e.g. p2prl.bench.syncbench, the
 #                   sync microbenchmark `python -m p2prl.bench --network` starts on its hosts this same way

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from p2prl import checkpoint
+from p2prl.comm import store
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(240)
@@ -123,3 +124,21 @@ def test_the_survivors_finish_when_a_node_leaves(nodes):
     assert n.agents[0].returncode == 0 and n.agents[1].returncode == 0, {k: v[-2000:] for k, v in outs.items()}
     s = _check_run(n.run_dir, outs, world_size=2)
     assert s["resumed_at_step"] >= first
+
+
+@pytest.mark.parametrize("agent_store", ["True", "False"])
+def test_the_peers_of_one_attempt_share_its_keys_though_their_agents_counted_restarts_differently(
+        monkeypatch, agent_store):
+    """After a node leaves, one agent may count the restart (its peer failed) and another not (it only saw
+    the new round). With a store per round both peers' keys must match; only a store that outlives the
+    rounds (the agent's) needs the count (launch/multinode.sh gives restarts a store per round)."""
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", agent_store)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    keys = []
+    for restarts in ("2", "3"):
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", restarts)
+        keys.append(store.namespace())
+    if agent_store == "True":
+        assert keys == ["p2prl/2-2", "p2prl/3-2"]
+    else:
+        assert keys == ["p2prl/0-2", "p2prl/0-2"]

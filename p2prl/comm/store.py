@@ -31,10 +31,18 @@ POLL_S = 0.01  # how often a start-up check looks for the other peers' values
 
 
 def namespace() -> str:
-    """The keys of this attempt. torchrun's agent keeps one store across restarts; it counts restarts
-    after failures (TORCHELASTIC_RESTART_COUNT) but not those after a membership change, which change
-    the world size instead: together they tell the attempts apart."""
-    return f"p2prl/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}-{os.environ.get('WORLD_SIZE', '1')}"
+    """The keys of this attempt, the same on every peer of it.
+
+    Only a store that outlives restarts needs them told apart: torchrun's agent's, shared by its
+    rounds. Its agent counts restarts after failures (TORCHELASTIC_RESTART_COUNT) but not those after
+    a membership change, which change the world size instead: together they tell the attempts apart.
+    Each agent keeps its own count, though, and after a node leaves one agent may have seen a failed
+    peer (counted) where another saw only the new round (not counted): the counts of one attempt then
+    differ between nodes. A store that rank 0 hosts (no agent's, or one per round, as
+    launch/multinode.sh has for elastic jobs) is fresh in every attempt, so there the count is left out
+    and the peers of an attempt always meet."""
+    restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") if _agent_hosts() else "0"
+    return f"p2prl/{restarts}-{os.environ.get('WORLD_SIZE', '1')}"
 
 
 _OWN: list[dist.TCPStore] = []  # the store rank 0 hosts without an agent (or a client of it), for the process's life
