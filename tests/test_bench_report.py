@@ -81,6 +81,13 @@ def test_the_page_reports_returns_and_steps_to_target_over_seeds(two_seeds, tmp_
     assert "1 PNG(s)" in capsys.readouterr().out
 
 
+def test_the_env_column_tells_a_continuous_variant_from_the_discrete_task_of_its_id():
+    lander = {"id": "LunarLander-v3", "kwargs": {"continuous": True}}
+    assert results.env_label(lander) == "LunarLander-v3 (continuous)"
+    assert results.env_label({**lander, "kwargs": {}}) == "LunarLander-v3"
+    assert results.env_label({"id": "HalfCheetah-v5"}) == "HalfCheetah-v5"
+
+
 def test_reference_rows_say_source_env_budget_and_evaluation(two_seeds, tmp_path):
     page = tmp_path / "results.md"
     results.write(page, [two_seeds], "cmd")

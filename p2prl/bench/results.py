@@ -76,6 +76,12 @@ def _target(doc: dict[str, Any], task: str, cfg: Optional[dict[str, Any]]) -> Op
     return cfg["env"].get("target_return") if cfg else None
 
 
+def env_label(env: dict[str, Any]) -> str:
+    """The gymnasium id a run's env section names, and "continuous" where its keyword arguments make the
+    actions so (LunarLander-v3 with continuous=True is not the discrete task of the same id)."""
+    return env["id"] + (" (continuous)" if (env.get("kwargs") or {}).get("continuous") else "")
+
+
 def measure(b: Bench, rec: dict[str, Any]) -> dict[str, Any]:
     """One run: its record in bench.json completed from its dir (evaluations, the training return at the
     end, the target's first crossing for a run that did not stop at it) and its curves."""
@@ -86,7 +92,7 @@ def measure(b: Bench, rec: dict[str, Any]) -> dict[str, Any]:
     rows = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
     target = _target(b.doc, task, cfg)
     if cfg:
-        algo, env, env_id = cfg["algo"]["name"], cfg["env"]["name"], cfg["env"]["id"]
+        algo, env, env_id = cfg["algo"]["name"], cfg["env"]["name"], env_label(cfg["env"])
         budget = cfg["train"]["total_steps"]
     else:  # an SB3 run (a bench task's), or a p2prl run that never wrote its config
         t = TASKS.get(task)
