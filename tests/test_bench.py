@@ -229,6 +229,27 @@ def test_run_stopped_at_the_cap_keeps_its_last_logged_speed(tmp_path):
     assert rec["reached"] is False and rec["launch_to_target_s"] is None
 
 
+def test_a_fixed_budget_run_stopped_at_the_cap_still_says_where_it_reached_its_target(monkeypatch, tmp_path):
+    """A watched run (fixed budget, target noted on the way) that the cap stops has no summary.json:
+    its rows still say the first step its training return reached the target."""
+    job = plans.Job("hopper-sac", "p2prl-2", 2, ("python", "-m", "p2prl.train"), tmp_path / "run",
+                    tmp_path / "log.txt", 1500.0)
+
+    def stopped(cmd, log_path, timeout):  # the run logged three rows, then the cap stopped it
+        log_path.write_text("")
+        rows = [{"step": 100, "sps": 80.0, "time_s": 10.0, "episode_return_mean": 900.0},
+                {"step": 200, "sps": 81.0, "time_s": 20.0, "episode_return_mean": 1600.0, "eval_return_mean": 2000.0},
+                {"step": 300, "sps": 82.0, "time_s": 30.0, "episode_return_mean": 1400.0}]
+        (job.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return -15, 40.0, True
+
+    monkeypatch.setattr(bench, "execute", stopped)
+    rec = bench.run_job(job, max_seconds=40.0)
+    assert rec["timed_out"] and rec["error"] is None
+    assert rec["reached"] and rec["steps_to_target"] == 200 and rec["time_to_target_s"] == 20.0
+    assert rec["final_step"] == 300 and rec["eval_return_mean"] == 2000.0 and rec["launch_to_target_s"] is None
+
+
 def test_results_table():
     text = tables.format_results(report.aggregate(RUNS))
     lines = text.splitlines()

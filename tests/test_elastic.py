@@ -142,3 +142,15 @@ def test_the_peers_of_one_attempt_share_its_keys_though_their_agents_counted_res
         assert keys == ["p2prl/2-2", "p2prl/3-2"]
     else:
         assert keys == ["p2prl/0-2", "p2prl/0-2"]
+
+
+@pytest.mark.parametrize("agent_store,nodes,restarts,warned", [
+    ("True", "2", "3", True), ("True", "1", "3", False), ("True", "2", "0", False), ("False", "2", "3", False)])
+def test_a_shared_agent_store_on_several_restarting_nodes_is_named_as_a_hazard(agent_store, nodes, restarts, warned):
+    """torchrun's default (agents share their store across rounds) with several nodes and restarts is where
+    the counts can diverge: the peers are told how to avoid it, and only then."""
+    env = {"TORCHELASTIC_USE_AGENT_STORE": agent_store, "GROUP_WORLD_SIZE": nodes, "TORCHELASTIC_MAX_RESTARTS": restarts}
+    hazard = store.restart_hazard(env)
+    assert (hazard is not None) == warned
+    if warned:
+        assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in hazard and "2 nodes" in hazard and "--max-restarts=3" in hazard

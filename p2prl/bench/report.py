@@ -55,7 +55,7 @@ def derive(summary: dict[str, Any], launch_to_exit_s: float) -> dict[str, Any]:
     sps = summary.get("sps")
     steps = summary.get("final_step", 0) - (summary.get("resumed_at_step") or 0)
     loop_s = summary.get("loop_s") or (steps / sps if sps else None)
-    if reached and rec["first_step_to_target_s"] is None and loop_s is not None:
+    if reached and rec["first_step_to_target_s"] is None and loop_s is not None and summary.get("wall_s") is not None:
         startup_s = summary["wall_s"] - loop_s
         rec["first_step_to_target_s"] = max(0.0, summary["time_to_target_s"] - startup_s)
     # Communication profile (p2prl): comm_frac is comm seconds over the loop's seconds on rank 0.

@@ -90,14 +90,15 @@ def run_job(job: Job, max_seconds: float) -> dict[str, Any]:
         cmd += ["--deadline", str(time.time() + max_seconds)]
     rc, seconds, killed = execute(cmd, job.log, max_seconds + SB3_GRACE_S if is_sb3 else max_seconds)
     summary = report.read_json(job.run_dir / ("result.json" if is_sb3 else "summary.json"))
-    if summary is not None and not is_sb3 and (job.run_dir / "metrics.jsonl").is_file():
-        summary.update(report.watched(read_metrics(job.run_dir), job.watch))
     error = None
     if summary is None or rc != 0:
         if not killed:
             tail = job.log.read_text(errors="replace").strip().splitlines()[-5:]
             error = f"exit code {rc}: " + " | ".join(tail)
         summary = summary or (report.last_metrics(job.run_dir) if not is_sb3 else {})
+    # A fixed-budget run's rows say where it first reached its target, stopped at the cap or not.
+    if summary and not is_sb3 and (job.run_dir / "metrics.jsonl").is_file():
+        summary.update(report.watched(read_metrics(job.run_dir), job.watch))
     rec = {"task": job.task, "system": job.system, "seed": job.seed, **report.derive(summary, seconds),
            "launch_to_exit_s": seconds, "returncode": rc, "error": error, "run_dir": str(job.run_dir),
            "log": str(job.log), "cmd": list(job.cmd)}

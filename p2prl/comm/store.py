@@ -14,6 +14,7 @@ namespaced by attempt (`namespace`): the agent's store outlives restarts.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -22,6 +23,7 @@ from typing import Any, Callable, Optional
 
 import torch.distributed as dist
 
+log = logging.getLogger(__name__)
 BEAT_S = 1.0  # a beat at least this often
 # How long naming a silent peer may wait for the store. Short: the store's host (torchrun's agent) may be
 # the one that died, and a signal cannot interrupt the connection attempt while it lasts.
@@ -45,6 +47,7 @@ def namespace() -> str:
     return f"p2prl/{restarts}-{os.environ.get('WORLD_SIZE', '1')}"
 
 
+_WARNED: list[bool] = []  # restart_hazard logged once per process
 _OWN: list[dist.TCPStore] = []  # the store rank 0 hosts without an agent (or a client of it), for the process's life
 
 
@@ -64,6 +67,21 @@ def _agent_hosts() -> bool:
     return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
 
 
+def restart_hazard(env: Optional[dict] = None) -> Optional[str]:
+    """Why this job's peers may fail to meet after a restart, or None: torchrun's agents on several
+    nodes share a store across rounds and may restart, so the restart counts that name an attempt's keys
+    (here and in torch's own start-up) can differ between nodes after a node fails (`namespace`)."""
+    env = os.environ if env is None else env
+    nodes, restarts = env.get("GROUP_WORLD_SIZE", "1"), env.get("TORCHELASTIC_MAX_RESTARTS", "0")
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or not (nodes.isdigit() and restarts.isdigit()):
+        return None
+    if int(nodes) <= 1 or int(restarts) <= 0:
+        return None
+    return (f"torchrun's agents on {nodes} nodes share one store across restarts (--max-restarts={restarts}): "
+            "after a node fails the survivors may count restarts differently and wait for each other until "
+            "comm.timeout_s; set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on every node (launch/multinode.sh does)")
+
+
 def peers_store(timeout_s: float, world_size: Optional[int] = None) -> Optional[dist.Store]:
     """The store every peer of this world reaches: a client of torchrun's agent's, or the one rank 0
     hosts without an agent (made once per process: multirun jobs share it); None for a world of one
@@ -71,6 +89,10 @@ def peers_store(timeout_s: float, world_size: Optional[int] = None) -> Optional[
     if (world_size or int(os.environ.get("WORLD_SIZE", 1))) <= 1:
         return None
     if _agent_hosts():
+        hazard = restart_hazard()
+        if hazard and os.environ.get("RANK", "0") == "0" and not _WARNED:
+            _WARNED.append(True)
+            log.warning(hazard)
         return connect(timeout_s)
     if not _OWN:
         host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
