@@ -81,6 +81,69 @@ def test_actor_loss_reads_the_critics_detached(small):
     assert all(torch.equal(x, y) for x, y in zip(algo.critics_detached(b.obs, b.actions), algo.model.critics(b.obs, b.actions)))
 
 
+def test_sac_gradients_equal_sb3s_on_the_same_parameters_batch_and_noise(small, monkeypatch):
+    """One update's gradients against Stable-Baselines3's SAC (its train step, written out with its modules)
+    from the same parameters, minibatch and reparameterization noise: the critics', the temperature's, and
+    the actor's through the critics before their step (SB3 steps the critics first; p2prl averages all
+    three gradients in one all-reduce)."""
+    pytest.importorskip("stable_baselines3")
+    import torch.nn.functional as F
+    from stable_baselines3.sac.policies import SACPolicy
+    algo = build_algorithm(small("sac", "algo.alpha_init=0.7"), LocalComm())
+    m = algo.model
+    sb = SACPolicy(algo.collector.observation_space, algo.collector.action_space, lambda _: 3e-4, net_arch=[16, 16])
+
+    def linears(module):
+        return [x for x in module.modules() if isinstance(x, torch.nn.Linear)]
+    pairs = [(m.actor.trunk, sb.actor.latent_pi), (m.actor.mean, sb.actor.mu), (m.actor.log_std, sb.actor.log_std),
+             (m.critics.q1, sb.critic.qf0), (m.critics.q2, sb.critic.qf1),
+             (algo.target.q1, sb.critic_target.qf0), (algo.target.q2, sb.critic_target.qf1)]
+    with torch.no_grad():
+        algo.target_flat.add_(0.05)  # targets apart from the online critics, as after some updates
+        for ours, theirs in pairs:
+            assert len(linears(ours)) == len(linears(theirs)) > 0
+            for a, b in zip(linears(ours), linears(theirs)):
+                b.weight.copy_(a.weight), b.bias.copy_(a.bias)
+    log_alpha = m.log_alpha.detach().clone().requires_grad_(True)
+    g = torch.Generator().manual_seed(5)
+    n = 32
+    b = ReplayBatch(obs=torch.randn(n, 3, generator=g), actions=torch.rand(n, 1, generator=g) * 2 - 1,
+                    rewards=torch.randn(n, generator=g), next_obs=torch.randn(n, 3, generator=g),
+                    discounts=torch.full((n,), 0.99), terminated=(torch.rand(n, generator=g) < 0.3).float())
+    noise = torch.randn(2, n, 1, generator=g)
+
+    loss, terms = algo.loss(b, (noise[0], noise[1]))
+    loss.backward()
+
+    # SB3's train step: its Gaussians draw the same noise (at s first, then at s').
+    draws = [noise[0], noise[1]]
+    monkeypatch.setattr(torch.distributions.Normal, "rsample", lambda self, shape=torch.Size(): self.loc + self.scale * draws.pop(0))
+    actions_pi, log_prob = sb.actor.action_log_prob(b.obs)
+    log_prob = log_prob.reshape(-1, 1)
+    alpha = log_alpha.detach().exp()
+    (-(log_alpha * (log_prob + -1.0).detach()).mean()).backward()  # target entropy: -1 action dimension
+    with torch.no_grad():
+        next_actions, next_log_prob = sb.actor.action_log_prob(b.next_obs)
+        next_q = torch.min(torch.cat(sb.critic_target(b.next_obs, next_actions), 1), 1, keepdim=True)[0]
+        y = b.rewards[:, None] + (1 - b.terminated[:, None]) * 0.99 * (next_q - alpha * next_log_prob[:, None])
+    critic_loss = 0.5 * sum(F.mse_loss(q, y) for q in sb.critic(b.obs, b.actions))
+    critic_loss.backward()
+    critic_grads = [p.grad.clone() for p in sb.critic.parameters()]
+    actor_loss = (alpha * log_prob - torch.min(torch.cat(sb.critic(b.obs, actions_pi), 1), 1, keepdim=True)[0]).mean()
+    actor_loss.backward()
+    assert not draws
+    assert terms["loss_critic"].item() == pytest.approx(critic_loss.item(), rel=1e-5)
+    assert terms["loss_actor"].item() == pytest.approx(actor_loss.item(), rel=1e-5)
+    for ours, theirs in pairs[:3]:
+        for a, b_ in zip(linears(ours), linears(theirs)):
+            torch.testing.assert_close(a.weight.grad, b_.weight.grad, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(a.bias.grad, b_.bias.grad, rtol=1e-4, atol=1e-6)
+    ours = torch.cat([p.grad.reshape(-1) for p in m.critics.parameters()])
+    torch.testing.assert_close(ours, torch.cat([x.reshape(-1) for x in critic_grads]), rtol=1e-4, atol=1e-6)
+    assert ours.abs().max() > 0
+    torch.testing.assert_close(m.log_alpha.grad, log_alpha.grad, rtol=1e-5, atol=1e-7)
+
+
 def test_td3_target_policy_smoothing_hand_computed(small):
     algo = build_algorithm(small("td3", "algo.hidden_sizes=[]"), LocalComm())
     target = algo.target
