@@ -145,7 +145,8 @@ def test_the_peers_of_one_attempt_share_its_keys_though_their_agents_counted_res
 
 
 @pytest.mark.parametrize("agent_store,nodes,restarts,warned", [
-    ("True", "2", "3", True), ("True", "1", "3", False), ("True", "2", "0", False), ("False", "2", "3", False)])
+    ("True", "2", "3", True), ("True", "1", "3", False), ("True", "2", "0", False), ("False", "2", "3", False),
+    ("True", "x", "3", False), ("True", "2", "", False)])
 def test_a_shared_agent_store_on_several_restarting_nodes_is_named_as_a_hazard(agent_store, nodes, restarts, warned):
     """torchrun's default (agents share their store across rounds) with several nodes and restarts is where
     the counts can diverge: the peers are told how to avoid it, and only then."""
@@ -154,3 +155,19 @@ def test_a_shared_agent_store_on_several_restarting_nodes_is_named_as_a_hazard(a
     assert (hazard is not None) == warned
     if warned:
         assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in hazard and "2 nodes" in hazard and "--max-restarts=3" in hazard
+
+
+def test_rank_0_alone_names_the_hazard_once(monkeypatch, caplog):
+    monkeypatch.setattr(store, "connect", lambda timeout_s: object())
+    monkeypatch.setattr(store, "_WARNED", [])
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, calls, warnings in (("1", 2, 0), ("0", 2, 1)):
+        monkeypatch.setenv("RANK", rank)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger=store.__name__):
+            for _ in range(calls):
+                assert store.peers_store(1.0) is not None
+        assert sum("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in r.getMessage() for r in caplog.records) == warnings

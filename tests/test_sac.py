@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from p2prl import checkpoint
 from p2prl.comm import LocalComm, open_comm, parameter_digest
@@ -87,7 +88,6 @@ def test_sac_gradients_equal_sb3s_on_the_same_parameters_batch_and_noise(small, 
     the actor's through the critics before their step (SB3 steps the critics first; p2prl averages all
     three gradients in one all-reduce)."""
     pytest.importorskip("stable_baselines3")
-    import torch.nn.functional as F
     from stable_baselines3.sac.policies import SACPolicy
     algo = build_algorithm(small("sac", "algo.alpha_init=0.7"), LocalComm())
     m = algo.model
@@ -117,7 +117,8 @@ def test_sac_gradients_equal_sb3s_on_the_same_parameters_batch_and_noise(small, 
 
     # SB3's train step: its Gaussians draw the same noise (at s first, then at s').
     draws = [noise[0], noise[1]]
-    monkeypatch.setattr(torch.distributions.Normal, "rsample", lambda self, shape=torch.Size(): self.loc + self.scale * draws.pop(0))
+    monkeypatch.setattr(torch.distributions.Normal, "rsample",
+                        lambda self, shape=torch.Size(): self.loc + self.scale * draws.pop(0))
     actions_pi, log_prob = sb.actor.action_log_prob(b.obs)
     log_prob = log_prob.reshape(-1, 1)
     alpha = log_alpha.detach().exp()

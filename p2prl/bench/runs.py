@@ -96,7 +96,7 @@ def run_job(job: Job, max_seconds: float) -> dict[str, Any]:
             tail = job.log.read_text(errors="replace").strip().splitlines()[-5:]
             error = f"exit code {rc}: " + " | ".join(tail)
         summary = summary or (report.last_metrics(job.run_dir) if not is_sb3 else {})
-    # A fixed-budget run's rows say where it first reached its target, stopped at the cap or not.
+    # A fixed-budget run's rows say where it first reached its target, whatever stopped it (the cap, a crash).
     if summary and not is_sb3 and (job.run_dir / "metrics.jsonl").is_file():
         summary.update(report.watched(read_metrics(job.run_dir), job.watch))
     rec = {"task": job.task, "system": job.system, "seed": job.seed, **report.derive(summary, seconds),

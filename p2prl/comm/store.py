@@ -79,7 +79,8 @@ def restart_hazard(env: Optional[dict] = None) -> Optional[str]:
         return None
     return (f"torchrun's agents on {nodes} nodes share one store across restarts (--max-restarts={restarts}): "
             "after a node fails the survivors may count restarts differently and wait for each other until "
-            "comm.timeout_s; set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on every node (launch/multinode.sh does)")
+            "comm.timeout_s; use --rdzv-backend=c10d with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on every node "
+            "(launch/multinode.sh does both)")
 
 
 def peers_store(timeout_s: float, world_size: Optional[int] = None) -> Optional[dist.Store]:
