@@ -61,6 +61,7 @@ def to_run_config(cfg: DictConfig | dict) -> RunConfig:
             raw[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
     cfg = build_config(upgrade(raw, algos.algo_sections(), algos.added_keys()), algos.algo_sections())
     sync.check(cfg.comm)  # what depends on the strategy, from its table
+    algos.spec(cfg.algo.name).check_comm(cfg.algo, cfg.comm)
     return cfg
 
 

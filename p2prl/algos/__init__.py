@@ -24,7 +24,7 @@ from p2prl.algos.greedy import dqn_greedy, ppo_greedy
 from p2prl.algos.ppo import PPO, PPOConfig
 from p2prl.algos.ppo import policy as ppo_policy
 from p2prl.algos.qlearning import QLearning, QLearningConfig
-from p2prl.algos.offpolicy import check_bounds
+from p2prl.algos.offpolicy import check_bounds, check_comm
 from p2prl.algos.qlearning import policy as qlearning_policy
 from p2prl.algos import sac, td3
 from p2prl.checks import ConfigError
@@ -58,6 +58,9 @@ class AlgorithmSpec:
     # (algo cfg, action space) -> None; raises ConfigError for actions it cannot take beyond their type
     # (SAC, TD3: infinite bounds). Default: none.
     check_actions: Callable[[Any, gym.Space], None] = lambda algo, space: None
+    # (algo cfg, comm cfg) -> None; raises ConfigError for sharing settings its updates cannot take
+    # (SAC, TD3: updates in two parts cannot overlap). Default: none.
+    check_comm: Callable[[Any, Any], None] = lambda algo, comm: None
     # True: it sums exact tables itself instead of gradients, so only strategies that serve tables fit
     # (p2prl.sync.base.Strategy.tables).
     tables: bool = False
@@ -92,10 +95,13 @@ REGISTRY: dict[str, AlgorithmSpec] = {
                          "; use algo=ppo", rank_keys=("num_envs", "n_step"), added_keys={"encoder": "mlp"},
                          check_observations=_encoder, greedy_module=dqn_greedy),
     # Continuous control: tanh-squashed actions in the Box's (finite) bounds.
+    # Runs saved before algo.actor_after_critics stepped all three in one all-reduce.
     "sac": AlgorithmSpec(sac.SACConfig, sac.SAC, (Box,), (Box,), sac.policy, ("hidden_sizes", "activation", "autotune"),
-                         "; use algo=ppo or algo=dqn", check_actions=check_bounds, greedy_module=sac.greedy_module),
+                         "; use algo=ppo or algo=dqn", added_keys={"actor_after_critics": False},
+                         check_actions=check_bounds, check_comm=check_comm, greedy_module=sac.greedy_module),
     "td3": AlgorithmSpec(td3.TD3Config, td3.TD3, (Box,), (Box,), td3.policy, ("hidden_sizes", "activation"),
-                         "; use algo=ppo or algo=dqn", check_actions=check_bounds, greedy_module=td3.greedy_module),
+                         "; use algo=ppo or algo=dqn", added_keys={"actor_after_critics": False},
+                         check_actions=check_bounds, check_comm=check_comm, greedy_module=td3.greedy_module),
     # Exact tabular Q-learning sums its own table's TD errors: no gradient for a strategy to share.
     "qlearning": AlgorithmSpec(QLearningConfig, QLearning, (Discrete,), (Discrete,), qlearning_policy, (), "",
                                rank_keys=("num_envs",), tables=True),

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import gymnasium as gym
 import numpy as np
@@ -57,10 +57,11 @@ class OffPolicyConfig:
     anneal_lr: bool
     hidden_sizes: list
     activation: str
+    actor_after_critics: bool
 
     def __post_init__(self) -> None:
         check.fields(self, "algo.", positive=("actor_lr", "critic_lr"), unit_open=("gamma", "tau"),
-                     nonneg_int=("learning_starts",), boolean=("anneal_lr",),
+                     nonneg_int=("learning_starts",), boolean=("anneal_lr", "actor_after_critics"),
                      positive_int=("num_envs", "buffer_size", "batch_size", "train_freq", "gradient_steps"))
         check.net("algo.", self.hidden_sizes, self.activation)
         if self.batch_size > self.buffer_size:
@@ -72,6 +73,14 @@ def check_bounds(algo, space: gym.Space) -> None:
     if isinstance(space, gym.spaces.Box) and not (np.isfinite(space.low).all() and np.isfinite(space.high).all()):
         raise check.ConfigError("algo", algo.name, f"squashes actions into the env's bounds, which must be finite; the "
                                                    f"env has {space}")
+
+
+def check_comm(algo, comm) -> None:
+    """Updates in two parts (`algo.actor_after_critics`) need each part finished before the next: no overlap."""
+    if algo.actor_after_critics and comm.overlap:
+        raise check.ConfigError("comm.overlap", True, "cannot overlap updates in two parts (algo.actor_after_critics"
+                                                      "=true steps the actor through the critics' new parameters); "
+                                                      "allowed here: false, or set algo.actor_after_critics=false")
 
 
 def flat_copy(module: nn.Module) -> tuple[nn.Module, torch.Tensor]:
@@ -173,6 +182,27 @@ class OffPolicy(Algorithm):
         """The summed loss of one update on this peer's minibatch (B transitions) and its named terms."""
         raise NotImplementedError
 
+    def update(self, batch: ReplayBatch) -> Optional[Update]:
+        """One update on this peer's minibatch (the learner's finished one: with overlap, the previous)."""
+        with self.clock("forward"):  # the replay minibatch, its targets and losses
+            loss, terms = self.losses(batch)
+        return self.learner.step(loss, terms)
+
+    def in_order(self, critics: tuple[torch.Tensor, dict[str, torch.Tensor]],
+                 actor: Optional[Callable[[], torch.Tensor]]) -> Update:
+        """One update in two parts, as SB3 and CleanRL order it: step the critics (and temperature) on
+        their loss; then, where `actor` is given, step the actor on `actor()`, its loss built through
+        the critics' new parameters (the `alias` sees them). Each part is one learner step, so two
+        sums; the last counts, with the terms of both (`terms["loss_actor"]` taken from the second)."""
+        loss, terms = critics
+        rest = [g for g in self.segments if g != "actor"]
+        if actor is None:
+            return self.learner.step(loss, terms, only=rest)
+        self.learner.step(loss, terms, only=rest, count=False)
+        with self.clock("forward"):
+            loss_actor = actor()
+        return self.learner.step(loss_actor, {**terms, "loss_actor": loss_actor.detach()}, only=("actor",))
+
     def after_update(self, update: Update) -> None:
         """After every finished update, on every peer alike: move the targets."""
         raise NotImplementedError
@@ -197,9 +227,7 @@ class OffPolicy(Algorithm):
         if self.ready():
             for _ in range(c.gradient_steps):
                 self.updates_started += 1
-                with self.clock("forward"):  # the replay minibatch, its targets and losses
-                    loss, terms = self.losses(self.buffer.sample(c.batch_size))
-                finished = self.learner.step(loss, terms)
+                finished = self.update(self.buffer.sample(c.batch_size))
                 if finished is not None:
                     self.after_update(finished)
             finished = self.learner.finish()  # comm.overlap: the last one was still in flight

@@ -3,7 +3,9 @@
 
 The loop is the shared off-policy one (`p2prl.algos.offpolicy`: a replay buffer per peer, warm-up,
 lockstep counters); each peer explores with Gaussian noise of std `action_noise` from its own stream.
-One update is one `Learner.step` on the peer's own minibatch:
+One update is one `Learner.step` on the peer's own minibatch (or, with `algo.actor_after_critics`,
+two: the critics', then on the delayed updates the actor's through the critics' new parameters, as SB3
+orders them; `p2prl.algos.offpolicy.OffPolicy.in_order`):
 - critics: MSE(q1, y) + MSE(q2, y), y = r + discount (1 - terminated) min of the target critics at
   a' = clip(target actor(s') + clip(target_noise x N(0, 1), +-target_noise_clip), -1, 1);
 - actor, on every `policy_delay`-th update only: -q1(s, actor(s)), through critics that read the online
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Optional
 
 import gymnasium as gym
 import numpy as np
@@ -82,9 +85,9 @@ class TD3(OffPolicy):
         noise = self.rng.normal(0.0, self.cfg.action_noise, (len(obs), self.act_dim))
         return np.clip(self.model.actor(obs).cpu().numpy() + noise, -1.0, 1.0).astype(np.float32)
 
-    def loss(self, b: ReplayBatch, noise: torch.Tensor, train_actor: bool) -> tuple[torch.Tensor, dict]:
-        """The summed losses on minibatch `b` (B transitions) and their named terms; `noise`: (B, A)
-        standard normal draws for the target policy smoothing; the actor's loss only if `train_actor`."""
+    def critic_loss(self, b: ReplayBatch, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The critics' loss on minibatch `b` and q1's mean; `noise` (B, A): standard normal draws for
+        the target policy smoothing."""
         c, m = self.cfg, self.model
         with torch.no_grad():
             smoothing = (noise * c.target_noise).clamp(-c.target_noise_clip, c.target_noise_clip)
@@ -93,19 +96,46 @@ class TD3(OffPolicy):
             y = td_targets(b.rewards, torch.min(*self.target.critics(b.next_obs, next_actions)) * b.discounts,
                            b.terminated, 1.0)
         q1, q2 = m.critics(b.obs, b.actions)
-        loss = loss_critic = F.mse_loss(q1, y) + F.mse_loss(q2, y)
-        loss_actor = q1.new_zeros(())
-        if train_actor:  # the same decision on every peer: it follows the lockstep update counter
-            loss_actor = -self.critics_detached.first(b.obs, m.actor(b.obs)).mean()
-            loss = loss + loss_actor
-        terms = {"loss_critic": loss_critic.detach(), "loss_actor": loss_actor.detach(),
-                 "actor_update": torch.tensor(float(train_actor)), "q_mean": q1.detach().mean()}
-        return loss, terms
+        return F.mse_loss(q1, y) + F.mse_loss(q2, y), q1.detach().mean()
+
+    def actor_loss(self, b: ReplayBatch) -> torch.Tensor:
+        """-q1(s, actor(s)) through the critics as they are now (detached)."""
+        return -self.critics_detached.first(b.obs, self.model.actor(b.obs)).mean()
+
+    @staticmethod
+    def terms(loss_critic: torch.Tensor, loss_actor: torch.Tensor, train_actor: bool, q_mean: torch.Tensor) -> dict:
+        return {"loss_critic": loss_critic.detach(), "loss_actor": loss_actor.detach(),
+                "actor_update": torch.tensor(float(train_actor)), "q_mean": q_mean}
+
+    def loss(self, b: ReplayBatch, noise: torch.Tensor, train_actor: bool) -> tuple[torch.Tensor, dict]:
+        """The summed losses on minibatch `b` (B transitions) and their named terms, every gradient from
+        the parameters before this update; the actor's loss only if `train_actor`."""
+        loss_critic, q_mean = self.critic_loss(b, noise)
+        loss_actor = self.actor_loss(b) if train_actor else loss_critic.new_zeros(())
+        return loss_critic + loss_actor, self.terms(loss_critic, loss_actor, train_actor, q_mean)
+
+    def update_in_order(self, b: ReplayBatch, noise: torch.Tensor, train_actor: bool) -> Update:
+        """One update as SB3 orders it (`OffPolicy.in_order`): the critics step first; on the updates
+        that train the actor, it then steps through the new critics."""
+        with self.clock("forward"):
+            loss_critic, q_mean = self.critic_loss(b, noise)
+            terms = self.terms(loss_critic, loss_critic.new_zeros(()), train_actor, q_mean)
+        return self.in_order((loss_critic, terms), (lambda: self.actor_loss(b)) if train_actor else None)
+
+    def draw(self, batch: ReplayBatch) -> tuple[ReplayBatch, torch.Tensor, bool]:
+        """`batch` on the device, the smoothing noise from this peer's torch stream, and whether this
+        update trains the actor (the same decision on every peer: the lockstep update counter)."""
+        b = ReplayBatch(*(t.to(self.device) for t in batch))
+        noise = torch.randn((len(b.rewards), self.act_dim), device=self.device)
+        return b, noise, self.updates_started % self.cfg.policy_delay == 0
 
     def losses(self, batch: ReplayBatch) -> tuple[torch.Tensor, dict]:
-        b = ReplayBatch(*(t.to(self.device) for t in batch))
-        noise = torch.randn((len(b.rewards), self.act_dim), device=self.device)  # this peer's torch stream
-        return self.loss(b, noise, self.updates_started % self.cfg.policy_delay == 0)
+        return self.loss(*self.draw(batch))
+
+    def update(self, batch: ReplayBatch) -> Optional[Update]:
+        if not self.cfg.actor_after_critics:
+            return super().update(batch)
+        return self.update_in_order(*self.draw(batch))
 
     def after_update(self, update: Update) -> None:
         if update.applied and update.terms["actor_update"] != 0.0:

@@ -81,6 +81,7 @@ class Strategy(Checkpointed):
     tables = False
     keys: tuple[str, ...] = ()  # the comm.* keys it reads, besides the transport's (backend, topology, ...)
     central = False  # True: one peer serves every other (the parameter server), the baseline p2prl beats
+    overlap = False  # True: a step returns the previous update, its own still in flight (comm.overlap)
 
     @classmethod
     def period(cls, settings: Mapping[str, Any]) -> int:

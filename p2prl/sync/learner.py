@@ -24,11 +24,15 @@ With an optimizer of several parameter groups (`p2prl.sync.optim`: SAC's actor, 
 temperature in one bucket), `gates` names a term per gated group: the group steps only on updates where
 that term, averaged over the peers, is not 0 (TD3's actor on its delayed updates). The term rides with its own
 gradient, so the decision follows the update it belongs to under every strategy, overlap included.
+An update may also come in parts, one step each: `step(..., only=groups, count=False)` steps the named
+groups alone and counts nothing, and the last part, counted, carries the update's terms (SAC's critics,
+then its actor through the stepped critics: `p2prl.algos.offpolicy`). Parts need each step finished when
+it returns, so no overlap.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping, NamedTuple, Optional, Sequence
+from typing import Callable, Collection, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -81,16 +85,25 @@ class Learner:
         # Finished gradients, applied or not: identical on every peer (DQN syncs its target on it), also
         # where `updates` is this peer's own and `skipped` the sum over the peers.
         self.attempts = 0
+        # The step in progress: the groups it leaves alone besides the gated ones, and whether it counts.
+        self._resting: tuple[str, ...] = ()
+        self._counted = True
 
-    def step(self, loss: torch.Tensor, terms: Mapping[str, torch.Tensor], veto: Optional[Veto] = None
-             ) -> Optional[Update]:
+    def step(self, loss: torch.Tensor, terms: Mapping[str, torch.Tensor], veto: Optional[Veto] = None,
+             only: Optional[Collection[str]] = None, count: bool = True) -> Optional[Update]:
         """Backward `loss`, share the gradient and `terms` (scalars) with the peers, clip and step.
 
         `veto(averaged_terms)`, taken on the terms averaged over all peers (so on every peer alike), may
         refuse the update. Returns the finished update: this one, or with overlap the previous one
-        (None on the first call).
+        (None on the first call). `only`: the optimizer groups this step may move (default: all);
+        `count=False`: a part of an update (above), neither counted nor its terms kept.
         """
         assert set(terms) == set(self.term_names), f"terms {sorted(terms)} != {sorted(self.term_names)}"
+        groups = [g["name"] for g in self.optimizer.param_groups]
+        assert only is None or set(only) <= set(groups), f"only {only} names groups not in {groups}"
+        assert (only is None and count) or not self.strategy.overlap, "parts of an update cannot overlap"
+        self._resting = () if only is None else tuple(g for g in groups if g not in only)
+        self._counted = count
         with self.clock("backward"):
             self.bucket.zero_grad()
             loss.backward()
@@ -128,7 +141,7 @@ class Learner:
                 grads.mul_(self.max_grad_norm / (norm + 1e-6))
         param = self.bucket.flat_param
         param.grad = grads  # the averaged gradient may live in an overlap send buffer
-        self.optimizer.step(skip=[group for group, term in self.gates.items() if terms[term] == 0.0])
+        self.optimizer.step(skip=[*self._resting, *(group for group, term in self.gates.items() if terms[term] == 0.0)])
         param.grad = self.bucket.grads
         return self._follow(flat[n:], True, False)
 
@@ -136,6 +149,8 @@ class Learner:
         """Count an update (applied here, or by the parameter server) and keep its terms' sums."""
         averaged = extras.tolist()
         terms = dict(zip(self.term_names, averaged))
+        if not self._counted:
+            return Update(applied, vetoed, terms)
         self.attempts += 1
         if applied:
             self.updates += 1
