@@ -85,8 +85,8 @@ def test_actor_loss_reads_the_critics_detached(small):
 def test_sac_gradients_equal_sb3s_on_the_same_parameters_batch_and_noise(small, monkeypatch):
     """One update's gradients against Stable-Baselines3's SAC (its train step, written out with its modules)
     from the same parameters, minibatch and reparameterization noise: the critics', the temperature's, and
-    the actor's through the critics before their step (SB3 steps the critics first; p2prl averages all
-    three gradients in one all-reduce)."""
+    the actor's through the critics before their step: the one-step update (`algo.actor_after_critics=false`,
+    all three gradients in one all-reduce). SB3 steps the critics first, as the default does (next test)."""
     pytest.importorskip("stable_baselines3")
     from stable_baselines3.sac.policies import SACPolicy
     algo = build_algorithm(small("sac", "algo.alpha_init=0.7"), LocalComm())
@@ -145,6 +145,38 @@ def test_sac_gradients_equal_sb3s_on_the_same_parameters_batch_and_noise(small, 
     torch.testing.assert_close(m.log_alpha.grad, log_alpha.grad, rtol=1e-5, atol=1e-7)
 
 
+def test_sac_in_order_steps_the_actor_through_the_critics_new_parameters(small):
+    """`algo.actor_after_critics` (SB3's order): the critics and temperature step exactly as in the one-step
+    update; the actor's gradient is the one through the critics AFTER their step, not before; one update counted."""
+    together = build_algorithm(small("sac", "algo.actor_after_critics=false"), LocalComm())
+    ordered = build_algorithm(small("sac"), LocalComm())
+    assert torch.equal(together.flat, ordered.flat)
+    before = ordered.flat.clone()
+    actor, rest = ordered.segments["actor"], slice(ordered.segments["actor"].stop, None)
+    b, noise = _batch(16), tuple(torch.randn(2, 16, 1, generator=torch.Generator().manual_seed(2)))
+    together.learner.step(*together.loss(b, noise))
+    update = ordered.update_in_order(b, noise)
+    assert update.applied and ordered.learner.updates == ordered.learner.attempts == 1
+    assert torch.equal(ordered.flat[rest], together.flat[rest]) and not torch.equal(ordered.flat[rest], before[rest])
+    assert update.terms["loss_critic"] == pytest.approx(together.learner.take_means()["loss_critic"])
+    # The actor's gradient as applied (its segment of the bucket) against autograd through each set of critics.
+    applied = ordered.learner.bucket.grads[actor].clone()
+
+    def actor_grad(critic_params: torch.Tensor) -> torch.Tensor:  # with the temperature from before the update
+        probe = build_algorithm(small("sac"), LocalComm())
+        with torch.no_grad():
+            probe.learner.bucket.flat_param.copy_(before)
+            probe.learner.bucket.flat_param[critics] = critic_params
+        loss = probe.actor_loss(b, noise[0], probe.model.log_alpha.detach().exp())[0]
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(probe.model.actor.parameters()))])
+    critics = ordered.segments["critics"]
+    after, pre = actor_grad(ordered.flat[critics]), actor_grad(before[critics])
+    assert update.terms["loss_actor"] != 0.0
+    torch.testing.assert_close(applied, after, rtol=1e-5, atol=1e-7)
+    assert (applied - pre).abs().max() > 1e-4, "the actor read the critics before their step"
+    assert not torch.equal(ordered.flat[actor], together.flat[actor])
+
+
 def test_td3_target_policy_smoothing_hand_computed(small):
     algo = build_algorithm(small("td3", "algo.hidden_sizes=[]"), LocalComm())
     target = algo.target
@@ -166,8 +198,10 @@ def test_td3_target_policy_smoothing_hand_computed(small):
     assert terms["actor_update"].item() == 1.0 and terms["loss_actor"].item() == pytest.approx(-3.0)
 
 
-def test_td3_moves_the_actor_and_targets_only_on_delayed_updates(small):
-    algo = build_algorithm(small("td3", "algo.gradient_steps=1", "algo.policy_delay=2"), LocalComm())
+@pytest.mark.parametrize("in_order", ["false", "true"])
+def test_td3_moves_the_actor_and_targets_only_on_delayed_updates(small, in_order):
+    algo = build_algorithm(small("td3", "algo.gradient_steps=1", "algo.policy_delay=2",
+                                 f"algo.actor_after_critics={in_order}"), LocalComm())
     opt, actor = algo.learner.optimizer, algo.segments["actor"]
     while not algo.ready():
         algo.sample(0.0)
@@ -192,10 +226,9 @@ def test_td3_moves_the_actor_and_targets_only_on_delayed_updates(small):
 def _one_update(cfg, comm, batch: ReplayBatch, noise: torch.Tensor, rows: slice) -> torch.Tensor:
     algo = build_algorithm(cfg, comm)
     part = ReplayBatch(*(t[rows] for t in batch))
-    if cfg.algo.name == "sac":
-        update = algo.learner.step(*algo.loss(part, (noise[0, rows], noise[1, rows])))
-    else:
-        update = algo.learner.step(*algo.loss(part, noise[0, rows], train_actor=True))
+    sac, in_order = cfg.algo.name == "sac", cfg.algo.actor_after_critics
+    args = (part, (noise[0, rows], noise[1, rows])) if sac else (part, noise[0, rows], True)
+    update = algo.update_in_order(*args) if in_order else algo.learner.step(*algo.loss(*args))
     assert update.applied
     algo.after_update(update)
     return torch.cat([algo.flat.clone(), algo.target_flat])
@@ -205,9 +238,12 @@ def _half_update(rank: int, cfg, batch, noise):
     return _one_update(cfg, open_comm(cfg.comm, "gloo"), batch, noise, slice(8 * rank, 8 * rank + 8))
 
 
-@pytest.mark.parametrize("name", ["sac", "td3"])
-def test_two_peers_with_half_the_batch_equal_one_peer_with_all(name, small, peers):
-    cfg = small(name)
+ORDERS = [("sac", "true"), ("sac", "false"), ("td3", "true"), ("td3", "false")]
+
+
+@pytest.mark.parametrize("name,in_order", ORDERS)
+def test_two_peers_with_half_the_batch_equal_one_peer_with_all(name, in_order, small, peers):
+    cfg = small(name, f"algo.actor_after_critics={in_order}")
     batch, noise = _batch(16), torch.randn(2, 16, 1, generator=torch.Generator().manual_seed(1))
     before = torch.cat([build_algorithm(cfg, LocalComm()).flat.clone(), build_algorithm(cfg, LocalComm()).target_flat])
     whole = _one_update(cfg, LocalComm(), batch, noise, slice(0, 16))
@@ -227,9 +263,10 @@ def _short_run(rank: int, cfg):
             torch.from_numpy(b.actions[:b.size].copy()))
 
 
-@pytest.mark.parametrize("name", ["sac", "td3"])
-def test_two_peers_stay_bit_identical_with_their_own_replay(name, small, peers):
-    (ua, da, acts_a), (ub, db, acts_b) = peers(_short_run, 2, small(name, "algo.learning_starts=32"), timeout=150)
+@pytest.mark.parametrize("name,in_order", ORDERS)
+def test_two_peers_stay_bit_identical_with_their_own_replay(name, in_order, small, peers):
+    cfg = small(name, "algo.learning_starts=32", f"algo.actor_after_critics={in_order}")
+    (ua, da, acts_a), (ub, db, acts_b) = peers(_short_run, 2, cfg, timeout=150)
     assert ua == ub > 0 and da == db, "parameters, temperature or targets differ between peers"
     assert acts_a.shape == acts_b.shape and not torch.equal(acts_a, acts_b), "peers explore alike"
 

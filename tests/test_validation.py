@@ -96,6 +96,9 @@ BAD = [
     (["algo=sac", "algo.batch_size=64", "algo.buffer_size=32"], ["algo.batch_size=64", "must be <= algo.buffer_size=32"]),
     (["algo=td3", "algo.policy_delay=0"], ["algo.policy_delay=0", "positive integer"]),
     (["algo=sac", "algo.alpha_init=0"], ["algo.alpha_init=0", "positive number"]),
+    (["algo=sac", "env=pendulum", "comm.overlap=true"],
+     ["comm.overlap=true", "cannot overlap updates in two parts", "allowed here: false, or set algo.actor_after_critics=false"]),
+    (["algo=td3", "algo.actor_after_critics=maybe"], ["algo.actor_after_critics=maybe", "true or false"]),
     (["comm.backend=nccl"], ["comm.backend=nccl", "nccl needs one CUDA GPU per local peer", "allowed here: auto, gloo"]),
     (["hydra.run.dir={tmp}/a_file/run"], ["hydra.run.dir=", "a_file is a file; allowed: a writable directory"]),
     (["hydra.run.dir=/proc/p2prl_no_such_dir/run"],  # root passes os.access there; nobody can make a directory
