@@ -167,7 +167,8 @@ def test_sac_in_order_steps_the_actor_through_the_critics_new_parameters(small):
         with torch.no_grad():
             probe.learner.bucket.flat_param.copy_(before)
             probe.learner.bucket.flat_param[critics] = critic_params
-        loss = probe.actor_loss(b, noise[0], probe.model.log_alpha.detach().exp())[0]
+        actions, log_prob = probe.model.actor.sample(b.obs, noise[0])
+        loss = probe.actor_loss(b.obs, actions, log_prob, probe.model.log_alpha.detach().exp())
         return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(probe.model.actor.parameters()))])
     critics = ordered.segments["critics"]
     after, pre = actor_grad(ordered.flat[critics]), actor_grad(before[critics])

@@ -102,44 +102,42 @@ class SAC(OffPolicy):
         q1, q2 = self.model.critics(b.obs, b.actions)
         return 0.5 * (F.mse_loss(q1, y) + F.mse_loss(q2, y)), q1.detach().mean()
 
-    def actor_loss(self, b: ReplayBatch, noise: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The actor's loss through the critics as they are now (detached), and log pi(a|s); `noise`
-        (B, A): the draw of a ~ pi(s)."""
-        actions, log_prob = self.model.actor.sample(b.obs, noise)
-        return (alpha * log_prob - torch.min(*self.critics_detached(b.obs, actions))).mean(), log_prob
+    def actor_loss(self, obs: torch.Tensor, actions: torch.Tensor, log_prob: torch.Tensor,
+                   alpha: torch.Tensor) -> torch.Tensor:
+        """The actor's loss at a ~ pi(s) (`actions`, `log_prob`, with their graph) through the critics as
+        they are now, detached."""
+        return (alpha * log_prob - torch.min(*self.critics_detached(obs, actions))).mean()
 
     def alpha_loss(self, log_prob: torch.Tensor) -> torch.Tensor:
         return -(self.model.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
 
-    def terms(self, loss_critic, loss_actor, loss_alpha, alpha, log_prob, q_mean) -> dict[str, torch.Tensor]:
-        return {"loss_critic": loss_critic.detach(), "loss_actor": loss_actor.detach(),
-                "loss_alpha": loss_alpha.detach(), "alpha": alpha, "entropy": -log_prob.detach().mean(),
-                "q_mean": q_mean}
+    def critics_first(self, b: ReplayBatch, noise: tuple[torch.Tensor, torch.Tensor]) -> tuple:
+        """From the parameters before this update: the critics' and temperature's loss (summed), their
+        terms (the actor's loss 0), and a ~ pi(s) with its graph, (actions, log_prob, alpha). `noise`: two
+        (B, A) standard normal draws, for the actions at s (actor and temperature) and at s' (target)."""
+        alpha = self.model.log_alpha.detach().exp()
+        loss_critic, q_mean = self.critic_loss(b, noise[1], alpha)
+        actions, log_prob = self.model.actor.sample(b.obs, noise[0])
+        loss_alpha = self.alpha_loss(log_prob)
+        terms = {"loss_critic": loss_critic.detach(), "loss_actor": torch.zeros(()), "loss_alpha": loss_alpha.detach(),
+                 "alpha": alpha, "entropy": -log_prob.detach().mean(), "q_mean": q_mean}
+        return loss_critic + (loss_alpha if self.cfg.autotune else 0.0), terms, (actions, log_prob, alpha)
 
     def loss(self, b: ReplayBatch, noise: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         """The summed losses on minibatch `b` (B transitions) and their named terms, every gradient
-        from the parameters before this update; `noise`: two (B, A) standard normal draws, for the
-        actions at s (actor and temperature) and at s' (target)."""
-        alpha = self.model.log_alpha.detach().exp()
-        loss_critic, q_mean = self.critic_loss(b, noise[1], alpha)
-        loss_actor, log_prob = self.actor_loss(b, noise[0], alpha)
-        loss_alpha = self.alpha_loss(log_prob)
-        loss = loss_critic + loss_actor + (loss_alpha if self.cfg.autotune else 0.0)
-        return loss, self.terms(loss_critic, loss_actor, loss_alpha, alpha, log_prob, q_mean)
+        from the parameters before this update (`critics_first`'s, and the actor's through them)."""
+        loss, terms, (actions, log_prob, alpha) = self.critics_first(b, noise)
+        loss_actor = self.actor_loss(b.obs, actions, log_prob, alpha)
+        return loss + loss_actor, {**terms, "loss_actor": loss_actor.detach()}
 
     def update_in_order(self, b: ReplayBatch, noise: tuple[torch.Tensor, torch.Tensor]) -> Update:
         """One update as SB3 orders it (`OffPolicy.in_order`): the critics and temperature step first, on
         the same losses as `loss`; the actor then steps through the new critics, with the temperature
-        and the draw of a ~ pi(s) from before this update."""
+        and the draw of a ~ pi(s) from before this update. The first step's backward leaves a ~ pi(s)'s
+        graph alone (the temperature reads it detached) and moves no actor parameter: the second reuses it."""
         with self.clock("forward"):
-            alpha = self.model.log_alpha.detach().exp()
-            loss_critic, q_mean = self.critic_loss(b, noise[1], alpha)
-            with torch.no_grad():
-                log_prob = self.model.actor.sample(b.obs, noise[0])[1]
-            loss_alpha = self.alpha_loss(log_prob)
-            loss = loss_critic + (loss_alpha if self.cfg.autotune else 0.0)
-            terms = self.terms(loss_critic, torch.zeros(()), loss_alpha, alpha, log_prob, q_mean)
-        return self.in_order((loss, terms), lambda: self.actor_loss(b, noise[0], alpha)[0])
+            loss, terms, (actions, log_prob, alpha) = self.critics_first(b, noise)
+        return self.in_order((loss, terms), lambda: self.actor_loss(b.obs, actions, log_prob, alpha))
 
     def draw(self, batch: ReplayBatch) -> tuple[ReplayBatch, tuple[torch.Tensor, torch.Tensor]]:
         """`batch` on the device and the update's two noise draws, from this peer's torch stream."""
