@@ -178,6 +178,17 @@ def test_sac_in_order_steps_the_actor_through_the_critics_new_parameters(small):
     assert not torch.equal(ordered.flat[actor], together.flat[actor])
 
 
+def test_local_sgd_counts_an_update_in_two_parts_once(small):
+    """comm.average_every counts updates: SAC's two learner steps per update are one."""
+    algo = build_algorithm(small("sac", "comm=local_sgd", "comm.average_every=3"), LocalComm())
+    for i in range(72):
+        algo.sample(i / 72)
+        algo.learn(i / 72)
+    strategy = algo.learner.strategy
+    assert algo.learner.updates == algo.learner.attempts == strategy.calls > 3
+    assert algo.learner.optimizer.param_groups[0]["step"] == strategy.calls  # the actor stepped once per update
+
+
 def test_td3_target_policy_smoothing_hand_computed(small):
     algo = build_algorithm(small("td3", "algo.hidden_sizes=[]"), LocalComm())
     target = algo.target

@@ -82,6 +82,9 @@ class Strategy(Checkpointed):
     keys: tuple[str, ...] = ()  # the comm.* keys it reads, besides the transport's (backend, topology, ...)
     central = False  # True: one peer serves every other (the parameter server), the baseline p2prl beats
     overlap = False  # True: a step returns the previous update, its own still in flight (comm.overlap)
+    # False while the learner steps a part of an update (`Learner.step(count=False)`): schedules that count
+    # updates (local SGD's average_every) let it pass; gossip mixes after every part.
+    counting = True
 
     @classmethod
     def period(cls, settings: Mapping[str, Any]) -> int:

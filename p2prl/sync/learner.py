@@ -103,7 +103,7 @@ class Learner:
         assert only is None or set(only) <= set(groups), f"only {only} names groups not in {groups}"
         assert (only is None and count) or not self.strategy.overlap, "parts of an update cannot overlap"
         self._resting = () if only is None else tuple(g for g in groups if g not in only)
-        self._counted = count
+        self._counted = self.strategy.counting = count
         with self.clock("backward"):
             self.bucket.zero_grad()
             loss.backward()

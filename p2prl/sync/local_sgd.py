@@ -49,9 +49,10 @@ class LocalSGD(Strategy):
 
     def step(self, apply: Apply, follow: Follow, veto: Any) -> Optional[Any]:
         update = _local_terms(self, apply, veto)
-        self.calls += 1
-        if self.calls % self.cfg.average_every == 0:
-            self.sync()
+        if self.counting:  # the last part of an update in parts counts it
+            self.calls += 1
+            if self.calls % self.cfg.average_every == 0:
+                self.sync()
         return update
 
     @torch.no_grad()
