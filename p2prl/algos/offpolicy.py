@@ -6,8 +6,9 @@ actions from its own stream until `learning_starts` global steps, then the algor
 (`explore`, with noise from the same per-peer stream). One iteration is `train_freq` vector steps of every peer, then
 `gradient_steps` updates, each one `Learner.step` of the summed losses on a minibatch of `batch_size`
 from the peer's own buffer: the losses' gradients land in disjoint segments of one bucket (actor |
-critics | temperature) and ONE all-reduce per update averages them, so every peer applies the same
-update and the parameters stay bit-identical. The counters that schedule updates (vector steps,
+critics | temperature) and one all-reduce per update averages them (or two, with
+`algo.actor_after_critics`: the critics', then the actor's through the stepped critics, `in_order`), so
+every peer applies the same update and the parameters stay bit-identical. The counters that schedule updates (vector steps,
 gradient steps) advance in lockstep on every peer, so no peer waits in a collective that another
 skipped, and every peer moves its targets after the same updates.
 

@@ -2,12 +2,13 @@
 the temperature tuned to a target entropy (Haarnoja et al. 2018, as SB3's SAC).
 
 The loop is the shared off-policy one (`p2prl.algos.offpolicy`: a replay buffer per peer, warm-up,
-lockstep counters). One update, as SB3 and CleanRL order it (`algo.actor_after_critics`, the default), is two learner steps on
-the peer's own minibatch: the critics and the temperature step on their losses (one all-reduce), then
-the actor on its loss through the critics' NEW parameters (a second, of the same bucket). With
-`algo.actor_after_critics=false` it is one `Learner.step` of the three losses summed, every gradient
-from the parameters before the update, in one all-reduce (the actor then reads the critics one step
-behind, which reached Hopper's 1500 within 150k steps on fewer seeds). The losses:
+lockstep counters). One update, ordered as in SB3 and CleanRL (`algo.actor_after_critics`, the
+default), is two learner steps on the peer's own minibatch: the critics and the temperature step on
+their losses (one all-reduce), then the actor on its loss through the critics' NEW parameters (a
+second, of the same bucket). With `algo.actor_after_critics=false` it is one `Learner.step` of the
+three losses summed, every gradient from the parameters before the update, in one all-reduce: the
+actor then reads the critics one step behind, which on Hopper reached 1500 within 150k steps on
+fewer seeds (docs/benchmark.md). The losses:
 - critics: 0.5 (MSE(q1, y) + MSE(q2, y)), y = r + discount (1 - terminated) (min of the target
   critics at a' ~ pi(s') - alpha log pi(a'|s'));
 - actor: alpha log pi(a|s) - min(q1, q2)(s, a), a ~ pi(s) reparameterized, through critics that read
