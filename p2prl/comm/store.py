@@ -19,7 +19,7 @@ import os
 import threading
 import time
 from datetime import timedelta
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch.distributed as dist
 
@@ -63,17 +63,18 @@ def connect(timeout_s: float = 5.0) -> Optional[dist.Store]:
         return None
 
 
-def _agent_hosts() -> bool:
-    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+def _agent_hosts(env: Optional[Mapping[str, str]] = None) -> bool:
+    """Whether torchrun's agent hosts the store (its clients are the peers)."""
+    return (os.environ if env is None else env).get("TORCHELASTIC_USE_AGENT_STORE") == "True"
 
 
-def restart_hazard(env: Optional[dict] = None) -> Optional[str]:
+def restart_hazard(env: Optional[Mapping[str, str]] = None) -> Optional[str]:
     """Why this job's peers may fail to meet after a restart, or None: torchrun's agents on several
     nodes share a store across rounds and may restart, so the restart counts that name an attempt's keys
     (here and in torch's own start-up) can differ between nodes after a node fails (`namespace`)."""
     env = os.environ if env is None else env
     nodes, restarts = env.get("GROUP_WORLD_SIZE", "1"), env.get("TORCHELASTIC_MAX_RESTARTS", "0")
-    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or not (nodes.isdigit() and restarts.isdigit()):
+    if not _agent_hosts(env) or not (nodes.isdigit() and restarts.isdigit()):
         return None
     if int(nodes) <= 1 or int(restarts) <= 0:
         return None
