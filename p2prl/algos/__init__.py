@@ -96,7 +96,8 @@ REGISTRY: dict[str, AlgorithmSpec] = {
                          check_observations=_encoder, greedy_module=dqn_greedy),
     # Continuous control: tanh-squashed actions in the Box's (finite) bounds.
     # Runs saved before algo.actor_after_critics stepped all three in one all-reduce.
-    "sac": AlgorithmSpec(sac.SACConfig, sac.SAC, (Box,), (Box,), sac.policy, ("hidden_sizes", "activation", "autotune"),
+    "sac": AlgorithmSpec(sac.SACConfig, sac.SAC, (Box,), (Box,), sac.policy,
+                         ("hidden_sizes", "activation", "autotune", "actor_after_critics"),
                          "; use algo=ppo or algo=dqn", added_keys={"actor_after_critics": False},
                          check_actions=check_bounds, check_comm=check_comm, greedy_module=sac.greedy_module),
     "td3": AlgorithmSpec(td3.TD3Config, td3.TD3, (Box,), (Box,), td3.policy, ("hidden_sizes", "activation"),

@@ -199,10 +199,15 @@ class OffPolicy(Algorithm):
         rest = [g for g in self.segments if g != "actor"]
         if actor is None:
             return self.learner.step(loss, terms, only=rest)
-        self.learner.step(loss, terms, only=rest, count=False)
+        # Where the actor's segment is last (SAC lays it out so), each part shares only its own: the
+        # critics' gradient, then the actor's with the terms, as many bytes in all as one update.
+        start = self.segments["actor"].start
+        last = self.segments["actor"].stop == self.flat.numel()
+        self.learner.step(loss, terms, only=rest, count=False, span=slice(0, start) if last else None)
         with self.clock("forward"):
             loss_actor = actor()
-        return self.learner.step(loss_actor, {**terms, "loss_actor": loss_actor.detach()}, only=("actor",))
+        return self.learner.step(loss_actor, {**terms, "loss_actor": loss_actor.detach()}, only=("actor",),
+                                 span=slice(start, None) if last else None)
 
     def after_update(self, update: Update) -> None:
         """After every finished update, on every peer alike: move the targets."""

@@ -14,8 +14,9 @@ fewer seeds (docs/benchmark.md). The losses:
 - actor: alpha log pi(a|s) - min(q1, q2)(s, a), a ~ pi(s) reparameterized, through critics that read
   the online parameters detached (`alias`), so the critics' gradient comes from their loss alone;
 - temperature: -log_alpha (log pi(a|s) + target_entropy), the log-probability detached.
-Their gradients fill disjoint segments [actor | critics | log_alpha] of the one bucket, averaged by
-all-reduce; each segment steps with its own learning rate. After every applied update each peer
+Their gradients fill disjoint segments of the one bucket, [critics | log_alpha | actor] (in two parts:
+each all-reduce shares its own segments, as many bytes as one) or [actor | critics | log_alpha] (in
+one), averaged by all-reduce; each segment steps with its own learning rate. After every applied update each peer
 moves the target critics by Polyak averaging, identically everywhere. Every random draw is the peer's
 own: exploration noise from its numpy stream, the losses' reparameterization noise from its torch one.
 """
@@ -75,10 +76,12 @@ class SAC(OffPolicy):
         act_space = collector.action_space
         self.model = SACModel(collector.observation_space, act_space, cfg).to(peer.device)
         m = self.model
-        groups = [("actor", list(m.actor.parameters()), cfg.actor_lr),
-                  ("critics", list(m.critics.parameters()), cfg.critic_lr)]
+        groups = [("critics", list(m.critics.parameters()), cfg.critic_lr)]
         if cfg.autotune:  # a fixed temperature has no segment: nothing to step
             groups.append(("alpha", [m.log_alpha], cfg.alpha_lr))
+        actor = ("actor", list(m.actor.parameters()), cfg.actor_lr)
+        # Updates in two parts share [critics | log_alpha], then [actor | terms]: the actor last.
+        groups = [*groups, actor] if cfg.actor_after_critics else [actor, *groups]
         super().__init__(cfg, collector, peer, groups, TERMS)  # broadcasts rank 0's parameters
         # After the learner: its broadcast made rank 0's parameters every peer's, and the model's
         # parameters views of its flat parameter.

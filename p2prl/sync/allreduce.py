@@ -43,7 +43,10 @@ class AllReduce(Strategy):
     def step(self, apply: Apply, follow: Follow, veto: Any) -> Optional[Any]:
         flat = self.bucket.flat
         if not self.overlap:
-            self._compress.mean(self.comm, flat)
+            if self.span is not None and self._compress.name == "none":
+                self.comm.all_reduce_mean(flat[self.span])  # the rest is zero on every peer
+            else:
+                self._compress.mean(self.comm, flat)
             return apply(flat, veto)
         self._calls += 1
         send = self._spares[self._calls % 2]  # the other one may still be in flight

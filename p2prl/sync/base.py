@@ -85,6 +85,9 @@ class Strategy(Checkpointed):
     # False while the learner steps a part of an update (`Learner.step(count=False)`): schedules that count
     # updates (local SGD's average_every) let it pass; gossip mixes after every part.
     counting = True
+    # The part of the bucket a step must share (`Learner.step(span=...)`; None: all of it): outside it every
+    # peer's bucket is zero. A strategy that can only share the whole bucket shares it, zeros and all.
+    span: Optional[slice] = None
 
     @classmethod
     def period(cls, settings: Mapping[str, Any]) -> int:

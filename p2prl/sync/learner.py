@@ -90,13 +90,16 @@ class Learner:
         self._counted = True
 
     def step(self, loss: torch.Tensor, terms: Mapping[str, torch.Tensor], veto: Optional[Veto] = None,
-             only: Optional[Collection[str]] = None, count: bool = True) -> Optional[Update]:
+             only: Optional[Collection[str]] = None, count: bool = True, span: Optional[slice] = None
+             ) -> Optional[Update]:
         """Backward `loss`, share the gradient and `terms` (scalars) with the peers, clip and step.
 
         `veto(averaged_terms)`, taken on the terms averaged over all peers (so on every peer alike), may
         refuse the update. Returns the finished update: this one, or with overlap the previous one
         (None on the first call). `only`: the optimizer groups this step may move (default: all);
-        `count=False`: a part of an update (above), neither counted nor its terms kept.
+        `count=False`: a part of an update (above), neither counted nor its terms kept. `span`: the part
+        of the bucket to share, where the gradient outside it is zero on every peer (the groups `only`
+        leaves out); where it leaves out the terms, they stay home, zero, and the part counts nothing.
         """
         assert set(terms) == set(self.term_names), f"terms {sorted(terms)} != {sorted(self.term_names)}"
         groups = [g["name"] for g in self.optimizer.param_groups]
@@ -104,6 +107,9 @@ class Learner:
         assert (only is None and count) or not self.strategy.overlap, "parts of an update cannot overlap"
         self._resting = () if only is None else tuple(g for g in groups if g not in only)
         self._counted = self.strategy.counting = count
+        extras_home = span is not None and (span.stop or self.bucket.flat.numel()) <= self.bucket.grads.numel()
+        assert not (extras_home and count), "a counted step shares its terms"
+        self.strategy.span = span
         with self.clock("backward"):
             self.bucket.zero_grad()
             loss.backward()
@@ -113,6 +119,8 @@ class Learner:
             # 0 if finite, NaN for NaN or inf: for the loss, and where peers step alone their gradients too.
             flag = loss.detach() * 0
             extras[-1] = flag + self.bucket.grads.sum() * 0 if self.strategy.local else flag
+            if extras_home:  # not shared: zero, so no peer decides alone on them
+                extras.zero_()
         self._deferred = self._deferred or (self.strategy.local and veto is None)
         with self.clock("optimizer"):
             return self.strategy.step(self._apply, self._follow, veto)
