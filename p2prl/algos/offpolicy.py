@@ -107,7 +107,7 @@ def alias(module: nn.Module, like: nn.Module) -> nn.Module:
 class OffPolicy(Algorithm):
     """The shared loop; a subclass builds its networks (`model`, and `target_flat`: its target
     networks' one flat tensor), passes `groups` [(name, parameters, lr)] in bucket order, and
-    implements `explore`, `losses` and `after_update`."""
+    implements `explore`, `draw`, `loss`, `update_in_order` and `after_update`."""
 
     def __init__(self, cfg: OffPolicyConfig, collector: Collector, peer: Peer,
                  groups: Sequence[tuple[str, Sequence[nn.Parameter], float]], terms: Sequence[str],
@@ -179,14 +179,27 @@ class OffPolicy(Algorithm):
         self.collect(self.cfg.train_freq)
 
     # -- learning --------------------------------------------------------------------------------
-    def losses(self, batch: ReplayBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The summed loss of one update on this peer's minibatch (B transitions) and its named terms."""
+    def draw(self, batch: ReplayBatch) -> tuple:
+        """The arguments of `loss` and `update_in_order` for one update on this peer's minibatch: the batch
+        on the device and the update's random draws (from this peer's torch stream), and what else they take."""
+        raise NotImplementedError
+
+    def loss(self, *args) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The summed losses of one update and their named terms, every gradient from the parameters
+        before the update (one learner step)."""
+        raise NotImplementedError
+
+    def update_in_order(self, *args) -> Update:
+        """One update in two parts (`in_order`)."""
         raise NotImplementedError
 
     def update(self, batch: ReplayBatch) -> Optional[Update]:
         """One update on this peer's minibatch (the learner's finished one: with overlap, the previous)."""
+        args = self.draw(batch)
+        if self.cfg.actor_after_critics:
+            return self.update_in_order(*args)
         with self.clock("forward"):  # the replay minibatch, its targets and losses
-            loss, terms = self.losses(batch)
+            loss, terms = self.loss(*args)
         return self.learner.step(loss, terms)
 
     def in_order(self, critics: tuple[torch.Tensor, dict[str, torch.Tensor]],

@@ -149,14 +149,6 @@ class SAC(OffPolicy):
         noise = torch.randn((2, len(b.rewards), self.act_dim), device=self.device)
         return b, (noise[0], noise[1])
 
-    def losses(self, batch: ReplayBatch) -> tuple[torch.Tensor, dict]:
-        return self.loss(*self.draw(batch))
-
-    def update(self, batch: ReplayBatch) -> Optional[Update]:
-        if not self.cfg.actor_after_critics:
-            return super().update(batch)
-        return self.update_in_order(*self.draw(batch))
-
     def after_update(self, update: Update) -> None:
         if update.applied:
             self.polyak(self.target_flat, self.segments["critics"])

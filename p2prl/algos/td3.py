@@ -129,14 +129,6 @@ class TD3(OffPolicy):
         noise = torch.randn((len(b.rewards), self.act_dim), device=self.device)
         return b, noise, self.updates_started % self.cfg.policy_delay == 0
 
-    def losses(self, batch: ReplayBatch) -> tuple[torch.Tensor, dict]:
-        return self.loss(*self.draw(batch))
-
-    def update(self, batch: ReplayBatch) -> Optional[Update]:
-        if not self.cfg.actor_after_critics:
-            return super().update(batch)
-        return self.update_in_order(*self.draw(batch))
-
     def after_update(self, update: Update) -> None:
         if update.applied and update.terms["actor_update"] != 0.0:
             self.polyak(self.target_flat, self.everything)
