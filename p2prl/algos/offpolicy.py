@@ -3,12 +3,12 @@ lockstep counters and Polyak-averaged targets on the learner's one flat paramete
 
 Every peer steps its own envs (through its collector) into its OWN replay buffer: uniform random
 actions from its own stream until `learning_starts` global steps, then the algorithm's exploring policy
-(`explore`, with noise from the same per-peer stream). One iteration is `train_freq` vector steps of every peer, then
-`gradient_steps` updates, each one `Learner.step` of the summed losses on a minibatch of `batch_size`
-from the peer's own buffer: the losses' gradients land in disjoint segments of one bucket (actor |
-critics | temperature) and one all-reduce per update averages them (or two, with
-`algo.actor_after_critics`: the critics', then the actor's through the stepped critics, `in_order`), so
-every peer applies the same update and the parameters stay bit-identical. The counters that schedule updates (vector steps,
+(`explore`, with noise from the same per-peer stream). One iteration is `train_freq` vector steps of
+every peer, then `gradient_steps` updates on minibatches of `batch_size` from the peer's own buffer,
+each one `Learner.step` of the summed losses (or two, with `algo.actor_after_critics`: the critics',
+then the actor's through the stepped critics, `in_order`): the gradients land in disjoint segments of
+one bucket (actor, critics, temperature) and all-reduce averages them, so every peer applies the same
+update and the parameters stay bit-identical. The counters that schedule updates (vector steps,
 gradient steps) advance in lockstep on every peer, so no peer waits in a collective that another
 skipped, and every peer moves its targets after the same updates.
 
