@@ -18,7 +18,8 @@ env's Box bounds only on the way to the env (`to_env`), as SB3 and CleanRL do.
 Update-to-data ratio: per update, `batch_size` samples on each of N peers (N x batch_size in all); per
 iteration, `gradient_steps` updates for `train_freq x num_envs x N` global env steps. N peers thus
 behave as one peer with N times the envs and N times the batch (its replay split N ways, each part
-sampled alike). About 300 lines: the shared loop, its two update orders and its checkpoint state read together.
+sampled alike). About 300 lines: the shared loop, its two update orders and its checkpoint state read
+together.
 """
 from __future__ import annotations
 
