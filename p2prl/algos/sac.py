@@ -5,7 +5,7 @@ The loop is the shared off-policy one (`p2prl.algos.offpolicy`: a replay buffer 
 lockstep counters). One update, ordered as in SB3 and CleanRL (`algo.actor_after_critics`, the
 default), is two learner steps on the peer's own minibatch: the critics and the temperature step on
 their losses (one all-reduce), then the actor on its loss through the critics' NEW parameters (a
-second, of the same bucket). With `algo.actor_after_critics=false` it is one `Learner.step` of the
+second). With `algo.actor_after_critics=false` it is one `Learner.step` of the
 three losses summed, every gradient from the parameters before the update, in one all-reduce: the
 actor then reads the critics one step behind, which on Hopper reached 1500 within 150k steps on
 fewer seeds (docs/benchmark.md). The losses:
@@ -16,9 +16,10 @@ fewer seeds (docs/benchmark.md). The losses:
 - temperature: -log_alpha (log pi(a|s) + target_entropy), the log-probability detached.
 Their gradients fill disjoint segments of the one bucket, [critics | log_alpha | actor] (in two parts:
 each all-reduce shares its own segments, as many bytes as one) or [actor | critics | log_alpha] (in
-one), averaged by all-reduce; each segment steps with its own learning rate. After every applied update each peer
-moves the target critics by Polyak averaging, identically everywhere. Every random draw is the peer's
-own: exploration noise from its numpy stream, the losses' reparameterization noise from its torch one.
+one), averaged by all-reduce; each segment steps with its own learning rate. After every applied
+update each peer moves the target critics by Polyak averaging, identically everywhere. Every random
+draw is the peer's own: exploration noise from its numpy stream, the losses' reparameterization noise
+from its torch one.
 """
 from __future__ import annotations
 
