@@ -82,7 +82,13 @@ def test_plan_scaling_fixes_per_peer_work(monkeypatch, tmp_path):
     jobs = bench.plan_scaling(a, tmp_path)
     assert [(j.task, j.system) for j in jobs] == [(f"{t}-fixed-work", s) for t in ("lunarlander-ppo", "halfcheetah-ppo",
                                                                                  "halfcheetah-sac")
-                                                  for s in ("p2prl-1", "p2prl-2")]
+                                                  for s in ("p2prl-1", "p2prl-2-apart", "p2prl-2")]
+    # the ceiling: 2 peers at the same work that never average; the others keep the default strategy
+    apart = jobs[1]
+    same = (lambda cmd: [c for c in cmd if c not in plans.APART and not c.startswith("hydra.run.dir=")])
+    assert set(plans.APART) <= set(apart.cmd) and same(apart.cmd) == same(jobs[2].cmd)
+    assert not any(c.startswith("comm=") for c in jobs[0].cmd + jobs[2].cmd)
+    jobs = [j for j in jobs if j.system != "p2prl-2-apart"]
     # SAC: the same per-peer batch and updates on both; each peer's own warm-up steps alike
     sac_one, sac_two = jobs[4:]
     assert {"algo=sac", "algo.learning_starts=1000"} <= set(sac_one.cmd) and "algo.learning_starts=2000" in sac_two.cmd
@@ -264,9 +270,14 @@ def test_scaling_report():
     runs = [{"system": "p2prl-1", "sps": 1000.0, "comm_frac": 0.0}, {"system": "p2prl-2", "sps": 1800.0,
                                                                     "comm_frac": 0.05}]
     s = report.scaling(runs)
-    assert s["efficiency"] == pytest.approx(0.9) and s["speedup"] == pytest.approx(1.8)
-    assert "0.90" in tables.format_scaling(s)
+    assert s["efficiency"] == pytest.approx(0.9) and s["speedup"] == pytest.approx(1.8) and s["ceiling"] is None
+    assert "0.90" in tables.format_scaling(s) and "ceiling" not in tables.format_scaling(s)
     assert report.scaling(runs[:1])["efficiency"] is None
+    # with the never-averaging pair: the machine allows 1.95x, the averaging peers reach 1800/1950 of it
+    s = report.scaling([*runs, {"system": "p2prl-2-apart", "sps": 1900.0}, {"system": "p2prl-2-apart", "sps": 2000.0}])
+    assert s["ceiling"] == pytest.approx(1.95) and s["of_ceiling"] == pytest.approx(1800 / 1950)
+    text = tables.format_scaling(s)
+    assert "never averaging" in text and "1.95x" in text and "0.92 of it" in text
 
 
 def test_bench_json_and_png_from_synthetic_results(tmp_path):
@@ -430,7 +441,7 @@ def test_budget_table_and_png_show_speed_against_sb3_and_the_return(tmp_path):
 def test_scaling_on_breakout_and_the_extra_it_needs(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec())
     a = bench.parse_args(["--scaling", "breakout-dqn", "--seeds", "0"])
-    one, two = bench.plan_scaling(a, tmp_path)
+    one, _, two = bench.plan_scaling(a, tmp_path)
     assert "train.total_steps=20000" in one.cmd and "train.total_steps=40000" in two.cmd
     # the same share of each peer's steps acts alone: 2,000 per peer
     assert "algo.learning_starts=2000" in one.cmd and "algo.learning_starts=4000" in two.cmd

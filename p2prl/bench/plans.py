@@ -148,19 +148,26 @@ def per_peer_work(args: tuple[str, ...], per_peer: dict[str, int]) -> dict[str, 
     return {**{k: v for k, v in every.items() if v}, **per_peer}
 
 
+# The scaling plan's third system: 2 peers that never average (local SGD whose average never comes), as
+# many processes and the same work as 2 peers, no gradient exchange: what the machine allows 2 peers.
+APART = ("comm=local_sgd", "comm.average_every=1000000000")
+
+
 def plan_scaling(a: argparse.Namespace, out: Path) -> list[Job]:
-    """Per task, 1 peer with N global steps and 2 peers with 2N, and every other setting counted in
-    global steps doubled too (`per_peer_work`): the same work per peer. Interleaved over seeds."""
+    """Per task, 1 peer with N global steps, 2 peers with 2N that never average (`APART`: the machine's
+    ceiling) and 2 peers with 2N, every other setting counted in global steps doubled too
+    (`per_peer_work`): the same work per peer. Back to back per seed, seeds in turn."""
     jobs = []
     work = {name: per_peer_work(*SCALING[name][::2]) for name in a.scaling}
     for seed in a.seeds:
         for name in a.scaling:
             args, steps, _ = SCALING[name]
             steps = a.scaling_steps or steps
-            for n in (1, 2):
+            for n, system, extra in ((1, "p2prl-1", ()), (2, "p2prl-2-apart", APART), (2, "p2prl-2", ())):
                 scaled = [f"{key}={n * value}" for key, value in work[name].items()]
-                jobs.append(_job(out, f"{name}-fixed-work", f"p2prl-{n}", seed,
-                                 p2prl_cmd(n, [*args, *scaled, f"train.total_steps={n * steps}", *a.override])))
+                jobs.append(_job(out, f"{name}-fixed-work", system, seed,
+                                 p2prl_cmd(n, [*args, *scaled, f"train.total_steps={n * steps}", *extra,
+                                               *a.override])))
     return jobs
 
 

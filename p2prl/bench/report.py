@@ -145,13 +145,21 @@ def aggregate(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def scaling(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Global steps/s on 1 and 2 peers at fixed per-peer work; efficiency = sps2 / (2 * sps1) (medians)."""
-    by = {n: [r for r in runs if r["system"] == f"p2prl-{n}" and r.get("sps")] for n in (1, 2)}
-    sps = {n: stat(r["sps"] for r in rs) for n, rs in by.items()}
-    frac = {n: stat(r["comm_frac"] for r in rs if r.get("comm_frac") is not None) for n, rs in by.items()}
-    eff = sps[2]["median"] / (2 * sps[1]["median"]) if sps[1] and sps[2] else None
-    return {"sps_1": sps[1], "sps_2": sps[2], "comm_frac_1": frac[1], "comm_frac_2": frac[2],
-            "speedup": 2 * eff if eff is not None else None, "efficiency": eff}
+    """Global steps/s on 1 peer, on 2 peers that never average (`p2prl-2-apart`, what the machine allows 2
+    processes) and on 2 peers, at fixed per-peer work (medians over seeds): efficiency = sps2 / (2 * sps1),
+    ceiling = sps_apart / sps1 (the speed-up with no gradient exchange), of_ceiling = sps2 / sps_apart."""
+    systems = {"1": "p2prl-1", "apart": "p2prl-2-apart", "2": "p2prl-2"}
+    by = {k: [r for r in runs if r["system"] == name and r.get("sps")] for k, name in systems.items()}
+    sps = {k: stat(r["sps"] for r in rs) for k, rs in by.items()}
+    frac = {k: stat(r["comm_frac"] for r in rs if r.get("comm_frac") is not None) for k, rs in by.items()}
+
+    def ratio(a: str, b: str) -> Optional[float]:
+        return sps[a]["median"] / sps[b]["median"] if sps[a] and sps[b] else None
+
+    speedup = ratio("2", "1")
+    return {**{f"sps_{k}": v for k, v in sps.items()}, **{f"comm_frac_{k}": v for k, v in frac.items()},
+            "speedup": speedup, "efficiency": speedup / 2 if speedup is not None else None,
+            "ceiling": ratio("apart", "1"), "of_ceiling": ratio("2", "apart")}
 
 
 def host() -> dict[str, Any]:

@@ -121,6 +121,11 @@ def _kib(s: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
 
 
 def format_scaling(s: dict[str, Any]) -> str:
-    body = [(f"{n} peer{'s' if n > 1 else ''}", fmt(s[f"sps_{n}"], 0), fmt(s[f"comm_frac_{n}"], 3)) for n in (1, 2)]
+    names = {"1": "1 peer", "apart": "2 peers, never averaging", "2": "2 peers"}
+    body = [(name, fmt(s[f"sps_{k}"], 0), fmt(s[f"comm_frac_{k}"], 3)) for k, name in names.items()
+            if s.get(f"sps_{k}") is not None]
     eff = "-" if s["efficiency"] is None else f"{s['efficiency']:.2f} (2 peers: {s['speedup']:.2f}x the steps/s)"
-    return table(("peers", "global steps/s", "comm_frac"), body) + f"\nscaling efficiency sps2/(2*sps1): {eff}"
+    ceiling = "" if s.get("ceiling") is None else (
+        f"\nthe machine's ceiling, 2 peers never averaging: {s['ceiling']:.2f}x the steps/s of 1 peer"
+        + ("" if s.get("of_ceiling") is None else f"; 2 peers reach {s['of_ceiling']:.2f} of it"))
+    return table(("peers", "global steps/s", "comm_frac"), body) + f"\nscaling efficiency sps2/(2*sps1): {eff}" + ceiling
