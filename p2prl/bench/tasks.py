@@ -41,7 +41,8 @@ TASKS = {
     # MuJoCo: the zoo's budget; the mean return at its end is the result.
     "halfcheetah-ppo": Task("ppo", "halfcheetah", "HalfCheetah-v5", None, 1_000_000, "mujoco"),
     # SAC at the zoo's global batch (256) and one update per env step on every system: greedy return at
-    # the budget, steps/s, and when the training return first reached the target.
+    # the budget, steps/s, and when the training return first reached the target. p2prl runs its preset's
+    # other settings (Hopper's: CleanRL's learning rates and 5k warm-up steps), SB3 the zoo's.
     "pendulum-sac": Task("sac", "pendulum", "Pendulum-v1", -200, 20_000, watch=True, eval_every=2_000,
                          split=(256, 1)),
     "halfcheetah-sac": Task("sac", "halfcheetah", "HalfCheetah-v5", 2_500, 100_000, "mujoco", watch=True,
