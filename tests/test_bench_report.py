@@ -114,6 +114,37 @@ def test_the_curve_draws_the_target_and_only_references_trained_no_longer(two_se
                       "rl-baselines3-zoo: 1234 (HalfCheetah-v3, 1,000 steps)", "target 1500"]  # 1M-step ones left out
 
 
+def returns_table(page: str) -> str:
+    return page.split("## Returns")[1].split("## Published")[0]
+
+
+def test_the_page_keeps_its_runs_and_regenerates_from_them_alone(two_seeds, tmp_path):
+    """PAGE/data holds the runs the page shows and nothing else, as bench dirs the report reads: the page
+    made from them alone has the same returns, and a newer dir named after them replaces a seed."""
+    later = tmp_path / "b"
+    write_bench(later, [write_run(later, "ppo_halfcheetah", 0, [100, 1600, 1700, 1800, 1900], {1000: 4000.0}, CHEETAH),
+                        write_run(later, "ppo_halfcheetah", 1, [100, 300, 500, 700, 900], {1000: 100.0}, CHEETAH)],
+                PRESETS)
+    page = tmp_path / "docs" / "results.md"
+    results.write(page, [later, two_seeds], "cmd")  # `later`'s runs both lose: nothing of it is kept
+    data = page.parent / "results" / "data"
+    assert sorted(p.name for p in data.iterdir()) == ["a"]
+    kept = json.loads((data / "a" / "bench.json").read_text())
+    assert kept["source"] == str(two_seeds) and [r["seed"] for r in kept["runs"]] == [0, 1]
+    rows = [json.loads(x) for x in (data / "a" / "runs" / "ppo_halfcheetah" / "p2prl-2" / "seed0" / "metrics.jsonl")
+            .read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(STEPS) and set(rows[2]) == {"step", "time_s", "episode_return_mean",
+                                                                          "eval_return_mean", "eval_return_std", "sps"}
+    first = page.read_text()
+    results.write(page, [data / "a"], "cmd")  # from the kept copy alone, in place
+    again = page.read_text()
+    assert returns_table(again) == returns_table(first) and f"| `{two_seeds}` (kept in `results/data/a`) |" in again
+    assert sorted(p.name for p in data.iterdir()) == ["a"] and not (data.parent / "data.new").exists()
+    results.write(page, [data / "a", later], "cmd")  # a newer dir wins both seeds: `a` is dropped
+    assert sorted(p.name for p in data.iterdir()) == ["b"]
+    assert returns_row(page.read_text(), "ppo_halfcheetah")[7] == "2050.0 (100.0-4000.0)"
+
+
 def test_two_dirs_pool_their_seeds_and_the_later_wins_a_seed_in_both(two_seeds, tmp_path):
     later = tmp_path / "b"
     write_bench(later, [
@@ -130,7 +161,8 @@ def test_two_dirs_pool_their_seeds_and_the_later_wins_a_seed_in_both(two_seeds, 
     assert row[9:11] == ["3/3", "600 (400-600)"]
     cartpole = returns_row(text, "ppo_cartpole")  # stopped at its target: summary.json's step, not a row's
     assert cartpole[5:] == ["475", "1000", "-", "500.0", "1/1", "555", "6"]
-    assert f"| `{two_seeds}` |" in text and f"| `{later}` |" in text and "![ppo_cartpole](results/ppo_cartpole.png)" in text
+    assert f"| `{two_seeds}` (kept in `results/data/a`) |" in text and "![ppo_cartpole](results/ppo_cartpole.png)" in text
+    assert f"| `{later}` (kept in `results/data/b`) |" in text
     assert "| ppo_cartpole | [CleanRL ppo.py]" in text
     results.write(page, [later, two_seeds], "cmd")  # the other order: seed 1 from the first dir (2000) now
     assert returns_row(page.read_text(), "ppo_halfcheetah")[7] == "2833.3 (2000.0-3500.0)"
@@ -183,3 +215,16 @@ def test_a_bench_task_with_sb3_beside_p2prl(tmp_path):
                     "-230.0 (-280.0 to -180.0) | 1/2 | inf (900-inf) | inf (30-inf) |")
     assert returns_row(text, "pendulum-sac")[9:11] == ["1/1", "800"]  # p2prl crossed -200 at step 800
     assert "| pendulum-sac | [rl-baselines3-zoo](" in text and "| -156.995 | Pendulum-v1 | 20,000 |" in text
+
+
+def test_two_bench_dirs_of_one_name_are_kept_apart(tmp_path):
+    dirs = []
+    for parent, seed in (("s1", 0), ("s2", 1)):
+        out = tmp_path / parent / "hc"
+        out.mkdir(parents=True)
+        dirs.append(write_bench(out, [write_run(out, "ppo_halfcheetah", seed, [1, 2, 3, 4, 5], {}, CHEETAH)], PRESETS))
+    page = tmp_path / "results.md"
+    results.write(page, dirs, "cmd")
+    data = tmp_path / "results" / "data"
+    assert sorted(p.name for p in data.iterdir()) == ["hc", "hc-2"]
+    assert [json.loads((data / n / "bench.json").read_text())["source"] for n in ("hc", "hc-2")] == list(map(str, dirs))

@@ -14,10 +14,17 @@ trained longer is listed, not drawn: a 10M-step Atari score beside a 100k-step c
 
 Several bench dirs merge run by run: the seeds of a task pool across dirs, and where two dirs hold the
 same task, system and seed, the dir named later wins (name a rerun after the run it replaces).
+
+The page keeps its own data: the record of every run it shows (its dir's bench.json narrowed to those runs,
+each p2prl run's summary.json and its metrics rows cut to the columns the page reads) goes to
+PAGE/data/<bench dir's name>/, a bench dir itself, so the page can be regenerated, and grown, on any machine:
+`--report docs/results.md docs/results/data/* NEW_BENCH_DIR`. The folder is rebuilt on every write.
 """
 from __future__ import annotations
 
+import json
 import shlex
+import shutil
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,10 +42,19 @@ from p2prl.sweep import saved_config
 PROG = "python -m p2prl.bench"
 
 
+# The metrics columns the page reads (`measure`, `plot_task`), and a run's speed: what PAGE/data keeps of a row.
+KEPT_COLUMNS = ("step", "time_s", "episode_return_mean", "eval_return_mean", "eval_return_std", "sps", "comm_frac")
+
+
 @dataclass(frozen=True)
 class Bench:
     path: Path  # as named on the command line
     doc: dict[str, Any]  # its bench.json
+
+    @property
+    def source(self) -> str:
+        """Where its runs were made: the dir named, or for a kept copy the dir it was copied from."""
+        return self.doc.get("source") or str(self.path)
 
 
 def check_dirs(page: Path, dirs: Sequence[Path], error: Callable[[str], NoReturn]) -> None:
@@ -82,14 +98,17 @@ def env_label(env: dict[str, Any]) -> str:
     return env["id"] + (" (continuous)" if (env.get("kwargs") or {}).get("continuous") else "")
 
 
+def run_dir(b: Bench, rec: dict[str, Any]) -> Path:
+    return b.path / "runs" / rec["task"] / rec["system"] / f"seed{rec['seed']}"
+
+
 def measure(b: Bench, rec: dict[str, Any]) -> dict[str, Any]:
     """One run: its record in bench.json completed from its dir (evaluations, the training return at the
     end, the target's first crossing for a run that did not stop at it) and its curves."""
-    task = rec["task"]
-    run_dir = b.path / "runs" / task / rec["system"] / f"seed{rec['seed']}"
-    summary = report.read_json(run_dir / "summary.json") or {}
-    cfg = summary.get("config") or saved_config(run_dir)
-    rows = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
+    task, run_dir_ = rec["task"], run_dir(b, rec)
+    summary = report.read_json(run_dir_ / "summary.json") or {}
+    cfg = summary.get("config") or saved_config(run_dir_)
+    rows = read_metrics(run_dir_) if (run_dir_ / "metrics.jsonl").is_file() else []
     target = _target(b.doc, task, cfg)
     if cfg:
         algo, env, env_id = cfg["algo"]["name"], cfg["env"]["name"], env_label(cfg["env"])
@@ -168,10 +187,11 @@ def plot_task(task: str, groups: dict[str, list[dict[str, Any]]], refs: Sequence
     return _save(fig, out)
 
 
-def where(benches: Sequence[Bench], runs: Sequence[dict[str, Any]]) -> str:
-    """Each bench dir: when, on what machine, with which versions and command, from which p2prl commit."""
+def where(benches: Sequence[Bench], runs: Sequence[dict[str, Any]], kept: Sequence[Optional[Path]]) -> str:
+    """Each bench dir (and where `keep` put its copy): when, on what machine, with which versions and
+    command, from which p2prl commit."""
     body = []
-    for b in benches:
+    for b, copy in zip(benches, kept):
         h, mine = b.doc["host"], [m for m in runs if m["bench"] is b]
         versions = ", ".join(f"{k} {h[k]}" for k in ("python", "torch", "gymnasium", "mujoco", "stable_baselines3")
                              if k in h)
@@ -179,7 +199,8 @@ def where(benches: Sequence[Bench], runs: Sequence[dict[str, Any]]) -> str:
                              for m in mine], str)
         load = ", ".join(f"{x:.1f}" for x in h["loadavg_at_start"])
         command = f"{PROG} {shlex.join(b.doc['argv'][1:])}"
-        body.append([f"`{b.path}`", b.doc["created"], f"{h['platform']}, {h['cpus']} CPUs, load {load}", versions,
+        copy_ = f" (kept in `{copy}`)" if copy is not None else ""
+        body.append([f"`{b.source}`{copy_}", b.doc["created"], f"{h['platform']}, {h['cpus']} CPUs, load {load}", versions,
                      commits, f"`{command}`"])
     return tables.markdown_table(("bench dir", "created", "machine at the start", "versions", "p2prl commit",
                                   "bench command"), body)
@@ -193,8 +214,11 @@ the mean of the last 20 finished training episodes. Steps to target: global env 
 first reached the target; seconds: from the start of training, on the machine above."""
 
 
-def page(benches: Sequence[Bench], runs: Sequence[dict[str, Any]], command: str, figures: str) -> tuple[str, dict]:
-    """The Markdown page, and the PNGs to draw: {task: (its systems' runs, its references)}."""
+def page(benches: Sequence[Bench], runs: Sequence[dict[str, Any]], command: str, figures: str,
+         kept: Sequence[Optional[Path]], regenerate: str) -> tuple[str, dict]:
+    """The Markdown page, and the PNGs to draw: {task: (its systems' runs, its references)}; `kept`: where
+    each bench's copy went (`keep`), relative to the page; `regenerate`: the command that remakes the page
+    from the copies."""
     groups: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for m in runs:
         groups.setdefault(m["task"], {}).setdefault(m["system"], []).append(m)
@@ -203,8 +227,10 @@ def page(benches: Sequence[Bench], runs: Sequence[dict[str, Any]], command: str,
     ref_rows = [[task, f"[{r.source.name}]({r.source.url})", f"{r.value:g}", r.env_id, f"{r.budget:,}",
                  ("yes" if r.deterministic else "no") + f" ({r.source.how})"] for task, rs in refs.items() for r in rs]
     parts = [
-        "# Results", f"Generated by `{command}` from the bench dirs below; regenerate it rather than edit it.",
-        "## Where and when", where(benches, runs),
+        "# Results", f"Generated by `{command}` from the bench dirs below; regenerate it rather than edit it. "
+        f"The records of its runs are kept in `{figures}/data/`, so `{regenerate}` regenerates it on any machine "
+        "with new runs added (a run in a newer dir replaces the same task, system and seed).",
+        "## Where and when", where(benches, runs, kept),
         "## Returns", tables.markdown_table(("task", "system", "env", "seeds", "budget", "target", "steps run",
                                              "greedy return at the end", "training return at the end", "reached",
                                              "steps to target", "seconds to target"), table), RETURNS_NOTE,
@@ -215,12 +241,68 @@ def page(benches: Sequence[Bench], runs: Sequence[dict[str, Any]], command: str,
     return "\n\n".join(parts) + "\n", {task: (systems, refs[task]) for task, systems in groups.items()}
 
 
+def _copy_run(src: Path, dst: Path) -> None:
+    """The files of one run dir that the page reads: summary.json (else Hydra's saved config) and the
+    metrics rows cut to KEPT_COLUMNS."""
+    dst.mkdir(parents=True)
+    if (src / "summary.json").is_file():
+        shutil.copyfile(src / "summary.json", dst / "summary.json")
+    elif (src / ".hydra" / "config.yaml").is_file():
+        (dst / ".hydra").mkdir()
+        shutil.copyfile(src / ".hydra" / "config.yaml", dst / ".hydra" / "config.yaml")
+    if (src / "metrics.jsonl").is_file():
+        rows = [{k: r[k] for k in KEPT_COLUMNS if k in r} for r in read_metrics(src)]
+        (dst / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def keep(data: Path, benches: Sequence[Bench], used: Sequence[tuple[Bench, dict[str, Any]]]) -> list[Optional[Path]]:
+    """Rebuild the folder `data` from the runs the page shows: per bench that has one, a bench dir of its
+    own (bench.json narrowed to those runs, with `source` saying where they were made, and each run's
+    files, `_copy_run`), named after the bench dir (a copy already in `data` keeps its name). Built
+    beside `data` and swapped in, so `benches` may be `data`'s own dirs. Where each bench went."""
+    home = data.resolve()
+    names = {id(b): b.path.name for b in benches if b.path.resolve().parent == home}
+    for b in benches:
+        if id(b) not in names and any(u is b for u, _ in used):
+            base, n = b.path.resolve().name, 1
+            while (name := base if n == 1 else f"{base}-{n}") in names.values():
+                n += 1
+            names[id(b)] = name
+    new = data.with_name(data.name + ".new")
+    shutil.rmtree(new, ignore_errors=True)
+    new.mkdir(parents=True)
+    kept: list[Optional[Path]] = []
+    for b in benches:
+        recs = [rec for u, rec in used if u is b]
+        if not recs:
+            kept.append(None)
+            continue
+        out = new / names[id(b)]
+        for rec in recs:
+            _copy_run(run_dir(b, rec), run_dir(Bench(out, {}), rec))
+        (out / "bench.json").write_text(json.dumps({**b.doc, "source": b.source, "runs": recs}, indent=1) + "\n")
+        kept.append(data / names[id(b)])
+    old = data.with_name(data.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if data.exists():
+        data.rename(old)
+    new.rename(data)
+    shutil.rmtree(old, ignore_errors=True)
+    return kept
+
+
 def write(page_path: Path, dirs: Sequence[Path], command: str) -> list[Path]:
-    """Read and merge `dirs` (checked by `check_dirs`), write the page and its PNGs; the files written."""
+    """Read and merge `dirs` (checked by `check_dirs`), write the page and its PNGs, and keep the records
+    of its runs (`keep`); the files written (the page, then the PNGs)."""
     benches = [Bench(d, report.read_json(d / "bench.json")) for d in dirs]
-    runs = [{**measure(b, rec), "bench": b} for b, rec in merge(benches).values()]
-    text, figures = page(benches, runs, command, page_path.stem)
-    pngs = [plot_task(task, systems, refs, page_path.parent / page_path.stem / f"{task}.png")
+    used = list(merge(benches).values())
+    runs = [{**measure(b, rec), "bench": b} for b, rec in used]
+    folder = page_path.parent / page_path.stem
+    kept = keep(folder / "data", benches, used)
+    text, figures = page(benches, runs, command, page_path.stem,
+                         [k and k.relative_to(page_path.parent) for k in kept],
+                         f"{PROG} --report {page_path} {folder / 'data'}/* NEW_BENCH_DIR ...")
+    pngs = [plot_task(task, systems, refs, folder / f"{task}.png")
             for task, (systems, refs) in figures.items()]
     write_atomic(page_path, text)
     return [page_path, *pngs]
