@@ -22,7 +22,7 @@ from p2prl import checks as check
 from p2prl.algos.base import ActFn, Algorithm, Peer, epsilon_greedy
 from p2prl.algos.returns import td_targets
 from p2prl.algos.schedules import decayed_epsilon, peer_epsilon
-from p2prl.algos.transitions import TransitionWriter
+from p2prl.algos.transitions import ReplayConfig, TransitionWriter
 from p2prl.collect import Collector
 from p2prl.data import ReplayBatch, ReplayBuffer
 from p2prl.frame_replay import FrameReplay
@@ -33,20 +33,11 @@ TERMS = ("loss_td", "q_mean")
 
 
 @dataclass
-class DQNConfig:
+class DQNConfig(ReplayConfig):
     """The `algo` section of dqn (conf/algo/dqn.yaml: the defaults, commented)."""
 
-    name: str
     lr: float
-    gamma: float
-    num_envs: int
-    buffer_size: int
-    batch_size: int
-    learning_starts: int
-    train_freq: int
-    gradient_steps: int
     target_update_interval: int
-    tau: float
     double_dqn: bool
     n_step: int
     eps_start: float
@@ -55,19 +46,13 @@ class DQNConfig:
     apex_alpha: Optional[float]
     max_grad_norm: Optional[float]
     encoder: str
-    hidden_sizes: list
-    activation: str
 
     def __post_init__(self) -> None:
-        check.fields(self, "algo.", positive=("lr",), unit_open=("gamma", "tau"), nonneg_int=("learning_starts",),
-                     positive_int=("num_envs", "buffer_size", "batch_size", "train_freq", "gradient_steps",
-                                   "target_update_interval", "n_step"),
+        super().__post_init__()
+        check.fields(self, "algo.", positive=("lr",), positive_int=("target_update_interval", "n_step"),
                      unit=("eps_start", "eps_end", "exploration_fraction"), optional_nonneg=("apex_alpha",),
                      optional_positive=("max_grad_norm",), boolean=("double_dqn",))
-        check.net("algo.", self.hidden_sizes, self.activation)
         check.choice("algo.encoder", self.encoder, ENCODERS)
-        if self.batch_size > self.buffer_size:
-            raise check.ConfigError("algo.batch_size", self.batch_size, f"must be <= algo.buffer_size={self.buffer_size}")
 
 
 class DQN(Algorithm):

@@ -35,39 +35,24 @@ from torch import nn
 from p2prl import checks as check
 from p2prl.algos.base import Algorithm, Collector, Peer
 from p2prl.algos.greedy import Scale
-from p2prl.algos.transitions import TransitionWriter
+from p2prl.algos.transitions import ReplayConfig, TransitionWriter
 from p2prl.data import ReplayBatch, ReplayBuffer
 from p2prl.sync.learner import Update
 from p2prl.sync.optim import FlatAdam
 
 
 @dataclass
-class OffPolicyConfig:
+class OffPolicyConfig(ReplayConfig):
     """The keys SAC and TD3 share (conf/algo/sac.yaml, td3.yaml: the defaults, commented)."""
 
-    name: str
-    num_envs: int
-    buffer_size: int
-    batch_size: int
-    learning_starts: int
-    train_freq: int
-    gradient_steps: int
-    gamma: float
-    tau: float
     actor_lr: float
     critic_lr: float
     anneal_lr: bool
-    hidden_sizes: list
-    activation: str
     actor_after_critics: bool
 
     def __post_init__(self) -> None:
-        check.fields(self, "algo.", positive=("actor_lr", "critic_lr"), unit_open=("gamma", "tau"),
-                     nonneg_int=("learning_starts",), boolean=("anneal_lr", "actor_after_critics"),
-                     positive_int=("num_envs", "buffer_size", "batch_size", "train_freq", "gradient_steps"))
-        check.net("algo.", self.hidden_sizes, self.activation)
-        if self.batch_size > self.buffer_size:
-            raise check.ConfigError("algo.batch_size", self.batch_size, f"must be <= algo.buffer_size={self.buffer_size}")
+        super().__post_init__()
+        check.fields(self, "algo.", positive=("actor_lr", "critic_lr"), boolean=("anneal_lr", "actor_after_critics"))
 
 
 def check_bounds(algo, space: gym.Space) -> None:

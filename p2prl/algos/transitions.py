@@ -12,14 +12,40 @@ from it; the reset step after it (valid False) is no transition and is dropped.
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 from typing import Union
 
 import numpy as np
 import torch
 
+from p2prl import checks as check
 from p2prl.algos.returns import nstep_return
 from p2prl.data import ReplayBuffer
 from p2prl.frame_replay import FrameReplay
+
+
+@dataclass
+class ReplayConfig:
+    """The `algo` keys of every algorithm that learns from its peer's replay buffer (DQN, SAC, TD3)."""
+
+    name: str
+    num_envs: int
+    buffer_size: int
+    batch_size: int
+    learning_starts: int
+    train_freq: int
+    gradient_steps: int
+    gamma: float
+    tau: float
+    hidden_sizes: list
+    activation: str
+
+    def __post_init__(self) -> None:
+        check.fields(self, "algo.", unit_open=("gamma", "tau"), nonneg_int=("learning_starts",),
+                     positive_int=("num_envs", "buffer_size", "batch_size", "train_freq", "gradient_steps"))
+        check.net("algo.", self.hidden_sizes, self.activation)
+        if self.batch_size > self.buffer_size:
+            raise check.ConfigError("algo.batch_size", self.batch_size, f"must be <= algo.buffer_size={self.buffer_size}")
 
 
 class TransitionWriter:
