@@ -34,6 +34,18 @@ def test_parse_args_defaults(monkeypatch):
     assert a.max_seconds == 300 and a.override == [] and not a.scaling
 
 
+@pytest.mark.parametrize("argv, cap", [
+    (["--tasks", "halfcheetah-sac"], 100_000 / 20),  # a fixed budget: long enough at 20 steps/s
+    (["--tasks", "cartpole-ppo", "pendulum-sac"], 20_000 / 20),
+    (["--tasks", "pendulum-sac", "--budget", "2000"], 300),  # never below the default
+    (["--tasks", "halfcheetah-sac", "--max-seconds", "60"], 60),
+    (["--scaling", "halfcheetah-sac"], 300),  # scaling runs are short: the budget does not apply
+])
+def test_a_fixed_budget_task_is_not_cut_by_the_default_cap(monkeypatch, argv, cap):
+    monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec())
+    assert bench.parse_args(argv).max_seconds == cap
+
+
 def test_parse_args_options(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec())
     a = bench.parse_args(["--lunarlander", "--tasks", "cartpole-ppo", "--seeds", "3", "--systems", "sb3",

@@ -27,6 +27,18 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+# Global steps/s below any fixed-budget run measured on a 2-core machine (SB3's SAC: 40 on a slow stretch):
+# their default cap, so that the cap never decides their result.
+SLOWEST_SPS = 20
+
+
+def default_cap(a: argparse.Namespace) -> float:
+    """The default --max-seconds of the default mode: 300 s, or longer for a fixed-budget task, whose
+    result is the return at the end of its budget (--budget or its own) and which a cap would cut short."""
+    fixed = [a.budget or TASKS[t].budget for t in a.tasks if TASKS[t].fixed] if a.scaling is None else []
+    return max([300.0, *(b / SLOWEST_SPS for b in fixed)])
+
+
 def parse_args(argv: Optional[list[str]] = None, prog: str = "python -m p2prl.bench") -> argparse.Namespace:
     p = _Parser(prog=prog, description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -46,8 +58,9 @@ def parse_args(argv: Optional[list[str]] = None, prog: str = "python -m p2prl.be
     p.add_argument("--target", type=float, default=None,
                    help="target return for every task and system (default: 475 on CartPole, 200 on LunarLander)")
     p.add_argument("--max-seconds", type=float, default=None,
-                   help="wall-clock cap per run from launch (default: 300, with --presets or --faults 3600); a run still going "
-                        "then has not reached the target")
+                   help="wall-clock cap per run from launch (default: 300, with --presets or --faults 3600, with a "
+                        f"fixed-budget task its budget / {SLOWEST_SPS} s if longer); a run still going then has not "
+                        "reached the target")
     p.add_argument("--sb3-steps", type=int, default=None,
                    help="SB3 step budget of tasks run to a target (default: the zoo's n_timesteps for PPO, 300k for DQN)")
     p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
@@ -146,7 +159,7 @@ def parse_args(argv: Optional[list[str]] = None, prog: str = "python -m p2prl.be
         from p2prl.bench.network import check_options  # torch and the namespaces' tools: only for --network
         check_options(a, p.error)
     if a.max_seconds is None:
-        a.max_seconds = 3600.0 if a.presets is not None or a.faults is not None else 300.0
+        a.max_seconds = 3600.0 if a.presets is not None or a.faults is not None else default_cap(a)
     if a.presets is not None:
         from p2prl.config import conf_dir
         known = sorted(q.stem for q in (conf_dir() / "tuned").glob("*.yaml"))
