@@ -140,8 +140,10 @@ def test_the_page_keeps_its_runs_and_regenerates_from_them_alone(two_seeds, tmp_
     again = page.read_text()
     assert returns_table(again) == returns_table(first) and f"| `{two_seeds}` (kept in `results/data/a`) |" in again
     assert sorted(p.name for p in data.iterdir()) == ["a"] and not (data.parent / "data.new").exists()
+    (page.parent / "results" / "gone.png").write_bytes(PNG)  # a task an earlier page showed
     results.write(page, [data / "a", later], "cmd")  # a newer dir wins both seeds: `a` is dropped
     assert sorted(p.name for p in data.iterdir()) == ["b"]
+    assert sorted(p.name for p in data.parent.glob("*.png")) == ["ppo_halfcheetah.png"]
     assert returns_row(page.read_text(), "ppo_halfcheetah")[7] == "2050.0 (100.0-4000.0)"
 
 

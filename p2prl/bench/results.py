@@ -18,7 +18,8 @@ same task, system and seed, the dir named later wins (name a rerun after the run
 The page keeps its own data: the record of every run it shows (its dir's bench.json narrowed to those runs,
 each p2prl run's summary.json and its metrics rows cut to the columns the page reads) goes to
 PAGE/data/<bench dir's name>/, a bench dir itself, so the page can be regenerated, and grown, on any machine:
-`--report docs/results.md docs/results/data/* NEW_BENCH_DIR`. The folder is rebuilt on every write.
+`--report docs/results.md docs/results/data/* NEW_BENCH_DIR`. The folder is the page's own: every write
+rebuilds data/ and removes the PNGs of tasks the page no longer shows.
 """
 from __future__ import annotations
 
@@ -304,6 +305,8 @@ def write(page_path: Path, dirs: Sequence[Path], command: str) -> list[Path]:
                          f"{PROG} --report {page_path} {folder / 'data'}/* NEW_BENCH_DIR ...")
     pngs = [plot_task(task, systems, refs, folder / f"{task}.png")
             for task, (systems, refs) in figures.items()]
+    for stale in set(folder.glob("*.png")) - set(pngs):  # a task the page no longer shows
+        stale.unlink()
     write_atomic(page_path, text)
     return [page_path, *pngs]
 
