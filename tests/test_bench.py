@@ -40,6 +40,10 @@ def test_parse_args_defaults(monkeypatch):
     (["--tasks", "pendulum-sac", "--budget", "2000"], 300),  # never below the default
     (["--tasks", "halfcheetah-sac", "--max-seconds", "60"], 60),
     (["--scaling", "halfcheetah-sac"], 300),  # scaling runs are short: the budget does not apply
+    (["--tasks", "halfcheetah-ppo", "--target", "1000"], 300),  # run to a target, not a budget
+    (["--tasks", "halfcheetah-sac", "--target", "1000"], 100_000 / 20),  # a watched target: the budget still runs
+    (["--cost-model", "--tasks", "halfcheetah-ppo"], 300),  # trains nothing
+    (["--network", "50", "--train", "halfcheetah-sac"], 100_000 / 20),  # trains its --train tasks
 ])
 def test_a_fixed_budget_task_is_not_cut_by_the_default_cap(monkeypatch, argv, cap):
     monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec())

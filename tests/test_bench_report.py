@@ -140,11 +140,41 @@ def test_the_page_keeps_its_runs_and_regenerates_from_them_alone(two_seeds, tmp_
     again = page.read_text()
     assert returns_table(again) == returns_table(first) and f"| `{two_seeds}` (kept in `results/data/a`) |" in again
     assert sorted(p.name for p in data.iterdir()) == ["a"] and not (data.parent / "data.new").exists()
-    (page.parent / "results" / "gone.png").write_bytes(PNG)  # a task an earlier page showed
+    for name in ("gone.png", "mine.png"):  # a task the earlier page showed; a figure that is not the page's
+        (data.parent / name).write_bytes(PNG)
+    page.write_text(page.read_text() + "\n![gone](results/gone.png)\n")
     results.write(page, [data / "a", later], "cmd")  # a newer dir wins both seeds: `a` is dropped
     assert sorted(p.name for p in data.iterdir()) == ["b"]
-    assert sorted(p.name for p in data.parent.glob("*.png")) == ["ppo_halfcheetah.png"]
+    assert sorted(p.name for p in data.parent.glob("*.png")) == ["mine.png", "ppo_halfcheetah.png"]
+    assert not any(p.name.startswith("data.") for p in data.parent.iterdir())
     assert returns_row(page.read_text(), "ppo_halfcheetah")[7] == "2050.0 (100.0-4000.0)"
+
+
+def test_a_write_that_stopped_between_the_renames_loses_no_kept_data(two_seeds, tmp_path):
+    page = tmp_path / "results.md"
+    results.write(page, [two_seeds], "cmd")
+    data = tmp_path / "results" / "data"
+    data.rename(data.with_name("data.old"))  # as if it stopped after moving the old data aside
+    results.write(page, [data / "a"], "cmd")  # put back first, then read as usual
+    assert json.loads((data / "a" / "bench.json").read_text())["source"] == str(two_seeds)
+    assert not data.with_name("data.old").exists()
+
+
+@pytest.mark.parametrize("inside", ["results/data", "results/data/x", "results/data/a/runs", "results/data.new/a"])
+def test_a_dir_that_the_write_would_rebuild_is_refused(two_seeds, tmp_path, capsys, inside):
+    page = tmp_path / "results.md"
+    results.write(page, [two_seeds], "cmd")  # results/data/a: kept, allowed as input
+    d = tmp_path / inside
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "bench.json").write_text((two_seeds / "bench.json").read_text())  # a bench dir without `source`
+    before = page.read_text()
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--report", str(page), str(tmp_path / "results" / "data" / "a"), str(d)])
+    assert stop.value.code == 2 and page.read_text() == before
+    data = tmp_path / "results" / "data"
+    assert capsys.readouterr().err == (f"python -m p2prl.bench: error: BENCH_DIR {d}: inside {data}, which --report "
+                                       f"rebuilds; allowed: a bench --out dir outside it, or a dir that --report kept "
+                                       f"there ({data}/NAME)\n")
 
 
 def test_two_dirs_pool_their_seeds_and_the_later_wins_a_seed_in_both(two_seeds, tmp_path):
@@ -187,7 +217,10 @@ def test_validation_md_lists_the_report_refusals():
     for line in ("python -m p2prl.bench: error: BENCH_DIR bench/x: no bench.json; allowed: the --out dir of a "
                  "python -m p2prl.bench run", "python -m p2prl.bench: error: BENCH_DIR bench/x: its bench.json holds no runs",
                  "python -m p2prl.bench: error: --report needs at least one BENCH_DIR (the --out dir of a python -m "
-                 "p2prl.bench run)", "python -m p2prl.bench: error: --report=results.txt: allowed: a Markdown file (PAGE.md)"):
+                 "p2prl.bench run)", "python -m p2prl.bench: error: --report=results.txt: allowed: a Markdown file (PAGE.md)",
+                 "python -m p2prl.bench: error: BENCH_DIR docs/results/data/x: inside docs/results/data, which --report "
+                 "rebuilds; allowed: a bench --out dir outside it, or a dir that --report kept there "
+                 "(docs/results/data/NAME)"):
         assert f"`{line}`" in doc, line
 
 

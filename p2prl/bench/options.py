@@ -33,9 +33,15 @@ SLOWEST_SPS = 20
 
 
 def default_cap(a: argparse.Namespace) -> float:
-    """The default --max-seconds of the default mode: 300 s, or longer for a fixed-budget task, whose
-    result is the return at the end of its budget (--budget or its own) and which a cap would cut short."""
-    fixed = [a.budget or TASKS[t].budget for t in a.tasks if TASKS[t].fixed] if a.scaling is None else []
+    """The default --max-seconds outside --presets and --faults: 300 s, or longer where the tasks trained
+    (the default mode's --tasks, or --network's --train) include a fixed-budget one, whose result is the
+    return at the end of its budget (--budget or its own) and which a cap would cut short. A task run to
+    a target (its own or --target, as `plans.plan` decides) keeps 300 s."""
+    other = (a.cost_model, a.network is not None, a.startup is not None, a.stepping is not None,
+             a.scaling is not None, a.strategies, a.stragglers)
+    names = a.train if a.network is not None and a.train else [] if any(other) else a.tasks
+    fixed = [a.budget or TASKS[n].budget for n in names
+             if (TASKS[n].target if a.target is None else a.target) is None or TASKS[n].watch]
     return max([300.0, *(b / SLOWEST_SPS for b in fixed)])
 
 

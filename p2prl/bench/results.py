@@ -18,12 +18,13 @@ same task, system and seed, the dir named later wins (name a rerun after the run
 The page keeps its own data: the record of every run it shows (its dir's bench.json narrowed to those runs,
 each p2prl run's summary.json and its metrics rows cut to the columns the page reads) goes to
 PAGE/data/<bench dir's name>/, a bench dir itself, so the page can be regenerated, and grown, on any machine:
-`--report docs/results.md docs/results/data/* NEW_BENCH_DIR`. The folder is the page's own: every write
-rebuilds data/ and removes the PNGs of tasks the page no longer shows.
+`--report docs/results.md docs/results/data/* NEW_BENCH_DIR`. Every write rebuilds data/ (a dir in it that
+--report did not make is refused as input) and removes the PNGs that only the earlier page linked.
 """
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import shutil
 import statistics
@@ -58,19 +59,31 @@ class Bench:
         return self.doc.get("source") or str(self.path)
 
 
+def data_folder(page: Path) -> Path:
+    """Where the page keeps the records of its runs (`keep`): PAGE/data."""
+    return page.parent / page.stem / "data"
+
+
 def check_dirs(page: Path, dirs: Sequence[Path], error: Callable[[str], NoReturn]) -> None:
-    """Refuse, through `error` (one line, exit 2), a page that is not Markdown and a dir that holds no
-    bench results, before anything is written."""
+    """Refuse, through `error` (one line, exit 2), a page that is not Markdown, a dir that holds no bench
+    results, and a dir that the write would rebuild under it (PAGE/data itself, anything deeper in it or
+    in its staging folders, and a dir in it that `keep` did not make), before anything is written."""
     if page.suffix != ".md":
         error(f"--report={page}: allowed: a Markdown file (PAGE.md)")
     if not dirs:
         error("--report needs at least one BENCH_DIR (the --out dir of a python -m p2prl.bench run)")
+    data = data_folder(page)
+    owned = [data.resolve(), *(data.with_name(data.name + x).resolve() for x in (".new", ".old"))]
     for d in dirs:
         doc = report.read_json(d / "bench.json")
         if doc is None:
             error(f"BENCH_DIR {d}: no bench.json; allowed: the --out dir of a python -m p2prl.bench run")
         if not doc.get("runs"):
             error(f"BENCH_DIR {d}: its bench.json holds no runs")
+        r = d.resolve()
+        if any(r == o or (o in r.parents and not (r.parent == owned[0] and doc.get("source"))) for o in owned):
+            error(f"BENCH_DIR {d}: inside {data}, which --report rebuilds; allowed: a bench --out dir outside it, "
+                  f"or a dir that --report kept there ({data}/NAME)")
 
 
 def merge(benches: Sequence[Bench]) -> dict[tuple[str, str, int], tuple[Bench, dict[str, Any]]]:
@@ -257,14 +270,14 @@ def _copy_run(src: Path, dst: Path) -> None:
 
 
 def keep(data: Path, benches: Sequence[Bench], used: Sequence[tuple[Bench, dict[str, Any]]]) -> list[Optional[Path]]:
-    """Rebuild the folder `data` from the runs the page shows: per bench that has one, a bench dir of its
-    own (bench.json narrowed to those runs, with `source` saying where they were made, and each run's
-    files, `_copy_run`), named after the bench dir (a copy already in `data` keeps its name). Built
-    beside `data` and swapped in, so `benches` may be `data`'s own dirs. Where each bench went."""
-    home = data.resolve()
-    names = {id(b): b.path.name for b in benches if b.path.resolve().parent == home}
-    for b in benches:
-        if id(b) not in names and any(u is b for u, _ in used):
+    """Stage the new content of the folder `data` (in data.new; `swap` puts it in place) from the runs the
+    page shows: per bench that has one, a bench dir of its own (bench.json narrowed to those runs, with
+    `source` saying where they were made, and each run's files, `_copy_run`), named after the bench dir
+    (a copy already in `data` keeps its name). Where each bench's copy will be."""
+    home, shown = data.resolve(), [b for b in benches if any(u is b for u, _ in used)]
+    names = {id(b): b.path.name for b in shown if b.path.resolve().parent == home}
+    for b in shown:
+        if id(b) not in names:
             base, n = b.path.resolve().name, 1
             while (name := base if n == 1 else f"{base}-{n}") in names.values():
                 n += 1
@@ -283,30 +296,53 @@ def keep(data: Path, benches: Sequence[Bench], used: Sequence[tuple[Bench, dict[
             _copy_run(run_dir(b, rec), run_dir(Bench(out, {}), rec))
         (out / "bench.json").write_text(json.dumps({**b.doc, "source": b.source, "runs": recs}, indent=1) + "\n")
         kept.append(data / names[id(b)])
-    old = data.with_name(data.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if data.exists():
-        data.rename(old)
-    new.rename(data)
-    shutil.rmtree(old, ignore_errors=True)
     return kept
 
 
+def swap(data: Path) -> None:
+    """Put the staged data.new in place of `data`; the old content is removed only once the new is in."""
+    old = data.with_name(data.name + ".old")
+    if data.exists():
+        data.rename(old)
+    data.with_name(data.name + ".new").rename(data)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover(data: Path) -> None:
+    """After a write that stopped between `swap`'s two renames: data.old is the kept data, put it back."""
+    old = data.with_name(data.name + ".old")
+    if old.exists():
+        if data.exists():  # stopped after the second rename: data is the new one
+            shutil.rmtree(old)
+        else:
+            old.rename(data)
+
+
+def linked_pngs(page_path: Path) -> set[Path]:
+    """The PNGs in PAGE/ that the page now on disk shows."""
+    text = page_path.read_text() if page_path.is_file() else ""
+    folder = page_path.parent / page_path.stem
+    return {folder / name for name in re.findall(rf"!\[[^\]]*\]\({re.escape(page_path.stem)}/([^/)]+\.png)\)", text)}
+
+
 def write(page_path: Path, dirs: Sequence[Path], command: str) -> list[Path]:
-    """Read and merge `dirs` (checked by `check_dirs`), write the page and its PNGs, and keep the records
-    of its runs (`keep`); the files written (the page, then the PNGs)."""
+    """Read and merge `dirs` (checked by `check_dirs`), keep the records of its runs (`keep`), draw the
+    PNGs, then swap the records in, remove the PNGs that only the earlier page showed and write the page,
+    last; the files written (the page, then the PNGs)."""
+    data = data_folder(page_path)
+    recover(data)
     benches = [Bench(d, report.read_json(d / "bench.json")) for d in dirs]
     used = list(merge(benches).values())
     runs = [{**measure(b, rec), "bench": b} for b, rec in used]
-    folder = page_path.parent / page_path.stem
-    kept = keep(folder / "data", benches, used)
+    kept = keep(data, benches, used)
     text, figures = page(benches, runs, command, page_path.stem,
                          [k and k.relative_to(page_path.parent) for k in kept],
-                         f"{PROG} --report {page_path} {folder / 'data'}/* NEW_BENCH_DIR ...")
-    pngs = [plot_task(task, systems, refs, folder / f"{task}.png")
+                         f"{PROG} --report {shlex.quote(str(page_path))} {shlex.quote(str(data))}/* NEW_BENCH_DIR ...")
+    pngs = [plot_task(task, systems, refs, data.parent / f"{task}.png")
             for task, (systems, refs) in figures.items()]
-    for stale in set(folder.glob("*.png")) - set(pngs):  # a task the page no longer shows
-        stale.unlink()
+    swap(data)
+    for stale in linked_pngs(page_path) - set(pngs):
+        stale.unlink(missing_ok=True)
     write_atomic(page_path, text)
     return [page_path, *pngs]
 
