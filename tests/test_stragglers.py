@@ -44,10 +44,16 @@ def test_a_slowed_peer_contributes_fewer_samples_and_training_still_reaches_475(
     full = cfg.algo.num_envs * cfg.algo.num_steps
     summary, _ = peers(_train, 2, cfg, tmp_path / "run", timeout=220)
     fast, slow = summary["steps_by_rank"]
-    iterations = fast // full
+    # Every rollout ends in the same number of averaged updates (target_kl is off), however short it was.
+    iterations, rest = divmod(summary["updates"], cfg.algo.update_epochs * cfg.algo.num_minibatches)
+    least = cfg.comm.min_rollout_frac
     assert summary["reached"] and summary["steps_to_target"] <= cfg.train.total_steps, summary["episode_return_mean"]
-    assert fast == iterations * full  # the fast peer always collected its whole rollout
-    assert slow < fast and slow >= iterations * full * cfg.comm.min_rollout_frac, (fast, slow)
+    assert rest == 0 and slow < fast <= iterations * full, (summary["updates"], fast, slow)
+    # In every rollout one peer collects all of it and the other is cut, never below min_rollout_frac.
+    assert fast + slow >= iterations * full * (1 + least), (iterations, fast, slow)
+    # The slowed peer is the one cut: the other was cut in at most a tenth of the rollouts (a busy machine
+    # can slow it for one, a deterministic test cannot ask for none).
+    assert (iterations * full - fast) / (full * (1 - least)) <= iterations / 10, (iterations, fast, slow)
 
 
 def _weighted(rank: int, cfg, xs, ys):
