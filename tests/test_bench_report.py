@@ -196,6 +196,8 @@ def test_two_dirs_pool_their_seeds_and_the_later_wins_a_seed_in_both(two_seeds, 
     assert f"| `{two_seeds}` (kept in `results/data/a`) |" in text and "![ppo_cartpole](results/ppo_cartpole.png)" in text
     assert f"| `{later}` (kept in `results/data/b`) |" in text
     assert "| ppo_cartpole | [CleanRL ppo.py]" in text
+    table = returns_table(text)
+    assert table.index("| ppo_cartpole |") < table.index("| ppo_halfcheetah |")  # by task, not by dir
     results.write(page, [later, two_seeds], "cmd")  # the other order: seed 1 from the first dir (2000) now
     assert returns_row(page.read_text(), "ppo_halfcheetah")[7] == "2833.3 (2000.0-3500.0)"
 

@@ -234,7 +234,7 @@ def page(benches: Sequence[Bench], runs: Sequence[dict[str, Any]], command: str,
     each bench's copy went (`keep`), relative to the page; `regenerate`: the command that remakes the page
     from the copies."""
     groups: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    for m in runs:
+    for m in sorted(runs, key=lambda m: (m["task"], m["system"])):  # the same page whatever the dirs' order
         groups.setdefault(m["task"], {}).setdefault(m["system"], []).append(m)
     table = [row(ms) for systems in groups.values() for ms in systems.values()]
     refs = {task: references(s[next(iter(s))][0]["algo"], s[next(iter(s))][0]["env"]) for task, s in groups.items()}
