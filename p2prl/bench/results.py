@@ -274,7 +274,8 @@ def keep(data: Path, benches: Sequence[Bench], used: Sequence[tuple[Bench, dict[
     page shows: per bench that has one, a bench dir of its own (bench.json narrowed to those runs, with
     `source` saying where they were made, and each run's files, `_copy_run`), named after the bench dir
     (a copy already in `data` keeps its name). Where each bench's copy will be."""
-    home, shown = data.resolve(), [b for b in benches if any(u is b for u, _ in used)]
+    recs = {id(b): [rec for u, rec in used if u is b] for b in benches}
+    home, shown = data.resolve(), [b for b in benches if recs[id(b)]]
     names = {id(b): b.path.name for b in shown if b.path.resolve().parent == home}
     for b in shown:
         if id(b) not in names:
@@ -287,14 +288,13 @@ def keep(data: Path, benches: Sequence[Bench], used: Sequence[tuple[Bench, dict[
     new.mkdir(parents=True)
     kept: list[Optional[Path]] = []
     for b in benches:
-        recs = [rec for u, rec in used if u is b]
-        if not recs:
+        if not recs[id(b)]:
             kept.append(None)
             continue
         out = new / names[id(b)]
-        for rec in recs:
+        for rec in recs[id(b)]:
             _copy_run(run_dir(b, rec), run_dir(Bench(out, {}), rec))
-        (out / "bench.json").write_text(json.dumps({**b.doc, "source": b.source, "runs": recs}, indent=1) + "\n")
+        (out / "bench.json").write_text(json.dumps({**b.doc, "source": b.source, "runs": recs[id(b)]}, indent=1) + "\n")
         kept.append(data / names[id(b)])
     return kept
 
